@@ -1,0 +1,52 @@
+# Everything a newcomer needs: `make run` starts a local 3-node cluster,
+# `make test` runs the whole suite. Both create the virtualenv and build first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.kvstore-installed
+
+
+.PHONY: all venv build run test test-unit test-sim test-integration test-jepsen soak bench bench-etcd clean
+
+all: build
+
+$(STAMP): pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip "setuptools>=68" wheel
+	$(PY) -m pip install -q "Cython>=3.0" "grpcio-tools>=1.60"
+	$(PY) -m pip install -q -e '.[test]' --no-build-isolation
+	touch $@
+
+venv: $(STAMP)
+
+# Regenerate protobuf code and the Cython WAL in place (cheap when up to date).
+build: venv
+	$(PY) setup.py -q build_proto build_ext --inplace
+
+run: build
+	$(VENV)/bin/kvstore cluster up
+
+test: build
+	$(PY) -m pytest tests -q
+
+test-unit: build
+	$(PY) -m pytest tests/unit -q
+
+test-sim: build
+	$(PY) -m pytest tests/sim -q
+
+test-integration: build
+	$(PY) -m pytest tests/integration -q
+
+test-jepsen: build
+	$(PY) -m pytest tests/jepsen -q
+
+# Long runs, not part of `make test`.
+soak: build
+	KVSTORE_SIM_SEEDS=100000 $(PY) -m pytest tests -q -m slow
+
+bench: build
+	$(PY) benchmarks/compare_etcd.py
+
+clean:
+	rm -rf build dist *.egg-info kvstore/*.so native/*.c kvstore/v1/*_pb2*.py kvstore/v1/*_pb2*.pyi
