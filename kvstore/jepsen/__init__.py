@@ -1,0 +1,1 @@
+"""Jepsen-style testing: recorded histories and the linearizability checker."""

@@ -1,0 +1,146 @@
+"""Sequential specifications the checker holds a history against.
+
+A model says, for one operation applied to one state, whether that outcome was
+possible and what the state becomes. States are immutable and hashable, and
+``==`` on them is the model's equality: the checker memoizes on
+``(linearized set, state)``, so two states that compare equal must behave the same.
+
+Operations reach ``step`` with outcome ``ok``, ``fail`` (only for functions in
+``definite_fail_functions``) or ``info``. The checker has already dropped what
+cannot matter: failed or unknown reads, and failed writes.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Hashable
+from typing import Any
+
+from kvstore.jepsen.history import FAIL, INFO, OK, Operation
+
+State = Hashable
+
+
+class Model(ABC):
+    """A sequential object: initial state, transition, equality."""
+
+    name: str = "model"
+    #: functions with no effect; when their outcome is unknown they can be dropped.
+    read_functions: frozenset[str] = frozenset()
+    #: functions whose ``fail`` is a real answer (a cas whose compare did not match),
+    #: kept and checked; every other ``fail`` means "certainly did not happen".
+    definite_fail_functions: frozenset[str] = frozenset()
+    #: True when a state describes a single key, so a history naming several keys
+    #: must be split by key before it is checked.
+    per_key: bool = False
+
+    @abstractmethod
+    def init(self) -> State:
+        """The state before any operation."""
+
+    @abstractmethod
+    def step(self, state: State, op: Operation) -> tuple[bool, State]:
+        """(was this outcome possible from ``state``, the state after it)."""
+
+    def equal(self, a: State, b: State) -> bool:
+        """Model equality; states are plain values, so this is ``==``."""
+        return a == b
+
+    def partition_key(self, op: Operation) -> Hashable:
+        """Operations with different keys never interact (P-compositionality)."""
+        return op.key
+
+    def describe(self, state: State) -> str:
+        """The state, for a human reading a verdict."""
+        return "nil" if state is None else repr(state)
+
+
+def _cas(current: Any, op: Operation) -> tuple[bool, Any]:
+    """Compare-and-set on one value; ``op.value`` is ``(expected, new)``."""
+    expected, new = op.value
+    matches = current == expected
+    if op.outcome == OK:
+        return matches, new if matches else current
+    if op.outcome == FAIL:  # the compare did not match: a real answer, no effect
+        return not matches, current
+    return True, new if matches else current  # unknown: it applied iff it matched
+
+
+class RegisterModel(Model):
+    """A single compare-and-set register: read / write / cas, initially nil."""
+
+    name = "cas-register"
+    read_functions = frozenset({"read"})
+    definite_fail_functions = frozenset({"cas"})
+    per_key = True
+
+    def __init__(self, initial: Any = None) -> None:
+        self.initial = initial
+
+    def init(self) -> State:
+        return self.initial
+
+    def step(self, state: State, op: Operation) -> tuple[bool, State]:
+        f = op.f
+        if f == "read":
+            return op.outcome != OK or op.output == state, state
+        if f == "write":
+            return True, op.value
+        if f == "cas":
+            return _cas(state, op)
+        raise ValueError(f"{self.name} has no function {f!r} ({op})")
+
+
+class KvModel(Model):
+    """A key-value map: get / put / append / cas per key.
+
+    ``missing`` is what a get of an absent key returns (the reference histories use
+    the empty string); appending to an absent key starts from the empty string.
+    The state is a frozenset of (key, value) pairs, absent keys left out.
+    """
+
+    name = "kv-map"
+    read_functions = frozenset({"get"})
+    definite_fail_functions = frozenset({"cas"})
+    per_key = False
+
+    def __init__(self, missing: Any = None) -> None:
+        self.missing = missing
+
+    def init(self) -> State:
+        return frozenset()
+
+    def _get(self, state: frozenset, key: Hashable) -> Any:
+        for stored_key, value in state:
+            if stored_key == key:
+                return value
+        return self.missing
+
+    def _set(self, state: frozenset, key: Hashable, old: Any, new: Any) -> frozenset:
+        """The map with ``key`` bound to ``new``; a value equal to ``missing`` is not stored,
+        so equal maps are equal states."""
+        if old == new:
+            return state
+        kept = frozenset(pair for pair in state if pair[0] != key)
+        return kept if new == self.missing else kept | {(key, new)}
+
+    def step(self, state: State, op: Operation) -> tuple[bool, State]:
+        f, key = op.f, op.key
+        current = self._get(state, key)
+        if f == "get":
+            return op.outcome != OK or op.output == current, state
+        if f == "put":
+            return True, self._set(state, key, current, op.value)
+        if f == "append":
+            base = "" if current is None else current
+            return True, self._set(state, key, current, base + op.value)
+        if f == "cas":
+            legal, new = _cas(current, op)
+            return legal, self._set(state, key, current, new)
+        raise ValueError(f"{self.name} has no function {f!r} ({op})")
+
+    def describe(self, state: State) -> str:
+        if not state:
+            return "{}"
+        pairs = sorted(state, key=repr)
+        return "{" + ", ".join(f"{k!r}: {v!r}" for k, v in pairs) + "}"
