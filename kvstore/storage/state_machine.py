@@ -1,0 +1,534 @@
+"""The replicated state machine: committed Raft entries applied to LMDB.
+
+Each committed entry's data is a serialized `Command`; applying it yields a
+`CommandResult` (one `ResponseOp` per op). A whole batch of entries is applied
+in ONE LMDB write transaction that also records the applied index and term, so
+after a crash the store is exactly "every entry up to applied_index" and the
+node replays its WAL from applied_index + 1.
+
+Results. `apply` returns, per entry, in order:
+  * None: the entry was skipped (index <= applied_index, i.e. a replay after a
+    restart) or carried no data (the leader's no-op);
+  * a `CommandResult`: applied (or, for a retry, the original stored answer);
+  * an `ApplyError` (kvstore.storage.errors): the command was rejected as a
+    whole and none of it applied: malformed data or an invalid op
+    (INVALID_ARGUMENT), a retry whose answer was forgotten or whose session
+    expired (FAILED_PRECONDITION), too many unacknowledged answers
+    (RESOURCE_EXHAUSTED). `grpc.StatusCode[err.code.name]` is its status.
+  apply only raises for failures of the environment (disk, map full): those
+  are not deterministic, so the node must stop rather than diverge.
+
+Revisions (etcd-like). The store revision increases by one per mutating op of
+a command: a put always; a delete_range only if it deleted something; a txn
+once if its chosen branch changed anything (every write of one txn, including
+nested txns, shares that revision). The ops of a Batch command are
+independent, so a Batch of 64 puts advances the revision by 64 and each put
+gets its own mod_revision. Every response header carries the revision after
+its op; all responses inside a txn carry the txn's final revision.
+CommandResult.revision is the revision after the whole command.
+
+Durability. By default each apply transaction is committed with LMDB's
+sync=True, metasync=False: one fdatasync of the data pages per batch, the meta
+page flushed by the next commit. LMDB then guarantees integrity across a power
+loss and may lose at most the last batch, which WAL replay re-applies.
+fsync=False (sync=False) skips that fdatasync (faster; for tests and
+benchmarks, or when integrity after an OS crash is not needed); sync() always
+forces everything to disk and must be called before WAL segments are dropped.
+
+Layout. `path` is a directory holding generations of the LMDB environment
+(gen-000001/, ...) and a `current` symlink naming the live one; installing a
+snapshot writes a new generation and swaps the symlink atomically.
+
+Threading: apply, install_snapshot and close from one thread at a time;
+range() may run concurrently with apply (LMDB readers never block the writer)
+but not with install_snapshot or close.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+from typing import Callable, Iterable
+
+import lmdb
+from google.protobuf.message import DecodeError
+
+from kvstore.v1 import command_pb2, kv_pb2
+
+from . import keys, validation
+from .errors import ApplyError, ErrorCode, InvalidRequest
+from .sessions import DEFAULT_MAX_PENDING, DEFAULT_SESSION_TTL_MS, SessionTable, Verdict
+from .txn import compare_holds
+
+__all__ = ["StateMachine", "ApplyError", "ErrorCode", "SnapshotImageError"]
+
+_META_KEY = b"state"
+_META = struct.Struct(">QQqQ")  # applied_index, applied_term, revision, log_time_ms
+_DB_NAMES = (b"kv", b"meta", b"sessions", b"answers", b"expiry")
+_CURRENT = "current"
+_GEN_PREFIX = "gen-"
+
+
+class SnapshotImageError(Exception):
+    """A snapshot image is not a usable state machine image."""
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _open_env(path: str, map_size: int, fsync: bool, **kw) -> lmdb.Environment:
+    return lmdb.open(
+        path,
+        map_size=map_size,
+        max_dbs=len(_DB_NAMES),
+        sync=fsync,
+        metasync=False,
+        readahead=False,
+        **kw,
+    )
+
+
+def read_image_meta(image_path: str) -> tuple[int, int, int]:
+    """(applied_index, applied_term, revision) stored inside an LMDB image file."""
+    try:
+        env = lmdb.open(image_path, subdir=False, readonly=True, lock=False, max_dbs=len(_DB_NAMES))
+    except lmdb.Error as e:
+        raise SnapshotImageError(f"{image_path}: not an LMDB image: {e}") from None
+    try:
+        with env.begin() as txn:
+            try:
+                meta_db = env.open_db(b"meta", txn=txn, create=False)
+            except lmdb.Error:
+                raise SnapshotImageError(f"{image_path}: no state machine metadata") from None
+            raw = txn.get(_META_KEY, db=meta_db)
+        if raw is None:
+            raise SnapshotImageError(f"{image_path}: no state machine metadata")
+        index, term, revision, _ = _META.unpack(raw)
+        return index, term, revision
+    finally:
+        env.close()
+
+
+class StateMachine:
+    """Applies committed commands to LMDB; see the module docstring for the rules."""
+
+    def __init__(self, root: str, map_size: int, *, fsync: bool, session_ttl_ms: int, max_pending: int):
+        self._root = root
+        self._map_size = map_size
+        self._fsync = fsync
+        self._ttl_ms = session_ttl_ms
+        self._max_pending = max_pending
+        # Test switches: never set outside tests.
+        self.testing_disable_dedup = False
+        self.testing_install_hook: Callable[[str], None] | None = None
+        self._env: lmdb.Environment | None = None
+        self._open_current()
+
+    @classmethod
+    def open(
+        cls,
+        path: str,
+        map_size: int = 8 << 30,
+        *,
+        fsync: bool = True,
+        session_ttl_ms: int = DEFAULT_SESSION_TTL_MS,
+        max_pending: int = DEFAULT_MAX_PENDING,
+    ) -> "StateMachine":
+        """Open (creating if needed) the state machine stored under `path`."""
+        os.makedirs(path, exist_ok=True)
+        current = os.path.join(path, _CURRENT)
+        if not os.path.lexists(current):
+            first = os.path.join(path, f"{_GEN_PREFIX}{1:06d}")
+            os.makedirs(first, exist_ok=True)
+            _open_env(first, map_size, True).close()
+            _point_current(path, os.path.basename(first))
+        _remove_stale_generations(path)
+        return cls(path, map_size, fsync=fsync, session_ttl_ms=session_ttl_ms, max_pending=max_pending)
+
+    def _open_current(self) -> None:
+        env = _open_env(os.path.join(self._root, _CURRENT), self._map_size, self._fsync)
+        with env.begin(write=True) as txn:
+            dbs = {name: env.open_db(name, txn=txn) for name in _DB_NAMES}
+            raw = txn.get(_META_KEY, db=dbs[b"meta"])
+            if raw is None:
+                raw = _META.pack(0, 0, 0, 0)
+                txn.put(_META_KEY, raw, db=dbs[b"meta"])
+        self._env = env
+        self._kv = dbs[b"kv"]
+        self._meta = dbs[b"meta"]
+        self._sessions = SessionTable(
+            dbs[b"sessions"], dbs[b"answers"], dbs[b"expiry"],
+            ttl_ms=self._ttl_ms, max_pending=self._max_pending,
+        )
+        self._applied_index, self._applied_term, self._revision, self._log_time = _META.unpack(raw)
+
+    # ---- state -------------------------------------------------------------
+
+    @property
+    def applied_index(self) -> int:
+        return self._applied_index
+
+    @property
+    def applied_term(self) -> int:
+        return self._applied_term
+
+    @property
+    def revision(self) -> int:
+        return self._revision
+
+    @property
+    def log_time_ms(self) -> int:
+        """The largest proposed_at_ms applied so far (session expiry clock)."""
+        return self._log_time
+
+    # ---- apply -------------------------------------------------------------
+
+    def apply(
+        self, entries: Iterable[tuple[int, int, bytes]]
+    ) -> list[command_pb2.CommandResult | ApplyError | None]:
+        """Apply committed (index, term, data) entries, in order, in one LMDB txn."""
+        results: list[command_pb2.CommandResult | ApplyError | None] = []
+        applied_index, applied_term = self._applied_index, self._applied_term
+        ex = _Executor(self._kv, self._revision)
+        log_time = self._log_time
+        with self._env.begin(write=True) as txn:
+            ex.txn = txn
+            for index, term, data in entries:
+                if index <= applied_index:
+                    results.append(None)
+                    continue
+                applied_index, applied_term = index, term
+                if not data:
+                    results.append(None)
+                    continue
+                try:
+                    cmd = command_pb2.Command.FromString(data)
+                except DecodeError as e:
+                    results.append(ApplyError(ErrorCode.INVALID_ARGUMENT, f"malformed command: {e}"))
+                    continue
+                if cmd.proposed_at_ms > log_time:
+                    log_time = cmd.proposed_at_ms
+                results.append(self._apply_command(txn, ex, cmd, log_time))
+            if applied_index != self._applied_index:
+                txn.put(_META_KEY, _META.pack(applied_index, applied_term, ex.revision, log_time), db=self._meta)
+        # Only after the commit succeeded does the in-memory view move on.
+        self._applied_index, self._applied_term = applied_index, applied_term
+        self._revision, self._log_time = ex.revision, log_time
+        return results
+
+    def _apply_command(self, txn, ex: "_Executor", cmd, now_ms: int):
+        self._sessions.expire(txn, now_ms)
+        rid = cmd.request_id
+        try:
+            validation.check_command(cmd)
+        except InvalidRequest as e:
+            err = ApplyError(ErrorCode.INVALID_ARGUMENT, str(e))
+            if rid.client_id and rid.seq:
+                verdict, answer = self._sessions.check(txn, rid, now_ms)
+                if verdict is not Verdict.APPLY:
+                    return answer
+                self._sessions.record(txn, rid, err)
+            return err
+        if not rid.client_id:
+            return ex.run_command(cmd)
+        verdict, answer = self._sessions.check(txn, rid, now_ms)
+        if verdict is Verdict.REPLAY and self.testing_disable_dedup:
+            verdict = Verdict.APPLY
+        if verdict is not Verdict.APPLY:
+            return answer
+        result = ex.run_command(cmd)
+        if not self.testing_disable_dedup:
+            self._sessions.record(txn, rid, result)
+        return result
+
+    # ---- reads -------------------------------------------------------------
+
+    def range(self, req: kv_pb2.RangeRequest) -> kv_pb2.RangeResponse:
+        """A local (serializable) read; raises InvalidRequest for a bad request."""
+        validation.check_op(kv_pb2.RequestOp(request_range=req))
+        with self._env.begin() as txn:
+            raw = txn.get(_META_KEY, db=self._meta)
+            revision = _META.unpack(raw)[2]
+            return _range(txn, self._kv, req, revision)
+
+    def get(self, key: bytes) -> kv_pb2.KeyValue | None:
+        """The current record of one key, or None (convenience for tests/tools)."""
+        with self._env.begin() as txn:
+            raw = txn.get(key, db=self._kv)
+            return None if raw is None else keys.to_key_value(key, raw)
+
+    def dump(self) -> dict[bytes, tuple[int, int, int, bytes]]:
+        """Every key -> (create_revision, mod_revision, version, value); for tests."""
+        with self._env.begin() as txn:
+            return {
+                k: (*keys.decode_header(v), keys.decode_value(v))
+                for k, v in txn.cursor(db=self._kv)
+            }
+
+    def dump_sessions(self) -> dict[int, tuple[int, int, dict[int, bytes]]]:
+        """The session table (see SessionTable.dump); for tests."""
+        with self._env.begin() as txn:
+            return self._sessions.dump(txn)
+
+    def db_size(self) -> int:
+        """Bytes of the LMDB file in use (high-water mark of its pages)."""
+        info = self._env.info()
+        return (info["last_pgno"] + 1) * self._env.stat()["psize"]
+
+    # ---- durability and lifecycle -------------------------------------------
+
+    def sync(self) -> None:
+        """Force every committed transaction to disk (before WAL segments go)."""
+        self._env.sync(True)
+
+    def close(self) -> None:
+        if self._env is not None:
+            self._env.sync(True)
+            self._env.close()
+            self._env = None
+
+    def copy_to(self, fd: int) -> tuple[int, int]:
+        """Write a compacted, consistent image of the store to fd; its (index, term).
+
+        The copy and the index/term it reports come from one read transaction,
+        so the image is exactly the state at that applied index.
+        """
+        with self._env.begin() as txn:
+            index, term, _, _ = _META.unpack(txn.get(_META_KEY, db=self._meta))
+            self._env.copyfd(fd, compact=True, txn=txn)
+        return index, term
+
+    def install_snapshot(self, path: str) -> None:
+        """Replace the whole state with the LMDB image at `path`, atomically.
+
+        Steps (a crash before step 4's rename leaves the old state, after it the
+        new; leftovers are removed on the next open):
+          1 copy   copy the image into <root>/gen-N.tmp/data.mdb and fsync it
+          2 verify open the copy, check it carries state machine metadata
+          3 rename gen-N.tmp -> gen-N, fsync the root directory
+          4 swap   symlink current.tmp -> gen-N, rename over `current`, fsync root
+          5 reopen close the old environment, open the new one
+          6 cleanup remove the old generation
+        Installing an image older than what is applied is refused
+        (SnapshotImageError): it would roll acknowledged writes back.
+        """
+        index, term, _ = read_image_meta(path)
+        if index < self._applied_index:
+            raise SnapshotImageError(
+                f"snapshot at index {index} is older than applied index {self._applied_index}"
+            )
+        hook = self.testing_install_hook or (lambda step: None)
+        _remove_stale_generations(self._root)
+        old_gen = os.readlink(os.path.join(self._root, _CURRENT))
+        new_gen = f"{_GEN_PREFIX}{_max_generation(self._root) + 1:06d}"
+        tmp_dir = os.path.join(self._root, new_gen + ".tmp")
+
+        os.makedirs(tmp_dir)
+        data = os.path.join(tmp_dir, "data.mdb")
+        with open(path, "rb") as src, open(data, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+            dst.flush()
+            os.fsync(dst.fileno())
+        hook("copy")
+
+        env = _open_env(tmp_dir, self._map_size, True)
+        try:
+            with env.begin() as txn:
+                meta_db = env.open_db(b"meta", txn=txn, create=False)
+                if _META.unpack(txn.get(_META_KEY, db=meta_db))[:2] != (index, term):
+                    raise SnapshotImageError(f"{path}: image changed while installing")
+        finally:
+            env.close()
+        _fsync_dir(tmp_dir)
+        hook("verify")
+
+        os.rename(tmp_dir, os.path.join(self._root, new_gen))
+        _fsync_dir(self._root)
+        hook("rename")
+
+        _point_current(self._root, new_gen)
+        hook("swap")
+
+        self._env.close()
+        self._env = None
+        self._open_current()
+        hook("reopen")
+
+        shutil.rmtree(os.path.join(self._root, old_gen), ignore_errors=True)
+        hook("cleanup")
+
+
+def _point_current(root: str, gen: str) -> None:
+    """Atomically make `root/current` a symlink to gen, durably."""
+    tmp = os.path.join(root, _CURRENT + ".tmp")
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    os.symlink(gen, tmp)
+    os.rename(tmp, os.path.join(root, _CURRENT))
+    _fsync_dir(root)
+
+
+def _generations(root: str) -> list[str]:
+    return [n for n in os.listdir(root) if n.startswith(_GEN_PREFIX)]
+
+
+def _max_generation(root: str) -> int:
+    nums = [int(n[len(_GEN_PREFIX):].split(".")[0]) for n in _generations(root)]
+    return max(nums, default=0)
+
+
+def _remove_stale_generations(root: str) -> None:
+    """Remove half-installed or superseded generations (anything not current)."""
+    live = os.readlink(os.path.join(root, _CURRENT))
+    for name in _generations(root):
+        if name != live:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    tmp = os.path.join(root, _CURRENT + ".tmp")
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+
+
+def _range(txn, kv_db, req: kv_pb2.RangeRequest, revision: int) -> kv_pb2.RangeResponse:
+    resp = kv_pb2.RangeResponse()
+    resp.header.revision = revision
+    key, range_end = req.key, req.range_end
+    if not range_end:
+        raw = txn.get(key, db=kv_db)
+        if raw is not None:
+            resp.count = 1
+            if not req.count_only:
+                resp.kvs.append(keys.to_key_value(key, raw, req.keys_only))
+        return resp
+    end = keys.range_end_bound(key, range_end)
+    if end is not None and end <= key:
+        return resp
+    limit = req.limit
+    cur = txn.cursor(db=kv_db)
+    if not cur.set_range(key):
+        return resp
+    count = 0
+    if req.count_only:
+        for k in cur.iternext(keys=True, values=False):
+            if end is not None and k >= end:
+                break
+            count += 1
+    else:
+        for k, raw in cur:
+            if end is not None and k >= end:
+                break
+            count += 1
+            if not limit or count <= limit:
+                resp.kvs.append(keys.to_key_value(k, raw, req.keys_only))
+        resp.more = count > len(resp.kvs)
+    resp.count = count
+    return resp
+
+
+class _Executor:
+    """Runs the ops of commands inside one write transaction, tracking revision."""
+
+    def __init__(self, kv_db, revision: int):
+        self.txn = None
+        self._kv = kv_db
+        self.revision = revision
+        self._txn_rev = 0  # revision shared by the writes of the txn being run
+        self._txn_wrote = False
+
+    def run_command(self, cmd: command_pb2.Command) -> command_pb2.CommandResult:
+        result = command_pb2.CommandResult()
+        for op in cmd.ops:
+            result.responses.append(self._run_op(op))
+        result.revision = self.revision
+        return result
+
+    def _write_revision(self) -> int:
+        if self._txn_rev:
+            self._txn_wrote = True
+            return self._txn_rev
+        self.revision += 1
+        return self.revision
+
+    def _run_op(self, op: kv_pb2.RequestOp) -> kv_pb2.ResponseOp:
+        kind = op.WhichOneof("request")
+        out = kv_pb2.ResponseOp()
+        if kind == "request_put":
+            self._put(op.request_put, out.response_put)
+            out.response_put.header.revision = self.revision
+        elif kind == "request_delete_range":
+            self._delete(op.request_delete_range, out.response_delete_range)
+            out.response_delete_range.header.revision = self.revision
+        elif kind == "request_range":
+            rev = self._txn_rev or self.revision
+            out.response_range.CopyFrom(_range(self.txn, self._kv, op.request_range, rev))
+        else:
+            self._txn(op.request_txn, out.response_txn)
+        return out
+
+    def _put(self, req: kv_pb2.PutRequest, resp: kv_pb2.PutResponse) -> None:
+        txn, key = self.txn, req.key
+        old = txn.get(key, db=self._kv)
+        rev = self._write_revision()
+        if old is None:
+            create, version = rev, 1
+        else:
+            create, _, version = keys.decode_header(old)
+            version += 1
+            if req.prev_kv:
+                resp.prev_kv.CopyFrom(keys.to_key_value(key, old))
+        txn.put(key, keys.encode_record(create, rev, version, req.value), db=self._kv)
+
+    def _delete(self, req: kv_pb2.DeleteRangeRequest, resp: kv_pb2.DeleteRangeResponse) -> None:
+        txn, key = self.txn, req.key
+        doomed: list[tuple[bytes, bytes]] = []
+        if not req.range_end:
+            raw = txn.get(key, db=self._kv)
+            if raw is not None:
+                doomed.append((key, raw))
+        else:
+            end = keys.range_end_bound(key, req.range_end)
+            if end is None or end > key:
+                cur = txn.cursor(db=self._kv)
+                if cur.set_range(key):
+                    for k, raw in cur:
+                        if end is not None and k >= end:
+                            break
+                        doomed.append((k, raw))
+        if not doomed:
+            return
+        self._write_revision()
+        for k, raw in doomed:
+            txn.delete(k, db=self._kv)
+            if req.prev_kv:
+                resp.prev_kvs.append(keys.to_key_value(k, raw))
+        resp.deleted = len(doomed)
+
+    def _txn(self, req: kv_pb2.TxnRequest, resp: kv_pb2.TxnResponse) -> None:
+        outer = self._txn_rev == 0
+        if outer:
+            self._txn_rev, self._txn_wrote = self.revision + 1, False
+        txn = self.txn
+        ok = all(compare_holds(c, txn.get(c.key, db=self._kv)) for c in req.compare)
+        resp.succeeded = ok
+        for op in req.success if ok else req.failure:
+            resp.responses.append(self._run_op(op))
+        if outer:
+            if self._txn_wrote:
+                self.revision = self._txn_rev
+            self._txn_rev = 0
+            _stamp_revision(resp, self.revision)
+
+
+def _stamp_revision(txn_resp: kv_pb2.TxnResponse, revision: int) -> None:
+    """Give the txn and every response nested in it the txn's final revision."""
+    txn_resp.header.revision = revision
+    for r in txn_resp.responses:
+        kind = r.WhichOneof("response")
+        if kind == "response_txn":
+            _stamp_revision(r.response_txn, revision)
+        else:
+            getattr(r, kind).header.revision = revision
