@@ -1,0 +1,26 @@
+"""Planted bugs: test-only switches that prove the simulator has teeth.
+
+Each name here, when put in `Config.testing_bugs`, disables one safety rule
+of the protocol. They are per-node (not global) so parallel tests cannot
+leak them into each other, and all are off by default. tests/sim/test_planted_bugs.py
+asserts the simulator catches every one of them within the CI seed budget.
+"""
+from __future__ import annotations
+
+# Raft paper §5.4.2 / Figure 8: commit an entry from an earlier term by counting replicas.
+COMMIT_OLD_TERM = "commit_old_term"
+# §5.4.1: grant a vote without checking that the candidate's log is at least as up-to-date.
+VOTE_WITHOUT_LOG_CHECK = "vote_without_log_check"
+# Persist before you promise: send the vote response before the vote is durable.
+VOTE_BEFORE_PERSIST = "vote_before_persist"
+# Thesis §6.4: answer ReadIndex without confirming leadership by a heartbeat round.
+READ_WITHOUT_HEARTBEAT = "read_without_heartbeat"
+
+ALL = (COMMIT_OLD_TERM, VOTE_WITHOUT_LOG_CHECK, VOTE_BEFORE_PERSIST, READ_WITHOUT_HEARTBEAT)
+
+
+def check(bugs: frozenset[str] | set[str]) -> frozenset[str]:
+    unknown = set(bugs) - set(ALL)
+    if unknown:
+        raise ValueError(f"unknown planted bug(s): {sorted(unknown)}")
+    return frozenset(bugs)
