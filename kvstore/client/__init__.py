@@ -1,0 +1,59 @@
+"""The kvstore client library: ``Client`` (blocking, thread-safe) and ``AsyncClient`` (asyncio).
+
+    from kvstore import Client
+    with Client(["127.0.0.1:2379"]) as kv:
+        kv.put("k", "v")
+"""
+from kvstore.client.async_client import AsyncClient
+from kvstore.client.balancer import LeastOutstanding, RandomChoice, RoundRobin, Weighted
+from kvstore.client.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    KvstoreError,
+    NoEndpointAnswered,
+    NoLeader,
+    NotLeader,
+    Unavailable,
+)
+from kvstore.client.retry import ExponentialBackoff, FixedInterval, NoRetry, RetryPolicy
+from kvstore.client.sync_client import Client
+from kvstore.client.txn import Txn
+from kvstore.client.types import (
+    DeleteResult,
+    GetResult,
+    KeyValue,
+    Member,
+    MemberStatus,
+    PutResult,
+    RangeResult,
+    TxnResult,
+)
+
+__all__ = [
+    "Client",
+    "AsyncClient",
+    "Txn",
+    "RetryPolicy",
+    "FixedInterval",
+    "ExponentialBackoff",
+    "NoRetry",
+    "RoundRobin",
+    "RandomChoice",
+    "LeastOutstanding",
+    "Weighted",
+    "KvstoreError",
+    "Unavailable",
+    "NotLeader",
+    "NoLeader",
+    "NoEndpointAnswered",
+    "DeadlineExceeded",
+    "InvalidArgument",
+    "KeyValue",
+    "PutResult",
+    "GetResult",
+    "RangeResult",
+    "DeleteResult",
+    "TxnResult",
+    "Member",
+    "MemberStatus",
+]

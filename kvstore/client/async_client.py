@@ -1,0 +1,439 @@
+"""The asyncio client: leader discovery, redirects, retries, exactly-once, coalescing.
+
+    async with AsyncClient(["127.0.0.1:2379", "127.0.0.1:2479"]) as kv:
+        await kv.put("greeting", "hello")
+        print((await kv.get("greeting")).value)
+
+Every call runs through ``_call``: pick an endpoint (the cached leader for
+writes and linearizable reads, the balancer's choice for serializable reads),
+send with a per-attempt timeout, and on failure either follow the redirect at
+once, move to the next endpoint, or wait per the retry policy — until the
+call's total deadline. Mutations carry a RequestId fixed before the first
+attempt, so every retry is the same request to the state machine.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Callable, Iterable, Sequence
+
+import grpc
+
+from kvstore.client import errors
+from kvstore.client.balancer import Balancer, make_balancer
+from kvstore.client.coalescer import ANY, LEADER, Coalescer
+from kvstore.client.endpoints import DEFAULT_CHANNEL_OPTIONS, DEFAULT_ENDPOINTS, Endpoints
+from kvstore.client.retry import ExponentialBackoff, RetryPolicy
+from kvstore.client.session import Session
+from kvstore.client.txn import Txn, delete_request, range_request
+from kvstore.client.types import (
+    BytesLike,
+    DeleteResult,
+    GetResult,
+    Member,
+    MemberStatus,
+    PutResult,
+    RangeResult,
+    TxnResult,
+    to_bytes,
+)
+from kvstore.v1 import cluster_pb2, kv_pb2
+
+__all__ = ["AsyncClient", "DropReplyHook"]
+
+MD_LEADER_ID = "kvstore-leader-id"
+MD_LEADER_ADDR = "kvstore-leader-addr"
+MD_NOT_APPLIED = "kvstore-not-applied"
+
+#: Test-only fault hook: called with (rpc name, request) after an RPC completed;
+#: returning True makes the client discard the reply and act as if the
+#: connection broke (UNAVAILABLE, outcome unknown), so it retries.
+DropReplyHook = Callable[[str, Any], bool]
+
+_STATUS_REQ = cluster_pb2.StatusRequest()
+_MEMBERS_REQ = cluster_pb2.MemberListRequest()
+
+
+class _LostReply(Exception):
+    """Raised in place of a reply discarded by the test fault hook."""
+
+
+def _metadata(err: grpc.aio.AioRpcError) -> dict[str, str]:
+    md = err.trailing_metadata()
+    if not md:
+        return {}
+    out: dict[str, str] = {}
+    for k, v in md:
+        out[k] = v.decode() if isinstance(v, bytes) else v
+    return out
+
+
+class AsyncClient:
+    """asyncio client for a kvstore cluster. Create once, share, close at the end.
+
+    ``endpoints``: any members' client addresses (default: the local cluster).
+    ``timeout``: total deadline of each call in seconds, retries included.
+    ``retry``: a RetryPolicy (default: exponential backoff with full jitter).
+    ``balancer``: how serializable reads are spread ("round_robin", "random",
+    "least_outstanding", or a Balancer such as ``Weighted({...})``).
+    ``coalesce``: gather concurrent calls into Batch RPCs (on by default).
+    """
+
+    def __init__(
+        self,
+        endpoints: Sequence[str] | str | None = None,
+        *,
+        timeout: float = 5.0,
+        retry: RetryPolicy | None = None,
+        balancer: str | Balancer | None = None,
+        coalesce: bool = True,
+        max_batch_ops: int = 256,
+        max_batch_bytes: int = 1 << 20,
+        client_id: int | None = None,
+        channel_options: Iterable[tuple[str, Any]] = DEFAULT_CHANNEL_OPTIONS,
+        testing_drop_reply_after_send: DropReplyHook | None = None,
+    ) -> None:
+        if isinstance(endpoints, str):
+            endpoints = [e for e in endpoints.split(",") if e.strip()]
+        if timeout <= 0:
+            raise ValueError("timeout must be > 0")
+        self._endpoints = Endpoints(endpoints or DEFAULT_ENDPOINTS, tuple(channel_options))
+        self.timeout = timeout
+        self.retry = retry or ExponentialBackoff()
+        self._balancer = make_balancer(balancer)
+        self.session = Session(client_id)
+        self._coalescer: Coalescer | None = (
+            Coalescer(self._call, max_ops=max_batch_ops, max_bytes=max_batch_bytes) if coalesce else None
+        )
+        self._drop_reply = testing_drop_reply_after_send
+        self._closed = False
+        self._refresh_task: asyncio.Task[None] | None = None
+        self._last_refresh = float("-inf")
+
+    # --- lifecycle ---------------------------------------------------------
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Finish pending batches, then close every channel. Idempotent."""
+        if self._closed:
+            return
+        if self._coalescer is not None:
+            await self._coalescer.close()
+        self._closed = True
+        if self._refresh_task is not None:
+            self._refresh_task.cancel()
+        await self._endpoints.close()
+
+    @property
+    def endpoints(self) -> list[str]:
+        """Every client address known so far (given, and learned from the cluster)."""
+        return list(self._endpoints.addrs)
+
+    @property
+    def leader(self) -> str | None:
+        """The cached leader address (a hint; None until one is found)."""
+        return self._endpoints.leader
+
+    @property
+    def coalescer(self) -> Coalescer | None:
+        return self._coalescer
+
+    # --- KV ----------------------------------------------------------------
+
+    async def put(
+        self, key: BytesLike, value: BytesLike, *, prev_kv: bool = False, timeout: float | None = None
+    ) -> PutResult:
+        """Set ``key`` to ``value``; ``prev_kv=True`` also returns what it replaced."""
+        k = to_bytes(key)
+        v = to_bytes(value)
+        c = self._coalescer
+        if c is not None:
+            op, fut = c.add(LEADER, True, len(k) + len(v) + 16, timeout)
+            p = op.request_put
+            p.key = k
+            p.value = v
+            if prev_kv:
+                p.prev_kv = True
+            c.added(LEADER)
+            return PutResult.from_pb(await self._wait(fut, timeout, True))
+        req = kv_pb2.PutRequest(key=k, value=v, prev_kv=prev_kv)
+        return PutResult.from_pb(await self._call("Put", req, route=LEADER, mutation=True, timeout=timeout))
+
+    async def get(self, key: BytesLike, *, serializable: bool = False, timeout: float | None = None) -> GetResult:
+        """One key. Linearizable unless ``serializable=True`` (any member, maybe stale)."""
+        k = to_bytes(key)
+        route = ANY if serializable else LEADER
+        c = self._coalescer
+        if c is not None:
+            op, fut = c.add(route, False, len(k) + 8, timeout)
+            r = op.request_range
+            r.key = k
+            if serializable:
+                r.serializable = True
+            c.added(route)
+            return GetResult.from_pb(await self._wait(fut, timeout, False))
+        req = kv_pb2.RangeRequest(key=k, serializable=serializable)
+        return GetResult.from_pb(await self._call("Range", req, route=route, mutation=False, timeout=timeout))
+
+    async def range(
+        self,
+        start: BytesLike,
+        end: BytesLike | None = None,
+        *,
+        prefix: bool = False,
+        limit: int = 0,
+        keys_only: bool = False,
+        count_only: bool = False,
+        serializable: bool = False,
+        timeout: float | None = None,
+    ) -> RangeResult:
+        """Keys in ``[start, end)``, or every key starting with ``start`` when ``prefix=True``.
+
+        ``end="\\0"`` means every key >= start.
+        """
+        req = range_request(
+            start, end, prefix=prefix, limit=limit, keys_only=keys_only, count_only=count_only,
+            serializable=serializable,
+        )
+        route = ANY if serializable else LEADER
+        c = self._coalescer
+        if c is not None:
+            op, fut = c.add(route, False, len(req.key) + len(req.range_end) + 16, timeout)
+            op.request_range.CopyFrom(req)
+            c.added(route)
+            return RangeResult.from_pb(await self._wait(fut, timeout, False))
+        return RangeResult.from_pb(await self._call("Range", req, route=route, mutation=False, timeout=timeout))
+
+    async def delete(
+        self,
+        key: BytesLike,
+        end: BytesLike | None = None,
+        *,
+        prefix: bool = False,
+        prev_kv: bool = False,
+        timeout: float | None = None,
+    ) -> DeleteResult:
+        """Delete one key, ``[key, end)``, or a prefix; ``deleted`` counts keys removed."""
+        req = delete_request(key, end, prefix=prefix, prev_kv=prev_kv)
+        c = self._coalescer
+        if c is not None:
+            op, fut = c.add(LEADER, True, len(req.key) + len(req.range_end) + 16, timeout)
+            op.request_delete_range.CopyFrom(req)
+            c.added(LEADER)
+            return DeleteResult.from_pb(await self._wait(fut, timeout, True))
+        return DeleteResult.from_pb(await self._call("DeleteRange", req, route=LEADER, mutation=True, timeout=timeout))
+
+    async def txn(
+        self,
+        txn: Txn | None = None,
+        *,
+        compare: Iterable[kv_pb2.Compare] = (),
+        success: Iterable[Any] = (),
+        failure: Iterable[Any] = (),
+        timeout: float | None = None,
+    ) -> TxnResult:
+        """Run a transaction atomically; a failed compare gives ``succeeded=False``, not an error."""
+        if txn is None:
+            txn = Txn(compare, success, failure)
+        req = txn.to_pb()
+        c = self._coalescer
+        if c is not None:
+            op, fut = c.add(LEADER, True, req.ByteSize(), timeout)
+            op.request_txn.CopyFrom(req)
+            c.added(LEADER)
+            return TxnResult.from_pb(await self._wait(fut, timeout, True))
+        return TxnResult.from_pb(await self._call("Txn", req, route=LEADER, mutation=True, timeout=timeout))
+
+    # --- Cluster -----------------------------------------------------------
+
+    async def status(self, endpoint: str | None = None, *, timeout: float | None = None) -> MemberStatus:
+        """Status of ``endpoint``, or of the leader (else whichever member answers)."""
+        route = self._endpoints.learn(endpoint) if endpoint else LEADER
+        resp, addr = await self._call(
+            "Status", _STATUS_REQ, route=route, mutation=False, timeout=timeout, with_addr=True
+        )
+        return MemberStatus(
+            addr, resp.member_id, resp.role, resp.term, resp.leader_id, resp.commit_index, resp.applied_index,
+            resp.wal_size, resp.db_size, resp.snapshot_index, resp.version, resp.header.revision,
+        )
+
+    async def status_all(self, *, timeout: float | None = None) -> dict[str, MemberStatus | errors.KvstoreError]:
+        """Status of every known member at once; a member that fails maps to its error."""
+        addrs = list(self._endpoints.addrs)
+        results = await asyncio.gather(*(self.status(a, timeout=timeout) for a in addrs), return_exceptions=True)
+        out: dict[str, MemberStatus | errors.KvstoreError] = {}
+        for a, r in zip(addrs, results):
+            if isinstance(r, BaseException) and not isinstance(r, errors.KvstoreError):
+                raise r
+            out[a] = r  # type: ignore[assignment]
+        return out
+
+    async def members(self, *, timeout: float | None = None) -> list[Member]:
+        """The cluster's members (and learn their client addresses)."""
+        resp = await self._call("MemberList", _MEMBERS_REQ, route=LEADER, mutation=False, timeout=timeout)
+        self._endpoints.update(resp)
+        return [
+            Member(m.id, m.name, list(m.peer_urls), list(m.client_urls), m.is_learner) for m in resp.members
+        ]
+
+    async def transfer_leader(self, target: int = 0, *, timeout: float | None = None) -> int:
+        """Hand leadership to member ``target`` (0: the most up-to-date other member); returns the new leader id."""
+        req = cluster_pb2.TransferLeadershipRequest(target_id=target)
+        resp = await self._call("TransferLeadership", req, route=LEADER, mutation=False, timeout=timeout)
+        eps = self._endpoints
+        if resp.leader_id in eps.ids:
+            eps.set_leader(eps.ids[resp.leader_id], resp.leader_id)
+        else:
+            eps.forget_leader()
+        return int(resp.leader_id)
+
+    # --- the call path -----------------------------------------------------
+
+    async def _wait(self, fut: "asyncio.Future[Any]", timeout: float | None, mutation: bool) -> Any:
+        """Await a coalesced op; an explicit per-call timeout is enforced on this caller alone."""
+        if timeout is None:
+            return await fut
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise errors.DeadlineExceeded(
+                0, {"batch": "the batch carrying this op did not finish in time"},
+                timeout=timeout, maybe_applied=mutation,
+            ) from None
+
+    async def _call(
+        self,
+        method: str,
+        request: Any,
+        *,
+        route: str,
+        mutation: bool,
+        timeout: float | None,
+        with_addr: bool = False,
+    ) -> Any:
+        """Send one RPC with redirects and retries until it succeeds or the deadline passes.
+
+        ``route`` is LEADER, ANY (balanced, for serializable reads) or one
+        fixed address. Endpoints tried since the last backoff are remembered:
+        moving on to an untried one is immediate, coming back to a tried one
+        first waits ``retry.backoff(n)``.
+        """
+        if self._closed:
+            raise errors.ClientClosed("client is closed")
+        policy = self.retry
+        total = timeout if timeout is not None else (policy.deadline or self.timeout)
+        loop_time = asyncio.get_running_loop().time
+        deadline = loop_time() + total
+        eps = self._endpoints
+        session = self.session
+        balancer = self._balancer
+        seq = 0
+        rid = None
+        if mutation:
+            seq = session.begin()
+            rid = request.request_id
+            rid.client_id = session.client_id
+            rid.seq = seq
+        causes: dict[str, str] = {}
+        tried: set[str] = set()
+        attempts = 0
+        waits = 0
+        maybe_applied = False
+        if route is LEADER:
+            addr = eps.first()
+        elif route is ANY:
+            addr = balancer.pick(eps.addrs)
+        else:
+            addr = route
+        try:
+            while True:
+                remaining = deadline - loop_time()
+                if remaining <= 0 or not policy.may_attempt(attempts):
+                    break
+                attempts += 1
+                if rid is not None:
+                    rid.acked_below = session.acked_below
+                rpc = eps.conn(addr).methods[method]
+                if route is ANY:
+                    balancer.started(addr)
+                try:
+                    resp = await rpc(request, timeout=min(remaining, policy.attempt_timeout))
+                    if self._drop_reply is not None and self._drop_reply(method, request):
+                        raise _LostReply()
+                except grpc.aio.AioRpcError as e:
+                    code = e.code()
+                    details = e.details() or ""
+                    md = _metadata(e)
+                except _LostReply:
+                    code = grpc.StatusCode.UNAVAILABLE
+                    details = "reply lost (test fault hook)"
+                    md = {}
+                else:
+                    if route is LEADER and eps.leader != addr:
+                        eps.set_leader(addr)
+                    return (resp, addr) if with_addr else resp
+                finally:
+                    if route is ANY:
+                        balancer.finished(addr)
+
+                if self._closed:
+                    raise errors.ClientClosed("client closed during the call")
+                causes[addr] = f"{code.name}: {details}"
+                tried.add(addr)
+                leader_addr = md.get(MD_LEADER_ADDR)
+                if leader_addr:
+                    # A follower named the leader: certainly not applied; go there now.
+                    leader_addr = eps.learn(leader_addr)
+                    eps.set_leader(leader_addr, int(md.get(MD_LEADER_ID, "0") or 0))
+                    self._refresh_members_soon()
+                    if route is LEADER:
+                        addr = leader_addr
+                        if addr not in tried:
+                            continue
+                elif not policy.is_retryable(code):
+                    raise errors.from_status(code, details, addr)
+                else:
+                    if mutation and md.get(MD_NOT_APPLIED) != "1":
+                        maybe_applied = True
+                    if route is LEADER:
+                        eps.forget_leader(addr)
+                        addr = eps.after(addr)
+                    elif route is ANY:
+                        untried = [a for a in eps.addrs if a not in tried]
+                        addr = balancer.pick(untried or eps.addrs)
+                    if addr not in tried:
+                        continue
+                # Every endpoint in sight has failed since the last wait: back off.
+                pause = min(policy.backoff(waits), deadline - loop_time())
+                waits += 1
+                tried.clear()
+                if pause > 0:
+                    await asyncio.sleep(pause)
+        finally:
+            if mutation:
+                session.finish(seq)
+        if not policy.may_attempt(attempts) and deadline - loop_time() > 0:
+            raise errors.NoEndpointAnswered(attempts, causes, maybe_applied=maybe_applied)
+        raise errors.DeadlineExceeded(attempts, causes, timeout=total, maybe_applied=maybe_applied)
+
+    def _refresh_members_soon(self) -> None:
+        """After a redirect, re-read the member list in the background (at most once a second)."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._refresh_task is not None or now - self._last_refresh < 1.0 or self._closed:
+            return
+        self._last_refresh = now
+
+        async def refresh() -> None:
+            try:
+                await self.members(timeout=min(self.timeout, 2.0))
+            except Exception:  # a hint only: the next redirect tries again
+                pass
+            finally:
+                self._refresh_task = None
+
+        self._refresh_task = loop.create_task(refresh())

@@ -1,0 +1,144 @@
+"""Known endpoints, their channels, and the cached leader.
+
+One gRPC channel (and one set of stubs) per member for the client's whole
+life: creating a channel costs a TCP and HTTP/2 handshake, so it never happens
+on the per-call path. The endpoint list starts with what the user gave and
+grows with the client addresses the cluster reports (redirects, MemberList).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import grpc
+
+from kvstore.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2_grpc
+
+__all__ = ["Endpoints", "Connection", "DEFAULT_ENDPOINTS", "normalize", "DEFAULT_CHANNEL_OPTIONS"]
+
+DEFAULT_ENDPOINTS: tuple[str, ...] = ("127.0.0.1:2379", "127.0.0.1:2479", "127.0.0.1:2579")
+
+#: gRPC's default reconnect backoff grows to two minutes, which would keep a
+#: restarted member unreachable long after it is back; the client has its own
+#: retry policy, so the channel only needs to reconnect promptly.
+DEFAULT_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.initial_reconnect_backoff_ms", 50),
+    ("grpc.min_reconnect_backoff_ms", 50),
+    ("grpc.max_reconnect_backoff_ms", 500),
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+)
+
+
+def normalize(addr: str) -> str:
+    """``host:port`` from an address that may carry a scheme (``http://h:p``)."""
+    addr = addr.strip()
+    for scheme in ("http://", "https://", "grpc://"):
+        if addr.startswith(scheme):
+            addr = addr[len(scheme):]
+    return addr.rstrip("/")
+
+
+class Connection:
+    """A channel to one member with its stubs' bound methods, looked up by RPC name."""
+
+    __slots__ = ("addr", "channel", "methods")
+
+    def __init__(self, addr: str, options: Sequence[tuple[str, Any]]) -> None:
+        self.addr = addr
+        self.channel = grpc.aio.insecure_channel(addr, options=list(options))
+        kv = kv_pb2_grpc.KVStub(self.channel)
+        cl = cluster_pb2_grpc.ClusterStub(self.channel)
+        self.methods: dict[str, Any] = {
+            "Range": kv.Range,
+            "Put": kv.Put,
+            "DeleteRange": kv.DeleteRange,
+            "Txn": kv.Txn,
+            "Batch": kv.Batch,
+            "Status": cl.Status,
+            "MemberList": cl.MemberList,
+            "TransferLeadership": cl.TransferLeadership,
+        }
+
+
+class Endpoints:
+    """The member addresses this client knows, and which one it believes leads.
+
+    ``leader`` is a hint: set from a successful leader-only call or a redirect,
+    dropped when that member fails. Only touched from the client's event loop.
+    """
+
+    def __init__(self, addrs: Iterable[str], options: Sequence[tuple[str, Any]] = DEFAULT_CHANNEL_OPTIONS) -> None:
+        self._addrs: list[str] = []
+        for a in addrs:
+            self.learn(a)
+        if not self._addrs:
+            raise ValueError("at least one endpoint is needed")
+        self._options = tuple(options)
+        self._conns: dict[str, Connection] = {}
+        self.leader: str | None = None
+        self.leader_id = 0
+        self.ids: dict[int, str] = {}  # member id -> client address
+        self._start = 0
+
+    @property
+    def addrs(self) -> list[str]:
+        return self._addrs
+
+    def __len__(self) -> int:
+        return len(self._addrs)
+
+    def learn(self, addr: str) -> str:
+        """Add an address if new; returns it normalised."""
+        addr = normalize(addr)
+        if addr and addr not in self._addrs:
+            self._addrs.append(addr)
+        return addr
+
+    def conn(self, addr: str) -> Connection:
+        c = self._conns.get(addr)
+        if c is None:
+            c = self._conns[addr] = Connection(addr, self._options)
+        return c
+
+    def first(self) -> str:
+        """Where a leader-only call starts: the cached leader, else the next seed in turn."""
+        if self.leader is not None:
+            return self.leader
+        i = self._start
+        self._start = i + 1
+        return self._addrs[i % len(self._addrs)]
+
+    def after(self, addr: str) -> str:
+        """The endpoint after ``addr`` in the list (wrapping)."""
+        try:
+            i = self._addrs.index(addr)
+        except ValueError:
+            return self._addrs[0]
+        return self._addrs[(i + 1) % len(self._addrs)]
+
+    def set_leader(self, addr: str, member_id: int = 0) -> None:
+        self.leader = addr
+        if member_id:
+            self.leader_id = member_id
+            self.ids[member_id] = addr
+
+    def forget_leader(self, addr: str | None = None) -> None:
+        """Drop the leader hint (only if it still names ``addr``, when given)."""
+        if addr is None or self.leader == addr:
+            self.leader = None
+            self.leader_id = 0
+
+    def update(self, resp: cluster_pb2.MemberListResponse) -> None:
+        """Learn every member's client address and the current leader from a MemberList."""
+        for m in resp.members:
+            if m.client_urls:
+                self.ids[m.id] = self.learn(m.client_urls[0])
+        if resp.leader_id and resp.leader_id in self.ids:
+            self.set_leader(self.ids[resp.leader_id], resp.leader_id)
+
+    async def close(self) -> None:
+        conns, self._conns = self._conns, {}
+        for c in conns.values():
+            await c.channel.close()
