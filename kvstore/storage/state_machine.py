@@ -100,6 +100,11 @@ def read_image_meta(image_path: str) -> tuple[int, int, int]:
     except lmdb.Error as e:
         raise SnapshotImageError(f"{image_path}: not an LMDB image: {e}") from None
     try:
+        # A truncated image would fault (SIGBUS) when a missing page is touched.
+        need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+        have = os.path.getsize(image_path)
+        if have < need:
+            raise SnapshotImageError(f"{image_path}: truncated ({have} of {need} bytes)")
         with env.begin() as txn:
             try:
                 meta_db = env.open_db(b"meta", txn=txn, create=False)

@@ -1,0 +1,172 @@
+"""Snapshots: consistent LMDB images of the state machine, kept on disk and streamed.
+
+A snapshot is two files in the store's directory, named after (term, index)
+like etcd's snap files:
+
+  <term:016x>-<index:016x>.snap   the compacted LMDB image (a plain data.mdb)
+  <term:016x>-<index:016x>.meta   JSON {index, term, voters, size}
+
+The image is written to a temporary file, fsynced and renamed; the .meta file
+is written the same way afterwards and is the commit point: a snapshot without
+its .meta does not exist (it is removed as debris on open). Only the newest
+`keep` snapshots are kept.
+
+Received snapshots (streamed from a leader in chunks) go through the same
+path: a `SnapshotWriter` fills a temporary file; commit() fsyncs it, checks
+that the image really is a state machine image at the announced index and
+term, and then publishes it like a locally created one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import BinaryIO
+
+from .state_machine import SnapshotImageError, StateMachine, _fsync_dir, read_image_meta
+
+_SNAP = ".snap"
+_META = ".meta"
+_TMP_PREFIX = ".tmp-"
+
+
+def _name(term: int, index: int) -> str:
+    return f"{term:016x}-{index:016x}"
+
+
+class SnapshotStore:
+    """The snapshots of one member, newest `keep` of them."""
+
+    def __init__(self, directory: str, keep: int = 2):
+        if keep < 1:
+            raise ValueError("keep must be >= 1")
+        self.dir = directory
+        self.keep = keep
+        os.makedirs(directory, exist_ok=True)
+        self._remove_debris()
+
+    # ---- reading -----------------------------------------------------------
+
+    def list(self) -> list[tuple[int, int, list[int], str]]:
+        """Every committed snapshot as (index, term, voters, path), oldest first."""
+        out = []
+        for name in os.listdir(self.dir):
+            if not name.endswith(_META) or name.startswith(_TMP_PREFIX):
+                continue
+            with open(os.path.join(self.dir, name)) as f:
+                meta = json.load(f)
+            path = os.path.join(self.dir, name[: -len(_META)] + _SNAP)
+            out.append((meta["index"], meta["term"], list(meta["voters"]), path))
+        out.sort()
+        return out
+
+    def latest(self) -> tuple[int, int, list[int], str] | None:
+        """(index, term, voters, path) of the newest snapshot, or None."""
+        snaps = self.list()
+        return snaps[-1] if snaps else None
+
+    def open_reader(self, index: int) -> BinaryIO:
+        """The image of the snapshot at `index`, opened for streaming in chunks."""
+        for i, _, _, path in self.list():
+            if i == index:
+                return open(path, "rb")
+        raise FileNotFoundError(f"no snapshot at index {index} in {self.dir}")
+
+    # ---- writing -----------------------------------------------------------
+
+    def create(self, sm: StateMachine, conf_state_voters: list[int]) -> tuple[int, int, str]:
+        """Snapshot `sm` at its applied index; (index, term, path of the image)."""
+        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=_SNAP, dir=self.dir)
+        try:
+            index, term = sm.copy_to(fd)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+        existing = [s for s in self.list() if s[0] == index and s[1] == term]
+        if existing:  # nothing applied since the last snapshot
+            os.unlink(tmp)
+            return index, term, existing[0][3]
+        return index, term, self._publish(tmp, index, term, conf_state_voters)
+
+    def receive(self, index: int, term: int, voters: list[int]) -> "SnapshotWriter":
+        """A writer for an incoming snapshot image; commit() publishes it."""
+        return SnapshotWriter(self, index, term, list(voters))
+
+    def _publish(self, tmp_image: str, index: int, term: int, voters: list[int]) -> str:
+        """Rename a synced image into place and commit it by writing its .meta."""
+        base = os.path.join(self.dir, _name(term, index))
+        image = base + _SNAP
+        os.rename(tmp_image, image)
+        meta = {"index": index, "term": term, "voters": list(voters), "size": os.path.getsize(image)}
+        fd, tmp_meta = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=_META, dir=self.dir)
+        with os.fdopen(fd, "w") as f:
+            json.dump(meta, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp_meta, base + _META)
+        _fsync_dir(self.dir)
+        self._prune()
+        return image
+
+    def _prune(self) -> None:
+        for _, _, _, path in self.list()[: -self.keep]:
+            os.unlink(path[: -len(_SNAP)] + _META)  # uncommit first, then drop the image
+            os.unlink(path)
+        _fsync_dir(self.dir)
+
+    def _remove_debris(self) -> None:
+        """Temp files of interrupted writes, and images whose .meta never landed."""
+        names = set(os.listdir(self.dir))
+        for name in names:
+            stale_tmp = name.startswith(_TMP_PREFIX)
+            orphan = name.endswith(_SNAP) and name[: -len(_SNAP)] + _META not in names
+            if stale_tmp or orphan:
+                os.unlink(os.path.join(self.dir, name))
+
+
+class SnapshotWriter:
+    """Receives a snapshot image in chunks into a temporary file."""
+
+    def __init__(self, store: SnapshotStore, index: int, term: int, voters: list[int]):
+        self._store = store
+        self.index, self.term, self.voters = index, term, voters
+        fd, self._tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=_SNAP, dir=store.dir)
+        self._file = os.fdopen(fd, "wb")
+        self.size = 0
+
+    def write(self, chunk: bytes) -> None:
+        self._file.write(chunk)
+        self.size += len(chunk)
+
+    def commit(self) -> str:
+        """fsync, verify the image is at (index, term), publish; the image path."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        try:
+            index, term, _ = read_image_meta(self._tmp)
+            if (index, term) != (self.index, self.term):
+                raise SnapshotImageError(
+                    f"received image is at index {index} term {term}, "
+                    f"announced index {self.index} term {self.term}"
+                )
+        except BaseException:
+            os.unlink(self._tmp)
+            raise
+        return self._store._publish(self._tmp, self.index, self.term, self.voters)
+
+    def abort(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        if os.path.exists(self._tmp):
+            os.unlink(self._tmp)
+
+    def __enter__(self) -> "SnapshotWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
