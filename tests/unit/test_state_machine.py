@@ -1,0 +1,205 @@
+"""Scripted checks of the state machine's rules (the model test covers breadth)."""
+from __future__ import annotations
+
+import lmdb
+import pytest
+
+from kvstore.storage.errors import ApplyError, ErrorCode
+from kvstore.storage.keys import MAX_KEY_BYTES
+from kvstore.storage.state_machine import StateMachine
+from kvstore.storage.validation import InvalidRequest, check_op
+from kvstore.v1 import command_pb2, kv_pb2
+
+C = kv_pb2.Compare
+
+
+def put(k, v=b"v", prev=False):
+    return kv_pb2.RequestOp(request_put=kv_pb2.PutRequest(key=k, value=v, prev_kv=prev))
+
+
+def delete(k, end=b"", prev=False):
+    return kv_pb2.RequestOp(request_delete_range=kv_pb2.DeleteRangeRequest(key=k, range_end=end, prev_kv=prev))
+
+
+def rng(k, end=b"", **kw):
+    return kv_pb2.RequestOp(request_range=kv_pb2.RangeRequest(key=k, range_end=end, **kw))
+
+
+def txn(compare=(), success=(), failure=()):
+    return kv_pb2.RequestOp(request_txn=kv_pb2.TxnRequest(compare=compare, success=success, failure=failure))
+
+
+def cmd(*ops, client=0, seq=0, acked=0, at=1_000):
+    return command_pb2.Command(
+        request_id=kv_pb2.RequestId(client_id=client, seq=seq, acked_below=acked),
+        proposed_at_ms=at, ops=ops,
+    ).SerializeToString()
+
+
+class Log:
+    """Feeds commands to a state machine with consecutive indexes."""
+
+    def __init__(self, sm):
+        self.sm, self.index = sm, sm.applied_index
+
+    def __call__(self, data):
+        self.index += 1
+        return self.sm.apply([(self.index, 3, data)])[0]
+
+
+@pytest.fixture
+def sm(tmp_path):
+    s = StateMachine.open(str(tmp_path / "sm"), 64 << 20, fsync=False, session_ttl_ms=10_000, max_pending=3)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def log(sm):
+    return Log(sm)
+
+
+def test_revision_rules(sm, log):
+    assert log(cmd(put(b"a"))).revision == 1
+    assert log(cmd(delete(b"missing"))).revision == 1  # nothing deleted: no bump
+    r = log(cmd(put(b"b"), put(b"c"), put(b"a", b"2")))  # a batch: one revision per op
+    assert [x.response_put.header.revision for x in r.responses] == [2, 3, 4]
+    assert r.revision == 4
+    assert sm.get(b"a").create_revision == 1 and sm.get(b"a").mod_revision == 4
+    assert sm.get(b"a").version == 2
+    r = log(cmd(txn(success=[put(b"d"), delete(b"b"), rng(b"a", b"\0")])))  # one txn: one revision
+    assert r.revision == 5
+    assert sm.get(b"d").mod_revision == 5
+    inner = r.responses[0].response_txn.responses
+    assert [kv.key for kv in inner[2].response_range.kvs] == [b"a", b"c", b"d"]
+    assert all(x.WhichOneof("response") and getattr(x, x.WhichOneof("response")).header.revision == 5 for x in inner)
+    assert log(cmd(txn(success=[rng(b"a"), delete(b"zz")]))).revision == 5  # read-only txn
+    assert log(cmd(delete(b"a", b"\0"))).responses[0].response_delete_range.deleted == 3
+    assert sm.revision == 6 and sm.dump() == {}
+    log(cmd(put(b"a")))
+    assert sm.get(b"a").version == 1 and sm.get(b"a").create_revision == 7  # recreated
+
+
+def test_ranges(sm, log):
+    log(cmd(*[put(k, k.upper()) for k in (b"a", b"ab", b"abc", b"b", b"c")]))
+    r = sm.range(kv_pb2.RangeRequest(key=b"a", range_end=b"b"))
+    assert [kv.key for kv in r.kvs] == [b"a", b"ab", b"abc"] and r.count == 3 and not r.more
+    r = sm.range(kv_pb2.RangeRequest(key=b"ab", range_end=b"\0", limit=2, keys_only=True))
+    assert [kv.key for kv in r.kvs] == [b"ab", b"abc"] and r.more and r.count == 4
+    assert all(kv.value == b"" for kv in r.kvs)
+    r = sm.range(kv_pb2.RangeRequest(key=b"a", range_end=b"\0", count_only=True))
+    assert r.count == 5 and not r.kvs
+    assert sm.range(kv_pb2.RangeRequest(key=b"c", range_end=b"a")).count == 0  # end <= key
+    assert sm.range(kv_pb2.RangeRequest(key=b"zz")).count == 0
+    r = sm.range(kv_pb2.RangeRequest(key=b"b"))
+    assert r.kvs[0].value == b"B" and r.header.revision == 5
+    with pytest.raises(InvalidRequest):
+        sm.range(kv_pb2.RangeRequest(key=b""))
+
+
+def test_compares(sm, log):
+    log(cmd(put(b"k", b"m")))
+
+    def holds(**kw):
+        r = log(cmd(txn(compare=[C(key=kw.pop("key", b"k"), **kw)])))
+        return r.responses[0].response_txn.succeeded
+
+    assert holds(target=C.VALUE, result=C.EQUAL, value=b"m")
+    assert holds(target=C.VALUE, result=C.GREATER, value=b"l")
+    assert not holds(target=C.VALUE, result=C.NOT_EQUAL, value=b"x", key=b"missing")
+    assert holds(target=C.VERSION, result=C.EQUAL, version=0, key=b"missing")
+    assert holds(target=C.VERSION, result=C.EQUAL, key=b"missing")  # unset union: 0
+    assert holds(target=C.CREATE, result=C.LESS, create_revision=2)
+    assert holds(target=C.MOD, result=C.GREATER, mod_revision=0)
+
+
+def test_exactly_once(sm, log):
+    first = log(cmd(put(b"a", b"1", prev=True), client=7, seq=1))
+    log(cmd(put(b"a", b"2"), client=8, seq=1))
+    again = log(cmd(put(b"a", b"1", prev=True), client=7, seq=1, at=2_000))
+    assert again == first and sm.get(b"a").value == b"2" and sm.revision == 2
+    # seq 1 acknowledged: its answer is dropped, and a retry of it is refused
+    log(cmd(put(b"b"), client=7, seq=2, acked=2))
+    assert 1 not in sm.dump_sessions()[7][2]
+    err = log(cmd(put(b"a", b"1"), client=7, seq=1, acked=2))
+    assert isinstance(err, ApplyError) and err.code is ErrorCode.FAILED_PRECONDITION
+    assert sm.get(b"a").value == b"2"
+    # client 0: applied every time, nothing recorded
+    log(cmd(put(b"z"), at=3_000))
+    log(cmd(put(b"z"), at=3_000))
+    assert sm.get(b"z").version == 2 and set(sm.dump_sessions()) == {7, 8}
+
+
+def test_too_many_unacknowledged_answers(sm, log):
+    for seq in (1, 2, 3):
+        log(cmd(put(b"a"), client=5, seq=seq))
+    err = log(cmd(put(b"a"), client=5, seq=4))
+    assert err.code is ErrorCode.RESOURCE_EXHAUSTED and "limit is 3" in err.message
+    assert sm.get(b"a").version == 3
+    assert log(cmd(put(b"a"), client=5, seq=4, acked=2)).revision == 4
+
+
+def test_sessions_expire_by_log_time(sm, log):
+    log(cmd(put(b"a"), client=1, seq=1, at=1_000))
+    log(cmd(put(b"b"), client=2, seq=1, at=11_000))  # exactly ttl later: still alive
+    assert set(sm.dump_sessions()) == {1, 2}
+    log(cmd(put(b"b"), at=11_001))  # any command advances log time
+    assert set(sm.dump_sessions()) == {2}
+    # a clock going backwards on a new leader does not revive anything
+    log(cmd(put(b"c"), at=500))
+    assert sm.log_time_ms == 11_001
+    # the expired client comes back with acked_below > 1: refused, not re-applied
+    err = log(cmd(put(b"a"), client=1, seq=2, acked=2, at=11_002))
+    assert err.code is ErrorCode.FAILED_PRECONDITION and "new client_id" in err.message
+    assert sm.get(b"a").version == 1 and 1 not in sm.dump_sessions()
+
+
+def test_invalid_command_applies_nothing(sm, log):
+    r = log(cmd(put(b"a"), put(b""), client=3, seq=1))
+    assert isinstance(r, ApplyError) and r.code is ErrorCode.INVALID_ARGUMENT
+    assert r.message == "op 1: key is empty"
+    assert sm.dump() == {} and sm.revision == 0 and sm.applied_index == 1
+    assert log(cmd(put(b"a"), put(b""), client=3, seq=1)) == r  # the stored answer
+    long_key = b"k" * (MAX_KEY_BYTES + 1)
+    assert f"limit is {MAX_KEY_BYTES}" in log(cmd(put(long_key))).message
+    assert log(b"\xff\xff").code is ErrorCode.INVALID_ARGUMENT
+    assert log(cmd(put(b"a"), client=3, seq=0)).code is ErrorCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("bad, why", [
+    (txn(success=[put(b"a"), put(b"a")]), "duplicate key"),
+    (txn(failure=[put(b"b"), delete(b"a", b"c")]), "both put and deleted"),
+    (txn(success=[put(b"a"), txn(success=[put(b"a")])]), "duplicate key"),
+    (txn(compare=[C(key=b"a", target=C.VERSION, value=b"x")]), "but value given"),
+    (kv_pb2.RequestOp(request_put=kv_pb2.PutRequest(key=b"a", lease=3)), "leases"),
+])
+def test_txn_validation(bad, why):
+    with pytest.raises(InvalidRequest, match=why):
+        check_op(bad)
+
+
+def test_nested_branches_are_alternatives():
+    check_op(txn(success=[txn(success=[put(b"a")], failure=[put(b"a"), delete(b"b")])]))
+
+
+def test_replay_after_reopen_is_skipped(tmp_path):
+    path = str(tmp_path / "sm")
+    sm = StateMachine.open(path, 64 << 20, fsync=True)
+    entries = [(1, 1, b""), (2, 1, cmd(put(b"a"))), (3, 2, cmd(put(b"a")))]
+    assert sm.apply(entries)[0] is None
+    sm.close()
+    sm = StateMachine.open(path, 64 << 20)
+    assert (sm.applied_index, sm.applied_term, sm.revision) == (3, 2, 2)
+    assert sm.apply(entries + [(4, 2, cmd(put(b"b")))])[:3] == [None, None, None]
+    assert sm.get(b"a").version == 2 and sm.revision == 3
+    sm.close()
+
+
+def test_environment_failure_raises_and_changes_nothing(tmp_path):
+    sm = StateMachine.open(str(tmp_path / "sm"), 1 << 20, fsync=False)
+    Log(sm)(cmd(put(b"a")))
+    with pytest.raises(lmdb.MapFullError):
+        sm.apply([(2, 1, cmd(put(b"big", b"x" * (2 << 20))))])
+    assert (sm.applied_index, sm.revision) == (1, 1) and set(sm.dump()) == {b"a"}
+    assert Log(sm)(cmd(put(b"b"))).revision == 2
+    sm.close()
