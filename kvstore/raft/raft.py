@@ -443,6 +443,10 @@ class Raft:
         elif t == MT.HEARTBEAT_RESP:
             pr.recent_active = True
             pr.probe_sent = False
+            if pr.state == ProgressState.REPLICATE and pr.inflights.full():
+                # an append (or its ack) may have been lost: let one more through, and a
+                # rejection will send us back to probing
+                pr.inflights.free_first_one()
             if pr.match < self.log.last_index():
                 self.maybe_send_append(m.frm)
             if m.context and not self.bug_read_no_heartbeat:

@@ -1,0 +1,78 @@
+"""Run seed ranges, report failures with a trace and the command that replays them."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+
+from .simulator import Simulation, format_record
+from .invariants import Violation
+
+
+def replay_command(seed: int, nodes: int | None, bugs, chaos_ticks: int) -> str:
+    cmd = f"python -m tests.sim --seeds 1 --start {seed}"
+    if nodes is not None:
+        cmd += f" --nodes {nodes}"
+    if chaos_ticks != 120:
+        cmd += f" --ticks {chaos_ticks}"
+    for b in sorted(bugs):
+        cmd += f" --bug {b}"
+    return cmd + " --trace"
+
+
+def run_seed(seed: int, nodes: int | None = None, bugs=frozenset(), chaos_ticks: int = 120,
+             trace: bool = False) -> tuple[int, str | None]:
+    """(steps, None) on success; (steps, report) on a violation or crash of the core."""
+    sim = Simulation(seed, nodes=nodes, bugs=frozenset(bugs), chaos_ticks=chaos_ticks, trace=trace)
+    try:
+        sim.run()
+        return sim.steps, None
+    except Violation as v:
+        kind = "VIOLATION"
+        err = str(v)
+    except Exception:  # an assertion or bug inside the core is a failure too
+        kind = "EXCEPTION"
+        err = traceback.format_exc()
+    lines = [f"seed {seed}: {kind}: {err}", f"  params: {sim.p.describe()}", "  last events:"]
+    lines += ["    " + format_record(r) for r in list(sim.history)[-60:]]
+    lines.append(f"  replay: {replay_command(seed, nodes, bugs, chaos_ticks)}")
+    return sim.steps, "\n".join(lines)
+
+
+def _worker(args):
+    start, stop, nodes, bugs, chaos_ticks, stop_on_fail = args
+    steps = 0
+    failures = []
+    for seed in range(start, stop):
+        s, rep = run_seed(seed, nodes, bugs, chaos_ticks)
+        steps += s
+        if rep is not None:
+            failures.append((seed, rep))
+            if stop_on_fail:
+                break
+    return steps, failures
+
+
+def run_range(start: int, count: int, nodes: int | None = None, bugs=frozenset(), chaos_ticks: int = 120,
+              jobs: int = 1, stop_on_fail: bool = False):
+    """Run seeds [start, start+count) on `jobs` processes; returns (steps, failures, seconds)."""
+    t0 = time.perf_counter()
+    if jobs <= 1:
+        steps, failures = _worker((start, start + count, nodes, bugs, chaos_ticks, stop_on_fail))
+    else:
+        import multiprocessing as mp
+        chunk = max(1, min(50, count // (jobs * 4) or 1))
+        tasks = [(s, min(s + chunk, start + count), nodes, bugs, chaos_ticks, stop_on_fail)
+                 for s in range(start, start + count, chunk)]
+        steps, failures = 0, []
+        with mp.get_context("fork").Pool(jobs) as pool:
+            for s, f in pool.imap(_worker, tasks):
+                steps += s
+                failures.extend(f)
+        failures.sort()
+    return steps, failures, time.perf_counter() - t0
+
+
+def default_jobs() -> int:
+    return int(os.environ.get("KVSTORE_SIM_JOBS", os.cpu_count() or 1))
