@@ -1,0 +1,54 @@
+"""Request builders and result types."""
+from __future__ import annotations
+
+import pytest
+
+from kvstore.client.txn import Txn, create_revision, delete, get, mod_revision, put, range_request, value, version
+from kvstore.client.types import prefix_end, to_bytes
+from kvstore.v1 import kv_pb2
+
+
+@pytest.mark.parametrize(
+    "prefix,end",
+    [(b"a", b"b"), (b"foo/", b"foo0"), (b"a\xff", b"b"), (b"\xff\xff", b"\0"), (b"", b"\0"), (b"ab\xfe", b"ab\xff")],
+)
+def test_prefix_end(prefix, end):
+    assert prefix_end(prefix) == end
+
+
+def test_to_bytes():
+    assert to_bytes("é") == "é".encode()
+    assert to_bytes(bytearray(b"x")) == b"x"
+    with pytest.raises(TypeError):
+        to_bytes(3)  # type: ignore[arg-type]
+
+
+def test_range_request_shapes():
+    assert range_request("k").range_end == b""
+    assert range_request("k", prefix=True).range_end == b"l"
+    assert range_request("a", "\0").range_end == b"\0"
+    with pytest.raises(ValueError):
+        range_request("a", "b", prefix=True)
+
+
+def test_compare_operators_build_compares():
+    C = kv_pb2.Compare
+    c = value("k") == "v"
+    assert (c.target, c.result, c.key, c.value) == (C.VALUE, C.EQUAL, b"k", b"v")
+    assert (version("k") > 2).result == C.GREATER and (version("k") > 2).version == 2
+    assert (create_revision("k") < 5).create_revision == 5
+    assert (mod_revision("k") != 1).result == C.NOT_EQUAL
+    with pytest.raises(TypeError):
+        version("k") == "not an int"  # noqa: B015
+
+
+def test_txn_builder_and_nesting():
+    inner = Txn().when(version("b") == 0).then(put("b", "1"))
+    t = Txn().when(value("a") == "x").then(put("a", "y"), get("p", prefix=True), inner).otherwise(delete("a"))
+    pb = t.to_pb()
+    assert len(pb.compare) == 1 and len(pb.success) == 3 and len(pb.failure) == 1
+    assert pb.success[2].request_txn.compare[0].key == b"b"
+    with pytest.raises(TypeError):
+        Txn().when("a == x")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        Txn().then("put a")  # type: ignore[arg-type]
