@@ -1,0 +1,1 @@
+"""Durability: the write-ahead log (wal, raft_log), the LMDB state machine and snapshots."""
