@@ -102,7 +102,12 @@ class AsyncClient:
         self._balancer = make_balancer(balancer)
         self.session = Session(client_id)
         self._coalescer: Coalescer | None = (
-            Coalescer(self._call, max_ops=max_batch_ops, max_bytes=max_batch_bytes) if coalesce else None
+            Coalescer(
+                self._call, max_ops=max_batch_ops, max_bytes=max_batch_bytes, timeout=timeout,
+                retryable=lambda code: self.retry.is_retryable(errors.status_code(code)),
+            )
+            if coalesce
+            else None
         )
         self._drop_reply = testing_drop_reply_after_send
         self._closed = False

@@ -53,10 +53,20 @@ class Coalescer:
     client's retrying call; it assigns the RequestId when ``mutation`` is set.
     """
 
-    def __init__(self, send: Send, *, max_ops: int = 256, max_bytes: int = 1 << 20) -> None:
+    def __init__(
+        self,
+        send: Send,
+        *,
+        max_ops: int = 256,
+        max_bytes: int = 1 << 20,
+        timeout: float = 5.0,
+        retryable: Callable[[int], bool] = lambda code: False,
+    ) -> None:
         if max_ops < 1 or max_bytes < 1:
             raise ValueError("max_ops and max_bytes must be >= 1")
         self._send = send
+        self._timeout = timeout
+        self._retryable = retryable
         self.max_ops = max_ops
         self.max_bytes = max_bytes
         self._pending: dict[str, _Pending] = {}
@@ -75,6 +85,11 @@ class Coalescer:
         """
         p = self._pending.get(route)
         loop = asyncio.get_running_loop()
+        if p is not None and p.nbytes + nbytes > self.max_bytes:
+            # Adding this op would overshoot the byte cap (and maybe the
+            # server's request limit): send what is pending, start afresh.
+            self._flush(route, p)
+            p = None
         if p is None:
             p = self._pending[route] = _Pending()
             loop.call_soon(self._flush, route, p)
@@ -88,7 +103,7 @@ class Coalescer:
         return p.req.ops.add(), fut
 
     def added(self, route: str) -> None:
-        """Cut the batch now if the op just added filled it."""
+        """Cut the batch now if the op just added filled it (count or bytes)."""
         p = self._pending[route]
         if len(p.futures) >= self.max_ops or p.nbytes >= self.max_bytes:
             self._flush(route, p)
@@ -97,12 +112,11 @@ class Coalescer:
         if self._pending.get(route) is not p:
             return  # already cut by a cap
         del self._pending[route]
-        task = asyncio.get_running_loop().create_task(self._run(route, p))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self._run(route, p))
 
     async def _run(self, route: str, p: _Pending) -> None:
         futures = p.futures
+        started = asyncio.get_running_loop().time()
         self.rpcs += 1
         self.ops += len(futures)
         try:
@@ -132,14 +146,42 @@ class Coalescer:
                 if not f.done():
                     f.set_exception(err)
             return
-        for f, r in zip(futures, results):
+        for i, (f, r) in enumerate(zip(futures, results)):
             if f.done():
                 continue  # the caller gave up (cancelled or timed out)
             if r.WhichOneof("result") == "response":
                 op = r.response
                 f.set_result(getattr(op, op.WhichOneof("response")))
+                continue
+            code = r.error.code
+            op = p.req.ops[i]
+            if self._retryable(code) and op.WhichOneof("request") == "request_range":
+                # A read refused for a passing reason (e.g. leadership not
+                # confirmed in time) is safe to send again, on its own.
+                left = (p.timeout or self._timeout) - (asyncio.get_running_loop().time() - started)
+                self._spawn(self._retry_read(route, op.request_range, f, left))
             else:
-                f.set_exception(errors.from_status(errors.status_code(r.error.code), r.error.message))
+                f.set_exception(errors.from_status(errors.status_code(code), r.error.message))
+
+    async def _retry_read(
+        self, route: str, req: kv_pb2.RangeRequest, fut: "asyncio.Future[Any]", timeout: float
+    ) -> None:
+        try:
+            resp = await self._send("Range", req, route=route, mutation=False, timeout=max(timeout, 0.001))
+        except asyncio.CancelledError:
+            fut.cancel()
+            raise
+        except Exception as e:
+            if not fut.done():
+                fut.set_exception(e)
+        else:
+            if not fut.done():
+                fut.set_result(resp)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
         """Send what is pending and wait for every batch in flight."""

@@ -148,6 +148,7 @@ class FakeNode:
     faults: list[Fault] = field(default_factory=list)
     drop_replies: int = 0  # apply, then answer UNAVAILABLE (reply lost), this many times
     hang: bool = False  # never answer (like a SIGSTOPped process)
+    read_op_errors: int = 0  # fail this many reads inside Batches with a per-op UNAVAILABLE
     calls: dict[str, int] = field(default_factory=dict)
     requests: list[tuple[str, Any]] = field(default_factory=list)
 
@@ -210,7 +211,11 @@ class FakeNode:
             r = resp.results.add()
             which = o.WhichOneof("request")
             key = getattr(o, which).key if which != "request_txn" else b""
-            if key.startswith(b"bad"):
+            if which == "request_range" and self.read_op_errors > 0:
+                self.read_op_errors -= 1
+                r.error.code = grpc.StatusCode.UNAVAILABLE.value[0]
+                r.error.message = "read index: leadership not confirmed in time"
+            elif key.startswith(b"bad"):
                 r.error.code = grpc.StatusCode.INVALID_ARGUMENT.value[0]
                 r.error.message = f"key {key!r} rejected: max key size"
             else:
