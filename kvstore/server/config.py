@@ -1,0 +1,214 @@
+"""A node's configuration: command-line flags, optionally a TOML/YAML file.
+
+Every setting is declared once, in `OPTIONS`, and both `kvstore serve` and
+`python -m kvstore.server.main` parse flags from it, so a flag documented in
+`--help` is a flag the deploy files may use. A file given with `--config`
+supplies defaults (keys are flag names, with dashes or underscores); flags on
+the command line win.
+
+The defaults describe member 1 of the default local cluster, so a bare
+`kvstore serve --id N` for N in 1..3 forms a working cluster.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+# The default local cluster (what `Client()` with no endpoints talks to).
+DEFAULT_NODES = 3
+DEFAULT_BASE_CLIENT_PORT = 2379
+DEFAULT_BASE_PEER_PORT = 2380
+PORT_STRIDE = 100
+
+
+def default_client_addr(i: int, host: str = "127.0.0.1", base: int = DEFAULT_BASE_CLIENT_PORT) -> str:
+    return f"{host}:{base + PORT_STRIDE * (i - 1)}"
+
+
+def default_peer_addr(i: int, host: str = "127.0.0.1", base: int = DEFAULT_BASE_PEER_PORT) -> str:
+    return f"{host}:{base + PORT_STRIDE * (i - 1)}"
+
+
+def format_members(addrs: dict[int, str]) -> str:
+    return ",".join(f"{i}={a}" for i, a in sorted(addrs.items()))
+
+
+DEFAULT_INITIAL_CLUSTER = format_members({i: default_peer_addr(i) for i in range(1, DEFAULT_NODES + 1)})
+DEFAULT_INITIAL_CLUSTER_CLIENTS = format_members({i: default_client_addr(i) for i in range(1, DEFAULT_NODES + 1)})
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Option:
+    flag: str  # "--max-key-bytes"
+    type: type
+    default: Any
+    help: str
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+OPTIONS: list[Option] = [
+    # identity and addresses
+    Option("--id", int, 1, "this member's id (1..N, a key of --initial-cluster)"),
+    Option("--name", str, "", "a human-readable member name (default: node<id>)"),
+    Option("--data-dir", str, "", "where the WAL, the LMDB state machine and snapshots live (default: ./data/node<id>)"),
+    Option("--initial-cluster", str, DEFAULT_INITIAL_CLUSTER,
+           "every member's peer address, advertised to the others: 'ID=HOST:PORT,...'"),
+    Option("--initial-cluster-clients", str, DEFAULT_INITIAL_CLUSTER_CLIENTS,
+           "every member's client address, used in leader redirects: 'ID=HOST:PORT,...'"),
+    Option("--listen-client-addr", str, "",
+           "address the client API binds (default: this member's entry in --initial-cluster-clients)"),
+    Option("--listen-peer-addr", str, "",
+           "address the peer API binds (default: this member's entry in --initial-cluster)"),
+    Option("--cluster-id", int, 0, "an id shared by all members; peer messages from another cluster are refused"),
+    # timing
+    Option("--tick-ms", int, 100, "length of one raft tick in milliseconds"),
+    Option("--election-ticks", int, 10, "ticks without a leader before a follower campaigns"),
+    Option("--heartbeat-ticks", int, 1, "ticks between leader heartbeats"),
+    # snapshots and the log
+    Option("--snapshot-count", int, 10000, "applied entries between snapshots"),
+    Option("--snapshot-catchup-entries", int, 5000, "entries kept in the log after a snapshot, for slow followers"),
+    Option("--wal-segment-bytes", int, 64 * MiB, "size of one WAL segment file"),
+    # limits (etcd-like)
+    Option("--max-key-bytes", int, 4096, "largest key accepted"),
+    Option("--max-value-bytes", int, 1 * MiB, "largest value accepted"),
+    Option("--max-request-bytes", int, 3 * MiB // 2, "largest client request accepted"),
+    Option("--max-txn-ops", int, 128, "most operations in one txn branch (and compares)"),
+    Option("--max-batch-ops", int, 1024, "most operations in one Batch request"),
+    Option("--request-timeout-ms", int, 10000, "how long a request may wait for commit when the client sets no deadline"),
+    # ops
+    Option("--log-level", str, "info", "debug, info, warning or error"),
+    # test-only modes that deliberately break guarantees (the Jepsen harness's teeth tests)
+    Option("--testing-unsafe-local-reads", bool, False,
+           "TESTING ONLY, UNSAFE: every member answers linearizable reads locally without ReadIndex"),
+    Option("--testing-ack-before-commit", bool, False,
+           "TESTING ONLY, UNSAFE: the leader acknowledges a write as soon as it is proposed"),
+]
+
+
+def parse_members(spec: str) -> dict[int, str]:
+    """'1=h:p,2=h:p' -> {1: 'h:p', 2: 'h:p'}."""
+    members: dict[int, str] = {}
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        ident, sep, addr = part.partition("=")
+        if not sep or not ident.strip().isdigit() or ":" not in addr:
+            raise ValueError(f"bad member {part!r}: expected ID=HOST:PORT")
+        members[int(ident)] = addr.strip()
+    return members
+
+
+@dataclass
+class ServerConfig:
+    id: int = 1
+    name: str = ""
+    data_dir: str = ""
+    peers: dict[int, str] = field(default_factory=dict)  # id -> advertised peer addr
+    clients: dict[int, str] = field(default_factory=dict)  # id -> advertised client addr
+    listen_client_addr: str = ""
+    listen_peer_addr: str = ""
+    cluster_id: int = 0
+    tick_ms: int = 100
+    election_ticks: int = 10
+    heartbeat_ticks: int = 1
+    snapshot_count: int = 10000
+    snapshot_catchup_entries: int = 5000
+    wal_segment_bytes: int = 64 * MiB
+    max_key_bytes: int = 4096
+    max_value_bytes: int = 1 * MiB
+    max_request_bytes: int = 3 * MiB // 2
+    max_txn_ops: int = 128
+    max_batch_ops: int = 1024
+    request_timeout_ms: int = 10000
+    log_level: str = "info"
+    testing_unsafe_local_reads: bool = False
+    testing_ack_before_commit: bool = False
+
+    @property
+    def member_ids(self) -> list[int]:
+        return sorted(self.peers)
+
+
+def _load_file(path: str) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        raw = f.read()
+    if path.endswith((".yaml", ".yml")):
+        import yaml  # optional dependency, only for YAML config files
+
+        data = yaml.safe_load(raw) or {}
+    else:
+        import tomllib
+
+        data = tomllib.loads(raw.decode())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a table of settings")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def build_parser(prog: str = "kvstore serve") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Run one kvstore node.")
+    p.add_argument("--config", default=None, help="a TOML or YAML file of settings (flags override it)")
+    for opt in OPTIONS:
+        if opt.type is bool:
+            p.add_argument(opt.flag, dest=opt.dest, action="store_true", default=None, help=opt.help)
+        else:
+            p.add_argument(opt.flag, dest=opt.dest, type=opt.type, default=None,
+                           help=f"{opt.help} (default: {opt.default!r})")
+    return p
+
+
+def parse_args(argv: list[str] | None = None, prog: str = "kvstore serve") -> ServerConfig:
+    """Flags (and the optional file) -> a validated ServerConfig. Raises SystemExit on bad input."""
+    parser = build_parser(prog)
+    ns = parser.parse_args(argv)
+    values: dict[str, Any] = {opt.dest: opt.default for opt in OPTIONS}
+    known = set(values)
+    if ns.config:
+        try:
+            from_file = _load_file(ns.config)
+        except (OSError, ValueError) as e:
+            parser.error(f"--config {ns.config}: {e}")
+        unknown = set(from_file) - known
+        if unknown:
+            parser.error(f"--config {ns.config}: unknown settings: {', '.join(sorted(unknown))}")
+        values.update(from_file)
+    for opt in OPTIONS:
+        v = getattr(ns, opt.dest)
+        if v is not None:
+            values[opt.dest] = v
+    try:
+        return make_config(values)
+    except ValueError as e:
+        parser.error(str(e))
+        raise  # unreachable
+
+
+def make_config(values: dict[str, Any]) -> ServerConfig:
+    peers = parse_members(values.pop("initial_cluster"))
+    clients = parse_members(values.pop("initial_cluster_clients"))
+    cfg = ServerConfig(peers=peers, clients=clients, **values)
+    if cfg.id not in peers:
+        raise ValueError(f"--id {cfg.id} is not a member of --initial-cluster ({sorted(peers)})")
+    if set(clients) != set(peers):
+        raise ValueError("--initial-cluster and --initial-cluster-clients must name the same members")
+    if cfg.tick_ms <= 0 or cfg.heartbeat_ticks <= 0 or cfg.election_ticks <= cfg.heartbeat_ticks:
+        raise ValueError("need --tick-ms > 0 and --election-ticks > --heartbeat-ticks > 0")
+    if cfg.snapshot_count <= 0 or cfg.snapshot_catchup_entries < 0:
+        raise ValueError("need --snapshot-count > 0 and --snapshot-catchup-entries >= 0")
+    if not cfg.name:
+        cfg.name = f"node{cfg.id}"
+    if not cfg.data_dir:
+        cfg.data_dir = os.path.join("data", f"node{cfg.id}")
+    if not cfg.listen_client_addr:
+        cfg.listen_client_addr = clients[cfg.id]
+    if not cfg.listen_peer_addr:
+        cfg.listen_peer_addr = peers[cfg.id]
+    return cfg

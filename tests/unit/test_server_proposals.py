@@ -1,0 +1,71 @@
+"""Proposals and ReadIndex batching, without a cluster."""
+import asyncio
+
+import pytest
+
+from kvstore.server.errors import RequestFailed, leadership_lost
+from kvstore.server.proposals import Proposals
+from kvstore.server.read_index import ReadIndex
+
+
+def test_ids_carry_member_and_are_unique():
+    p = Proposals(7)
+    ids = {p.next_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    assert all(i >> 48 == 7 for i in ids)
+
+
+def test_resolve_and_fail():
+    async def main():
+        p = Proposals(1)
+        a, b = p.next_id(), p.next_id()
+        fa = p.register(a, term=3, request_key=(9, 1))
+        fb = p.register(b, term=3, request_key=(9, 2))
+        p.resolve(a, (9, 1), "result-a")
+        assert await fa == "result-a"
+        p.resolve(b, (9, 99), "wrong request")  # same proposal id, other request: ignored
+        assert not fb.done()
+        p.fail_older_than(4, leadership_lost())
+        with pytest.raises(RequestFailed, match="leadership lost; outcome unknown"):
+            await fb
+        assert len(p) == 0
+
+    asyncio.run(main())
+
+
+def test_read_index_batches_reads():
+    async def main():
+        asked = []
+        ri = ReadIndex(asked.append, timeout_s=5, timeout_error=lambda: RequestFailed(None, "t", not_applied=True))
+        ri.on_applied(10)
+        r1, r2 = ri.wait(), ri.wait()
+        assert len(asked) == 1  # one confirmation for both
+        r3 = ri.wait()  # arrives while the first is in flight: next batch
+        assert len(asked) == 1
+        ri.on_read_state(12, asked[0])
+        assert len(asked) == 2
+        assert not r1.done()  # applied 10 < read index 12
+        ri.on_applied(12)
+        assert await r1 == 12 and await r2 == 12
+        ri.on_read_state(12, asked[1])
+        assert await r3 == 12
+
+    asyncio.run(main())
+
+
+def test_read_index_fail_pending_and_timeout():
+    async def main():
+        asked = []
+        err = RequestFailed(None, "timed out", not_applied=True)
+        ri = ReadIndex(asked.append, timeout_s=0.0, timeout_error=lambda: err)
+        r1 = ri.wait()
+        await asyncio.sleep(0.01)
+        ri.check_timeouts()
+        with pytest.raises(RequestFailed, match="timed out"):
+            await r1
+        r2 = ri.wait()
+        ri.fail_pending(leadership_lost())
+        with pytest.raises(RequestFailed):
+            await r2
+
+    asyncio.run(main())
