@@ -1,0 +1,594 @@
+"""One Jepsen run: cluster up, workers + nemesis for a while, heal, final reads, verdict.
+
+The run directory holds everything a person needs afterwards::
+
+    history.jsonl   every client call (the checker's schema)
+    faults.jsonl    every fault window the nemesis opened and closed
+    verdict.json    valid or not, and why (the checker's explanation)
+    summary.json    ops by outcome and function, faults, leader changes, timings
+    report.html     a self-contained timeline to open in a browser
+    logs/nK.log     each node's output
+
+Networks: ``netns`` (root: each node in its own namespace, partitions by
+iptables, see :mod:`kvstore.jepsen.net`) or ``proxy`` (no root: every peer link
+through a TCP proxy that resets connections during a partition, see
+:mod:`kvstore.jepsen.proxy`). ``auto`` picks netns when it can.
+
+In netns mode the *calling thread* moves into the harness's control namespace
+for the run, before any gRPC channel exists (gRPC's threads inherit it); run
+it from a fresh process, as ``kvstore jepsen run`` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvstore.jepsen import net as netns
+from kvstore.jepsen.history import FAIL, INFO, INVOKE, OK
+from kvstore.jepsen.nemesis import Nemesis, parse_spec
+from kvstore.jepsen.recorder import Recorder
+from kvstore.jepsen.workloads import Op, Store, Verdict, Workload, make_workload
+
+VALID, INVALID, UNKNOWN = 0, 1, 2  # exit codes
+
+
+@dataclass
+class RunConfig:
+    nodes: int = 3
+    time: float = 60.0                 # seconds of workload under faults
+    nemesis: str = "partition"
+    workload: str = "register"
+    out: str = "runs"
+    concurrency: int = 0               # client workers; 0 = 2 per node
+    rate: float = 100.0                # total ops/s cap across workers (0 = unlimited)
+    fault_seconds: float = 5.0
+    heal_seconds: float = 5.0
+    op_timeout: float = 2.0            # total per call, retries included; then info
+    network: str = "auto"              # auto | netns | proxy
+    server_args: list[str] = field(default_factory=list)
+    seed: int | None = None
+    tick_ms: int = 50                  # faster elections make short runs meaningful
+    election_ticks: int = 10
+    keep_data: bool = False
+    name: str = ""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    verdict: Verdict
+    summary: dict[str, Any]
+
+    @property
+    def exit_code(self) -> int:
+        if self.verdict.details.get("unknown"):
+            return UNKNOWN
+        return VALID if self.verdict.valid else INVALID
+
+
+# ------------------------------------------------------------------ the store
+
+class ClientStore(Store):
+    """The workloads' Store over the real AsyncClient, with short deadlines."""
+
+    def __init__(self, endpoints: list[str], timeout: float) -> None:
+        from kvstore.client import AsyncClient, ExponentialBackoff
+
+        retry = ExponentialBackoff(base=0.02, cap=0.2, attempt_timeout=min(1.0, timeout))
+        self.client = AsyncClient(endpoints, timeout=timeout, retry=retry, coalesce=False)
+
+    async def get(self, key: str) -> str | None:
+        value = (await self.client.get(key)).value
+        return None if value is None else value.decode()
+
+    async def put(self, key: str, value: str) -> None:
+        await self.client.put(key, value)
+
+    async def cas(self, key: str, expected: str, new: str) -> bool:
+        from kvstore.client.txn import Txn, put, value
+
+        return (await self.client.txn(Txn().when(value(key) == expected).then(put(key, new)))).succeeded
+
+    async def get_prefix(self, prefix: str) -> dict[str, str]:
+        result = await self.client.range(prefix, prefix=True)
+        return {kv.key.decode(): kv.value.decode() for kv in result.kvs}
+
+    async def swap(self, expected: dict[str, str], new: dict[str, str]) -> bool:
+        from kvstore.client.txn import Txn, put, value
+
+        txn = Txn().when(*(value(k) == v for k, v in expected.items())).then(
+            *(put(k, v) for k, v in new.items()))
+        return (await self.client.txn(txn)).succeeded
+
+    def outcome_of(self, error: BaseException, mutation: bool) -> str:
+        return outcome_of(error, mutation)
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+def outcome_of(error: BaseException, mutation: bool) -> str:
+    """fail when the call certainly had no effect, info when it may have had one."""
+    if not mutation:
+        return FAIL  # a read changes nothing, whatever happened to it
+    from kvstore.client import errors
+
+    maybe = getattr(error, "maybe_applied", None)
+    if maybe is not None:
+        return INFO if maybe else FAIL
+    if isinstance(error, errors.InvalidArgument | errors.NotLeader | errors.NoLeader):
+        return FAIL  # refused before anything was proposed
+    return INFO
+
+
+# ------------------------------------------------------------------ the nodes
+
+class NodeProcesses:
+    """The cluster's node processes, each started with a command prefix (a namespace).
+
+    The harness needs per-node control that survives faults: SIGKILL and a
+    restart on the same data, SIGSTOP/SIGCONT by pid. Commands are built from
+    the server's own flags (``python -m kvstore.server.main``).
+    """
+
+    def __init__(self, data_root: Path, log_dir: Path, commands: dict[int, list[str]]) -> None:
+        self.data_root = data_root
+        self.log_dir = log_dir
+        self.commands = commands
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.paused: set[int] = set()
+        self.starts: Counter[int] = Counter()
+        self._lock = threading.Lock()
+
+    @property
+    def nodes(self) -> list[int]:
+        return sorted(self.commands)
+
+    def start(self, node: int) -> None:
+        with self._lock:
+            proc = self.procs.get(node)
+            if proc is not None and proc.poll() is None:
+                return
+            self.starts[node] += 1
+            log = open(self.log_dir / f"n{node}.log", "ab")
+            log.write(f"\n==== start #{self.starts[node]} at {time.time():.3f}: "
+                      f"{' '.join(self.commands[node])}\n".encode())
+            log.flush()
+            self.procs[node] = subprocess.Popen(self.commands[node], stdout=log, stderr=subprocess.STDOUT,
+                                                stdin=subprocess.DEVNULL, start_new_session=True)
+            log.close()
+            self.paused.discard(node)
+
+    def kill(self, node: int) -> None:
+        with self._lock:
+            proc = self.procs.get(node)
+            if proc is None or proc.poll() is not None:
+                return
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            self.paused.discard(node)
+
+    def restart(self, node: int) -> None:
+        self.kill(node)
+        self.start(node)
+
+    def pause(self, node: int) -> None:
+        with self._lock:
+            proc = self.procs.get(node)
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGSTOP)
+                self.paused.add(node)
+
+    def resume(self, node: int) -> None:
+        with self._lock:
+            proc = self.procs.get(node)
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+            self.paused.discard(node)
+
+    def alive(self, node: int) -> bool:
+        proc = self.procs.get(node)
+        return proc is not None and proc.poll() is None
+
+    def heal_all(self) -> None:
+        """Every node running and not paused (after the nemesis, before final reads)."""
+        for node in self.nodes:
+            self.resume(node)
+            if not self.alive(node):
+                self.start(node)
+
+    def stop_all(self) -> None:
+        for node in self.nodes:
+            self.resume(node)
+            proc = self.procs.get(node)
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + 10
+        for node in self.nodes:
+            proc = self.procs.get(node)
+            if proc is None:
+                continue
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+def server_command(node: int, nodes: list[int], data_dir: Path, peer_addrs: dict[int, str],
+                   client_addrs: dict[int, str], listen_peer: str, listen_client: str,
+                   config: RunConfig) -> list[str]:
+    """The argv of one node: the server's own flags, nothing harness-specific."""
+    members = ",".join(f"{n}={peer_addrs[n]}" for n in nodes)
+    clients = ",".join(f"{n}={client_addrs[n]}" for n in nodes)
+    return [sys.executable, "-m", "kvstore.server.main", "--id", str(node),
+            "--data-dir", str(data_dir / f"n{node}"), "--initial-cluster", members,
+            "--initial-cluster-clients", clients, "--listen-peer-addr", listen_peer,
+            "--listen-client-addr", listen_client, "--tick-ms", str(config.tick_ms),
+            "--election-ticks", str(config.election_ticks), "--log-level", "info",
+            *config.server_args]
+
+
+# -------------------------------------------------------------- leader watch
+
+class LeaderWatch:
+    """Polls every node's Status, so the nemesis can aim at the leader and the
+    summary can count leader changes (a new term with a known leader)."""
+
+    def __init__(self, client_addrs: dict[int, str], clock: Any, interval: float = 0.1) -> None:
+        self.client_addrs = client_addrs
+        self.clock = clock
+        self.interval = interval
+        self.current: int | None = None
+        self.terms: dict[int, int] = {}           # term -> leader node
+        self.timeline: list[dict[str, Any]] = []  # leader changes: time, node, term
+        self._id_to_node: dict[int, int] = {}
+
+    def leader(self) -> int | None:
+        return self.current
+
+    @property
+    def changes(self) -> int:
+        return max(0, len(self.timeline) - 1)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        import grpc
+
+        from kvstore.v1 import cluster_pb2, cluster_pb2_grpc
+
+        channels = {n: grpc.aio.insecure_channel(a, options=[
+            ("grpc.initial_reconnect_backoff_ms", 50), ("grpc.max_reconnect_backoff_ms", 300)])
+            for n, a in self.client_addrs.items()}
+        stubs = {n: cluster_pb2_grpc.ClusterStub(c) for n, c in channels.items()}
+
+        async def status(node: int) -> Any:
+            try:
+                return await stubs[node].Status(cluster_pb2.StatusRequest(), timeout=0.3)
+            except (grpc.aio.AioRpcError, asyncio.TimeoutError):
+                return None
+
+        try:
+            while not stop.is_set():
+                answers = await asyncio.gather(*(status(n) for n in stubs))
+                self.observe({n: a for n, a in zip(stubs, answers) if a is not None})
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.interval)
+        finally:
+            for channel in channels.values():
+                await channel.close()
+
+    def observe(self, answers: dict[int, Any]) -> None:
+        for node, answer in answers.items():
+            if answer.member_id:
+                self._id_to_node[answer.member_id] = node
+        leaders = [(a.term, node) for node, a in answers.items() if a.role == "leader"]
+        if not leaders:
+            # Nobody answering claims leadership: keep the last one only if a
+            # majority still names it (else it is gone: paused, killed, deposed).
+            named = Counter(self._id_to_node.get(a.leader_id) for a in answers.values() if a.leader_id)
+            best = named.most_common(1)
+            if not best or best[0][1] * 2 <= len(self.client_addrs):
+                self.current = None
+            return
+        term, node = max(leaders)
+        self.current = node
+        if term not in self.terms:
+            self.terms[term] = node
+            self.timeline.append({"time": self.clock(), "node": node, "term": term})
+
+
+# ----------------------------------------------------------------- the run
+
+class _Control:
+    """What the nemesis acts through: node processes, the network, the leader watch."""
+
+    def __init__(self, procs: NodeProcesses, network: Any, watch: LeaderWatch) -> None:
+        self.procs, self.network, self.watch = procs, network, watch
+        self.nodes = procs.nodes
+
+    def leader(self) -> int | None:
+        return self.watch.leader()
+
+    def kill(self, node: int) -> None:
+        self.procs.kill(node)
+
+    def restart(self, node: int) -> None:
+        self.procs.start(node)
+
+    def pause(self, node: int) -> None:
+        self.procs.pause(node)
+
+    def resume(self, node: int) -> None:
+        self.procs.resume(node)
+
+    def partition(self, grudge: dict[int, set[int]]) -> None:
+        self.network.partition(grudge)
+
+    def heal_network(self) -> None:
+        self.network.heal()
+
+
+def choose_network(requested: str) -> str:
+    if requested == "auto":
+        return "netns" if netns.netns_supported() is None else "proxy"
+    if requested == "netns":
+        why = netns.netns_supported()
+        if why:
+            raise RuntimeError(f"--network netns: {why}")
+    elif requested != "proxy":
+        raise ValueError(f"unknown network {requested!r}: auto, netns or proxy")
+    return requested
+
+
+def make_run_dir(config: RunConfig) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = config.name or f"{stamp}-{config.workload}-{config.nemesis.replace(',', '_').replace('+', '-')}"
+    run_dir = Path(config.out) / name
+    suffix = 1
+    while run_dir.exists():
+        suffix += 1
+        run_dir = Path(config.out) / f"{name}-{suffix}"
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def run(config: RunConfig) -> RunResult:
+    """Run one test end to end; always tears down processes and network."""
+    if config.seed is None:
+        config.seed = random.randrange(1 << 31)
+    mode = choose_network(config.network)
+    run_dir = make_run_dir(config)
+    (run_dir / "logs").mkdir()
+    data_root = Path(tempfile.mkdtemp(prefix="kvj-data-"))
+    nodes = list(range(1, config.nodes + 1))
+    try:
+        if mode == "netns":
+            with netns.NamespaceNetwork(config.nodes) as network:
+                client_addrs = {n: f"{network.ip(n)}:2379" for n in nodes}
+                peer_addrs = {n: f"{network.ip(n)}:2380" for n in nodes}
+                commands = {n: [*network.exec_prefix(n), *server_command(
+                    n, nodes, data_root, peer_addrs, client_addrs, peer_addrs[n], client_addrs[n],
+                    config)] for n in nodes}
+                procs = NodeProcesses(data_root, run_dir / "logs", commands)
+                with network.enter_control():
+                    return _run_with(config, mode, run_dir, procs, network, client_addrs)
+        from kvstore.jepsen.proxy import ProxyNetwork
+
+        with ProxyNetwork(nodes) as network:
+            client_addrs = {n: f"127.0.0.1:{network.client_port(n)}" for n in nodes}
+            commands = {n: server_command(
+                n, nodes, data_root, network.peer_addrs_for(n), client_addrs,
+                network.listen_peer_addr(n), client_addrs[n], config) for n in nodes}
+            procs = NodeProcesses(data_root, run_dir / "logs", commands)
+            return _run_with(config, mode, run_dir, procs, network, client_addrs)
+    finally:
+        if config.keep_data:
+            shutil.move(str(data_root), run_dir / "data")
+        else:
+            shutil.rmtree(data_root, ignore_errors=True)
+
+
+def _run_with(config: RunConfig, mode: str, run_dir: Path, procs: NodeProcesses, network: Any,
+              client_addrs: dict[int, str]) -> RunResult:
+    try:
+        return asyncio.run(_run_async(config, mode, run_dir, procs, network, client_addrs))
+    finally:
+        procs.stop_all()
+
+
+async def _run_async(config: RunConfig, mode: str, run_dir: Path, procs: NodeProcesses,
+                     network: Any, client_addrs: dict[int, str]) -> RunResult:
+    started = time.monotonic()
+    workload = make_workload(config.workload, config.seed)
+    windows = parse_spec(config.nemesis)
+    recorder = Recorder(run_dir / "history.jsonl", run_dir / "faults.jsonl")
+    watch = LeaderWatch(client_addrs, recorder.clock)
+    stop_watch = asyncio.Event()
+    watch_task = asyncio.create_task(watch.run(stop_watch))
+    control = _Control(procs, network, watch)
+    nemesis = Nemesis(control, windows, recorder, config.fault_seconds, config.heal_seconds,
+                      seed=config.seed)
+    endpoints = [client_addrs[n] for n in procs.nodes]
+    concurrency = config.concurrency or 2 * config.nodes
+    stores: list[ClientStore] = []
+    timings: dict[str, float] = {}
+    notes: list[str] = []
+    try:
+        for node in procs.nodes:
+            procs.start(node)
+        await _wait_for(lambda: watch.leader() is not None, 60, "a leader to be elected", procs)
+        timings["cluster_up"] = time.monotonic() - started
+
+        setup_store = ClientStore(endpoints, timeout=5.0)
+        stores.append(setup_store)
+        await _retry(lambda: workload.setup(setup_store), 30, "workload setup")
+
+        # Each worker prefers its own node first (as Jepsen binds a client to a
+        # node); the client still follows redirects to the leader.
+        for slot in range(concurrency):
+            first = slot % config.nodes
+            stores.append(ClientStore(endpoints[first:] + endpoints[:first], config.op_timeout))
+        nemesis.start()
+        load_started = time.monotonic()
+        deadline = load_started + config.time
+        interval = concurrency / config.rate if config.rate > 0 else 0.0
+        rng = random.Random(config.seed)
+        await asyncio.gather(*(
+            _worker(slot, concurrency, workload, stores[1 + slot], recorder, deadline, interval,
+                    random.Random(rng.random()), 4 * config.op_timeout + 1)
+            for slot in range(concurrency)))
+        timings["workload"] = time.monotonic() - load_started
+
+        await asyncio.to_thread(nemesis.stop)
+        notes.extend(nemesis.errors)
+        procs.heal_all()
+        network.heal()
+        await _wait_for(lambda: watch.leader() is not None and all(procs.alive(n) for n in procs.nodes),
+                        60, "the healed cluster to elect a leader", procs)
+        await asyncio.sleep(1.0)  # let restarted nodes catch up before the final reads
+        final_store = ClientStore(endpoints, timeout=5.0)
+        stores.append(final_store)
+        await _final_reads(workload, final_store, recorder, 10_000_000)
+    finally:
+        await asyncio.to_thread(nemesis.stop)
+        stop_watch.set()
+        with contextlib.suppress(Exception):
+            await watch_task
+        for store in stores:
+            with contextlib.suppress(Exception):
+                await store.close()
+        recorder.close()
+
+    check_started = time.monotonic()
+    verdict = workload.check(recorder.events)
+    timings["check"] = time.monotonic() - check_started
+    timings["total"] = time.monotonic() - started
+    summary = summarize(config, mode, recorder, watch, verdict, timings, notes)
+    write_results(run_dir, verdict, summary)
+    from kvstore.jepsen.report import write_report
+
+    write_report(run_dir)
+    return RunResult(run_dir, verdict, summary)
+
+
+async def _wait_for(condition: Any, timeout: float, what: str, procs: NodeProcesses) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        dead = [n for n in procs.nodes if not procs.alive(n)
+                and procs.procs.get(n) is not None and n not in procs.paused]
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up waiting {timeout:.0f}s for {what}"
+                               + (f"; nodes not running: {dead}" if dead else ""))
+        await asyncio.sleep(0.05)
+
+
+async def _retry(action: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await action()
+        except Exception as error:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what} kept failing: {error!r}") from error
+            await asyncio.sleep(0.2)
+
+
+async def _invoke(workload: Workload, store: Store, recorder: Recorder, process: int, op: Op,
+                  timeout: float) -> str:
+    """One recorded call: invoke, run, classify, complete. Returns the outcome."""
+    mutation = op.f in workload.mutations
+    recorder.invoke(process, op.f, op.key, op.value)
+    try:
+        outcome, value = await asyncio.wait_for(workload.apply(store, op), timeout)
+    except Exception as error:  # includes asyncio.TimeoutError: unknown for a mutation
+        outcome = store.outcome_of(error, mutation)
+        value = op.value if mutation else None
+    recorder.complete(process, outcome, value)
+    return outcome
+
+
+async def _worker(slot: int, concurrency: int, workload: Workload, store: Store,
+                  recorder: Recorder, deadline: float, interval: float, rng: random.Random,
+                  hard_timeout: float) -> None:
+    """A logical client: one call at a time. After an ``info`` the call may still be
+    in flight, so the client continues under a new process number (Jepsen's rule).
+
+    ``hard_timeout`` bounds one whole operation (a set add may take several round
+    trips); the client's own per-call deadline usually fires first.
+    """
+    process = slot
+    while time.monotonic() < deadline:
+        began = time.monotonic()
+        outcome = await _invoke(workload, store, recorder, process, workload.next_op(), hard_timeout)
+        if outcome == INFO:
+            process += concurrency
+        if interval:
+            # Poisson-ish pacing: spread calls so the rate cap holds on average.
+            pause = rng.uniform(0, 2 * interval) - (time.monotonic() - began)
+            if pause > 0:
+                await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+
+
+async def _final_reads(workload: Workload, store: Store, recorder: Recorder, process: int,
+                       timeout: float = 20.0, attempts: int = 10) -> None:
+    """Each final read is retried (each attempt recorded) until it succeeds."""
+    for op in workload.final_ops():
+        for _ in range(attempts):
+            if await _invoke(workload, store, recorder, process, op, timeout) == OK:
+                break
+            await asyncio.sleep(0.5)
+
+
+# -------------------------------------------------------------- the results
+
+def summarize(config: RunConfig, mode: str, recorder: Recorder, watch: LeaderWatch,
+              verdict: Verdict, timings: dict[str, float], notes: list[str]) -> dict[str, Any]:
+    outcomes = recorder.outcome_counts()
+    by_f: dict[str, Counter[str]] = {}
+    for event in recorder.events:
+        if event.type != INVOKE:
+            by_f.setdefault(event.f, Counter())[event.type] += 1
+    faults = [asdict(f) for f in recorder.faults]
+    t0 = recorder.start_time
+    for fault in faults:
+        fault["start_s"] = round((fault["start"] - t0) / 1e9, 3)
+        fault["end_s"] = None if fault["end"] is None else round((fault["end"] - t0) / 1e9, 3)
+    return {
+        "workload": config.workload, "nemesis": config.nemesis, "nodes": config.nodes,
+        "time": config.time, "network": mode, "seed": config.seed,
+        "server_args": config.server_args,
+        "valid": verdict.valid, "verdict": verdict.summary,
+        "ops": {"total": sum(outcomes.values()), **outcomes},
+        "ops_by_function": {f: dict(c) for f, c in sorted(by_f.items())},
+        "faults_injected": len(faults),
+        "faults_by_kind": dict(Counter(f["kind"] for f in faults)),
+        "faults": faults,
+        "leader_changes": watch.changes,
+        "leaders": [{**entry, "time_s": round((entry["time"] - t0) / 1e9, 3)} for entry in watch.timeline],
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "notes": notes,
+        "start_time": t0,
+    }
+
+
+def write_results(run_dir: Path, verdict: Verdict, summary: dict[str, Any]) -> None:
+    (run_dir / "verdict.json").write_text(json.dumps(
+        {"valid": verdict.valid, "summary": verdict.summary, **verdict.details}, indent=2, default=str))
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+
+
+__all__ = ["RunConfig", "RunResult", "run", "outcome_of", "VALID", "INVALID", "UNKNOWN"]

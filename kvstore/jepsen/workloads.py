@@ -1,0 +1,345 @@
+"""What the clients do during a run, and how each workload's history is judged.
+
+- ``register``: read / write / cas on a few keys, each an independent register;
+  judged by the linearizability checker (per key). Keys are retired after a
+  bounded number of operations, as Jepsen's independent keys are, so each
+  key's sub-history stays small enough to check exactly.
+- ``set``: unique adds, then one final read; every acknowledged add must be
+  there, once (lost / duplicated / unexpected elements are reported).
+- ``bank``: transfers between accounts through a Txn that compares both
+  balances; every read must see the initial total and no negative balance.
+
+Workloads talk to a :class:`Store` (the harness's narrow view of the client),
+so they can be unit-tested against an in-memory store. Outcomes follow the
+history schema: ``ok`` it happened, ``fail`` it certainly did not (a failed
+compare, an error the server marks as not applied), ``info`` unknown.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from kvstore.jepsen.history import FAIL, INFO, OK, Event, Operation, pair_events
+
+PREFIX = "jepsen/"
+
+
+class Store(Protocol):
+    """The few calls workloads need; the runner adapts the real client to it.
+
+    Reads are linearizable. Raising an exception means the call failed; the
+    store's :meth:`outcome_of` says whether it certainly was not applied.
+    """
+
+    async def get(self, key: str) -> str | None: ...
+    async def put(self, key: str, value: str) -> None: ...
+    async def cas(self, key: str, expected: str, new: str) -> bool: ...
+    async def get_prefix(self, prefix: str) -> dict[str, str]: ...
+    async def swap(self, expected: dict[str, str], new: dict[str, str]) -> bool: ...
+    def outcome_of(self, error: BaseException, mutation: bool) -> str: ...
+
+
+@dataclass(frozen=True)
+class Op:
+    """An operation to invoke: the history's ``f``, ``key`` and ``value``."""
+
+    f: str
+    key: Any = None
+    value: Any = None
+
+
+@dataclass
+class Verdict:
+    """A workload's judgement of a history; ``details`` goes into verdict.json."""
+
+    valid: bool
+    summary: str
+    details: dict[str, Any]
+
+
+class Workload:
+    """Base: generate operations, run them against a store, judge the history."""
+
+    name = "workload"
+    mutations: frozenset[str] = frozenset()
+
+    def __init__(self, seed: int | None = None) -> None:
+        self.rng = random.Random(seed)
+        self._lock = threading.Lock()
+
+    async def setup(self, store: Store) -> None:
+        """Write the initial state (retried by the runner until it succeeds)."""
+
+    def next_op(self) -> Op:
+        raise NotImplementedError
+
+    async def apply(self, store: Store, op: Op) -> tuple[str, Any]:
+        """Run ``op``; return (outcome, value). Exceptions are classified by the runner."""
+        raise NotImplementedError
+
+    def final_ops(self) -> list[Op]:
+        """Reads issued after the cluster is healed, recorded like any other call."""
+        return []
+
+    def check(self, events: Sequence[Event]) -> Verdict:
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------- register
+
+class RegisterWorkload(Workload):
+    """Independent registers: values are small ints so reads often meet writes."""
+
+    name = "register"
+    mutations = frozenset({"write", "cas"})
+
+    def __init__(self, seed: int | None = None, keys: int = 3, ops_per_key: int = 200,
+                 values: int = 5, read_ratio: float = 0.5) -> None:
+        super().__init__(seed)
+        self.values = values
+        self.read_ratio = read_ratio
+        self.ops_per_key = ops_per_key
+        self._next_key = keys
+        self._active = {i: 0 for i in range(keys)}
+        self.used: list[int] = list(range(keys))
+
+    def key(self, n: int) -> str:
+        return f"{PREFIX}register/{n}"
+
+    def _pick_key(self) -> int:
+        with self._lock:
+            n = self.rng.choice(sorted(self._active))
+            self._active[n] += 1
+            if self._active[n] >= self.ops_per_key:  # retire it, open a fresh key
+                del self._active[n]
+                self._active[self._next_key] = 0
+                self.used.append(self._next_key)
+                self._next_key += 1
+            return n
+
+    def next_op(self) -> Op:
+        n = self._pick_key()
+        roll = self.rng.random()
+        if roll < self.read_ratio:
+            return Op("read", n)
+        if roll < self.read_ratio + (1 - self.read_ratio) / 2:
+            return Op("write", n, self.rng.randrange(self.values))
+        return Op("cas", n, [self.rng.randrange(self.values), self.rng.randrange(self.values)])
+
+    async def apply(self, store: Store, op: Op) -> tuple[str, Any]:
+        key = self.key(op.key)
+        if op.f == "read":
+            raw = await store.get(key)
+            return OK, None if raw is None else int(raw)
+        if op.f == "write":
+            await store.put(key, str(op.value))
+            return OK, op.value
+        expected, new = op.value
+        return (OK if await store.cas(key, str(expected), str(new)) else FAIL), op.value
+
+    def final_ops(self) -> list[Op]:
+        return [Op("read", n) for n in self.used]
+
+    def check(self, events: Sequence[Event]) -> Verdict:
+        from kvstore.jepsen.checker import check
+        from kvstore.jepsen.models import RegisterModel
+
+        result = check(pair_events(events), RegisterModel())
+        keys = len(result.partitions)
+        bad = [p.key for p in result.failures]
+        summary = (f"linearizable ({keys} keys)" if result.ok
+                   else f"NOT linearizable: keys {bad} of {keys}")
+        return Verdict(result.ok, summary, {
+            "checker": result.model_name, "keys": keys, "nonlinearizable_keys": bad,
+            "check_seconds": round(result.elapsed, 3), "explanation": result.explain(40)})
+
+
+# --------------------------------------------------------------------- set
+
+class SetWorkload(Workload):
+    """Unique integer adds into a few shard keys, each a JSON list grown by cas.
+
+    A list (not a key per element) is what makes duplicates observable: an add
+    applied twice shows up twice. Adds contend on purpose (read, then cas).
+    """
+
+    name = "set"
+    mutations = frozenset({"add"})
+
+    def __init__(self, seed: int | None = None, shards: int = 4, attempts: int = 8) -> None:
+        super().__init__(seed)
+        self.shards = shards
+        self.attempts = attempts
+        self._next = 0
+
+    def key(self, shard: int) -> str:
+        return f"{PREFIX}set/{shard}"
+
+    async def setup(self, store: Store) -> None:
+        for shard in range(self.shards):
+            if await store.get(self.key(shard)) is None:
+                await store.put(self.key(shard), "[]")
+
+    def next_op(self) -> Op:
+        with self._lock:
+            element, self._next = self._next, self._next + 1
+        return Op("add", None, element)
+
+    async def apply(self, store: Store, op: Op) -> tuple[str, Any]:
+        if op.f == "read":
+            return OK, await self._read_all(store)
+        key = self.key(op.value % self.shards)
+        for _ in range(self.attempts):
+            raw = await store.get(key)
+            current = json.loads(raw) if raw else []
+            if await store.cas(key, raw or "[]", json.dumps(current + [op.value])):
+                return OK, op.value
+        return FAIL, op.value  # every compare failed: the element was never added
+
+    async def _read_all(self, store: Store) -> list[int]:
+        elements: list[int] = []
+        for shard in range(self.shards):
+            raw = await store.get(self.key(shard))
+            elements.extend(json.loads(raw) if raw else [])
+        return sorted(elements)
+
+    def final_ops(self) -> list[Op]:
+        return [Op("read")]
+
+    def check(self, events: Sequence[Event]) -> Verdict:
+        return check_set(pair_events(events))
+
+
+def check_set(operations: Iterable[Operation]) -> Verdict:
+    """Jepsen's set checker: acknowledged adds present once, nothing unexpected."""
+    operations = list(operations)
+    attempted = {op.value for op in operations if op.f == "add"}
+    acked = {op.value for op in operations if op.f == "add" and op.outcome == OK}
+    unknown = {op.value for op in operations if op.f == "add" and op.outcome == INFO}
+    reads = [op for op in operations if op.f == "read" and op.outcome == OK]
+    if not reads:
+        return Verdict(False, "no final read succeeded: cannot judge", {"attempted": len(attempted)})
+    final = Counter(reads[-1].output or [])
+    lost = sorted(acked - set(final))
+    duplicated = sorted(e for e, n in final.items() if n > 1)
+    unexpected = sorted(set(final) - attempted)
+    recovered = sorted(unknown & set(final))
+    valid = not (lost or duplicated or unexpected)
+    summary = ("all acknowledged adds present, once" if valid else
+               f"{len(lost)} lost, {len(duplicated)} duplicated, {len(unexpected)} unexpected")
+    return Verdict(valid, summary, {
+        "attempted": len(attempted), "acknowledged": len(acked), "unknown": len(unknown),
+        "read": sum(final.values()), "lost": lost, "duplicated": duplicated,
+        "unexpected": unexpected, "recovered_unknown": len(recovered)})
+
+
+# -------------------------------------------------------------------- bank
+
+class BankWorkload(Workload):
+    """Transfers between accounts; each read is one range (one revision, a snapshot)."""
+
+    name = "bank"
+    mutations = frozenset({"transfer"})
+
+    def __init__(self, seed: int | None = None, accounts: int = 5, initial: int = 10,
+                 max_amount: int = 5, read_ratio: float = 0.4) -> None:
+        super().__init__(seed)
+        self.accounts = accounts
+        self.initial = initial
+        self.max_amount = max_amount
+        self.read_ratio = read_ratio
+
+    @property
+    def total(self) -> int:
+        return self.accounts * self.initial
+
+    def key(self, account: int) -> str:
+        return f"{PREFIX}bank/{account}"
+
+    async def setup(self, store: Store) -> None:
+        # One atomic step, so a retried setup never mixes old and new balances.
+        if not await store.get_prefix(f"{PREFIX}bank/"):
+            await store.swap({}, {self.key(a): str(self.initial) for a in range(self.accounts)})
+
+    def next_op(self) -> Op:
+        if self.rng.random() < self.read_ratio:
+            return Op("read")
+        source, target = self.rng.sample(range(self.accounts), 2)
+        return Op("transfer", None, {"from": source, "to": target,
+                                     "amount": self.rng.randint(1, self.max_amount)})
+
+    async def _balances(self, store: Store) -> dict[str, int]:
+        raw = await store.get_prefix(f"{PREFIX}bank/")
+        return {k[len(f"{PREFIX}bank/"):]: int(v) for k, v in raw.items()}
+
+    async def apply(self, store: Store, op: Op) -> tuple[str, Any]:
+        if op.f == "read":
+            return OK, await self._balances(store)
+        source, target, amount = op.value["from"], op.value["to"], op.value["amount"]
+        balances = await self._balances(store)
+        have_from, have_to = balances.get(str(source)), balances.get(str(target))
+        if have_from is None or have_to is None or have_from < amount:
+            return FAIL, op.value  # nothing sent: certainly did not happen
+        done = await store.swap(
+            {self.key(source): str(have_from), self.key(target): str(have_to)},
+            {self.key(source): str(have_from - amount), self.key(target): str(have_to + amount)})
+        return (OK if done else FAIL), op.value
+
+    def final_ops(self) -> list[Op]:
+        return [Op("read")]
+
+    def check(self, events: Sequence[Event]) -> Verdict:
+        return check_bank(pair_events(events), self.accounts, self.total)
+
+
+def check_bank(operations: Iterable[Operation], accounts: int, total: int) -> Verdict:
+    """Every successful read sees every account, the conserved total, no negative balance."""
+    reads = [op for op in operations if op.f == "read" and op.outcome == OK]
+    bad = []
+    for op in reads:
+        balances = op.output or {}
+        problems = []
+        if len(balances) != accounts:
+            problems.append(f"{len(balances)} accounts, expected {accounts}")
+        if sum(balances.values()) != total:
+            problems.append(f"total {sum(balances.values())}, expected {total}")
+        negative = {a: b for a, b in balances.items() if b < 0}
+        if negative:
+            problems.append(f"negative balances {negative}")
+        if problems:
+            bad.append({"op": op.index, "balances": balances, "problems": problems})
+    if not reads:
+        return Verdict(False, "no read succeeded: cannot judge", {})
+    valid = not bad
+    summary = (f"{len(reads)} reads, all conserve {total}" if valid
+               else f"{len(bad)} of {len(reads)} reads broke the invariants")
+    return Verdict(valid, summary, {"reads": len(reads), "bad_reads": len(bad),
+                                    "first_bad": bad[:10], "total": total,
+                                    "final": reads[-1].output})
+
+
+WORKLOADS: dict[str, type[Workload]] = {
+    "register": RegisterWorkload, "set": SetWorkload, "bank": BankWorkload}
+
+
+def make_workload(name: str, seed: int | None = None) -> Workload:
+    try:
+        return WORKLOADS[name](seed)
+    except KeyError:
+        raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}") from None
+
+
+def workload_of(operations: Sequence[Operation]) -> str:
+    """Which workload recorded a history, from the functions it uses."""
+    functions = {op.f for op in operations}
+    if "add" in functions:
+        return "set"
+    if "transfer" in functions:
+        return "bank"
+    return "register"
