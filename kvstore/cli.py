@@ -1,0 +1,406 @@
+"""The `kvstore` command: run nodes, a local cluster, and talk to a cluster.
+
+    kvstore cluster up                 # 3 local nodes on 2379/2479/2579, data in ./data
+    kvstore put greeting hello
+    kvstore get greeting
+    kvstore status
+    kvstore leader transfer --to 2
+    kvstore serve --id 1 ...           # one node (see `kvstore serve --help`)
+
+Client commands talk to `--endpoints` (default: the local cluster, or
+$KVSTORE_ENDPOINTS) through the client library, which finds the leader and
+retries. Errors are printed as one clear line and exit non-zero; never a
+traceback.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import shlex
+import signal
+import sys
+import time
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from kvstore.server.config import DEFAULT_BASE_CLIENT_PORT, DEFAULT_BASE_PEER_PORT, default_client_addr
+
+console = Console()
+err_console = Console(stderr=True)
+
+DEFAULT_ENDPOINTS = ",".join(default_client_addr(i) for i in (1, 2, 3))
+
+
+def fail(message: str, code: int = 1) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    sys.exit(code)
+
+
+def client_errors(fn):
+    """Turn every client error into one line on stderr and exit status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from kvstore.client import KvstoreError
+
+        try:
+            return fn(*args, **kwargs)
+        except KvstoreError as e:
+            fail(f"{type(e).__name__}: {e}")
+        except (ValueError, TypeError) as e:
+            fail(str(e))
+
+    return wrapper
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def show(b: bytes) -> str:
+    try:
+        return b.decode()
+    except UnicodeDecodeError:
+        return repr(b)
+
+
+# ------------------------------------------------------------------------------ the group
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--endpoints", envvar="KVSTORE_ENDPOINTS", default=DEFAULT_ENDPOINTS, show_default=True,
+              help="comma-separated client addresses of cluster members")
+@click.option("--timeout", default=5.0, show_default=True, help="seconds per command, retries included")
+@click.pass_context
+def main(ctx: click.Context, endpoints: str, timeout: float) -> None:
+    """kvstore: a replicated key-value store whose nodes agree through Raft."""
+    ctx.obj = {"endpoints": [e.strip() for e in endpoints.split(",") if e.strip()], "timeout": timeout}
+
+
+def make_client(ctx: click.Context):
+    from kvstore.client import Client
+
+    return Client(ctx.obj["endpoints"], timeout=ctx.obj["timeout"], coalesce=False)
+
+
+# ------------------------------------------------------------------------------ serve
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def serve(args: tuple[str, ...]) -> None:
+    """Run one node (all flags: `kvstore serve --help`)."""
+    from kvstore.server.main import main as server_main
+
+    server_main(list(args), prog="kvstore serve")
+
+
+# ------------------------------------------------------------------------------ cluster up
+
+
+@main.group()
+def cluster() -> None:
+    """A local cluster of real node processes."""
+
+
+@cluster.command("up")
+@click.option("--nodes", default=3, show_default=True, help="number of members")
+@click.option("--dir", "data_dir", default="./data", show_default=True, help="data directory (node<i>/ per member)")
+@click.option("--base-client-port", default=DEFAULT_BASE_CLIENT_PORT, show_default=True)
+@click.option("--base-peer-port", default=DEFAULT_BASE_PEER_PORT, show_default=True)
+@click.option("--node-arg", "node_args", multiple=True, help="extra flag passed to every node (repeatable)")
+def cluster_up(nodes: int, data_dir: str, base_client_port: int, base_peer_port: int, node_args) -> None:
+    """Start a local cluster, wait for a leader, show live status; Ctrl-C stops it cleanly."""
+    from kvstore.server.local_cluster import LocalCluster, NodeFailedToStart
+
+    if nodes < 1:
+        fail("--nodes must be >= 1")
+    extra = [a for arg in node_args for a in shlex.split(arg)]
+    lc = LocalCluster(data_dir, nodes, base_client_port, base_peer_port, extra_args=extra)
+    existing = [i for i in lc.ids if os.path.isdir(lc.data_dir(i))]
+    stopping = []
+
+    def on_signal(signum, frame):
+        stopping.append(signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    verb = "restarting on existing data in" if existing else "starting a new cluster in"
+    console.print(f"[bold]kvstore[/]: {verb} {lc.base_dir} ({nodes} members)")
+    lc.start()
+    try:
+        t0 = time.monotonic()
+        leader = None
+        while leader is None and not stopping:
+            try:
+                lc.check_alive()
+            except NodeFailedToStart as e:
+                raise click.ClickException(str(e))
+            leader = lc.leader()
+            if leader is None:
+                time.sleep(0.1)
+            if time.monotonic() - t0 > 60:
+                raise click.ClickException(f"no leader after 60s; see the logs in {lc.base_dir}")
+        if not stopping:
+            console.print(f"leader elected in {time.monotonic() - t0:.1f}s: member {leader}")
+            console.print("endpoints: " + ",".join(lc.endpoints))
+            console.print(f"logs: {lc.base_dir}/node<i>.log   try: [cyan]kvstore put hello world && "
+                          "kvstore get hello[/]   stop: Ctrl-C")
+            watch(lc, stopping)
+    except click.ClickException as e:
+        err_console.print(f"[bold red]error:[/] {e.message}")
+        lc.stop()
+        sys.exit(1)
+    finally:
+        if lc.running():
+            console.print("stopping members (leadership handed over first)...")
+            lc.stop()
+            console.print("stopped; data kept in " + lc.base_dir)
+
+
+def status_table(lc) -> Table:
+    t = Table(title="kvstore local cluster", title_justify="left")
+    for col in ("member", "endpoint", "role", "term", "leader", "commit", "applied", "snapshot",
+                "revision", "wal", "db", "pid"):
+        t.add_column(col, justify="right" if col not in ("endpoint", "role") else "left")
+    for i, st in lc.statuses(0.5).items():
+        pid = str(lc.pid(i) or "-")
+        if st is None:
+            state = "[red]down[/]" if not lc.is_running(i) else "[yellow]not answering[/]"
+            t.add_row(str(i), lc.client_addr(i), state, *["-"] * 8, pid)
+            continue
+        role = f"[bold green]{st.role}[/]" if st.role == "leader" else st.role
+        t.add_row(str(i), lc.client_addr(i), role, str(st.term), str(st.leader_id or "-"), str(st.commit_index),
+                  str(st.applied_index), str(st.snapshot_index), str(st.header.revision),
+                  human_bytes(st.wal_size), human_bytes(st.db_size), pid)
+    return t
+
+
+def watch(lc, stopping: list) -> None:
+    """Refresh the status table until a signal arrives (a plain log of leader changes off a terminal)."""
+    if console.is_terminal:
+        from rich.live import Live
+
+        with Live(status_table(lc), console=console, refresh_per_second=2) as live:
+            while not stopping:
+                time.sleep(1.0)
+                live.update(status_table(lc))
+    else:
+        console.print(status_table(lc))
+        last = None
+        while not stopping:
+            time.sleep(1.0)
+            lead = lc.leader()
+            if lead != last:
+                console.print(f"{time.strftime('%H:%M:%S')} leader: {lead or 'none'}")
+                last = lead
+
+
+# ------------------------------------------------------------------------------ client commands
+
+
+@main.command()
+@click.argument("key")
+@click.argument("value")
+@click.option("--prev-kv", is_flag=True, help="print the value it replaced")
+@click.pass_context
+@client_errors
+def put(ctx, key: str, value: str, prev_kv: bool) -> None:
+    """Set KEY to VALUE."""
+    with make_client(ctx) as c:
+        r = c.put(key, value, prev_kv=prev_kv)
+    console.print(f"OK (revision {r.revision})", highlight=False)
+    if prev_kv and r.prev_kv is not None:
+        console.print(f"previous: {show(r.prev_kv.value)}", highlight=False)
+
+
+@main.command()
+@click.argument("key")
+@click.option("--serializable", is_flag=True, help="read locally from any member (may be stale)")
+@click.option("--prefix", is_flag=True, help="every key starting with KEY")
+@click.pass_context
+@client_errors
+def get(ctx, key: str, serializable: bool, prefix: bool) -> None:
+    """Print the value of KEY (exit 1 if missing)."""
+    with make_client(ctx) as c:
+        if prefix:
+            for kv in c.range(key, prefix=True, serializable=serializable):
+                console.print(f"{show(kv.key)}\t{show(kv.value)}", highlight=False)
+            return
+        r = c.get(key, serializable=serializable)
+    if r.value is None:
+        fail(f"key {key!r} not found")
+    console.print(show(r.value), highlight=False, soft_wrap=True)
+
+
+@main.command("del")
+@click.argument("key")
+@click.argument("end", required=False)
+@click.option("--prefix", is_flag=True, help="every key starting with KEY")
+@click.pass_context
+@client_errors
+def delete(ctx, key: str, end: str | None, prefix: bool) -> None:
+    """Delete KEY, the range [KEY, END), or a prefix."""
+    with make_client(ctx) as c:
+        r = c.delete(key, end, prefix=prefix)
+    console.print(f"deleted {r.deleted}", highlight=False)
+
+
+@main.command("range")
+@click.argument("start")
+@click.argument("end", required=False)
+@click.option("--prefix", is_flag=True, help="every key starting with START")
+@click.option("--limit", default=0, help="at most this many keys (0: all)")
+@click.option("--keys-only", is_flag=True)
+@click.option("--count-only", is_flag=True)
+@click.option("--serializable", is_flag=True, help="read locally from any member (may be stale)")
+@click.pass_context
+@client_errors
+def range_(ctx, start, end, prefix, limit, keys_only, count_only, serializable) -> None:
+    """List keys in [START, END) (or with prefix START); END "\\0" means every key >= START."""
+    if end == "\\0":
+        end = "\0"
+    with make_client(ctx) as c:
+        r = c.range(start, end, prefix=prefix, limit=limit, keys_only=keys_only, count_only=count_only,
+                    serializable=serializable)
+    if count_only:
+        console.print(str(r.count))
+        return
+    for kv in r:
+        console.print(show(kv.key) if keys_only else f"{show(kv.key)}\t{show(kv.value)}", highlight=False)
+    if r.more:
+        console.print(f"... ({r.count} in all)", highlight=False)
+
+
+_CMP_OPS = {"=": "==", "==": "==", "!=": "!=", ">": ">", "<": "<"}
+
+
+def parse_compare(text: str):
+    """'value(k) = v', 'version(k) > 3', 'mod(k) < 10', 'create(k) = 0'."""
+    from kvstore.client import txn as t
+
+    try:
+        target, op, operand = shlex.split(text)
+        fn, _, rest = target.partition("(")
+        key = rest.rstrip(")")
+        makers = {"value": t.value, "version": t.version, "mod": t.mod_revision, "create": t.create_revision}
+        tgt = makers[fn](key)
+        operand_v = operand if fn == "value" else int(operand)
+        op = _CMP_OPS[op]
+    except (ValueError, KeyError):
+        raise click.BadParameter(f"{text!r}: expected e.g. \"value(KEY) = VALUE\" or \"version(KEY) > 2\"")
+    return {"==": tgt.__eq__, "!=": tgt.__ne__, ">": tgt.__gt__, "<": tgt.__lt__}[op](operand_v)
+
+
+def parse_op(text: str):
+    """'put K V', 'get K', 'del K'."""
+    from kvstore.client import txn as t
+
+    parts = shlex.split(text)
+    if len(parts) == 3 and parts[0] == "put":
+        return t.put(parts[1], parts[2])
+    if len(parts) == 2 and parts[0] == "get":
+        return t.get(parts[1])
+    if len(parts) == 2 and parts[0] in ("del", "delete"):
+        return t.delete(parts[1])
+    raise click.BadParameter(f"{text!r}: expected \"put KEY VALUE\", \"get KEY\" or \"del KEY\"")
+
+
+@main.command()
+@click.option("--if", "compares", multiple=True, help='a compare, e.g. "value(k) = v" (repeatable; all must hold)')
+@click.option("--then", "then_ops", multiple=True, help='op if all hold: "put K V", "get K", "del K" (repeatable)')
+@click.option("--else", "else_ops", multiple=True, help="op otherwise (repeatable)")
+@click.pass_context
+@client_errors
+def txn(ctx, compares, then_ops, else_ops) -> None:
+    """Atomically: if every --if holds, run the --then ops, else the --else ops."""
+    from kvstore.client.txn import Txn
+
+    t = Txn().when(*[parse_compare(c) for c in compares]).then(*[parse_op(o) for o in then_ops]) \
+        .otherwise(*[parse_op(o) for o in else_ops])
+    with make_client(ctx) as c:
+        r = c.txn(t)
+    console.print("SUCCEEDED" if r.succeeded else "FAILED (compare did not hold)", highlight=False)
+    for res in r.responses:
+        kvs = getattr(res, "kvs", None)
+        if kvs is not None:
+            for kv in kvs:
+                console.print(f"{show(kv.key)}\t{show(kv.value)}", highlight=False)
+
+
+@main.command()
+@click.pass_context
+@client_errors
+def status(ctx) -> None:
+    """A table of members: role, term, leader, indexes, sizes."""
+    from kvstore.client import Client
+
+    with Client(ctx.obj["endpoints"], timeout=ctx.obj["timeout"]) as c:
+        sts = c.status_all(timeout=min(ctx.obj["timeout"], 2.0))
+    t = Table()
+    for col in ("member", "endpoint", "role", "term", "leader", "commit", "applied", "snapshot", "revision",
+                "wal", "db"):
+        t.add_column(col)
+    answered = 0
+    for ep, st in sorted(sts.items()):
+        if isinstance(st, Exception):
+            t.add_row("?", ep, f"[red]{type(st).__name__}[/]", *["-"] * 8)
+            continue
+        answered += 1
+        role = f"[bold green]{st.role}[/]" if st.is_leader else st.role
+        t.add_row(str(st.member_id), ep, role, str(st.term), str(st.leader_id or "-"), str(st.commit_index),
+                  str(st.applied_index), str(st.snapshot_index), str(st.revision),
+                  human_bytes(st.wal_size), human_bytes(st.db_size))
+    console.print(t)
+    if not answered:
+        fail("no member answered")
+
+
+@main.command()
+@click.pass_context
+@client_errors
+def members(ctx) -> None:
+    """List the members of the cluster."""
+    with make_client(ctx) as c:
+        ms = c.members()
+    for m in ms:
+        console.print(f"{m.id}\t{m.name}\tclient={','.join(m.client_urls)}\tpeer={','.join(m.peer_urls)}",
+                      highlight=False)
+
+
+@main.group()
+def leader() -> None:
+    """Leadership."""
+
+
+@leader.command("transfer")
+@click.option("--to", "target", default=0, help="member id (default: the most up-to-date other member)")
+@click.pass_context
+@client_errors
+def leader_transfer(ctx, target: int) -> None:
+    """Hand leadership to another member."""
+    with make_client(ctx) as c:
+        new = c.transfer_leader(target)
+    console.print(f"leader is now member {new}", highlight=False)
+
+
+def _add_optional_groups() -> None:
+    try:
+        from kvstore.jepsen.cli import jepsen
+    except ImportError:
+        return
+    main.add_command(jepsen)
+
+
+_add_optional_groups()
+
+
+if __name__ == "__main__":
+    main()

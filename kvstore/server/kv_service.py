@@ -1,0 +1,203 @@
+"""The client KV API: validate, then propose (writes) or confirm-and-read (reads).
+
+Each handler checks the request against the limits before anything else, so
+a bad request is refused (INVALID_ARGUMENT, `kvstore-not-applied: 1`) without
+reaching raft. Writes go through `Node.propose` and are answered with the
+state machine's result once applied; linearizable reads wait for a ReadIndex
+confirmation; serializable reads are served by any member at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+
+import grpc
+
+from kvstore.storage.errors import ApplyError
+from kvstore.storage.errors import InvalidRequest as StorageInvalidRequest
+from kvstore.storage.validation import check_op as storage_check_op
+from kvstore.v1 import kv_pb2, kv_pb2_grpc
+
+from .errors import RequestFailed, invalid_argument
+from .limits import InvalidRequest, Limits, is_mutation
+from .node import Node
+
+log = logging.getLogger("kvstore.kv")
+
+
+def handles_errors(method):
+    """Turn RequestFailed / InvalidRequest into a gRPC status with its trailing metadata."""
+
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        try:
+            return await method(self, request, context)
+        except RequestFailed as e:
+            await e.abort(context)
+        except (InvalidRequest, StorageInvalidRequest) as e:
+            await invalid_argument(str(e)).abort(context)
+
+    return wrapper
+
+
+def apply_error(err: ApplyError) -> RequestFailed:
+    """The state machine refused the command on every replica: certainly nothing applied."""
+    return RequestFailed(grpc.StatusCode[err.code.name], err.message, not_applied=True)
+
+
+class KVService(kv_pb2_grpc.KVServicer):
+    def __init__(self, node: Node, limits: Limits) -> None:
+        self.node = node
+        self.limits = limits
+        self.default_timeout = node.cfg.request_timeout_ms / 1000
+
+    def _timeout(self, context: grpc.aio.ServicerContext) -> float:
+        remaining = context.time_remaining()
+        if remaining is None:
+            return self.default_timeout
+        return max(0.0, min(remaining, self.default_timeout))
+
+    def _check_op(self, op: kv_pb2.RequestOp) -> None:
+        self.limits.check_op(op)
+        storage_check_op(op)  # the state machine's own rules (e.g. txn key conflicts)
+
+    # ------------------------------------------------------------------ reads
+
+    @handles_errors
+    async def Range(self, request: kv_pb2.RangeRequest, context) -> kv_pb2.RangeResponse:
+        self.limits.check_request_size(request)
+        self._check_op(kv_pb2.RequestOp(request_range=request))
+        if request.serializable:
+            self.node.check_serving()
+        else:
+            await self.node.read_barrier(self._timeout(context))
+        return await self.node.range(request)
+
+    # ------------------------------------------------------------------ writes
+
+    async def _write(self, op: kv_pb2.RequestOp, request_id, context) -> kv_pb2.ResponseOp:
+        self._check_op(op)
+        result = await self.node.propose([op], request_id, self._timeout(context))
+        if result is None:  # --testing-ack-before-commit: an answer before commit (UNSAFE)
+            return None
+        if isinstance(result, ApplyError):
+            raise apply_error(result)
+        return result
+
+    def _finish(self, response, result) -> None:
+        response.header.CopyFrom(self.node.header())
+        if result is not None:
+            response.header.revision = result.revision
+
+    @handles_errors
+    async def Put(self, request: kv_pb2.PutRequest, context) -> kv_pb2.PutResponse:
+        self.limits.check_request_size(request)
+        op = kv_pb2.RequestOp(request_put=request)
+        op.request_put.ClearField("request_id")  # carried once, in the Command
+        result = await self._write(op, _request_id(request), context)
+        resp = kv_pb2.PutResponse() if result is None else result.responses[0].response_put
+        self._finish(resp, result)
+        return resp
+
+    @handles_errors
+    async def DeleteRange(self, request: kv_pb2.DeleteRangeRequest, context) -> kv_pb2.DeleteRangeResponse:
+        self.limits.check_request_size(request)
+        op = kv_pb2.RequestOp(request_delete_range=request)
+        op.request_delete_range.ClearField("request_id")
+        result = await self._write(op, _request_id(request), context)
+        resp = kv_pb2.DeleteRangeResponse() if result is None else result.responses[0].response_delete_range
+        self._finish(resp, result)
+        return resp
+
+    @handles_errors
+    async def Txn(self, request: kv_pb2.TxnRequest, context) -> kv_pb2.TxnResponse:
+        self.limits.check_request_size(request)
+        op = kv_pb2.RequestOp(request_txn=request)
+        op.request_txn.ClearField("request_id")
+        result = await self._write(op, _request_id(request), context)
+        resp = kv_pb2.TxnResponse(succeeded=True) if result is None else result.responses[0].response_txn
+        self._finish(resp, result)
+        return resp
+
+    # ------------------------------------------------------------------ batch
+
+    @handles_errors
+    async def Batch(self, request: kv_pb2.BatchRequest, context) -> kv_pb2.BatchResponse:
+        """Independent ops: each valid one proceeds, each invalid one gets its own OpError.
+
+        The mutations go out as one Command (one log entry, one RequestId);
+        the reads share one ReadIndex confirmation.
+        """
+        self.limits.check_request_size(request)
+        self.limits.check_batch_size(request)
+        results: list[kv_pb2.BatchResult | None] = [None] * len(request.ops)
+        writes: list[int] = []
+        reads: list[int] = []
+        for i, op in enumerate(request.ops):
+            try:
+                self._check_op(op)
+            except (InvalidRequest, StorageInvalidRequest) as e:
+                results[i] = _op_error(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+                continue
+            (writes if is_mutation(op) else reads).append(i)
+
+        linearizable = any(not request.ops[i].request_range.serializable for i in reads)
+        if writes or linearizable:
+            self.node.check_leader()
+        else:
+            self.node.check_serving()
+
+        timeout = self._timeout(context)
+        write_task = None
+        if writes:
+            ops = [request.ops[i] for i in writes]
+            rid = request.request_id if request.HasField("request_id") else None
+            write_task = asyncio.ensure_future(self.node.propose(ops, rid, timeout))
+        read_error: RequestFailed | None = None
+        if linearizable:
+            try:
+                await self.node.read_barrier(timeout)
+            except RequestFailed as e:
+                read_error = e
+        for i in reads:
+            if read_error is not None and not request.ops[i].request_range.serializable:
+                results[i] = _op_error(read_error.code, read_error.message)
+            else:
+                results[i] = kv_pb2.BatchResult(
+                    response=kv_pb2.ResponseOp(response_range=await self.node.range(request.ops[i].request_range))
+                )
+        revision = None
+        if write_task is not None:
+            result = await write_task  # RequestFailed here fails the whole RPC: outcome unknown
+            if isinstance(result, ApplyError):
+                for i in writes:
+                    results[i] = kv_pb2.BatchResult(error=result.to_proto())
+            elif result is not None:
+                revision = result.revision
+                for i, r in zip(writes, result.responses):
+                    results[i] = kv_pb2.BatchResult(response=r)
+            else:  # --testing-ack-before-commit
+                for i in writes:
+                    results[i] = kv_pb2.BatchResult(response=_empty_response(request.ops[i]))
+        resp = kv_pb2.BatchResponse(header=self.node.header(), results=results)
+        if revision is not None:
+            resp.header.revision = max(resp.header.revision, revision)
+        return resp
+
+
+def _request_id(request) -> kv_pb2.RequestId | None:
+    return request.request_id if request.HasField("request_id") else None
+
+
+def _op_error(code: grpc.StatusCode, message: str) -> kv_pb2.BatchResult:
+    return kv_pb2.BatchResult(error=kv_pb2.OpError(code=code.value[0], message=message))
+
+
+def _empty_response(op: kv_pb2.RequestOp) -> kv_pb2.ResponseOp:
+    kind = op.WhichOneof("request")
+    if kind == "request_put":
+        return kv_pb2.ResponseOp(response_put=kv_pb2.PutResponse())
+    if kind == "request_delete_range":
+        return kv_pb2.ResponseOp(response_delete_range=kv_pb2.DeleteRangeResponse())
+    return kv_pb2.ResponseOp(response_txn=kv_pb2.TxnResponse(succeeded=True))

@@ -1,0 +1,442 @@
+"""The node: drives the Raft core with ticks and messages, and runs the Ready loop.
+
+Follow a write from the client to the fsync and back:
+
+1. `kv_service` validates the request and calls `Node.propose`, which wraps
+   the ops in a `Command` (with a fresh proposal id), registers a waiter in
+   `Proposals`, hands the bytes to `RawNode.propose` and wakes the loop.
+2. `_ready_loop` takes a `Ready` and, in this order (etcd's loop):
+   - sends `messages` now: the leader's AppendEntries leave before its own
+     fsync, so replication and local persistence overlap;
+   - persists the received snapshot (if any), then the new entries and hard
+     state with one `RaftLog.append` (one write, one fdatasync, in the
+     storage thread). Proposals arriving meanwhile are stepped into raft and
+     form the next batch: that is the group commit;
+   - sends `persisted_messages` (votes, acks), which promise what is now on disk;
+   - applies the committed entries with one `StateMachine.apply` (one LMDB
+     transaction) and gives each result to the waiting client;
+   - advances the core, and takes a snapshot (and compacts the log) every
+     `--snapshot-count` entries.
+3. The waiter resolves, and `kv_service` answers the client.
+
+Everything that touches the RawNode runs on the event loop thread; only the
+blocking storage calls (fsync, LMDB commit, snapshot copy) go to a single
+storage thread, one at a time.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+
+from kvstore import __version__
+from kvstore.raft import Config, ProposalDropped, RawNode
+from kvstore.raft.types import ConfState, Message, SnapshotMetadata, StateRole
+from kvstore.storage.raft_log import RaftLog
+from kvstore.storage.snapshot import SnapshotStore
+from kvstore.storage.state_machine import StateMachine
+from kvstore.v1 import command_pb2, kv_pb2
+
+from .config import ServerConfig
+from .errors import RequestFailed, leadership_lost, not_applied, outcome_unknown_deadline, shutting_down
+from .proposals import Proposals
+from .read_index import ReadIndex
+from .redirect import no_leader, not_leader
+from .transport import Transport
+
+log = logging.getLogger("kvstore.node")
+
+ROLE_NAMES = {
+    StateRole.LEADER: "leader",
+    StateRole.FOLLOWER: "follower",
+    StateRole.CANDIDATE: "candidate",
+    StateRole.PRE_CANDIDATE: "pre-candidate",
+}
+
+
+def fatal(message: str, exc: BaseException | None = None) -> None:
+    """Stop the process now: the node can no longer keep its promises (e.g. fsync failed)."""
+    log.critical("FATAL: %s%s", message, f": {exc!r}" if exc else "")
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(70)
+
+
+class Node:
+    def __init__(self, cfg: ServerConfig) -> None:
+        self.cfg = cfg
+        self.id = cfg.id
+        self.member_ids = cfg.member_ids
+        self.storage_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="storage")
+        self.log: RaftLog | None = None
+        self.sm: StateMachine | None = None
+        self.snapshots: SnapshotStore | None = None
+        self.raw: RawNode | None = None
+        self.transport: Transport | None = None
+        self.proposals = Proposals(cfg.id)
+        election_s = cfg.tick_ms * cfg.election_ticks / 1000
+        self.read_index = ReadIndex(self._request_read_index, timeout_s=2 * election_s, timeout_error=self._read_timeout)
+        # what the services read without touching the core
+        self.leader_id = 0
+        self.role = StateRole.FOLLOWER
+        self.term = 0
+        self.commit_index = 0
+        self.snapshot_index = 0
+        self.draining = False  # shutting down: refuse new requests
+        self._wake = asyncio.Event()
+        self._leader_changed = asyncio.Event()
+        self._sm_readable = asyncio.Event()
+        self._sm_readable.set()
+        self._tasks: list[asyncio.Task] = []
+        self._stopped = False
+        self._in_ready = False
+
+    # ------------------------------------------------------------------ start / stop
+
+    async def start(self) -> None:
+        d = self.cfg.data_dir
+        os.makedirs(d, exist_ok=True)
+        self.log = await self._in_storage(RaftLog.open, os.path.join(d, "wal"), self.cfg.wal_segment_bytes)
+        self.sm = await self._in_storage(StateMachine.open, os.path.join(d, "db"))
+        self.snapshots = SnapshotStore(os.path.join(d, "snap"))
+        snap = self.log.snapshot()
+        self.snapshot_index = snap.metadata.index
+        raft_cfg = Config(
+            id=self.id,
+            peers=self.member_ids,
+            election_tick=self.cfg.election_ticks,
+            heartbeat_tick=self.cfg.heartbeat_ticks,
+            applied=self.sm.applied_index,
+        )
+        self.raw = RawNode(raft_cfg, self.log)
+        st = self.raw.status()
+        self.term, self.commit_index = st.term, st.commit
+        self.read_index.on_applied(self.sm.applied_index)
+        log.info(
+            "member %d starting: term %d, commit %d, applied %d, snapshot %d, members %s",
+            self.id, self.term, self.commit_index, self.sm.applied_index, self.snapshot_index, self.member_ids,
+        )
+        self.transport = Transport(
+            self.id,
+            self.cfg.cluster_id,
+            self.cfg.peers,
+            report_unreachable=self._report_unreachable,
+            report_snapshot=self._report_snapshot,
+            open_snapshot=self.snapshots.open_reader,
+        )
+        self.transport.start()
+        self._tasks = [
+            asyncio.create_task(self._tick_loop(), name="tick"),
+            asyncio.create_task(self._ready_loop(), name="ready"),
+        ]
+
+    async def shutdown(self, transfer_timeout: float = 3.0, drain_timeout: float = 2.0) -> None:
+        """Hand over leadership, let in-flight writes finish, stop the loops."""
+        self.draining = True
+        if self.is_leader and len(self.member_ids) > 1:
+            deadline = time.monotonic() + drain_timeout
+            while len(self.proposals) and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            target = self.most_up_to_date_follower()
+            if target:
+                log.info("shutting down as leader: transferring leadership to member %d", target)
+                try:
+                    await self.transfer_leadership(target, transfer_timeout)
+                except RequestFailed as e:
+                    log.warning("leadership transfer before shutdown failed: %s", e.message)
+
+    async def close(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.proposals.fail_all(shutting_down())
+        self.read_index.fail_all(shutting_down())
+        if self.transport:
+            await self.transport.stop()
+        if self.sm is not None:
+            await self._in_storage(self.sm.close)
+        if self.log is not None:
+            await self._in_storage(self.log.close)
+        self.storage_thread.shutdown(wait=True)
+        log.info("member %d stopped", self.id)
+
+    # ------------------------------------------------------------------ the loops
+
+    async def _tick_loop(self) -> None:
+        period = self.cfg.tick_ms / 1000
+        next_at = time.monotonic()
+        while True:
+            next_at += period
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            self.raw.tick()
+            self.read_index.check_timeouts()
+            self._wake.set()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def _ready_loop(self) -> None:
+        while not self._stopped:
+            await self._wake.wait()
+            self._wake.clear()
+            while self.raw.has_ready() and not self._stopped:
+                rd = self.raw.ready()
+                try:
+                    await self._handle_ready(rd)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # a storage failure: never continue on a log we cannot trust
+                    fatal("handling a Ready failed", e)
+                self.raw.advance(rd)
+                self.read_index.on_applied(self.sm.applied_index)
+                await self._maybe_snapshot()
+
+    async def _handle_ready(self, rd) -> None:
+        if rd.soft_state is not None:
+            self._on_soft_state(rd.soft_state.leader_id, rd.soft_state.role)
+        if rd.hard_state is not None:
+            self._on_hard_state(rd.hard_state)
+        for rs in rd.read_states:
+            self.read_index.on_read_state(rs.index, rs.ctx)
+
+        self.transport.send(rd.messages)
+
+        if rd.snapshot is not None and not rd.snapshot.is_empty():
+            await self._install_snapshot(rd.snapshot)
+        if rd.entries or rd.hard_state is not None:
+            await self._in_storage(self.log.append, rd.entries, rd.hard_state)
+
+        self.transport.send(rd.persisted_messages)
+
+        if rd.committed_entries:
+            await self._apply(rd.committed_entries)
+
+    def _on_soft_state(self, leader_id: int, role: StateRole) -> None:
+        was_leader = self.role == StateRole.LEADER
+        if leader_id != self.leader_id or role != self.role:
+            log.info("member %d is now %s; leader is %s", self.id, ROLE_NAMES[role], leader_id or "unknown")
+            self._leader_changed.set()
+            self._leader_changed = asyncio.Event()
+        self.leader_id, self.role = leader_id, role
+        if was_leader and role != StateRole.LEADER:
+            self.proposals.fail_all(leadership_lost())
+            self.read_index.fail_pending(self.redirect())
+
+    def _on_hard_state(self, hs) -> None:
+        if hs.term > self.term:
+            self.term = hs.term
+            self.proposals.fail_older_than(hs.term, leadership_lost())
+        self.commit_index = max(self.commit_index, hs.commit)
+
+    async def _install_snapshot(self, snap) -> None:
+        meta = snap.metadata
+        path = self._snapshot_path(meta.index)
+        log.info("installing snapshot at index %d term %d", meta.index, meta.term)
+        self._sm_readable.clear()  # range() must not run while the LMDB environment is swapped
+        try:
+            await self._in_storage(self.sm.install_snapshot, path)
+        finally:
+            self._sm_readable.set()
+        await self._in_storage(self.log.apply_snapshot, meta)
+        self.snapshot_index = meta.index
+        self.read_index.on_applied(self.sm.applied_index)
+
+    async def _apply(self, entries) -> None:
+        batch = [(e.index, e.term, e.data) for e in entries]
+        results = await self._in_storage(self.sm.apply, batch)
+        self.commit_index = max(self.commit_index, entries[-1].index)
+        for e, result in zip(entries, results):
+            if not e.data or result is None:
+                continue  # a leader's no-op, or an entry the state machine had already applied
+            cmd = command_pb2.Command.FromString(e.data)
+            rid = cmd.request_id
+            self.proposals.resolve(cmd.proposal_id, (rid.client_id, rid.seq), result)
+
+    async def _maybe_snapshot(self) -> None:
+        applied = self.sm.applied_index
+        if applied - self.snapshot_index < self.cfg.snapshot_count:
+            return
+        index, term, _path = await self._in_storage(self.snapshots.create, self.sm, self.member_ids)
+        meta = SnapshotMetadata(index=index, term=term, conf_state=ConfState(voters=list(self.member_ids)))
+        await self._in_storage(self.log.set_snapshot, meta)
+        self.snapshot_index = index
+        compact_to = index - self.cfg.snapshot_catchup_entries
+        if compact_to > self.log.first_index():
+            await self._in_storage(self.sm.sync)  # the WAL below compact_to is about to go
+            await self._in_storage(self.log.compact, compact_to)
+        log.info("snapshot at index %d; log compacted to %d", index, max(compact_to, 0))
+
+    def _snapshot_path(self, index: int) -> str:
+        for i, _term, _voters, path in self.snapshots.list():
+            if i == index:
+                return path
+        raise FileNotFoundError(f"snapshot {index} was announced but is not in {self.snapshots.dir}")
+
+    async def _in_storage(self, fn, *args) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.storage_thread, fn, *args)
+
+    # ------------------------------------------------------------------ transport callbacks
+
+    def step(self, m: Message) -> None:
+        """A message from a peer."""
+        if self._stopped:
+            return
+        try:
+            self.raw.step(m)
+        except ProposalDropped:
+            pass  # a forwarded proposal we cannot take; the sender times out
+        self._wake.set()
+
+    def _report_unreachable(self, peer_id: int) -> None:
+        if not self._stopped:
+            self.raw.report_unreachable(peer_id)
+            self._wake.set()
+
+    def _report_snapshot(self, peer_id: int, ok: bool) -> None:
+        if not self._stopped:
+            self.raw.report_snapshot(peer_id, ok)
+            self._wake.set()
+
+    # ------------------------------------------------------------------ what the services call
+
+    @property
+    def is_leader(self) -> bool:
+        return self.role == StateRole.LEADER
+
+    def redirect(self) -> RequestFailed:
+        if self.leader_id == self.id:
+            return no_leader()
+        return not_leader(self.leader_id, self.cfg.clients)
+
+    def check_serving(self) -> None:
+        if self.draining:
+            raise shutting_down()
+
+    def check_leader(self) -> None:
+        """Raise the redirect unless this member is the leader."""
+        self.check_serving()
+        if not self.is_leader:
+            raise self.redirect()
+
+    def header(self) -> kv_pb2.ResponseHeader:
+        return kv_pb2.ResponseHeader(
+            cluster_id=self.cfg.cluster_id,
+            member_id=self.id,
+            revision=self.sm.revision,
+            raft_term=self.term,
+        )
+
+    async def propose(self, ops, request_id: kv_pb2.RequestId | None, timeout: float):
+        """Propose mutations; return the state machine's CommandResult (or its ApplyError)."""
+        self.check_leader()
+        pid = self.proposals.next_id()
+        cmd = command_pb2.Command(ops=ops, proposed_at_ms=int(time.time() * 1000), proposal_id=pid)
+        key = (0, 0)
+        if request_id is not None:
+            cmd.request_id.CopyFrom(request_id)
+            key = (request_id.client_id, request_id.seq)
+        fut = self.proposals.register(pid, self.term, key)
+        try:
+            self.raw.propose(cmd.SerializeToString())
+        except ProposalDropped as e:
+            self.proposals.forget(pid)
+            if not self.is_leader:
+                raise self.redirect() from None
+            raise not_applied(grpc.StatusCode.UNAVAILABLE, f"proposal dropped: {e}") from None
+        self._wake.set()
+        if self.cfg.testing_ack_before_commit:
+            self.proposals.forget(pid)
+            return None  # the service invents an answer: TESTING ONLY
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except asyncio.TimeoutError:
+            raise outcome_unknown_deadline() from None
+        finally:
+            self.proposals.forget(pid)
+
+    async def read_barrier(self, timeout: float) -> None:
+        """Return when a linearizable read may be served from the local state machine."""
+        if self.cfg.testing_unsafe_local_reads:
+            self.check_serving()
+            return
+        self.check_leader()
+        fut = self.read_index.wait()
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except asyncio.TimeoutError:
+            raise RequestFailed(grpc.StatusCode.DEADLINE_EXCEEDED, "read not confirmed before the deadline",
+                                not_applied=True) from None
+
+    def _request_read_index(self, ctx: bytes) -> None:
+        try:
+            self.raw.read_index(ctx)
+        except ProposalDropped:
+            asyncio.get_running_loop().call_soon(self.read_index.fail_pending, self.redirect())
+        self._wake.set()
+
+    def _read_timeout(self) -> RequestFailed:
+        return RequestFailed(grpc.StatusCode.UNAVAILABLE, "leadership not confirmed in time (partitioned?)",
+                             not_applied=True)
+
+    async def range(self, request: kv_pb2.RangeRequest) -> kv_pb2.RangeResponse:
+        if not self._sm_readable.is_set():
+            await self._sm_readable.wait()
+        resp = self.sm.range(request)
+        resp.header.CopyFrom(self.header())
+        return resp
+
+    def most_up_to_date_follower(self) -> int:
+        progress = self.raw.status().progress
+        best, best_match = 0, -1
+        for pid, pr in progress.items():
+            if pid != self.id and pr.match > best_match:
+                best, best_match = pid, pr.match
+        return best
+
+    async def transfer_leadership(self, target: int, timeout: float) -> int:
+        if not self.is_leader:
+            raise self.redirect()
+        if target == 0:
+            target = self.most_up_to_date_follower()
+        if target == self.id:
+            return self.id
+        if target not in self.cfg.peers:
+            raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, f"member {target} is not in the cluster",
+                                not_applied=True)
+        self.raw.transfer_leader(target)
+        self._wake.set()
+        deadline = time.monotonic() + timeout
+        while self.leader_id != target:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RequestFailed(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                    f"leadership did not move to member {target} in {timeout:.1f}s",
+                                    not_applied=True)
+            try:
+                await asyncio.wait_for(self._leader_changed.wait(), left)
+            except asyncio.TimeoutError:
+                pass
+        return target
+
+    def status(self) -> dict:
+        st = self.raw.status()
+        return dict(
+            member_id=self.id,
+            role=ROLE_NAMES[self.role],
+            term=st.term,
+            leader_id=self.leader_id,
+            commit_index=st.commit,
+            applied_index=self.sm.applied_index,
+            wal_size=self.log.wal_size(),
+            db_size=self.sm.db_size(),
+            snapshot_index=self.snapshot_index,
+            version=__version__,
+        )
