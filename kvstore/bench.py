@@ -145,7 +145,7 @@ def summarize(
 # --- the load processes -----------------------------------------------------
 
 
-async def _drive(spec: LoadSpec, nclients: int, slot: int, barrier: Any, counts: Any) -> dict[str, Any]:
+async def _drive(spec: LoadSpec, nclients: int, slot: int, ready: Any, go: Any, counts: Any) -> dict[str, Any]:
     """One process's share: connect, warm up, wait for the others, run closed loops until the deadline."""
     from kvstore.client import AsyncClient
 
@@ -156,15 +156,13 @@ async def _drive(spec: LoadSpec, nclients: int, slot: int, barrier: Any, counts:
     nkeys, op = spec.nkeys, spec.op
     loop = asyncio.get_running_loop()
     async with AsyncClient(list(spec.endpoints), coalesce=spec.coalesce, timeout=spec.timeout) as kv:
-        try:
-            # Find the leader and open a channel to every member a read may go to.
-            await kv.put(b"warm", b"x")
-            for _ in range(2 * len(spec.endpoints)):
-                await kv.get(b"warm", serializable=True)
-        except BaseException:
-            barrier.abort()
-            raise
-        await loop.run_in_executor(None, barrier.wait, START_TIMEOUT_S)
+        # Find the leader and open a channel to every member a read may go to.
+        await kv.put(b"warm", b"x")
+        for _ in range(2 * len(spec.endpoints)):
+            await kv.get(b"warm", serializable=True)
+        ready.put(slot)
+        if not await loop.run_in_executor(None, go.wait, START_TIMEOUT_S):
+            raise TimeoutError("no start signal from the parent")
         perf = time.perf_counter
         t0 = perf()
         deadline = t0 + spec.secs
@@ -202,19 +200,33 @@ async def _drive(spec: LoadSpec, nclients: int, slot: int, barrier: Any, counts:
     return {"lat": lat.tobytes(), "errors": errors, "first_error": first_error, "elapsed": elapsed}
 
 
-def _worker(spec: LoadSpec, nclients: int, slot: int, barrier: Any, counts: Any, results: Any) -> None:
+def _worker(spec: LoadSpec, nclients: int, slot: int, ready: Any, go: Any, counts: Any, results: Any) -> None:
     """Process entry point (spawned: no gRPC state inherited from the parent)."""
     try:
         try:
             import uvloop
 
-            res = uvloop.run(_drive(spec, nclients, slot, barrier, counts))
+            run: Callable[[Any], Any] = uvloop.run
         except ImportError:
-            res = asyncio.run(_drive(spec, nclients, slot, barrier, counts))
+            run = asyncio.run
+        res = run(_drive(spec, nclients, slot, ready, go, counts))
     except BaseException as e:  # report instead of dying silently: the parent waits for every slot
-        barrier.abort()
         res = {"fatal": f"{type(e).__name__}: {e}"[:500]}
     results.put((slot, res))
+
+
+def _wait_ready(ready: Any, procs: list[Any], n: int) -> bool:
+    """Until every worker has warmed up (True), or one died or START_TIMEOUT_S passed (False)."""
+    seen = 0
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while seen < n and time.monotonic() < deadline:
+        try:
+            ready.get(timeout=0.2)
+            seen += 1
+        except queue.Empty:
+            if not all(p.is_alive() for p in procs):
+                return False
+    return seen == n
 
 
 ProgressFn = Callable[[float, int], None]  # (seconds elapsed, ops completed so far)
@@ -224,21 +236,17 @@ def run_load(spec: LoadSpec, on_progress: ProgressFn | None = None) -> Stats:
     """Run one point in ``spec.procs`` spawned processes and merge what they measured."""
     ctx = mp.get_context("spawn")
     shares = spec.split()
-    barrier = ctx.Barrier(len(shares) + 1)
+    ready, go, results = ctx.Queue(), ctx.Event(), ctx.Queue()
     counts = ctx.Array("q", len(shares), lock=False)
-    results = ctx.Queue()
     procs = [
-        ctx.Process(target=_worker, args=(spec, n, i, barrier, counts, results), daemon=True)
+        ctx.Process(target=_worker, args=(spec, n, i, ready, go, counts, results), daemon=True)
         for i, n in enumerate(shares)
     ]
     for p in procs:
         p.start()
     try:
-        started = True
-        try:
-            barrier.wait(START_TIMEOUT_S)
-        except Exception:  # BrokenBarrierError: a worker failed to connect; collect its reason below
-            started = False
+        started = _wait_ready(ready, procs, len(shares))
+        go.set()  # also when not started: the healthy workers then run and exit on their own
         t0 = time.perf_counter()
         if started and on_progress is not None:
             while time.perf_counter() - t0 < spec.secs:
