@@ -29,12 +29,12 @@ def main(argv=None) -> int:
                 return 1
         return 0
     jobs = a.jobs or default_jobs()
-    steps, failures, secs = run_range(a.start, a.seeds, a.nodes, frozenset(a.bug), a.ticks, jobs,
-                                      stop_on_fail=not a.keep_going)
+    steps, failures, secs, cpu = run_range(a.start, a.seeds, a.nodes, frozenset(a.bug), a.ticks, jobs,
+                                           stop_on_fail=not a.keep_going)
     for _, rep in failures[:3]:
         print(rep, file=sys.stderr)
-    print(f"{a.seeds} seeds from {a.start}: {len(failures)} failing, {steps} steps in {secs:.1f}s "
-          f"({steps / secs:,.0f} steps/s on {jobs} process(es))")
+    print(f"{a.seeds} seeds from {a.start}: {len(failures)} failing; {steps:,} steps in {secs:.1f}s wall, "
+          f"{cpu:.1f}s cpu on {jobs} process(es): {steps / max(cpu, 1e-9):,.0f} steps per cpu-second")
     return 1 if failures else 0
 
 

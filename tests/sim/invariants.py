@@ -11,6 +11,10 @@ them all the time:
 - State Machine Safety: nodes apply the same entries in the same order
   (a hash chain over applied entries, also used to validate snapshots);
   a committed index never changes its entry.
+- Committed means safe: no node lacking the newest committed entry could
+  collect votes from a quorum, judged by the up-to-date rule of §5.4.1 over
+  every node's log (a crashed node's persisted one). This sees a commit
+  that Leader Completeness would only catch after more bad luck.
 - Linearizable reads: a ReadIndex answer is at least the highest index
   committed anywhere when the read was issued.
 """
@@ -102,6 +106,34 @@ class Checker:
                                 f"where term {have} was committed before")
         if hi > self.max_committed:
             self.max_committed = hi
+            self.check_electable(hi, ct[hi] if hi in ct else None)
+
+    def check_electable(self, k: int, term: int | None) -> None:
+        if term is None:
+            return
+        sim = self.sim
+        tips = {}
+        has = {}
+        for i, sn in sim.nodes.items():
+            if sn.node is not None:
+                log = sn.node.raft.log
+                li = log.last_index()
+                tips[i] = (log.term(li), li)
+                has[i] = k < log.first_index() or (k <= li and log.term_or_zero(k) == term)
+            else:
+                st = sn.storage
+                li = st.last_index()
+                tips[i] = (st.term(li), li)
+                first = st.first_index()
+                has[i] = k < first or (k <= li and st.term(k) == term)
+        quorum = len(tips) // 2 + 1
+        for n, tip in tips.items():
+            if has[n]:
+                continue
+            voters = [v for v, vt in tips.items() if vt <= tip]  # (last term, last index) order = §5.4.1
+            if len(voters) >= quorum:
+                raise self.fail(f"committed entry {k} (term {term}) is not safe: node {n} lacks it yet could be "
+                                f"elected by {sorted(voters)} (log tips {tips})")
 
     def on_ready(self, i: int, rd) -> None:
         if rd.entries:

@@ -42,6 +42,7 @@ def run_seed(seed: int, nodes: int | None = None, bugs=frozenset(), chaos_ticks:
 
 def _worker(args):
     start, stop, nodes, bugs, chaos_ticks, stop_on_fail = args
+    cpu0 = time.process_time()
     steps = 0
     failures = []
     for seed in range(start, stop):
@@ -51,27 +52,34 @@ def _worker(args):
             failures.append((seed, rep))
             if stop_on_fail:
                 break
-    return steps, failures
+    return steps, failures, time.process_time() - cpu0
 
 
 def run_range(start: int, count: int, nodes: int | None = None, bugs=frozenset(), chaos_ticks: int = 120,
               jobs: int = 1, stop_on_fail: bool = False):
-    """Run seeds [start, start+count) on `jobs` processes; returns (steps, failures, seconds)."""
+    """Run seeds [start, start+count) on `jobs` processes.
+
+    Returns (steps, failures, wall seconds, cpu seconds); failures are (seed, report), sorted.
+    """
     t0 = time.perf_counter()
     if jobs <= 1:
-        steps, failures = _worker((start, start + count, nodes, bugs, chaos_ticks, stop_on_fail))
+        steps, failures, cpu = _worker((start, start + count, nodes, bugs, chaos_ticks, stop_on_fail))
     else:
         import multiprocessing as mp
         chunk = max(1, min(50, count // (jobs * 4) or 1))
         tasks = [(s, min(s + chunk, start + count), nodes, bugs, chaos_ticks, stop_on_fail)
                  for s in range(start, start + count, chunk)]
-        steps, failures = 0, []
+        steps, failures, cpu = 0, [], 0.0
         with mp.get_context("fork").Pool(jobs) as pool:
-            for s, f in pool.imap(_worker, tasks):
+            for s, f, c in pool.imap_unordered(_worker, tasks):
                 steps += s
+                cpu += c
                 failures.extend(f)
+                if failures and stop_on_fail:
+                    pool.terminate()
+                    break
         failures.sort()
-    return steps, failures, time.perf_counter() - t0
+    return steps, failures, time.perf_counter() - t0, cpu
 
 
 def default_jobs() -> int:

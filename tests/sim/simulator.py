@@ -34,7 +34,7 @@ class Params:
     def __init__(self, rng: random.Random, nodes: int, chaos_ticks: int) -> None:
         self.nodes = nodes
         self.chaos_ticks = chaos_ticks
-        self.liveness_ticks = 150
+        self.liveness_ticks = 300
         self.pre_vote = rng.random() < 0.7
         self.check_quorum = rng.random() < 0.7
         self.election_tick = 10
@@ -45,9 +45,9 @@ class Params:
         self.p_dup = rng.choice((0.0, 0.02, 0.1))
         self.max_delay = rng.choice((3, 10, 25))  # units; TICK = 10
         self.p_async = rng.choice((0.0, 0.3, 0.8))  # persist later, while still stepping
-        self.p_crash_fsync = rng.choice((0.0, 0.01, 0.05))
-        self.fault_every = rng.choice((3, 8, 20))  # ticks between fault events
-        self.client_rate = rng.choice((0.3, 1.0, 2.0))  # client ops per tick
+        self.p_crash_fsync = rng.choice((0.0, 0.02, 0.08))
+        self.fault_every = rng.choice((2, 5, 12))  # ticks between fault events
+        self.client_rate = rng.choice((0.3, 1.0, 3.0))  # client ops per tick
         self.snapshot_every = rng.choice((5, 20, 10_000))  # applied entries between compactions
 
     def describe(self) -> str:
@@ -131,7 +131,9 @@ class Simulation:
         sn.pending = None  # an unpersisted Ready is simply lost
         self.checker.node_crashed(i)
         if not self.healed:
-            self.push(self.rng.randrange(1, 30) * TICK // 2, RESTART, i)
+            # often a quick restart (a supervisor), sometimes a long outage
+            fast = self.rng.random() < 0.5
+            self.push(self.rng.randint(1, 2 * TICK) if fast else self.rng.randint(2, 30) * TICK, RESTART, i)
 
     def send(self, m: Message) -> None:
         rng = self.rng
@@ -313,7 +315,9 @@ class Simulation:
             return
         lead = self.leader()
         r = rng.random()
-        target = lead if lead and rng.random() < 0.7 else rng.choice(up)
+        # clients cache leaders: any node that believes it leads (even a deposed one) gets traffic
+        leaders = [i for i in up if self.nodes[i].node.raft.state == StateRole.LEADER]
+        target = rng.choice(leaders) if leaders and rng.random() < 0.8 else rng.choice(up)
         node = self.nodes[target].node
         try:
             if r < 0.6:
