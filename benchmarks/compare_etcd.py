@@ -56,7 +56,8 @@ PROBE_ATTEMPT_S = 0.2
 PROBE_PAUSE_S = 0.02
 PROBE_GIVE_UP_S = 30.0
 
-console = Console()
+#: Wide enough for the tables when the output goes to a file or a CI log.
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 
 # --- etcd ---------------------------------------------------------------------
@@ -287,24 +288,64 @@ class Row:
 
 
 def print_table(rows: list[Row]) -> None:
-    t = Table(title="kvstore vs etcd (same run, same load processes; ratio = kvstore / etcd)")
+    """Two tables: throughput with ratios, then latency with ratios (ratio = kvstore / etcd)."""
+    t = Table(title="throughput, ops/s (same run, same load processes; ratio = kvstore / etcd)")
     for c in ("op", "clients", "procs"):
         t.add_column(c)
-    for c in ("etcd ops/s", "kv ops/s", "ratio", "etcd p50", "kv p50", "p50 ratio", "etcd p99", "kv p99",
-              "kv p99.9", "unary ops/s", "unary ratio", "unary p50", "errors", "term+"):
+    for c in ("etcd", "kvstore", "ratio", "kv unary", "unary ratio", "errors", "term moved"):
         t.add_column(c, justify="right")
     for r in rows:
         u = r.unary
         t.add_row(
-            r.kv.op, str(r.kv.clients), str(r.kv.procs),
-            f"{r.etcd.rate:,.0f}", f"{r.kv.rate:,.0f}", fmt(ratio(r.kv.rate, r.etcd.rate)) + "x",
-            fmt(r.etcd.p50), fmt(r.kv.p50), fmt(ratio(r.kv.p50, r.etcd.p50)),
-            fmt(r.etcd.p99), fmt(r.kv.p99), fmt(r.kv.p999),
+            r.kv.op, str(r.kv.clients), str(r.kv.procs), f"{r.etcd.rate:,.0f}", f"{r.kv.rate:,.0f}",
+            fmt(ratio(r.kv.rate, r.etcd.rate)) + "x",
             f"{u.rate:,.0f}" if u else "-", (fmt(ratio(u.rate, r.etcd.rate)) + "x") if u else "-",
-            fmt(u.p50) if u else "-",
             str(r.kv.errors + (u.errors if u else 0)), str(r.term_moved),
         )
     console.print(t)
+    t = Table(title="latency, ms (etcd_load.py reports no p99.9)")
+    for c in ("op", "clients"):
+        t.add_column(c)
+    for c in ("etcd p50", "kv p50", "p50 ratio", "etcd p99", "kv p99", "p99 ratio", "kv p99.9",
+              "unary p50", "unary p99"):
+        t.add_column(c, justify="right")
+    for r in rows:
+        u = r.unary
+        t.add_row(
+            r.kv.op, str(r.kv.clients), fmt(r.etcd.p50), fmt(r.kv.p50), fmt(ratio(r.kv.p50, r.etcd.p50)),
+            fmt(r.etcd.p99), fmt(r.kv.p99), fmt(ratio(r.kv.p99, r.etcd.p99)), fmt(r.kv.p999),
+            fmt(u.p50) if u else "-", fmt(u.p99) if u else "-",
+        )
+    console.print(t)
+
+
+def goal_lines(rows: list[Row], rss_ratio: float | None, failover_ratio: float | None) -> list[str]:
+    """Issue 7's goals, each with the figure this run measured (absent points are skipped)."""
+    by = {(r.kv.op, r.kv.clients): r for r in rows}
+    out = []
+
+    def add(name: str, value: float, ok: bool) -> None:
+        out.append(f"{'PASS' if ok else 'MISS'}  {name}: {fmt(value)}")
+
+    for op in ("put", "get", "sget"):
+        r = by.get((op, 256))
+        if r:
+            v = ratio(r.kv.rate, r.etcd.rate)
+            add(f"{op} throughput at 256 clients >= 4x etcd", v, v >= 4)
+    r = by.get(("put", 1))
+    if r:
+        v = ratio(r.kv.p50, r.etcd.p50)
+        add("single-client put p50 <= etcd's (ratio)", v, v <= 1)
+    unary = [ratio(r.unary.rate, r.etcd.rate) for r in rows if r.unary]
+    if unary:
+        add("coalescing off: worst throughput ratio >= 0.7x etcd", min(unary), min(unary) >= 0.7)
+    moved = sum(r.term_moved for r in rows)
+    out.append(f"{'PASS' if moved == 0 else 'MISS'}  no leader election during the load: term moved {moved}")
+    if rss_ratio is not None:
+        add("peak RSS per node <= 1.5x etcd's (ratio of the max)", rss_ratio, rss_ratio <= 1.5)
+    if failover_ratio is not None:
+        add("failover median <= etcd's (ratio)", failover_ratio, failover_ratio <= 1)
+    return out
 
 
 def kv_term(cluster: LocalCluster) -> int:
@@ -371,8 +412,10 @@ def main() -> int:
         for name, vals in (("etcd", e_rss), ("kvstore", k_rss)):
             rss.add_row(name, *[fmt((v or 0) / 1024, ".0f") for v in vals], fmt(max(v or 0 for v in vals) / 1024, ".0f"))
         console.print(rss)
-        console.print(f"peak RSS ratio (max node, kvstore / etcd): {ratio(max(k_rss), max(e_rss)):.2f}")
+        rss_ratio = ratio(max(v or 0 for v in k_rss), max(v or 0 for v in e_rss))
+        console.print(f"peak RSS ratio (max node, kvstore / etcd): {rss_ratio:.2f}")
         report["rss_kib"] = {"etcd": e_rss, "kvstore": k_rss}
+        failover_ratio = None
 
         if a.failover_trials > 0:
             console.print(f"failover: kill -9 of the leader -> first acknowledged write ({a.failover_trials} trials each)")
@@ -385,8 +428,12 @@ def main() -> int:
                 ft.add_row(name, fmt(statistics.median(ts) * 1e3, ".0f"), fmt(max(ts) * 1e3, ".0f"),
                            fmt(min(ts) * 1e3, ".0f"))
             console.print(ft)
-            console.print(f"failover median ratio (kvstore / etcd): {ratio(statistics.median(kf), statistics.median(ef)):.2f}")
+            failover_ratio = ratio(statistics.median(kf), statistics.median(ef))
+            console.print(f"failover median ratio (kvstore / etcd): {failover_ratio:.2f}")
             report["failover_s"] = {"etcd": ef, "kvstore": kf}
+        console.print("goals (issue 7):")
+        for line in goal_lines(rows, rss_ratio, failover_ratio):
+            console.print("  " + line)
     finally:
         cluster.stop()
         etcd.stop()
