@@ -7,6 +7,7 @@ check could not finish).
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def jepsen() -> None:
 @click.option("--rate", default=100.0, show_default=True, help="total ops/s cap (0: as fast as possible)")
 @click.option("--fault-seconds", default=5.0, show_default=True)
 @click.option("--heal-seconds", default=5.0, show_default=True)
-@click.option("--op-timeout", default=2.0, show_default=True,
+@click.option("--op-timeout", default=1.0, show_default=True,
               help="seconds a call may take (retries included) before its outcome is unknown")
 @click.option("--network", type=click.Choice(["auto", "netns", "proxy"]), default="auto", show_default=True,
               help="netns: namespaces + iptables (root); proxy: TCP proxies that reset links")
@@ -60,6 +61,9 @@ def run_command(nodes: int, time_: float, nemesis: str, workload: str, out: str,
                        concurrency=concurrency, rate=rate, fault_seconds=fault_seconds,
                        heal_seconds=heal_seconds, op_timeout=op_timeout, network=network, seed=seed,
                        server_args=list(server_args), keep_data=keep_data, name=name)
+    # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so every finally runs:
+    # nodes stopped, namespaces removed. Only SIGKILL needs `kvstore jepsen cleanup`.
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         result = run(config)
     except Exception as error:  # the run itself failed: no verdict
@@ -73,6 +77,10 @@ def run_command(nodes: int, time_: float, nemesis: str, workload: str, out: str,
     click.echo(f"  {'VALID' if result.verdict.valid else 'NOT VALID'}: {result.verdict.summary}")
     click.echo(f"  report: {result.run_dir / 'report.html'}")
     sys.exit(result.exit_code)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 @jepsen.command("check")

@@ -7,7 +7,7 @@ The run directory holds everything a person needs afterwards::
     verdict.json    valid or not, and why (the checker's explanation)
     summary.json    ops by outcome and function, faults, leader changes, timings
     report.html     a self-contained timeline to open in a browser
-    logs/nK.log     each node's output
+    logs/nodeK.log  each node's output
 
 Networks: ``netns`` (root: each node in its own namespace, partitions by
 iptables, see :mod:`kvstore.jepsen.net`) or ``proxy`` (no root: every peer link
@@ -26,9 +26,6 @@ import contextlib
 import json
 import random
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -57,7 +54,7 @@ class RunConfig:
     rate: float = 100.0                # total ops/s cap across workers (0 = unlimited)
     fault_seconds: float = 5.0
     heal_seconds: float = 5.0
-    op_timeout: float = 2.0            # total per call, retries included; then info
+    op_timeout: float = 1.0            # total per call, retries included; then info
     network: str = "auto"              # auto | netns | proxy
     server_args: list[str] = field(default_factory=list)
     seed: int | None = None
@@ -138,109 +135,75 @@ def outcome_of(error: BaseException, mutation: bool) -> str:
 # ------------------------------------------------------------------ the nodes
 
 class NodeProcesses:
-    """The cluster's node processes, each started with a command prefix (a namespace).
+    """The nemesis's hold on the node processes, over :class:`LocalCluster`.
 
-    The harness needs per-node control that survives faults: SIGKILL and a
-    restart on the same data, SIGSTOP/SIGCONT by pid. Commands are built from
-    the server's own flags (``python -m kvstore.server.main``).
+    LocalCluster starts the real ``python -m kvstore.server.main`` processes
+    (inside a namespace when asked); this adds what a fault schedule needs:
+    idempotent kill / restart / pause / resume, and "everything back up" at heal.
     """
 
-    def __init__(self, data_root: Path, log_dir: Path, commands: dict[int, list[str]]) -> None:
-        self.data_root = data_root
-        self.log_dir = log_dir
-        self.commands = commands
-        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+    def __init__(self, cluster: Any) -> None:
+        self.cluster = cluster
         self.paused: set[int] = set()
         self.starts: Counter[int] = Counter()
         self._lock = threading.Lock()
 
     @property
     def nodes(self) -> list[int]:
-        return sorted(self.commands)
+        return list(self.cluster.ids)
 
     def start(self, node: int) -> None:
         with self._lock:
-            proc = self.procs.get(node)
-            if proc is not None and proc.poll() is None:
-                return
-            self.starts[node] += 1
-            log = open(self.log_dir / f"n{node}.log", "ab")
-            log.write(f"\n==== start #{self.starts[node]} at {time.time():.3f}: "
-                      f"{' '.join(self.commands[node])}\n".encode())
-            log.flush()
-            self.procs[node] = subprocess.Popen(self.commands[node], stdout=log, stderr=subprocess.STDOUT,
-                                                stdin=subprocess.DEVNULL, start_new_session=True)
-            log.close()
+            if not self.cluster.is_running(node):
+                self.starts[node] += 1
+                self.cluster.start_node(node)
             self.paused.discard(node)
 
     def kill(self, node: int) -> None:
         with self._lock:
-            proc = self.procs.get(node)
-            if proc is None or proc.poll() is not None:
-                return
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(10)
+            self.cluster.kill(node)
             self.paused.discard(node)
-
-    def restart(self, node: int) -> None:
-        self.kill(node)
-        self.start(node)
 
     def pause(self, node: int) -> None:
         with self._lock:
-            proc = self.procs.get(node)
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGSTOP)
+            if self.cluster.is_running(node):
+                self.cluster.pause(node)
                 self.paused.add(node)
 
     def resume(self, node: int) -> None:
         with self._lock:
-            proc = self.procs.get(node)
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGCONT)
+            self.cluster.resume(node)
             self.paused.discard(node)
 
     def alive(self, node: int) -> bool:
-        proc = self.procs.get(node)
-        return proc is not None and proc.poll() is None
+        return self.cluster.is_running(node)
 
     def heal_all(self) -> None:
         """Every node running and not paused (after the nemesis, before final reads)."""
         for node in self.nodes:
             self.resume(node)
-            if not self.alive(node):
-                self.start(node)
+            self.start(node)
 
     def stop_all(self) -> None:
-        for node in self.nodes:
-            self.resume(node)
-            proc = self.procs.get(node)
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-        deadline = time.monotonic() + 10
-        for node in self.nodes:
-            proc = self.procs.get(node)
-            if proc is None:
-                continue
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        self.cluster.stop()
+
+    def crashed(self) -> list[int]:
+        """Nodes that exited on their own (not killed by us): a server bug worth reporting."""
+        import signal
+
+        return [i for i, p in self.cluster.procs.items()
+                if p.poll() is not None and p.returncode not in (0, -signal.SIGKILL, -signal.SIGTERM)]
 
 
-def server_command(node: int, nodes: list[int], data_dir: Path, peer_addrs: dict[int, str],
-                   client_addrs: dict[int, str], listen_peer: str, listen_client: str,
-                   config: RunConfig) -> list[str]:
-    """The argv of one node: the server's own flags, nothing harness-specific."""
-    members = ",".join(f"{n}={peer_addrs[n]}" for n in nodes)
-    clients = ",".join(f"{n}={client_addrs[n]}" for n in nodes)
-    return [sys.executable, "-m", "kvstore.server.main", "--id", str(node),
-            "--data-dir", str(data_dir / f"n{node}"), "--initial-cluster", members,
-            "--initial-cluster-clients", clients, "--listen-peer-addr", listen_peer,
-            "--listen-client-addr", listen_client, "--tick-ms", str(config.tick_ms),
-            "--election-ticks", str(config.election_ticks), "--log-level", "info",
-            *config.server_args]
+def make_cluster(base_dir: Path, nodes: int, config: RunConfig, *, client_addrs: dict[int, str],
+                 peer_addrs: dict[int, str], netns: dict[int, str] | None = None,
+                 node_args: dict[int, list[str]] | None = None) -> Any:
+    from kvstore.server.local_cluster import LocalCluster
+
+    extra = ["--tick-ms", str(config.tick_ms), "--election-ticks", str(config.election_ticks),
+             *config.server_args]
+    return LocalCluster(str(base_dir), nodes, extra_args=extra, client_addrs=client_addrs,
+                        peer_addrs=peer_addrs, netns=netns, node_args=node_args)
 
 
 # -------------------------------------------------------------- leader watch
@@ -372,30 +335,35 @@ def run(config: RunConfig) -> RunResult:
         config.seed = random.randrange(1 << 31)
     mode = choose_network(config.network)
     run_dir = make_run_dir(config)
-    (run_dir / "logs").mkdir()
     data_root = Path(tempfile.mkdtemp(prefix="kvj-data-"))
     nodes = list(range(1, config.nodes + 1))
     try:
         if mode == "netns":
             with netns.NamespaceNetwork(config.nodes) as network:
+                # Every node has its own address, so all can use the same ports.
                 client_addrs = {n: f"{network.ip(n)}:2379" for n in nodes}
-                peer_addrs = {n: f"{network.ip(n)}:2380" for n in nodes}
-                commands = {n: [*network.exec_prefix(n), *server_command(
-                    n, nodes, data_root, peer_addrs, client_addrs, peer_addrs[n], client_addrs[n],
-                    config)] for n in nodes}
-                procs = NodeProcesses(data_root, run_dir / "logs", commands)
+                cluster = make_cluster(data_root, config.nodes, config, client_addrs=client_addrs,
+                                       peer_addrs={n: f"{network.ip(n)}:2380" for n in nodes},
+                                       netns={n: network.namespace(n) for n in nodes})
                 with network.enter_control():
-                    return _run_with(config, mode, run_dir, procs, network, client_addrs)
+                    return _run_with(config, mode, run_dir, NodeProcesses(cluster), network, client_addrs)
         from kvstore.jepsen.proxy import ProxyNetwork
 
         with ProxyNetwork(nodes) as network:
             client_addrs = {n: f"127.0.0.1:{network.client_port(n)}" for n in nodes}
-            commands = {n: server_command(
-                n, nodes, data_root, network.peer_addrs_for(n), client_addrs,
-                network.listen_peer_addr(n), client_addrs[n], config) for n in nodes}
-            procs = NodeProcesses(data_root, run_dir / "logs", commands)
-            return _run_with(config, mode, run_dir, procs, network, client_addrs)
+            # Each node reaches the others through its own proxies: a per-node
+            # --initial-cluster (given last, so it wins over the shared one).
+            node_args = {n: ["--initial-cluster", ",".join(
+                f"{m}={a}" for m, a in sorted(network.peer_addrs_for(n).items()))] for n in nodes}
+            cluster = make_cluster(data_root, config.nodes, config, client_addrs=client_addrs,
+                                   peer_addrs={n: network.listen_peer_addr(n) for n in nodes},
+                                   node_args=node_args)
+            return _run_with(config, mode, run_dir, NodeProcesses(cluster), network, client_addrs)
     finally:
+        logs = run_dir / "logs"
+        logs.mkdir(exist_ok=True)
+        for log in data_root.glob("node*.log"):
+            shutil.copy(log, logs / log.name)
         if config.keep_data:
             shutil.move(str(data_root), run_dir / "data")
         else:
@@ -488,11 +456,11 @@ async def _run_async(config: RunConfig, mode: str, run_dir: Path, procs: NodePro
 async def _wait_for(condition: Any, timeout: float, what: str, procs: NodeProcesses) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
-        dead = [n for n in procs.nodes if not procs.alive(n)
-                and procs.procs.get(n) is not None and n not in procs.paused]
+        crashed = procs.crashed()
+        if crashed:
+            raise RuntimeError(f"nodes {crashed} exited on their own while waiting for {what}")
         if time.monotonic() > deadline:
-            raise TimeoutError(f"gave up waiting {timeout:.0f}s for {what}"
-                               + (f"; nodes not running: {dead}" if dead else ""))
+            raise TimeoutError(f"gave up waiting {timeout:.0f}s for {what}")
         await asyncio.sleep(0.05)
 
 
