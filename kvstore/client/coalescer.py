@@ -4,8 +4,8 @@ A gRPC round trip costs the server far more than the op it carries (issue 7:
 ~7-8k unary RPCs/s per process against ~180k puts/s when batched), so the
 AsyncClient gathers every op submitted during one event-loop turn and sends
 them as a single Batch at the start of the next turn. The added latency is at
-most that one turn. A batch is also cut as soon as it reaches ``max_ops`` or
-``max_bytes``. Each op is written straight into the pending BatchRequest (no
+most that one turn. A batch is also closed as soon as it reaches ``max_ops`` or
+``max_bytes`` (it still leaves on that next turn; later ops form another). Each op is written straight into the pending BatchRequest (no
 copy), and each caller gets its own result or its own error back.
 
 Serializable reads go in a separate batch from leader-bound ops because any
@@ -87,12 +87,14 @@ class Coalescer:
         loop = asyncio.get_running_loop()
         if p is not None and p.nbytes + nbytes > self.max_bytes:
             # Adding this op would overshoot the byte cap (and maybe the
-            # server's request limit): send what is pending, start afresh.
-            self._flush(route, p)
+            # server's request limit): close the pending batch, start afresh.
+            del self._pending[route]
             p = None
         if p is None:
+            # The sender task's first step runs on the next loop turn, after
+            # every caller made ready in this turn has added its op.
             p = self._pending[route] = _Pending()
-            loop.call_soon(self._flush, route, p)
+            self._spawn(self._run(route, p))
         fut: asyncio.Future[Any] = loop.create_future()
         p.futures.append(fut)
         p.nbytes += nbytes
@@ -103,18 +105,14 @@ class Coalescer:
         return p.req.ops.add(), fut
 
     def added(self, route: str) -> None:
-        """Cut the batch now if the op just added filled it (count or bytes)."""
+        """Close the batch if the op just added filled it (count or bytes); later ops start a new one."""
         p = self._pending[route]
         if len(p.futures) >= self.max_ops or p.nbytes >= self.max_bytes:
-            self._flush(route, p)
-
-    def _flush(self, route: str, p: _Pending) -> None:
-        if self._pending.get(route) is not p:
-            return  # already cut by a cap
-        del self._pending[route]
-        self._spawn(self._run(route, p))
+            del self._pending[route]
 
     async def _run(self, route: str, p: _Pending) -> None:
+        if self._pending.get(route) is p:
+            del self._pending[route]  # closed: ops added from now on form the next batch
         futures = p.futures
         started = asyncio.get_running_loop().time()
         self.rpcs += 1
@@ -184,8 +182,6 @@ class Coalescer:
         task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
-        """Send what is pending and wait for every batch in flight."""
-        for route, p in list(self._pending.items()):
-            self._flush(route, p)
-        if self._tasks:
+        """Wait until every pending batch has been sent and answered."""
+        while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
