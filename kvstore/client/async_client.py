@@ -391,12 +391,17 @@ class AsyncClient:
                 tried.add(addr)
                 leader_addr = md.get(MD_LEADER_ADDR)
                 if leader_addr:
-                    # A follower named the leader: certainly not applied; go there now.
+                    # A follower named the leader: certainly not applied; go there
+                    # now, unless that member just failed us (a paused or dead
+                    # leader is still named until the election ends).
                     leader_addr = eps.learn(leader_addr)
                     eps.set_leader(leader_addr, int(md.get(MD_LEADER_ID, "0") or 0))
                     self._refresh_members_soon()
                     if route is LEADER:
-                        addr = leader_addr
+                        if leader_addr not in tried and not eps.penalized(leader_addr):
+                            addr = leader_addr
+                            continue
+                        addr = eps.next_untried(addr, tried)
                         if addr not in tried:
                             continue
                 elif not policy.is_retryable(code):
@@ -404,11 +409,17 @@ class AsyncClient:
                 else:
                     if mutation and md.get(MD_NOT_APPLIED) != "1":
                         maybe_applied = True
+                    if code is grpc.StatusCode.DEADLINE_EXCEEDED and not md:
+                        # The member said nothing for a whole attempt (paused,
+                        # partitioned): keep every call away from it for as
+                        # long again. Fast failures (refused, reset) are cheap
+                        # to retry and get no penalty.
+                        eps.penalize(addr, policy.attempt_timeout)
                     if route is LEADER:
                         eps.forget_leader(addr)
-                        addr = eps.after(addr)
+                        addr = eps.next_untried(addr, tried)
                     elif route is ANY:
-                        untried = [a for a in eps.addrs if a not in tried]
+                        untried = [a for a in eps.addrs if a not in tried and not eps.penalized(a)]
                         addr = balancer.pick(untried or eps.addrs)
                     if addr not in tried:
                         continue

@@ -7,6 +7,7 @@ grows with the client addresses the cluster reports (redirects, MemberList).
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Iterable, Sequence
 
 import grpc
@@ -81,6 +82,7 @@ class Endpoints:
         self.leader_id = 0
         self.ids: dict[int, str] = {}  # member id -> client address
         self._start = 0
+        self._penalty: dict[str, float] = {}  # addr -> monotonic time its penalty ends
 
     @property
     def addrs(self) -> list[str]:
@@ -103,12 +105,17 @@ class Endpoints:
         return c
 
     def first(self) -> str:
-        """Where a leader-only call starts: the cached leader, else the next seed in turn."""
-        if self.leader is not None:
+        """Where a leader-only call starts: the cached leader, else the next member in turn."""
+        if self.leader is not None and not self.penalized(self.leader):
             return self.leader
         i = self._start
         self._start = i + 1
-        return self._addrs[i % len(self._addrs)]
+        n = len(self._addrs)
+        for k in range(n):
+            a = self._addrs[(i + k) % n]
+            if not self.penalized(a):
+                return a
+        return self._addrs[i % n]
 
     def after(self, addr: str) -> str:
         """The endpoint after ``addr`` in the list (wrapping)."""
@@ -117,6 +124,37 @@ class Endpoints:
         except ValueError:
             return self._addrs[0]
         return self._addrs[(i + 1) % len(self._addrs)]
+
+    def next_untried(self, addr: str, tried: set[str]) -> str:
+        """The next endpoint after ``addr`` not yet tried and not penalized.
+
+        When there is none, the next one not penalized (already tried: the
+        caller backs off before using it), else simply the next one.
+        """
+        a = addr
+        fallback = None
+        for _ in range(len(self._addrs)):
+            a = self.after(a)
+            if self.penalized(a):
+                continue
+            if a not in tried:
+                return a
+            if fallback is None:
+                fallback = a
+        return fallback if fallback is not None else self.after(addr)
+
+    def penalize(self, addr: str, seconds: float) -> None:
+        """Keep calls away from a member that did not answer, for ``seconds``."""
+        self._penalty[addr] = time.monotonic() + seconds
+
+    def penalized(self, addr: str) -> bool:
+        until = self._penalty.get(addr)
+        if until is None:
+            return False
+        if time.monotonic() >= until:
+            del self._penalty[addr]
+            return False
+        return True
 
     def set_leader(self, addr: str, member_id: int = 0) -> None:
         self.leader = addr

@@ -87,7 +87,7 @@ class ExponentialBackoff(RetryPolicy):
     """
 
     base: float = 0.01
-    cap: float = 0.5
+    cap: float = 0.25
     multiplier: float = 2.0
     jitter: bool = True
     rng: Callable[[], float] = field(default=random.random, compare=False, repr=False)

@@ -80,6 +80,24 @@ def test_hung_member_costs_one_attempt_timeout():
         assert 0.25 < time.monotonic() - t0 < 2.0
 
 
+def test_redirects_to_a_silent_member_are_not_followed_while_it_is_penalized():
+    """Followers keep naming a paused leader until the election ends; the client
+    must not spend another attempt timeout on it meanwhile."""
+    policy = FixedInterval(interval=0.01, attempt_timeout=0.5)
+    with FakeCluster(leader=1) as fc, Client(fc.endpoints, timeout=10, retry=policy, coalesce=False) as c:
+        c.put("a", "1")
+        fc.node(1).hang = True  # still named leader by the followers
+        out: list = []
+        t = threading.Thread(target=lambda: out.append(c.put("a", "2")))
+        t.start()
+        wait_for(lambda: fc.node(2).calls.get("Put", 0) >= 2 and fc.node(3).calls.get("Put", 0) >= 2,
+                 what="client asking the followers")
+        fc.leader_id = 2  # the election ends
+        t.join(10)
+        assert out and out[0].revision == 2
+        assert fc.node(1).calls["Put"] == 2  # the first put, and the one attempt that hung
+
+
 def test_nothing_answered_lists_every_endpoint_and_why():
     with FakeCluster() as fc:
         addrs = fc.endpoints
