@@ -324,8 +324,9 @@ class AsyncClient:
 
         ``route`` is LEADER, ANY (balanced, for serializable reads) or one
         fixed address. Endpoints tried since the last backoff are remembered:
-        moving on to an untried one is immediate, coming back to a tried one
-        first waits ``retry.backoff(n)``.
+        moving on to an untried one (or following a redirect) is immediate,
+        coming back to a tried one first waits ``retry.backoff(n)``. A member
+        silent for a whole attempt is avoided by every call for as long again.
         """
         if self._closed:
             raise errors.ClientClosed("client is closed")
