@@ -31,7 +31,7 @@ TICK_EV, DELIVER, PERSIST, CLIENT, FAULT, RESTART, SNAP_REPORT = range(7)
 class Params:
     """Per-seed knobs, themselves drawn from the seed (so every seed is a different world)."""
 
-    def __init__(self, rng: random.Random, nodes: int, chaos_ticks: int) -> None:
+    def __init__(self, rng: random.Random, nodes: int, chaos_ticks: int, churn: bool) -> None:
         self.nodes = nodes
         self.chaos_ticks = chaos_ticks
         self.liveness_ticks = 300
@@ -49,6 +49,15 @@ class Params:
         self.fault_every = rng.choice((2, 5, 12))  # ticks between fault events
         self.client_rate = rng.choice((0.3, 1.0, 3.0))  # client ops per tick
         self.snapshot_every = rng.choice((5, 20, 10_000))  # applied entries between compactions
+        # one world in four is "leader churn": leaders are isolated or killed every tick or two while
+        # clients keep writing to them, and appends carry one entry, so logs diverge in many terms
+        # (the Figure 8 shapes of the Raft paper)
+        self.churn = churn
+        if churn:
+            self.max_size_per_msg = 1
+            self.fault_every = 1.5
+            self.client_rate = 3.0
+            self.p_drop = min(self.p_drop, 0.02)
 
     def describe(self) -> str:
         return " ".join(f"{k}={v}" for k, v in vars(self).items())
@@ -71,8 +80,9 @@ class Simulation:
                  chaos_ticks: int = 120, trace: bool = False) -> None:
         self.seed = seed
         self.rng = rng = random.Random(seed)
-        n = nodes if nodes is not None else (3, 5, 7)[seed % 3]
-        self.p = Params(rng, n, chaos_ticks)
+        churn = seed % 4 == 3
+        n = nodes if nodes is not None else (3 if churn else (3, 5, 7)[seed % 3])
+        self.p = Params(rng, n, chaos_ticks, churn)
         self.bugs = frozenset(bugs)
         self.ids = list(range(1, n + 1))
         self.nodes = {i: SimNode(i) for i in self.ids}
@@ -373,6 +383,16 @@ class Simulation:
         ids = self.ids
         n = len(ids)
         r = rng.random()
+        if self.p.churn:
+            lead = self.leader()
+            if r < 0.3 or not lead:
+                self.blocked = set()
+                self.log("heal")
+            elif r < 0.8:
+                self.partition([lead], [i for i in ids if i != lead], "isolate-leader")
+            else:
+                self.crash(lead, "kill leader")
+            return
         if r < 0.25:
             self.blocked = set()
             self.log("heal")
