@@ -96,18 +96,19 @@ def check_command(history: str, as_json: bool) -> None:
     if path.is_dir():
         path = path / "history.jsonl"
     try:
-        valid, text, details = _check(path)
+        code, text, details = _check(path)
     except Exception as error:
         click.echo(f"cannot check {path}: {error}", err=True)
         sys.exit(UNKNOWN)
     if as_json:
-        click.echo(json.dumps({"valid": valid, "summary": text, **details}, default=str, indent=2))
+        click.echo(json.dumps({"valid": code == VALID, "summary": text, **details}, default=str, indent=2))
     else:
         click.echo(text)
-    sys.exit(VALID if valid else INVALID)
+    sys.exit(code)
 
 
-def _check(path: Path) -> tuple[bool, str, dict]:
+def _check(path: Path) -> tuple[int, str, dict]:
+    """(exit code, text, details) for one history file."""
     from kvstore.jepsen.checker import check_file
     from kvstore.jepsen.parsers import JSONL, detect_format
 
@@ -117,15 +118,17 @@ def _check(path: Path) -> tuple[bool, str, dict]:
 
         ops = load_jsonl(path)
         kind = workload_of(ops)
+        verdict = None
         if kind == "set":
             verdict = check_set(ops)
-            return verdict.valid, f"set: {verdict.summary}", verdict.details
-        if kind == "bank":
+        elif kind == "bank":
             bank = BankWorkload()  # the run's accounts and total are the workload's fixed ones
             verdict = check_bank(ops, bank.accounts, bank.total)
-            return verdict.valid, f"bank: {verdict.summary}", verdict.details
+        if verdict is not None:
+            code = UNKNOWN if verdict.unknown else VALID if verdict.valid else INVALID
+            return code, f"{kind}: {verdict.summary}", verdict.details
     result = check_file(path)
-    return result.ok, result.explain(40), {"model": result.model_name}
+    return VALID if result.ok else INVALID, result.explain(40), {"model": result.model_name}
 
 
 @jepsen.command("cleanup")

@@ -72,7 +72,7 @@ class RunResult:
 
     @property
     def exit_code(self) -> int:
-        if self.verdict.details.get("unknown"):
+        if self.verdict.unknown:
             return UNKNOWN
         return VALID if self.verdict.valid else INVALID
 
@@ -555,7 +555,8 @@ def summarize(config: RunConfig, mode: str, recorder: Recorder, watch: LeaderWat
 
 def write_results(run_dir: Path, verdict: Verdict, summary: dict[str, Any]) -> None:
     (run_dir / "verdict.json").write_text(json.dumps(
-        {"valid": verdict.valid, "summary": verdict.summary, **verdict.details}, indent=2, default=str))
+        {"valid": verdict.valid, "unknown": verdict.unknown, "summary": verdict.summary, **verdict.details},
+        indent=2, default=str))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
 
 

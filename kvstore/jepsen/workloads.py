@@ -61,6 +61,8 @@ class Verdict:
     valid: bool
     summary: str
     details: dict[str, Any]
+    #: the history could not be judged (e.g. no final read succeeded): neither valid nor not
+    unknown: bool = False
 
 
 class Workload:
@@ -224,7 +226,8 @@ def check_set(operations: Iterable[Operation]) -> Verdict:
     unknown = {op.value for op in operations if op.f == "add" and op.outcome == INFO}
     reads = [op for op in operations if op.f == "read" and op.outcome == OK]
     if not reads:
-        return Verdict(False, "no final read succeeded: cannot judge", {"attempted": len(attempted)})
+        return Verdict(False, "no final read succeeded: cannot judge", {"attempted": len(attempted)},
+                       unknown=True)
     final = Counter(reads[-1].output or [])
     lost = sorted(acked - set(final))
     duplicated = sorted(e for e, n in final.items() if n > 1)
@@ -234,7 +237,7 @@ def check_set(operations: Iterable[Operation]) -> Verdict:
     summary = ("all acknowledged adds present, once" if valid else
                f"{len(lost)} lost, {len(duplicated)} duplicated, {len(unexpected)} unexpected")
     return Verdict(valid, summary, {
-        "attempted": len(attempted), "acknowledged": len(acked), "unknown": len(unknown),
+        "attempted": len(attempted), "acknowledged": len(acked), "unknown_adds": len(unknown),
         "read": sum(final.values()), "lost": lost, "duplicated": duplicated,
         "unexpected": unexpected, "recovered_unknown": len(recovered)})
 
@@ -315,7 +318,7 @@ def check_bank(operations: Iterable[Operation], accounts: int, total: int) -> Ve
         if problems:
             bad.append({"op": op.index, "balances": balances, "problems": problems})
     if not reads:
-        return Verdict(False, "no read succeeded: cannot judge", {})
+        return Verdict(False, "no read succeeded: cannot judge", {}, unknown=True)
     valid = not bad
     summary = (f"{len(reads)} reads, all conserve {total}" if valid
                else f"{len(bad)} of {len(reads)} reads broke the invariants")
