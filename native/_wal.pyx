@@ -108,11 +108,14 @@ DEF HDR = 32
 DEF SECTOR = 512
 DEF PROBE_BYTES = 1 << 20
 
-KIND_SEGHEAD = 1
-KIND_ENTRY = 2
-KIND_HARDSTATE = 3
-KIND_TRUNCATE = 4
-KIND_SNAPSHOT = 5
+cdef enum:  # C constants: a module-global lookup per record would cost more than the CRC
+    KIND_SEGHEAD = 1
+    KIND_ENTRY = 2
+    KIND_HARDSTATE = 3
+    KIND_TRUNCATE = 4
+    KIND_SNAPSHOT = 5
+KINDS = {"SEGHEAD": KIND_SEGHEAD, "ENTRY": KIND_ENTRY, "HARDSTATE": KIND_HARDSTATE,
+         "TRUNCATE": KIND_TRUNCATE, "SNAPSHOT": KIND_SNAPSHOT}
 MAGIC = b"KVWAL\x00\x01\x00"
 HEADER_SIZE = HDR
 
@@ -806,6 +809,7 @@ cdef class Wal:
         memcpy(p + pos, PyBytes_AS_STRING(post), len(post))
         cdef int fd = self._cur.fd
         cdef off_t at = self._cur.size
+        cdef int64_t added = 0
         with nogil:
             r = _write_all(fd, p, total, at)
         if r:
@@ -828,7 +832,6 @@ cdef class Wal:
                 if not self._cache:
                     self._cache_first = first
                 self._cache.extend(entries)
-                added = 0
                 for i in range(count):
                     added += self._pend[i].len + 64
                 self._trim_cache(added)

@@ -66,7 +66,7 @@ def test_record_layout_matches_the_documented_header(tmp_path):
     rec = raw[HEAD_BYTES:HEAD_BYTES + HEADER_SIZE + 5]
     hcrc, pcrc, n, kind, flags = (int.from_bytes(rec[0:4], "little"), int.from_bytes(rec[4:8], "little"),
                                   int.from_bytes(rec[8:12], "little"), rec[12], rec[13])
-    assert (n, kind, flags) == (5, native.KIND_ENTRY, 0)
+    assert (n, kind, flags) == (5, native.KINDS["ENTRY"], 0)
     assert int.from_bytes(rec[16:24], "little") == 1 and int.from_bytes(rec[24:32], "little") == 7
     assert pcrc == crc32c(b"hello") and hcrc == crc32c(rec[4:32]) and rec[32:] == b"hello"
     assert os.path.getsize(seg_files(tmp_path)[0]) == 1 << 16  # preallocated
@@ -125,7 +125,7 @@ def _log_with_tail(path, n=5):
     start = HEAD_BYTES + sum(sizes[:-1])
     seg = seg_files(path)[0]
     raw = open(seg, "rb").read()
-    assert raw[start + 12] == native.KIND_ENTRY and int.from_bytes(raw[start + 16:start + 24], "little") == n
+    assert raw[start + 12] == native.KINDS["ENTRY"] and int.from_bytes(raw[start + 16:start + 24], "little") == n
     return seg, start, start + sizes[-1]
 
 
