@@ -421,7 +421,7 @@ def main() -> int:
             console.print(f"failover: kill -9 of the leader -> first acknowledged write ({a.failover_trials} trials each)")
             ef = etcd_failover(etcd, a.failover_trials)
             kf = kv_failover(cluster, a.failover_trials)
-            ft = Table(title="failover (ms): kill -9 leader -> first acknowledged write at a client")
+            ft = Table(title="failover, ms (kill -9 leader -> first acked write)")
             for c in ("system", "median", "max", "min"):
                 ft.add_column(c, justify="right")
             for name, ts in (("etcd", ef), ("kvstore", kf)):
