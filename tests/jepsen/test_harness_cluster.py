@@ -104,3 +104,14 @@ def test_bank_workload_under_partition(tmp_path: Path) -> None:
     assert verdict["reads"] > 50 and sum(verdict["final"].values()) == 50
     assert summary["ops_by_function"]["transfer"].get("ok", 0) > 50
     assert summary["faults_by_kind"].get("partition", 0) >= 1
+
+
+def test_proxy_network_partitions_without_root(tmp_path: Path) -> None:
+    """The no-root mode: peer links through TCP proxies that reset during a partition."""
+    code, summary, run_dir = jepsen_run(tmp_path, "proxy", "--time", "12", "--nemesis",
+                                        "partition-leader", "--network", "proxy", *FAST)
+    assert_complete_run_dir(run_dir, summary)
+    assert summary["network"] == "proxy"
+    assert code == 0 and summary["valid"], summary["verdict"]
+    assert summary["faults_by_kind"].get("partition", 0) >= 1
+    assert summary["leader_changes"] >= 1, "isolating the leader through the proxies must depose it"

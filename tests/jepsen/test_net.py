@@ -152,3 +152,16 @@ def test_addresses_stay_inside_harness_namespaces() -> None:
         assert network.ip(1) == "10.77.0.11" and network.control_ip == "10.77.0.1"
         with pytest.raises(ValueError):
             network.partition({1: {1}})
+
+
+def test_cleanup_command_removes_an_abandoned_network() -> None:
+    from click.testing import CliRunner
+
+    from kvstore.jepsen.cli import jepsen
+
+    abandoned = net.NamespaceNetwork(2).create()
+    abandoned.partition({1: {2}})
+    result = CliRunner().invoke(jepsen, ["cleanup"])
+    assert result.exit_code == 0 and f"netns {abandoned.namespace(1)}" in result.output
+    assert leftovers(abandoned.tag) == []
+    assert "nothing left behind" in CliRunner().invoke(jepsen, ["cleanup"]).output
