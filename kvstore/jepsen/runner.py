@@ -433,6 +433,9 @@ async def _run_async(config: RunConfig, mode: str, run_dir: Path, procs: NodePro
         await _final_reads(workload, final_store, recorder, 10_000_000)
     finally:
         await asyncio.to_thread(nemesis.stop)
+        crashed = procs.crashed()
+        if crashed:  # not our SIGKILLs: a node died by itself, worth a look at its log
+            notes.append(f"nodes {crashed} exited on their own; see logs/")
         stop_watch.set()
         with contextlib.suppress(Exception):
             await watch_task

@@ -115,3 +115,17 @@ def test_proxy_network_partitions_without_root(tmp_path: Path) -> None:
     assert code == 0 and summary["valid"], summary["verdict"]
     assert summary["faults_by_kind"].get("partition", 0) >= 1
     assert summary["leader_changes"] >= 1, "isolating the leader through the proxies must depose it"
+
+
+@pytest.mark.slow
+def test_long_combined_run(tmp_path: Path) -> None:
+    """The documented example at full length, plus a window with two faults at once
+    (a minority partition and a paused node: often no majority at all)."""
+    code, summary, run_dir = jepsen_run(
+        tmp_path, "long", "--time", "60", "--nemesis", "partition,kill,pause,partition+pause",
+        "--workload", "register", timeout=400)
+    assert_complete_run_dir(run_dir, summary)
+    assert code == 0 and summary["valid"], summary["verdict"]
+    assert set(summary["faults_by_kind"]) == {"partition", "kill", "pause"}
+    starts = [f["start_s"] for f in summary["faults"]]
+    assert len(starts) > len(set(starts)) or len(starts) >= 6
