@@ -127,5 +127,5 @@ def test_long_combined_run(tmp_path: Path) -> None:
     assert_complete_run_dir(run_dir, summary)
     assert code == 0 and summary["valid"], summary["verdict"]
     assert set(summary["faults_by_kind"]) == {"partition", "kill", "pause"}
-    starts = [f["start_s"] for f in summary["faults"]]
-    assert len(starts) > len(set(starts)) or len(starts) >= 6
+    # 60 s of 5 s heal + 5 s fault: six windows, the partition+pause one counting twice.
+    assert summary["faults_injected"] >= 6, summary["faults"]
