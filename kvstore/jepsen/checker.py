@@ -362,7 +362,8 @@ def check(operations: Iterable[Operation], model: Model, *, partitioned: bool = 
         groups = {next(iter(all_groups)) if len(all_groups) == 1 else ALL_KEYS: relevant}
 
     keys = list(groups)
-    searches = {key: _search(groups[key], model, memoize, reads_first) for key in keys}
+    models = {key: model.for_partition(key) if partitioned else model for key in keys}
+    searches = {key: _search(groups[key], models[key], memoize, reads_first) for key in keys}
     found: dict[Hashable, _SearchOutcome] = {}
     elapsed = dict.fromkeys(keys, 0.0)
     failed = False
@@ -384,7 +385,7 @@ def check(operations: Iterable[Operation], model: Model, *, partitioned: bool = 
     results = []
     for key in keys:
         dropped = (len(all_groups.get(key, ())) if partitioned else len(everything)) - len(groups[key])
-        results.append(_partition_result(key, groups[key], model, dropped, found.get(key),
+        results.append(_partition_result(key, groups[key], models[key], dropped, found.get(key),
                                          elapsed[key]))
     return CheckResult(ok=not failed, model_name=model.name, partitions=results,
                        elapsed=time.perf_counter() - started, source=source)

@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Hashable
 from typing import Any
 
-from kvstore.jepsen.history import FAIL, INFO, OK, Operation
+from kvstore.jepsen.history import FAIL, OK, Operation
 
 State = Hashable
 
@@ -49,6 +49,10 @@ class Model(ABC):
     def partition_key(self, op: Operation) -> Hashable:
         """Operations with different keys never interact (P-compositionality)."""
         return op.key
+
+    def for_partition(self, key: Hashable) -> Model:
+        """The model for one partition's sub-history: may be smaller (cheaper states)."""
+        return self
 
     def describe(self, state: State) -> str:
         """The state, for a human reading a verdict."""
@@ -91,53 +95,72 @@ class RegisterModel(Model):
         raise ValueError(f"{self.name} has no function {f!r} ({op})")
 
 
-class KvModel(Model):
-    """A key-value map: get / put / append / cas per key.
+class KeyValueModel(Model):
+    """One key of a key-value map: get / put / append / cas on a single value.
 
-    ``missing`` is what a get of an absent key returns (the reference histories use
-    the empty string); appending to an absent key starts from the empty string.
-    The state is a frozenset of (key, value) pairs, absent keys left out.
+    ``missing`` is what a get returns before any put (the reference histories use
+    the empty string); appending to a missing value starts from the empty string.
     """
 
-    name = "kv-map"
+    name = "kv-key"
     read_functions = frozenset({"get"})
     definite_fail_functions = frozenset({"cas"})
-    per_key = False
+    per_key = True
 
     def __init__(self, missing: Any = None) -> None:
         self.missing = missing
 
     def init(self) -> State:
-        return frozenset()
-
-    def _get(self, state: frozenset, key: Hashable) -> Any:
-        for stored_key, value in state:
-            if stored_key == key:
-                return value
         return self.missing
 
-    def _set(self, state: frozenset, key: Hashable, old: Any, new: Any) -> frozenset:
-        """The map with ``key`` bound to ``new``; a value equal to ``missing`` is not stored,
-        so equal maps are equal states."""
-        if old == new:
-            return state
-        kept = frozenset(pair for pair in state if pair[0] != key)
-        return kept if new == self.missing else kept | {(key, new)}
+    def step(self, state: State, op: Operation) -> tuple[bool, State]:
+        f = op.f
+        if f == "get":
+            return op.outcome != OK or op.output == state, state
+        if f == "put":
+            return True, op.value
+        if f == "append":
+            return True, ("" if state is None else state) + op.value
+        if f == "cas":
+            return _cas(state, op)
+        raise ValueError(f"{self.name} has no function {f!r} ({op})")
+
+
+class KvModel(Model):
+    """A key-value map: each key a :class:`KeyValueModel`.
+
+    The state is a frozenset of (key, value) pairs, keys still at ``missing`` left
+    out. Checked per key (the usual way), each partition uses the single-key
+    model, whose state is just the value.
+    """
+
+    name = "kv-map"
+    read_functions = KeyValueModel.read_functions
+    definite_fail_functions = KeyValueModel.definite_fail_functions
+    per_key = False
+
+    def __init__(self, missing: Any = None) -> None:
+        self.missing = missing
+        self.key_model = KeyValueModel(missing)
+
+    def for_partition(self, key: Hashable) -> Model:
+        return self.key_model
+
+    def init(self) -> State:
+        return frozenset()
 
     def step(self, state: State, op: Operation) -> tuple[bool, State]:
-        f, key = op.f, op.key
-        current = self._get(state, key)
-        if f == "get":
-            return op.outcome != OK or op.output == current, state
-        if f == "put":
-            return True, self._set(state, key, current, op.value)
-        if f == "append":
-            base = "" if current is None else current
-            return True, self._set(state, key, current, base + op.value)
-        if f == "cas":
-            legal, new = _cas(current, op)
-            return legal, self._set(state, key, current, new)
-        raise ValueError(f"{self.name} has no function {f!r} ({op})")
+        key = op.key
+        current = self.missing
+        for stored_key, value in state:
+            if stored_key == key:
+                current = value
+                break
+        legal, new = self.key_model.step(current, op)
+        if not legal or new == current:
+            return legal, state
+        kept = frozenset(pair for pair in state if pair[0] != key)
+        return True, kept if new == self.missing else kept | {(key, new)}
 
     def describe(self, state: State) -> str:
         if not state:
