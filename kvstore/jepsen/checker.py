@@ -31,6 +31,7 @@ import time
 from collections.abc import Generator, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from kvstore.jepsen.history import FAIL, OK, HistoryError, Operation
 from kvstore.jepsen.models import KvModel, Model, RegisterModel, State
@@ -76,8 +77,8 @@ class PartitionResult:
         else:
             name = f"key {self.key!r}"
         if self.ok is None:
-            return (f"{name}: not finished ({len(self.operations)} operations) — the check "
-                    "stopped at the first failing partition")
+            return (f"{name}: not finished ({len(self.operations)} operations, "
+                    f"{self.elapsed:.2f} s) — the check stopped before its verdict")
         verdict = "linearizable" if self.ok else "NOT linearizable"
         lines = [f"{name}: {verdict} — {len(self.operations)} operations checked, "
                  f"{self.dropped} dropped, {self.configurations} configurations, "
@@ -111,13 +112,18 @@ class PartitionResult:
 
 @dataclass
 class CheckResult:
-    """The verdict for a whole history: linearizable iff every partition is."""
+    """The verdict for a whole history: linearizable iff every partition is.
+
+    ``decided`` is False when a time limit ran out first; ``ok`` is then False too,
+    as the history was not shown linearizable.
+    """
 
     ok: bool
     model_name: str
     partitions: list[PartitionResult]
     elapsed: float
     source: str | None = None
+    decided: bool = True
 
     @property
     def failures(self) -> list[PartitionResult]:
@@ -127,10 +133,18 @@ class CheckResult:
         """Verdict, then every failing partition explained (all of them if linearizable)."""
         operations = sum(len(p.operations) for p in self.partitions)
         where = f"{self.source}: " if self.source else ""
-        verdict = "linearizable" if self.ok else "NOT linearizable"
+        if not self.decided:
+            verdict = "UNDECIDED (time limit reached)"
+        else:
+            verdict = "linearizable" if self.ok else "NOT linearizable"
         lines = [f"{where}{verdict} as a {self.model_name} — {operations} operations in "
                  f"{len(self.partitions)} partition(s), {self.elapsed:.3f} s"]
-        shown = self.partitions if self.ok else self.failures
+        if self.ok:
+            shown = self.partitions
+        elif self.decided:
+            shown = self.failures
+        else:
+            shown = [p for p in self.partitions if p.ok is not True]
         lines.extend(p.explain(prefix_shown) for p in shown)
         return "\n".join(lines)
 
@@ -337,13 +351,17 @@ def check_partition(key: Hashable, operations: Sequence[Operation], model: Model
 
 def check(operations: Iterable[Operation], model: Model, *, partitioned: bool = True,
           memoize: bool = True, reads_first: bool = True, stop_at_first_failure: bool = True,
-          source: str | None = None) -> CheckResult:
+          time_limit: float | None = None, source: str | None = None) -> CheckResult:
     """Is this history linearizable with respect to ``model``?
 
     Partitions are searched in turns, a slice each, so one hard partition does not
     hold up the others. With ``stop_at_first_failure`` the check ends as soon as
     one partition is shown not linearizable (one counterexample proves the
     verdict); the partitions left unfinished report ``ok=None``.
+
+    ``time_limit`` (seconds) bounds an exponential search: when it runs out before a
+    verdict, the result has ``decided=False`` and ``ok=False`` (not shown
+    linearizable), and the unfinished partitions report ``ok=None``.
 
     ``partitioned=False``, ``memoize=False`` and ``reads_first=False`` switch off
     P-compositionality, the configuration cache and the read reduction; they
@@ -366,8 +384,9 @@ def check(operations: Iterable[Operation], model: Model, *, partitioned: bool = 
     searches = {key: _search(groups[key], models[key], memoize, reads_first) for key in keys}
     found: dict[Hashable, _SearchOutcome] = {}
     elapsed = dict.fromkeys(keys, 0.0)
-    failed = False
-    while searches and not (failed and stop_at_first_failure):
+    failed = out_of_time = False
+    deadline = math.inf if time_limit is None else started + time_limit
+    while searches and not (failed and stop_at_first_failure) and not out_of_time:
         for key, search in list(searches.items()):
             slice_started = time.perf_counter()
             try:
@@ -379,6 +398,9 @@ def check(operations: Iterable[Operation], model: Model, *, partitioned: bool = 
             elapsed[key] += time.perf_counter() - slice_started
             if failed and stop_at_first_failure:
                 break
+            if time.perf_counter() > deadline:
+                out_of_time = True
+                break
     for search in searches.values():
         search.close()
 
@@ -387,8 +409,9 @@ def check(operations: Iterable[Operation], model: Model, *, partitioned: bool = 
         dropped = (len(all_groups.get(key, ())) if partitioned else len(everything)) - len(groups[key])
         results.append(_partition_result(key, groups[key], models[key], dropped, found.get(key),
                                          elapsed[key]))
-    return CheckResult(ok=not failed, model_name=model.name, partitions=results,
-                       elapsed=time.perf_counter() - started, source=source)
+    decided = failed or not searches
+    return CheckResult(ok=decided and not failed, model_name=model.name, partitions=results,
+                       elapsed=time.perf_counter() - started, source=source, decided=decided)
 
 
 def choose_model(operations: Sequence[Operation], fmt: str) -> Model:
@@ -400,7 +423,7 @@ def choose_model(operations: Sequence[Operation], fmt: str) -> Model:
     return RegisterModel()
 
 
-def check_file(path: str | Path, model: Model | None = None, **options: bool) -> CheckResult:
+def check_file(path: str | Path, model: Model | None = None, **options: Any) -> CheckResult:
     """Check a history file in any supported format (JSONL, etcd log, EDN)."""
     fmt = detect_format(path)
     operations = load_operations(path, fmt)

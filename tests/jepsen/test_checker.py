@@ -106,7 +106,7 @@ def test_reference_failure_is_explained() -> None:
     assert "NOT linearizable" in text and "longest linearizable prefix" in text
 
 
-def test_stop_at_first_failure_leaves_other_partitions_unfinished_or_checked() -> None:
+def test_every_partition_is_checked_when_asked() -> None:
     result = check_file(_reference_dir("kv") / "c10-bad.txt", stop_at_first_failure=False)
     assert not result.ok
     assert all(p.ok is not None for p in result.partitions)
@@ -435,3 +435,23 @@ def test_result_reads_well() -> None:
     result: CheckResult = check(WRITE_THEN_READ, RegisterModel())
     assert str(result).startswith("linearizable as a cas-register")
     assert "model state after it: 2" in str(check(STALE_READ, RegisterModel()))
+
+
+def test_time_limit_leaves_the_verdict_undecided() -> None:
+    writers = range(10)
+    history = ops(*[(p, "invoke", "write", p) for p in writers],
+                  *[(p, "ok", "write", p) for p in writers],
+                  (99, "invoke", "read", None), (99, "ok", "read", 42))
+    full = check(history, RegisterModel())
+    assert full.decided and not full.ok
+    cut = check(history, RegisterModel(), time_limit=0)
+    assert not cut.decided and not cut.ok
+    assert cut.partitions[0].ok is None
+    assert "UNDECIDED" in str(cut)
+
+
+def test_all_partitions_of_a_bad_history_within_a_time_limit() -> None:
+    result = check_file(_reference_dir("kv") / "c50-bad.txt", stop_at_first_failure=False,
+                        time_limit=2)
+    assert not result.ok and result.decided  # a counterexample settles it
+    assert len(result.failures) >= 1
