@@ -74,7 +74,7 @@ class Cluster:
         return rd
 
     def deliver(self, m: Message) -> None:
-        if m.to in self.down or (m.frm, m.to) in self.blocked or m.type in self.drop_types:
+        if m.to not in self.nodes or (m.frm, m.to) in self.blocked or m.type in self.drop_types:
             return
         self.delivered.append(m)
         self.nodes[m.to].step(m)

@@ -1,0 +1,46 @@
+"""The simulator has teeth: each planted bug is caught within the CI seed budget.
+
+Each bug is switched on through Config.testing_bugs (kvstore/raft/faults.py)
+and the simulator must report a violation, by name of the property the bug
+breaks, somewhere in the first KVSTORE_SIM_SEEDS seeds.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from kvstore.raft import faults
+
+from .runner import default_jobs, run_range
+
+BUDGET = int(os.environ.get("KVSTORE_SIM_SEEDS", "3000"))
+
+EXPECTED = {
+    faults.COMMIT_OLD_TERM: ("not safe", "leader completeness", "state machine safety"),
+    faults.VOTE_WITHOUT_LOG_CHECK: ("leader completeness", "not safe", "state machine safety", "log matching"),
+    faults.VOTE_BEFORE_PERSIST: ("election safety", "log matching"),
+    faults.READ_WITHOUT_HEARTBEAT: ("stale read",),
+}
+
+
+@pytest.mark.parametrize("bug", faults.ALL)
+def test_planted_bug_is_caught(bug):
+    found = None
+    step = 200
+    for start in range(0, BUDGET, step):  # in order, so the first catch is the smallest seed
+        _, failures, _, _ = run_range(start, min(step, BUDGET - start), bugs=frozenset({bug}),
+                                      jobs=default_jobs(), stop_on_fail=True)
+        if failures:
+            found = failures[0]
+            break
+    assert found is not None, f"planted bug {bug} not caught in {BUDGET} seeds"
+    seed, report = found
+    print(f"{bug}: caught at seed {seed}")
+    assert any(word in report for word in EXPECTED[bug]), report
+    assert f"--bug {bug}" in report
+
+
+def test_without_planted_bugs_the_same_seeds_pass():
+    _, failures, _, _ = run_range(0, 60, jobs=default_jobs())
+    assert not failures, failures[0][1]
