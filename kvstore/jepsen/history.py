@@ -155,7 +155,7 @@ def pair_events(events: Iterable[Event]) -> list[Operation]:
     superseded by a new invoke from the same process, become ``info``.
     """
     open_calls: dict[Any, tuple[int, Event]] = {}
-    slots: list[Operation | Event] = []
+    slots: list[Operation | None] = []  # one per invoke, filled when it closes
 
     def close(slot: int, invoke: Event, completion: Event | None) -> None:
         if completion is None:
@@ -171,7 +171,7 @@ def pair_events(events: Iterable[Event]) -> list[Operation]:
             if event.process in open_calls:
                 close(*open_calls.pop(event.process), None)
             open_calls[event.process] = (len(slots), event)
-            slots.append(event)
+            slots.append(None)
             continue
         if event.process not in open_calls:
             raise HistoryError(f"event {position}: {event.type} from process {event.process!r} "
@@ -183,7 +183,7 @@ def pair_events(events: Iterable[Event]) -> list[Operation]:
         close(slot, invoke, event)
     for slot, invoke in open_calls.values():
         close(slot, invoke, None)
-    return slots  # type: ignore[return-value]  # every slot was closed above
+    return [op for op in slots if op is not None]  # every slot was closed above
 
 
 def load_jsonl(path: str | Path) -> list[Operation]:
