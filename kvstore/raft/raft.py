@@ -72,8 +72,11 @@ class Raft:
         self.term = hs.term
         self.vote = hs.vote
         commit = max(hs.commit, cfg.applied)
-        if commit:
-            self.log.commit_to(min(commit, self.log.last_index()))
+        if commit > self.log.last_index():
+            # the durable log lost entries that were committed (or applied): never guess
+            raise ValueError(f"storage is inconsistent: commit/applied {commit} beyond last index "
+                             f"{self.log.last_index()}")
+        self.log.commit_to(commit)
         if cfg.applied:
             self.log.applied_to(cfg.applied)
 
