@@ -27,8 +27,8 @@ from rich.table import Table
 
 from kvstore.server.config import DEFAULT_BASE_CLIENT_PORT, DEFAULT_BASE_PEER_PORT, default_client_addr
 
-console = Console()
-err_console = Console(stderr=True)
+console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 DEFAULT_ENDPOINTS = ",".join(default_client_addr(i) for i in (1, 2, 3))
 

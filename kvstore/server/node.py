@@ -91,6 +91,7 @@ class Node:
         self.draining = False  # shutting down: refuse new requests
         self._wake = asyncio.Event()
         self._leader_changed = asyncio.Event()
+        self._unsynced_hard_state = None  # a commit-only hard state not yet written (see _persist)
         self._sm_readable = asyncio.Event()
         self._sm_readable.set()
         self._tasks: list[asyncio.Task] = []
@@ -161,6 +162,8 @@ class Node:
         self.read_index.fail_all(shutting_down())
         if self.transport:
             await self.transport.stop()
+        if self.log is not None and self._unsynced_hard_state is not None:
+            await self._in_storage(self.log.append, [], self._unsynced_hard_state)
         if self.sm is not None:
             await self._in_storage(self.sm.close)
         if self.log is not None:
@@ -189,8 +192,13 @@ class Node:
             self._wake.clear()
             while self.raw.has_ready() and not self._stopped:
                 rd = self.raw.ready()
+                t0 = time.monotonic()
                 try:
                     await self._handle_ready(rd)
+                    if log.isEnabledFor(logging.DEBUG):
+                        log.debug("ready: %d entries, %d committed, %d+%d messages, %.1f ms",
+                                  len(rd.entries), len(rd.committed_entries), len(rd.messages),
+                                  len(rd.persisted_messages), (time.monotonic() - t0) * 1000)
                 except asyncio.CancelledError:
                     raise
                 except Exception as e:  # a storage failure: never continue on a log we cannot trust
@@ -211,13 +219,26 @@ class Node:
 
         if rd.snapshot is not None and not rd.snapshot.is_empty():
             await self._install_snapshot(rd.snapshot)
-        if rd.entries or rd.hard_state is not None:
-            await self._in_storage(self.log.append, rd.entries, rd.hard_state)
+        await self._persist(rd)
 
         self.transport.send(rd.persisted_messages)
 
         if rd.committed_entries:
             await self._apply(rd.committed_entries)
+
+    async def _persist(self, rd) -> None:
+        """Entries and hard state: one write, one fdatasync.
+
+        A hard state whose only change is the commit index needs no fsync of
+        its own (raft relearns the commit index from the leader, and restarts
+        from at least the state machine's durable applied index), so it waits
+        and rides along with the next write of entries or term/vote.
+        """
+        if rd.hard_state is not None:
+            self._unsynced_hard_state = rd.hard_state
+        if rd.entries or rd.must_sync:
+            hs, self._unsynced_hard_state = self._unsynced_hard_state, None
+            await self._in_storage(self.log.append, rd.entries, hs)
 
     def _on_soft_state(self, leader_id: int, role: StateRole) -> None:
         was_leader = self.role == StateRole.LEADER

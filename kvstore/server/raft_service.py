@@ -7,6 +7,7 @@ to install it (in a Ready) the image is complete and durable on disk.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from kvstore.v1 import raft_pb2, raft_pb2_grpc
@@ -45,12 +46,12 @@ class RaftService(raft_pb2_grpc.RaftServicer):
                     meta = message.snapshot.metadata
                     writer = self.node.snapshots.receive(meta.index, meta.term, meta.conf_state.voters)
                 if chunk.data:
-                    writer.write(chunk.data)
+                    await asyncio.to_thread(writer.write, chunk.data)
                 if chunk.last:
                     break
             if message is None or writer is None:
                 return raft_pb2.SnapshotAck(ok=False, error="empty snapshot stream")
-            writer.commit()
+            await asyncio.to_thread(writer.commit)  # fsync + verify, off the event loop
             writer = None
         except Exception as e:
             log.warning("receiving a snapshot failed: %r", e)

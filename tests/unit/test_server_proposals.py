@@ -38,17 +38,20 @@ def test_read_index_batches_reads():
         asked = []
         ri = ReadIndex(asked.append, timeout_s=5, timeout_error=lambda: RequestFailed(None, "t", not_applied=True))
         ri.on_applied(10)
-        r1, r2 = ri.wait(), ri.wait()
-        assert len(asked) == 1  # one confirmation for both
-        r3 = ri.wait()  # arrives while the first is in flight: next batch
+        r1 = ri.wait()  # nothing in flight: its confirmation starts at once
+        assert len(asked) == 1
+        r2, r3 = ri.wait(), ri.wait()  # arrive while the first is in flight: they share the next one
         assert len(asked) == 1
         ri.on_read_state(12, asked[0])
         assert len(asked) == 2
         assert not r1.done()  # applied 10 < read index 12
         ri.on_applied(12)
-        assert await r1 == 12 and await r2 == 12
-        ri.on_read_state(12, asked[1])
-        assert await r3 == 12
+        assert await r1 == 12
+        assert not r2.done()
+        ri.on_read_state(13, asked[1])
+        ri.on_applied(13)
+        assert await r2 == 13 and await r3 == 13
+        assert ri.batches_started == 2
 
     asyncio.run(main())
 
