@@ -106,6 +106,7 @@ class Node:
         self.log = await self._in_storage(RaftLog.open, os.path.join(d, "wal"), self.cfg.wal_segment_bytes)
         self.sm = await self._in_storage(StateMachine.open, os.path.join(d, "db"))
         self.snapshots = SnapshotStore(os.path.join(d, "snap"))
+        await self._reconcile_storage()
         snap = self.log.snapshot()
         self.snapshot_index = snap.metadata.index
         raft_cfg = Config(
@@ -136,6 +137,33 @@ class Node:
             asyncio.create_task(self._tick_loop(), name="tick"),
             asyncio.create_task(self._ready_loop(), name="ready"),
         ]
+
+    async def _reconcile_storage(self) -> None:
+        """Repair the one gap a crash can leave between the log and the state machine.
+
+        Installing a received snapshot is two steps (state machine, then log).
+        A crash between them leaves the state machine ahead of the log's last
+        index: finish the second step. A state machine behind the log's base
+        (e.g. LMDB lost its last unsynced batch while the log was compacted
+        past it) reinstalls the newest local snapshot.
+        """
+        applied = self.sm.applied_index
+        if applied > self.log.last_index():
+            for index, term, voters, _path in reversed(self.snapshots.list()):
+                if index == applied:
+                    log.warning("finishing an interrupted snapshot install at index %d", index)
+                    meta = SnapshotMetadata(index=index, term=term, conf_state=ConfState(voters=list(voters)))
+                    await self._in_storage(self.log.apply_snapshot, meta)
+                    return
+            fatal(f"state machine applied index {applied} is past the log ({self.log.last_index()}) "
+                  "and no snapshot at that index exists")
+        if applied < self.log.first_index() - 1:
+            latest = self.snapshots.latest()
+            if latest is None or latest[0] < self.log.first_index() - 1:
+                fatal(f"state machine applied index {applied} is behind the log's base "
+                      f"{self.log.first_index() - 1} and no snapshot covers the gap")
+            log.warning("state machine behind the log; reinstalling snapshot %d", latest[0])
+            await self._in_storage(self.sm.install_snapshot, latest[3])
 
     async def shutdown(self, transfer_timeout: float = 3.0, drain_timeout: float = 2.0) -> None:
         """Hand over leadership, let in-flight writes finish, stop the loops."""
