@@ -391,15 +391,16 @@ def leader_transfer(ctx, target: int) -> None:
     console.print(f"leader is now member {new}", highlight=False)
 
 
-def _add_optional_groups() -> None:
-    try:
-        from kvstore.jepsen.cli import jepsen
-    except ImportError:
-        return
+def _add_subcommand_groups() -> None:
+    """`kvstore jepsen ...` and `kvstore bench` live in their own packages."""
+    from kvstore.bench import bench
+    from kvstore.jepsen.cli import jepsen
+
     main.add_command(jepsen)
+    main.add_command(bench)
 
 
-_add_optional_groups()
+_add_subcommand_groups()
 
 
 if __name__ == "__main__":
