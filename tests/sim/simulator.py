@@ -421,8 +421,13 @@ class Simulation:
         elif r < 0.95:
             up = self.up()
             if len(up) > 0:
-                victim = self.leader() if rng.random() < 0.3 and self.leader() else rng.choice(up)
-                self.crash(victim, "kill")
+                syncing = [i for i in up if self.nodes[i].pending is not None]
+                x = rng.random()
+                if syncing and x < 0.4:
+                    self.crash(rng.choice(syncing), "kill during fsync")  # the widest window for lost promises
+                else:
+                    victim = self.leader() if x < 0.7 and self.leader() else rng.choice(up)
+                    self.crash(victim, "kill")
         # else: nothing this time
 
     def partition(self, a, b, what: str) -> None:
