@@ -76,7 +76,7 @@ OPTIONS: list[Option] = [
     Option("--snapshot-catchup-entries", int, 5000, "entries kept in the log after a snapshot, for slow followers"),
     Option("--wal-segment-bytes", int, 64 * MiB, "size of one WAL segment file"),
     # limits (etcd-like)
-    Option("--max-key-bytes", int, 4096, "largest key accepted"),
+    Option("--max-key-bytes", int, 511, "largest key accepted (at most 511: the LMDB key limit)"),
     Option("--max-value-bytes", int, 1 * MiB, "largest value accepted"),
     Option("--max-request-bytes", int, 3 * MiB // 2, "largest client request accepted"),
     Option("--max-txn-ops", int, 128, "most operations in one txn branch (and compares)"),
@@ -122,7 +122,7 @@ class ServerConfig:
     snapshot_count: int = 10000
     snapshot_catchup_entries: int = 5000
     wal_segment_bytes: int = 64 * MiB
-    max_key_bytes: int = 4096
+    max_key_bytes: int = 511
     max_value_bytes: int = 1 * MiB
     max_request_bytes: int = 3 * MiB // 2
     max_txn_ops: int = 128
@@ -203,6 +203,10 @@ def make_config(values: dict[str, Any]) -> ServerConfig:
         raise ValueError("need --tick-ms > 0 and --election-ticks > --heartbeat-ticks > 0")
     if cfg.snapshot_count <= 0 or cfg.snapshot_catchup_entries < 0:
         raise ValueError("need --snapshot-count > 0 and --snapshot-catchup-entries >= 0")
+    from kvstore.storage.keys import MAX_KEY_BYTES
+
+    if not 0 < cfg.max_key_bytes <= MAX_KEY_BYTES:
+        raise ValueError(f"--max-key-bytes must be between 1 and {MAX_KEY_BYTES} (the storage's key limit)")
     if not cfg.name:
         cfg.name = f"node{cfg.id}"
     if not cfg.data_dir:

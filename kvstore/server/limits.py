@@ -20,7 +20,7 @@ class InvalidRequest(Exception):
 
 @dataclass(frozen=True)
 class Limits:
-    max_key_bytes: int = 4096
+    max_key_bytes: int = 511
     max_value_bytes: int = 1 << 20
     max_request_bytes: int = 3 << 19  # 1.5 MiB
     max_txn_ops: int = 128

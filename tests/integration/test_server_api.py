@@ -124,7 +124,7 @@ def test_bad_input_is_refused_and_harms_nobody(cluster):
     before = kv.Range(kv_pb2.RangeRequest(key=b"\0", range_end=b"\0", count_only=True), timeout=10).header.revision
 
     expect_invalid(lambda: kv.Put(kv_pb2.PutRequest(key=b"k" * 5000, value=b"v"), timeout=10),
-                   "key is 5000 bytes; the limit is 4096 (--max-key-bytes)")
+                   "key is 5000 bytes; the limit is 511 (--max-key-bytes)")
     expect_invalid(lambda: kv.Put(kv_pb2.PutRequest(key=b"big", value=b"v" * (MiB + 1)), timeout=10),
                    f"value is {MiB + 1} bytes; the limit is {MiB} (--max-value-bytes)")
     expect_invalid(lambda: kv.Put(kv_pb2.PutRequest(key=b"", value=b"v"), timeout=10), "key must not be empty")

@@ -12,7 +12,7 @@ def put(key=b"k", value=b"v"):
 
 
 def test_key_too_long_names_flag_and_size():
-    with pytest.raises(InvalidRequest, match=r"key is 5000 bytes; the limit is 4096 \(--max-key-bytes\)"):
+    with pytest.raises(InvalidRequest, match=r"key is 5000 bytes; the limit is 511 \(--max-key-bytes\)"):
         L.check_put(put(key=b"k" * 5000))
 
 

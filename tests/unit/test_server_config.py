@@ -11,7 +11,7 @@ def test_defaults_are_member_1_of_the_local_cluster():
     assert cfg.peers == {1: "127.0.0.1:2380", 2: "127.0.0.1:2480", 3: "127.0.0.1:2580"}
     assert cfg.listen_client_addr == "127.0.0.1:2379"
     assert cfg.data_dir.endswith("node1")
-    assert (cfg.max_key_bytes, cfg.max_value_bytes, cfg.max_request_bytes) == (4096, 1 << 20, 3 << 19)
+    assert (cfg.max_key_bytes, cfg.max_value_bytes, cfg.max_request_bytes) == (511, 1 << 20, 3 << 19)
     assert (cfg.max_txn_ops, cfg.max_batch_ops, cfg.snapshot_count) == (128, 1024, 10000)
     assert not cfg.testing_unsafe_local_reads and not cfg.testing_ack_before_commit
 
