@@ -376,7 +376,9 @@ def main() -> int:
                            extra_args=a.node_args.split())
     report: dict = {"secs": a.secs, "procs": a.procs, "points": []}
     try:
-        console.print(f"starting etcd and kvstore clusters in {workdir}")
+        console.print(f"starting etcd and kvstore clusters in {workdir}; "
+                      f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+        report["loadavg_start"] = os.getloadavg()
         etcd.start()
         cluster.start()
         cluster.wait_for_leader(30)
@@ -401,6 +403,9 @@ def main() -> int:
                 report["points"].append({"etcd": e.as_dict(), "kvstore": kv.as_dict(),
                                          "unary": u.as_dict() if u else None, "term_moved": rows[-1].term_moved})
         print_table(rows)
+        report["loadavg_end"] = os.getloadavg()
+        console.print(f"load average now {os.getloadavg()[0]:.1f} (a busy machine starves both sides, not equally: "
+                      "compare ratios between runs with care)")
 
         rss = Table(title="peak RSS per node (VmHWM, MiB)")
         rss.add_column("system")
