@@ -487,6 +487,11 @@ async def _invoke(workload: Workload, store: Store, recorder: Recorder, process:
         outcome, value = await asyncio.wait_for(workload.apply(store, op), timeout)
     except Exception as error:  # includes asyncio.TimeoutError: unknown for a mutation
         outcome = store.outcome_of(error, mutation)
+        if outcome == FAIL and op.f in workload.answered_fails:
+            # "Not applied" (e.g. every attempt met "no leader" during an election)
+            # is no failed compare: as a cas ``fail`` it would claim the register
+            # did not hold the expected value. Unknown is what we know.
+            outcome = INFO
         value = op.value if mutation else None
     recorder.complete(process, outcome, value)
     return outcome

@@ -12,7 +12,11 @@
 Workloads talk to a :class:`Store` (the harness's narrow view of the client),
 so they can be unit-tested against an in-memory store. Outcomes follow the
 history schema: ``ok`` it happened, ``fail`` it certainly did not (a failed
-compare, an error the server marks as not applied), ``info`` unknown.
+compare, an error the server marks as not applied), ``info`` unknown. For a
+function in ``answered_fails`` (a register's cas) ``fail`` says more than "did
+not happen": the compare did not match. An error, even one proving the call
+was not applied, says nothing about the compare, so the runner records it as
+``info`` there.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from kvstore.jepsen.history import FAIL, INFO, OK, Event, Operation, pair_events
+from kvstore.jepsen.models import RegisterModel
 
 PREFIX = "jepsen/"
 
@@ -70,6 +75,9 @@ class Workload:
 
     name = "workload"
     mutations: frozenset[str] = frozenset()
+    #: functions whose ``fail`` is an answer the checker holds the history to
+    #: (the model's ``definite_fail_functions``), not just "it did not happen"
+    answered_fails: frozenset[str] = frozenset()
 
     def __init__(self, seed: int | None = None) -> None:
         self.rng = random.Random(seed)
@@ -100,6 +108,7 @@ class RegisterWorkload(Workload):
 
     name = "register"
     mutations = frozenset({"write", "cas"})
+    answered_fails = RegisterModel.definite_fail_functions  # a cas fail: the compare did not match
 
     def __init__(self, seed: int | None = None, keys: int = 3, ops_per_key: int = 200,
                  values: int = 5, read_ratio: float = 0.5) -> None:
@@ -150,7 +159,6 @@ class RegisterWorkload(Workload):
 
     def check(self, events: Sequence[Event]) -> Verdict:
         from kvstore.jepsen.checker import check
-        from kvstore.jepsen.models import RegisterModel
 
         # Every key to the end (not just the first counterexample): runs are small,
         # and the report should list every key that went wrong.

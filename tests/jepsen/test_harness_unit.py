@@ -21,8 +21,9 @@ from kvstore.jepsen.history import FAIL, INFO, OK, load_jsonl
 from kvstore.jepsen.proxy import ProxyNetwork
 from kvstore.jepsen.recorder import Recorder, load_faults
 from kvstore.jepsen.report import write_report
-from kvstore.jepsen.runner import _final_reads, _worker, summarize, write_results, RunConfig
-from kvstore.jepsen.workloads import (BankWorkload, RegisterWorkload, SetWorkload, check_set,
+from kvstore.jepsen.runner import (_final_reads, _invoke, _worker, outcome_of, summarize,
+                                   write_results, RunConfig)
+from kvstore.jepsen.workloads import (BankWorkload, Op, RegisterWorkload, SetWorkload, check_set,
                                       make_workload)
 
 
@@ -192,6 +193,34 @@ def test_register_valid_on_a_correct_store_and_caught_on_stale_reads() -> None:
     verdict = bad.check(drive(bad, MemoryStore(1, stale=0.3)).events)
     assert not verdict.valid and verdict.details["nonlinearizable_keys"]
     assert "NOT linearizable" in verdict.details["explanation"]
+
+
+def test_cas_refused_without_being_applied_is_not_a_failed_compare() -> None:
+    """During an election every attempt of a cas can meet "no leader" (not applied) until
+    its deadline: the client raises with maybe_applied=False. The cas certainly did
+    not happen, but a cas ``fail`` in the history says "the compare did not match",
+    and here the register did hold the expected value: recorded as ``fail``, a
+    correct store was judged NOT linearizable. It must be ``info``."""
+    from kvstore.client import errors
+
+    class NoLeaderForCas(MemoryStore):
+        async def cas(self, key: str, expected: str, new: str) -> bool:
+            raise errors.DeadlineExceeded(12, {"n1:2379": "UNAVAILABLE: no leader"}, timeout=0.5,
+                                          maybe_applied=False)
+
+        def outcome_of(self, error: BaseException, mutation: bool) -> str:
+            return outcome_of(error, mutation)  # the real runner's classification
+
+    workload, store, recorder = RegisterWorkload(seed=1), NoLeaderForCas(1), Recorder()
+
+    async def main() -> list[str]:
+        return [await _invoke(workload, store, recorder, process, op, 5.0) for process, op in
+                enumerate([Op("write", 0, 2), Op("cas", 0, [2, 1]), Op("read", 0)])]
+    assert asyncio.run(main()) == [OK, INFO, OK]
+    # A refused write is still a plain fail (it did not happen), as is a refused read.
+    assert outcome_of(errors.NoEndpointAnswered(3, {}, maybe_applied=False), mutation=True) == FAIL
+    verdict = workload.check(recorder.events)
+    assert verdict.valid, verdict.details["explanation"]
 
 
 def test_set_reports_lost_elements() -> None:
