@@ -34,6 +34,10 @@ class ReadIndex:
     def wait(self) -> asyncio.Future:
         """A future resolved once a linearizable read may be served locally."""
         fut = asyncio.get_running_loop().create_future()
+        # The reader may be gone (its deadline passed, its RPC was cancelled) when the
+        # batch fails: mark the error seen, or asyncio logs "Future exception was
+        # never retrieved" with a traceback for every such read.
+        fut.add_done_callback(_retrieve_exception)
         self._queued.append(fut)
         self._maybe_start()
         return fut
@@ -96,3 +100,8 @@ class ReadIndex:
         for fut in futures:
             if not fut.done():
                 fut.set_exception(error)
+
+
+def _retrieve_exception(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()

@@ -1,5 +1,6 @@
 """Proposals and ReadIndex batching, without a cluster."""
 import asyncio
+import gc
 
 import pytest
 
@@ -72,3 +73,23 @@ def test_read_index_fail_pending_and_timeout():
             await r2
 
     asyncio.run(main())
+
+
+def test_read_index_failing_an_abandoned_read_logs_nothing():
+    """A reader whose deadline passed before its batch failed (no leader) is gone;
+    the failure must not be logged as an unretrieved exception with a traceback."""
+    unretrieved = []
+
+    async def main():
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: unretrieved.append(ctx))
+        ri = ReadIndex(lambda ctx: None, timeout_s=5, timeout_error=lambda: RequestFailed(None, "t", not_applied=True))
+        fut = ri.wait()
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(fut), 0.01)  # as Node.read_barrier waits
+        ri.fail_pending(leadership_lost())
+        del fut
+        gc.collect()
+
+    asyncio.run(main())
+    gc.collect()
+    assert unretrieved == []
