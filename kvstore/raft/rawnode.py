@@ -44,6 +44,15 @@ class RawNode:
     def propose(self, data: bytes) -> None:
         self.raft.propose([Entry(term=0, index=0, type=EntryType.NORMAL, data=data)])
 
+    def propose_batch(self, datas: list[bytes]) -> None:
+        """Propose many entries at once: one append to the log, one AppendEntries per follower.
+
+        All or nothing: if the core refuses (not leader, transfer, too many
+        uncommitted bytes) ProposalDropped is raised and none is appended.
+        """
+        if datas:
+            self.raft.propose([Entry(term=0, index=0, type=EntryType.NORMAL, data=d) for d in datas])
+
     def propose_conf_change(self, cc: ConfChange) -> None:
         self.raft.propose_conf_change(cc)
 

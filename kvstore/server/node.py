@@ -4,7 +4,10 @@ Follow a write from the client to the fsync and back:
 
 1. `kv_service` validates the request and calls `Node.propose`, which wraps
    the ops in a `Command` (with a fresh proposal id), registers a waiter in
-   `Proposals`, hands the bytes to `RawNode.propose` and wakes the loop.
+   `Proposals`, queues the bytes and wakes the loop. Before each `Ready` the
+   loop hands everything queued since the last one to `RawNode.propose_batch`:
+   N concurrent puts become N entries in one log append and one AppendEntries
+   per follower, not N of each.
 2. `_ready_loop` takes a `Ready` and, in this order (etcd's loop):
    - sends `messages` now: the leader's AppendEntries leave before its own
      fsync, so replication and local persistence overlap;
@@ -97,6 +100,7 @@ class Node:
         self._tasks: list[asyncio.Task] = []
         self._stopped = False
         self._in_ready = False
+        self._queued: list[tuple[int, bytes]] = []  # (proposal id, Command bytes) for the next batch
 
     # ------------------------------------------------------------------ start / stop
 
@@ -218,6 +222,7 @@ class Node:
         while not self._stopped:
             await self._wake.wait()
             self._wake.clear()
+            self._propose_queued()
             while self.raw.has_ready() and not self._stopped:
                 rd = self.raw.ready()
                 t0 = time.monotonic()
@@ -234,6 +239,20 @@ class Node:
                 self.raw.advance(rd)
                 self.read_index.on_applied(self.sm.applied_index)
                 await self._maybe_snapshot()
+                self._propose_queued()
+
+    def _propose_queued(self) -> None:
+        """Hand every proposal queued while the loop was busy to raft as one batch."""
+        if not self._queued:
+            return
+        batch, self._queued = self._queued, []
+        try:
+            self.raw.propose_batch([data for _pid, data in batch])
+        except ProposalDropped as e:
+            err = self.redirect() if not self.is_leader else \
+                not_applied(grpc.StatusCode.UNAVAILABLE, f"proposal dropped: {e}")
+            for pid, _data in batch:
+                self.proposals.fail(pid, err)
 
     async def _handle_ready(self, rd) -> None:
         if rd.soft_state is not None:
@@ -276,6 +295,7 @@ class Node:
             self._leader_changed = asyncio.Event()
         self.leader_id, self.role = leader_id, role
         if was_leader and role != StateRole.LEADER:
+            self._queued.clear()  # their waiters fail just below; never propose them in a later term
             self.proposals.fail_all(leadership_lost())
             self.read_index.fail_pending(self.redirect())
 
@@ -393,13 +413,7 @@ class Node:
             cmd.request_id.CopyFrom(request_id)
             key = (request_id.client_id, request_id.seq)
         fut = self.proposals.register(pid, self.term, key)
-        try:
-            self.raw.propose(cmd.SerializeToString())
-        except ProposalDropped as e:
-            self.proposals.forget(pid)
-            if not self.is_leader:
-                raise self.redirect() from None
-            raise not_applied(grpc.StatusCode.UNAVAILABLE, f"proposal dropped: {e}") from None
+        self._queued.append((pid, cmd.SerializeToString()))  # proposed with the next batch
         self._wake.set()
         if self.cfg.testing_ack_before_commit:
             self.proposals.forget(pid)

@@ -63,6 +63,10 @@ class Proposals:
         for pid in [p for p, w in self._waiters.items() if w.term < term]:
             self._fail(pid, error)
 
+    def fail(self, proposal_id: int, error: RequestFailed) -> None:
+        if proposal_id in self._waiters:
+            self._fail(proposal_id, error)
+
     def fail_all(self, error: RequestFailed) -> None:
         for pid in list(self._waiters):
             self._fail(pid, error)
