@@ -26,10 +26,22 @@ def jepsen_run(out: Path, name: str, *args: str, timeout: float = 240) -> tuple[
     """Run the CLI; return its exit code, the run's summary and its directory."""
     cmd = [sys.executable, "-m", "kvstore.jepsen.cli", "run", "--nodes", "3", "--out", str(out),
            "--name", name, *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # SIGTERM unwinds the run (nodes stopped, namespaces removed); subprocess.run's
+        # SIGKILL would leave node processes and network namespaces behind.
+        proc.terminate()
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        raise
     run_dir = out / name
     summary_path = run_dir / "summary.json"
-    assert summary_path.exists(), f"no summary (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    assert summary_path.exists(), f"no summary (exit {proc.returncode}):\n{stdout}\n{stderr}"
     return proc.returncode, json.loads(summary_path.read_text()), run_dir
 
 
