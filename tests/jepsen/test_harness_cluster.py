@@ -26,6 +26,9 @@ def jepsen_run(out: Path, name: str, *args: str, timeout: float = 240) -> tuple[
     """Run the CLI; return its exit code, the run's summary and its directory."""
     cmd = [sys.executable, "-m", "kvstore.jepsen.cli", "run", "--nodes", "3", "--out", str(out),
            "--name", name, *args]
+    # Namespaces are named per run; only those that appeared during this run are its
+    # leftovers (another run, or one killed earlier, is not this run's fault).
+    namespaces_before = set(net.list_namespaces()) if net.netns_supported() is None else set()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
@@ -39,6 +42,9 @@ def jepsen_run(out: Path, name: str, *args: str, timeout: float = 240) -> tuple[
             proc.kill()
             proc.communicate()
         raise
+    if net.netns_supported() is None:
+        left = set(net.list_namespaces()) - namespaces_before
+        assert not left, f"the run left namespaces behind: {sorted(left)}"
     run_dir = out / name
     summary_path = run_dir / "summary.json"
     assert summary_path.exists(), f"no summary (exit {proc.returncode}):\n{stdout}\n{stderr}"
@@ -52,8 +58,6 @@ def assert_complete_run_dir(run_dir: Path, summary: dict[str, Any]) -> None:
     assert len(ops) == summary["ops"]["total"] > 100
     assert "<svg" in (run_dir / "report.html").read_text()
     assert any((run_dir / "logs").glob("node*.log"))
-    if net.netns_supported() is None:
-        assert net.list_namespaces() == [], "the run left namespaces behind"
 
 
 @pytest.mark.parametrize("nemesis", ["partition", "kill", "pause"])
