@@ -449,6 +449,8 @@ async def _run_async(config: RunConfig, mode: str, run_dir: Path, procs: NodePro
     timings["check"] = time.monotonic() - check_started
     timings["total"] = time.monotonic() - started
     summary = summarize(config, mode, recorder, watch, verdict, timings, notes)
+    if mode == "netns":  # so a test can tell this run's leftovers from another run's namespaces
+        summary["namespaces"] = [network.control_namespace, *map(network.namespace, procs.nodes)]
     write_results(run_dir, verdict, summary)
     from kvstore.jepsen.report import write_report
 
