@@ -42,6 +42,15 @@ def to_key_value(key: bytes, raw: bytes, keys_only: bool = False) -> kv_pb2.KeyV
     return kv
 
 
+def add_key_value(kvs, key: bytes, raw: bytes, keys_only: bool = False) -> None:
+    """Append the KeyValue of a stored record to a repeated field, built in place."""
+    create, mod, version = _HEADER.unpack_from(raw)
+    if keys_only:
+        kvs.add(key=key, create_revision=create, mod_revision=mod, version=version)
+    else:
+        kvs.add(key=key, create_revision=create, mod_revision=mod, version=version, value=raw[HEADER_SIZE:])
+
+
 def range_end_bound(key: bytes, range_end: bytes) -> bytes | None:
     """The exclusive upper bound of a multi-key range, None for "no bound".
 

@@ -48,7 +48,7 @@ from __future__ import annotations
 import os
 import shutil
 import struct
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import lmdb
 from google.protobuf.message import DecodeError
@@ -255,11 +255,52 @@ class StateMachine:
 
     def range(self, req: kv_pb2.RangeRequest) -> kv_pb2.RangeResponse:
         """A local (serializable) read; raises InvalidRequest for a bad request."""
-        validation.check_op(kv_pb2.RequestOp(request_range=req))
+        validation.check_range(req)
         with self._env.begin() as txn:
             raw = txn.get(_META_KEY, db=self._meta)
             revision = _META.unpack(raw)[2]
-            return _range(txn, self._kv, req, revision)
+            return _range(txn, self._kv, req, revision, kv_pb2.RangeResponse())
+
+    def range_many(
+        self,
+        requests: Sequence[kv_pb2.RangeRequest],
+        out: Sequence[kv_pb2.RangeResponse] | None = None,
+        *,
+        header: kv_pb2.ResponseHeader | None = None,
+        validated: bool = False,
+    ) -> list[kv_pb2.RangeResponse | InvalidRequest]:
+        """Serve many local reads from ONE read transaction (one snapshot, one meta read).
+
+        A Batch's reads cost one LMDB transaction instead of one each. Each
+        answer is written into out[i] when given (e.g. a slot of the caller's
+        BatchResponse, so nothing is copied afterwards), otherwise into a new
+        RangeResponse. `header`, if given, is copied into every answer with the
+        revision of the snapshot read. validated=True skips the checks the
+        caller has already made; otherwise a bad request yields its
+        InvalidRequest in its place and the others are still served.
+        """
+        results: list[kv_pb2.RangeResponse | InvalidRequest] = []
+        with self._env.begin() as txn:
+            revision = _META.unpack(txn.get(_META_KEY, db=self._meta))[2]
+            if header is not None:
+                header = kv_pb2.ResponseHeader(
+                    cluster_id=header.cluster_id, member_id=header.member_id,
+                    raft_term=header.raft_term, revision=revision,
+                )
+            kv = self._kv
+            for i, req in enumerate(requests):
+                if not validated:
+                    try:
+                        validation.check_range(req)
+                    except InvalidRequest as e:
+                        results.append(e)
+                        continue
+                resp = kv_pb2.RangeResponse() if out is None else out[i]
+                _range(txn, kv, req, revision, resp)
+                if header is not None:
+                    resp.header.CopyFrom(header)
+                results.append(resp)
+        return results
 
     def get(self, key: bytes) -> kv_pb2.KeyValue | None:
         """The current record of one key, or None (convenience for tests/tools)."""
@@ -398,8 +439,8 @@ def _remove_stale_generations(root: str) -> None:
         os.unlink(tmp)
 
 
-def _range(txn, kv_db, req: kv_pb2.RangeRequest, revision: int) -> kv_pb2.RangeResponse:
-    resp = kv_pb2.RangeResponse()
+def _range(txn, kv_db, req: kv_pb2.RangeRequest, revision: int, resp: kv_pb2.RangeResponse) -> kv_pb2.RangeResponse:
+    """Fill resp (in place, so callers can hand in a slot of a larger message)."""
     resp.header.revision = revision
     key, range_end = req.key, req.range_end
     if not range_end:
@@ -407,7 +448,7 @@ def _range(txn, kv_db, req: kv_pb2.RangeRequest, revision: int) -> kv_pb2.RangeR
         if raw is not None:
             resp.count = 1
             if not req.count_only:
-                resp.kvs.append(keys.to_key_value(key, raw, req.keys_only))
+                keys.add_key_value(resp.kvs, key, raw, req.keys_only)
         return resp
     end = keys.range_end_bound(key, range_end)
     if end is not None and end <= key:
@@ -428,7 +469,7 @@ def _range(txn, kv_db, req: kv_pb2.RangeRequest, revision: int) -> kv_pb2.RangeR
                 break
             count += 1
             if not limit or count <= limit:
-                resp.kvs.append(keys.to_key_value(k, raw, req.keys_only))
+                keys.add_key_value(resp.kvs, k, raw, req.keys_only)
         resp.more = count > len(resp.kvs)
     resp.count = count
     return resp
@@ -469,7 +510,7 @@ class _Executor:
             out.response_delete_range.header.revision = self.revision
         elif kind == "request_range":
             rev = self._txn_rev or self.revision
-            out.response_range.CopyFrom(_range(self.txn, self._kv, op.request_range, rev))
+            _range(self.txn, self._kv, op.request_range, rev, out.response_range)
         else:
             self._txn(op.request_txn, out.response_txn)
         return out

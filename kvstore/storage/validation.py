@@ -45,10 +45,7 @@ def check_op(op: kv_pb2.RequestOp, depth: int = 0) -> None:
     """Raise InvalidRequest naming what is wrong with one op (recursively)."""
     kind = op.WhichOneof("request")
     if kind == "request_range":
-        r = op.request_range
-        _check_key(r.key, "key")
-        if r.limit < 0:
-            raise InvalidRequest("range limit must be >= 0")
+        check_range(op.request_range)
     elif kind == "request_put":
         p = op.request_put
         _check_key(p.key, "key")
@@ -60,6 +57,13 @@ def check_op(op: kv_pb2.RequestOp, depth: int = 0) -> None:
         _check_txn(op.request_txn, depth + 1)
     else:
         raise InvalidRequest("empty RequestOp (no range, put, delete_range or txn)")
+
+
+def check_range(r: kv_pb2.RangeRequest) -> None:
+    """check_op for a bare RangeRequest (no wrapping RequestOp to build)."""
+    _check_key(r.key, "key")
+    if r.limit < 0:
+        raise InvalidRequest("range limit must be >= 0")
 
 
 def _check_key(key: bytes, what: str) -> None:

@@ -97,6 +97,29 @@ def test_ranges(sm, log):
         sm.range(kv_pb2.RangeRequest(key=b""))
 
 
+def test_range_many_matches_range(sm, log):
+    """One read transaction for many reads: same answers as range(), errors per request."""
+    log(cmd(*[put(k, k.upper()) for k in (b"a", b"ab", b"b")]))
+    reqs = [
+        kv_pb2.RangeRequest(key=b"a", range_end=b"\0", limit=2),
+        kv_pb2.RangeRequest(key=b""),
+        kv_pb2.RangeRequest(key=b"b", keys_only=True),
+        kv_pb2.RangeRequest(key=b"zz"),
+    ]
+    got = sm.range_many(reqs)
+    assert isinstance(got[1], InvalidRequest)
+    for i in (0, 2, 3):
+        assert got[i] == sm.range(reqs[i])
+    batch = kv_pb2.BatchResponse()
+    slots = [batch.results.add().response.response_range for _ in range(2)]
+    hdr = kv_pb2.ResponseHeader(cluster_id=9, member_id=2, raft_term=4, revision=1)
+    out = sm.range_many([reqs[0], reqs[2]], slots, header=hdr, validated=True)
+    assert out[0] is slots[0] or out[0] == slots[0]
+    assert batch.results[1].response.response_range.kvs[0].key == b"b"
+    assert batch.results[0].response.response_range.header == kv_pb2.ResponseHeader(
+        cluster_id=9, member_id=2, raft_term=4, revision=3)  # the revision read, not the template's
+
+
 def test_compares(sm, log):
     log(cmd(put(b"k", b"m")))
 
