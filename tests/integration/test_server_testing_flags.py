@@ -20,7 +20,11 @@ def test_unsafe_flags(tmp_path):
         leader = settled(lc)
         follower = next(i for i in lc.ids if i != leader)
         kv_stub(lc.client_addr(leader)).Put(kv_pb2.PutRequest(key=b"k", value=b"v"), timeout=10)
-        settled(lc)
+        # Acknowledged before it committed: "every member at the same applied index" can
+        # still be the index before the put. Wait for the follower to have applied it.
+        local = kv_pb2.RangeRequest(key=b"k", serializable=True)
+        lc.wait_for(lambda: kv_stub(lc.client_addr(follower)).Range(local, timeout=10).kvs, 60,
+                    "the follower applying the put")
         # a follower answers a linearizable read itself instead of redirecting
         got = kv_stub(lc.client_addr(follower)).Range(kv_pb2.RangeRequest(key=b"k"), timeout=10)
         assert got.header.member_id == follower and got.kvs[0].value == b"v"

@@ -32,8 +32,10 @@ def test_every_acknowledged_entry_survives_sigkill(tmp_path):
     deadline = time.monotonic() + 55
     rounds = 0
     while rounds < ROUNDS and time.monotonic() < deadline:
+        # Unbuffered: a buffered readline() below would read ahead acknowledgements that
+        # communicate() (which reads the pipe's fd directly) then never sees.
         proc = subprocess.Popen([sys.executable, os.path.join(HERE, "wal_crash_writer.py"), path, str(rounds)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
         # wait until it is writing, then kill at a random moment
         first_line = proc.stdout.readline()
         assert first_line.startswith(b"R "), proc.stderr.read().decode()
