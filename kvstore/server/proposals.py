@@ -43,6 +43,9 @@ class Proposals:
 
     def register(self, proposal_id: int, term: int, request_key: tuple[int, int]) -> asyncio.Future:
         fut = asyncio.get_running_loop().create_future()
+        # Failed in the same loop turn as its caller gave up (deadline, cancelled RPC): nobody
+        # reads the error, and asyncio would log it with a traceback.
+        fut.add_done_callback(_retrieve_exception)
         self._waiters[proposal_id] = _Waiter(fut, term, request_key)
         return fut
 
@@ -75,3 +78,8 @@ class Proposals:
         w = self._waiters.pop(pid)
         if not w.future.done():
             w.future.set_exception(error)
+
+
+def _retrieve_exception(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()

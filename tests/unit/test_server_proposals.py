@@ -93,3 +93,19 @@ def test_read_index_failing_an_abandoned_read_logs_nothing():
     asyncio.run(main())
     gc.collect()
     assert unretrieved == []
+
+
+def test_failing_an_abandoned_proposal_logs_nothing():
+    unretrieved = []
+
+    async def main():
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: unretrieved.append(ctx))
+        p = Proposals(1)
+        fut = p.register(p.next_id(), 1, (7, 1))
+        p.fail_all(leadership_lost())  # its caller had just given up
+        del fut
+        gc.collect()
+
+    asyncio.run(main())
+    gc.collect()
+    assert unretrieved == []
