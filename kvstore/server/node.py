@@ -16,15 +16,17 @@ Follow a write from the client to the fsync and back:
      storage thread). Proposals arriving meanwhile are stepped into raft and
      form the next batch: that is the group commit;
    - sends `persisted_messages` (votes, acks), which promise what is now on disk;
-   - applies the committed entries with one `StateMachine.apply` (one LMDB
-     transaction) and gives each result to the waiting client;
+   - starts applying the committed entries with one `StateMachine.apply` (one
+     LMDB transaction) on the apply thread, without waiting for it: the next
+     Ready's WAL fsync overlaps this apply (see `_start_apply`);
    - advances the core, and takes a snapshot (and compacts the log) every
      `--snapshot-count` entries.
-3. The waiter resolves, and `kv_service` answers the client.
+3. When the apply finishes, each result goes to its waiting client (only
+   then: a put is acknowledged after it is applied), and `kv_service` answers.
 
-Everything that touches the RawNode runs on the event loop thread; only the
-blocking storage calls (fsync, LMDB commit, snapshot copy) go to a single
-storage thread, one at a time.
+Everything that touches the RawNode runs on the event loop thread; the
+blocking calls go to two threads: the storage thread (WAL fsync, snapshot
+copy) and the apply thread (LMDB transactions), each one call at a time.
 """
 from __future__ import annotations
 
@@ -77,6 +79,8 @@ class Node:
         self.id = cfg.id
         self.member_ids = cfg.member_ids
         self.storage_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="storage")
+        self.apply_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="apply")
+        self._applying: asyncio.Future | None = None  # the one apply in flight (see _start_apply)
         self.log: RaftLog | None = None
         self.sm: StateMachine | None = None
         self.snapshots: SnapshotStore | None = None
@@ -108,6 +112,10 @@ class Node:
         d = self.cfg.data_dir
         os.makedirs(d, exist_ok=True)
         self.log = await self._in_storage(RaftLog.open, os.path.join(d, "wal"), self.cfg.wal_segment_bytes)
+        # LMDB keeps sync=True, metasync=False (MDB_NOMETASYNC): one fdatasync per apply batch, which
+        # is off the critical path since applies are pipelined. MDB_NOSYNC would save it, but LMDB's
+        # docs say a system crash can then corrupt the database (unless the filesystem preserves
+        # write order), and a corrupt state machine is not recoverable by WAL replay.
         self.sm = await self._in_storage(StateMachine.open, os.path.join(d, "db"))
         self.snapshots = SnapshotStore(os.path.join(d, "snap"))
         await self._reconcile_storage()
@@ -194,6 +202,7 @@ class Node:
         self.read_index.fail_all(shutting_down())
         if self.transport:
             await self.transport.stop()
+        await self._drain_apply()
         if self.log is not None and self._unsynced_hard_state is not None:
             await self._in_storage(self.log.append, [], self._unsynced_hard_state)
         if self.sm is not None:
@@ -201,6 +210,7 @@ class Node:
         if self.log is not None:
             await self._in_storage(self.log.close)
         self.storage_thread.shutdown(wait=True)
+        self.apply_thread.shutdown(wait=True)
         log.info("member %d stopped", self.id)
 
     # ------------------------------------------------------------------ the loops
@@ -271,7 +281,7 @@ class Node:
         self.transport.send(rd.persisted_messages)
 
         if rd.committed_entries:
-            await self._apply(rd.committed_entries)
+            await self._start_apply(rd.committed_entries)
 
     async def _persist(self, rd) -> None:
         """Entries and hard state: one write, one fdatasync.
@@ -309,6 +319,7 @@ class Node:
         meta = snap.metadata
         path = self._snapshot_path(meta.index)
         log.info("installing snapshot at index %d term %d", meta.index, meta.term)
+        await self._drain_apply()  # earlier entries first, and nothing may write the old environment
         self._sm_readable.clear()  # range() must not run while the LMDB environment is swapped
         try:
             await self._in_storage(self.sm.install_snapshot, path)
@@ -318,10 +329,36 @@ class Node:
         self.snapshot_index = meta.index
         self.read_index.on_applied(self.sm.applied_index)
 
+    async def _start_apply(self, entries) -> None:
+        """Start applying `entries` on the apply thread; return once the previous batch is done.
+
+        At most one batch is in flight, so applies stay in order and the queue
+        is bounded, while the Ready loop goes on to the next WAL fsync. Raft's
+        own `applied` marker (RawNode.advance) then runs up to one batch ahead
+        of the state machine; the core reads it only to gate membership
+        changes, which this server never proposes. Clients and reads wait for
+        the state machine itself: waiters resolve, and ReadIndex reads are
+        released, only when the apply has finished.
+        """
+        await self._drain_apply()
+        self._applying = asyncio.ensure_future(self._apply(entries))
+
+    async def _drain_apply(self) -> None:
+        """Wait for the apply in flight (before a snapshot, an install, or closing)."""
+        fut = self._applying
+        if fut is not None:
+            await asyncio.shield(fut)  # a cancelled loop must not cancel an apply half way
+            if self._applying is fut:
+                self._applying = None
+
     async def _apply(self, entries) -> None:
         batch = [(e.index, e.term, e.data) for e in entries]
-        results = await self._in_storage(self.sm.apply, batch)
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(self.apply_thread, self.sm.apply, batch)
+        except Exception as e:  # never go on past an entry we could not apply
+            fatal("applying committed entries failed", e)
         self.commit_index = max(self.commit_index, entries[-1].index)
+        self.read_index.on_applied(self.sm.applied_index)
         for e, result in zip(entries, results):
             if not e.data or result is None:
                 continue  # a leader's no-op, or an entry the state machine had already applied
@@ -333,6 +370,7 @@ class Node:
         applied = self.sm.applied_index
         if applied - self.snapshot_index < self.cfg.snapshot_count:
             return
+        await self._drain_apply()  # the snapshot copies the state machine: no apply may run meanwhile
         index, term, _path = await self._in_storage(self.snapshots.create, self.sm, self.member_ids)
         meta = SnapshotMetadata(index=index, term=term, conf_state=ConfState(voters=list(self.member_ids)))
         await self._in_storage(self.log.set_snapshot, meta)
@@ -416,6 +454,7 @@ class Node:
         self._queued.append((pid, cmd.SerializeToString()))  # proposed with the next batch
         self._wake.set()
         if self.cfg.testing_ack_before_commit:
+            self._propose_queued()  # at least in the leader's log before the invented answer
             self.proposals.forget(pid)
             return None  # the service invents an answer: TESTING ONLY
         try:
