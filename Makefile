@@ -43,7 +43,8 @@ test-jepsen: build
 
 # Long runs, not part of `make test`.
 soak: build
-	KVSTORE_SIM_SEEDS=100000 $(PY) -m pytest tests -q -m slow
+	$(PY) -m tests.sim --seeds 100000 --jobs 2
+	$(PY) -m pytest tests -q -m slow
 
 bench: build
 	$(PY) benchmarks/compare_etcd.py
