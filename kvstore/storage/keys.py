@@ -19,6 +19,7 @@ ALL_KEYS_END = b"\0"
 
 _HEADER = struct.Struct(">qqq")
 HEADER_SIZE = _HEADER.size
+RECORD_HEADER = _HEADER  # for hot paths that pack/unpack inline
 
 
 def encode_record(create_revision: int, mod_revision: int, version: int, value: bytes) -> bytes:

@@ -52,17 +52,36 @@ _CLIENT = struct.Struct(">Q")
 
 _TAG_RESULT = b"R"
 _TAG_ERROR = b"E"
+_TAG_PUTS = b"P"  # (n, revision): n plain puts, revisions revision-n+1 .. revision
 
 
-def encode_answer(answer: command_pb2.CommandResult | ApplyError) -> bytes:
+def encode_answer(answer: command_pb2.CommandResult | ApplyError, puts_only: bool = False) -> bytes:
+    """The stored form of an answer; decode_answer gives back an equal message.
+
+    puts_only: the caller vouches that the result is exactly n put responses,
+    each with only header.revision set, numbered consecutively up to
+    answer.revision (what a command of plain puts yields). Then only
+    (n, revision) is stored: 17 bytes instead of serializing up to a whole
+    Batch of responses on every applied command. A retry rebuilds the same
+    message, so it serializes to the same bytes.
+    """
     if isinstance(answer, ApplyError):
         return _TAG_ERROR + answer.to_proto().SerializeToString()
+    if puts_only:
+        return _TAG_PUTS + _PAIR.pack(len(answer.responses), answer.revision)
     return _TAG_RESULT + answer.SerializeToString()
 
 
 def decode_answer(raw: bytes) -> command_pb2.CommandResult | ApplyError:
-    if raw[:1] == _TAG_ERROR:
+    tag = raw[:1]
+    if tag == _TAG_ERROR:
         return ApplyError.from_proto(kv_pb2.OpError.FromString(raw[1:]))
+    if tag == _TAG_PUTS:
+        n, revision = _PAIR.unpack_from(raw, 1)
+        result = command_pb2.CommandResult(revision=revision)
+        for rev in range(revision - n + 1, revision + 1):
+            result.responses.add().response_put.header.revision = rev
+        return result
     return command_pb2.CommandResult.FromString(raw[1:])
 
 
@@ -138,11 +157,13 @@ class SessionTable:
             )
         return Verdict.APPLY, None
 
-    def record(self, txn, rid: kv_pb2.RequestId, answer: command_pb2.CommandResult | ApplyError) -> None:
-        """Store the answer to a seq that check() said to APPLY."""
+    def record(
+        self, txn, rid: kv_pb2.RequestId, answer: command_pb2.CommandResult | ApplyError, puts_only: bool = False
+    ) -> None:
+        """Store the answer to a seq that check() said to APPLY (puts_only: see encode_answer)."""
         ckey = _CLIENT.pack(rid.client_id)
         last_seen, acked, pending = _SESSION.unpack(txn.get(ckey, db=self._sessions))
-        if txn.put(_PAIR.pack(rid.client_id, rid.seq), encode_answer(answer), db=self._answers):
+        if txn.put(_PAIR.pack(rid.client_id, rid.seq), encode_answer(answer, puts_only), db=self._answers):
             txn.put(ckey, _SESSION.pack(last_seen, acked, pending + 1), db=self._sessions)
 
     def _drop_answers(self, txn, cid: int, below_seq: int) -> int:

@@ -64,6 +64,7 @@ __all__ = ["StateMachine", "ApplyError", "ErrorCode", "SnapshotImageError"]
 
 _META_KEY = b"state"
 _META = struct.Struct(">QQqQ")  # applied_index, applied_term, revision, log_time_ms
+_RECORD_HEADER = keys.RECORD_HEADER  # packed inline on the put path
 _DB_NAMES = (b"kv", b"meta", b"sessions", b"answers", b"expiry")
 _CURRENT = "current"
 _GEN_PREFIX = "gen-"
@@ -248,7 +249,7 @@ class StateMachine:
             return answer
         result = ex.run_command(cmd)
         if not self.testing_disable_dedup:
-            self._sessions.record(txn, rid, result)
+            self._sessions.record(txn, rid, result, puts_only=ex.puts_only)
         return result
 
     # ---- reads -------------------------------------------------------------
@@ -484,12 +485,40 @@ class _Executor:
         self.revision = revision
         self._txn_rev = 0  # revision shared by the writes of the txn being run
         self._txn_wrote = False
+        # After run_command: the result is only plain put responses (see sessions.encode_answer).
+        self.puts_only = False
 
     def run_command(self, cmd: command_pb2.Command) -> command_pb2.CommandResult:
+        """Run a command's ops, each answer built in place in the result.
+
+        A top-level put (the bulk of any write load) is run inline: one
+        revision of its own, no RequestOp/ResponseOp copies.
+        """
         result = command_pb2.CommandResult()
+        responses = result.responses
+        txn, kv, pack, unpack = self.txn, self._kv, _RECORD_HEADER.pack, _RECORD_HEADER.unpack_from
+        puts_only = True
         for op in cmd.ops:
-            result.responses.append(self._run_op(op))
+            out = responses.add()
+            if op.WhichOneof("request") != "request_put":
+                puts_only = False
+                self._run_op(op, out)
+                continue
+            req = op.request_put
+            key = req.key
+            self.revision = rev = self.revision + 1
+            old = txn.get(key, db=kv)
+            if old is None:
+                txn.put(key, pack(rev, rev, 1) + req.value, db=kv)
+            else:
+                create, _, version = unpack(old)
+                txn.put(key, pack(create, rev, version + 1) + req.value, db=kv)
+                if req.prev_kv:
+                    puts_only = False
+                    out.response_put.prev_kv.CopyFrom(keys.to_key_value(key, old))
+            out.response_put.header.revision = rev
         result.revision = self.revision
+        self.puts_only = puts_only
         return result
 
     def _write_revision(self) -> int:
@@ -499,9 +528,9 @@ class _Executor:
         self.revision += 1
         return self.revision
 
-    def _run_op(self, op: kv_pb2.RequestOp) -> kv_pb2.ResponseOp:
+    def _run_op(self, op: kv_pb2.RequestOp, out: kv_pb2.ResponseOp) -> None:
+        """Run any op (also inside a txn), filling `out`."""
         kind = op.WhichOneof("request")
-        out = kv_pb2.ResponseOp()
         if kind == "request_put":
             self._put(op.request_put, out.response_put)
             out.response_put.header.revision = self.revision
@@ -513,7 +542,6 @@ class _Executor:
             _range(self.txn, self._kv, op.request_range, rev, out.response_range)
         else:
             self._txn(op.request_txn, out.response_txn)
-        return out
 
     def _put(self, req: kv_pb2.PutRequest, resp: kv_pb2.PutResponse) -> None:
         txn, key = self.txn, req.key
@@ -561,7 +589,7 @@ class _Executor:
         ok = all(compare_holds(c, txn.get(c.key, db=self._kv)) for c in req.compare)
         resp.succeeded = ok
         for op in req.success if ok else req.failure:
-            resp.responses.append(self._run_op(op))
+            self._run_op(op, resp.responses.add())
         if outer:
             if self._txn_wrote:
                 self.revision = self._txn_rev

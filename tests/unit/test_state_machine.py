@@ -120,6 +120,20 @@ def test_range_many_matches_range(sm, log):
         cluster_id=9, member_id=2, raft_term=4, revision=3)  # the revision read, not the template's
 
 
+def test_retry_answer_is_byte_identical(sm, log):
+    """A retry gets the original answer's exact bytes, also when stored compactly (plain puts)."""
+    log(cmd(put(b"x")))
+    cases = [
+        cmd(put(b"a"), put(b"b", b"w"), put(b"a", b"v2"), client=5, seq=1, at=2_000),  # puts only: compact
+        cmd(put(b"a", prev=True), put(b"c"), client=5, seq=2, at=2_001),  # prev_kv: stored in full
+        cmd(put(b"d"), rng(b"a"), client=5, seq=3, at=2_002),  # mixed: stored in full
+        cmd(client=6, seq=1, at=2_003),  # no ops at all
+    ]
+    first = [log(c).SerializeToString() for c in cases]
+    assert [log(c).SerializeToString() for c in cases] == first
+    assert sm.dump_sessions()[5][2][1][:1] == b"P"
+
+
 def test_compares(sm, log):
     log(cmd(put(b"k", b"m")))
 
