@@ -359,6 +359,8 @@ class Node:
             fatal("applying committed entries failed", e)
         self.commit_index = max(self.commit_index, entries[-1].index)
         self.read_index.on_applied(self.sm.applied_index)
+        if not len(self.proposals):
+            return  # nobody waits here (a follower): skip parsing every Command again
         for e, result in zip(entries, results):
             if not e.data or result is None:
                 continue  # a leader's no-op, or an entry the state machine had already applied
