@@ -63,4 +63,10 @@ def outcome_unknown_deadline() -> RequestFailed:
 
 
 def shutting_down() -> RequestFailed:
+    """Refused at the door: the request never reached raft."""
     return RequestFailed(grpc.StatusCode.UNAVAILABLE, "node is shutting down", not_applied=True)
+
+
+def stopped_while_pending() -> RequestFailed:
+    """The node stopped after proposing: the entry may still commit elsewhere."""
+    return RequestFailed(grpc.StatusCode.UNAVAILABLE, "node stopped; outcome unknown", not_applied=False)

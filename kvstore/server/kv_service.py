@@ -166,13 +166,9 @@ class KVService(kv_pb2_grpc.KVServicer):
                         if not ops[i].request_range.serializable:
                             _set_op_error(slots[i], e.code, e.message)
                     reads = [i for i in reads if ops[i].request_range.serializable]
-            await _state_machine_readable(self.node)
-            # No await from here to the end of the read: the environment cannot be swapped under it.
-            self.node.sm.range_many(
+            await self.node.range_many(  # validated by _check_op above
                 [ops[i].request_range for i in reads],
                 [slots[i].response.response_range for i in reads],
-                header=self.node.header(),
-                validated=True,  # _check_op above
             )
         revision = None
         if write_task is not None:
@@ -192,12 +188,6 @@ class KVService(kv_pb2_grpc.KVServicer):
         if revision is not None:
             resp.header.revision = max(resp.header.revision, revision)
         return resp
-
-
-async def _state_machine_readable(node: Node) -> None:
-    """Wait out a snapshot install, as Node.range does (TODO: a public Node hook)."""
-    while not node._sm_readable.is_set():
-        await node._sm_readable.wait()
 
 
 def _set_op_error(slot: kv_pb2.BatchResult, code: grpc.StatusCode, message: str) -> None:

@@ -49,7 +49,9 @@ from kvstore.storage.state_machine import StateMachine
 from kvstore.v1 import command_pb2, kv_pb2
 
 from .config import ServerConfig
-from .errors import RequestFailed, leadership_lost, not_applied, outcome_unknown_deadline, shutting_down
+from .errors import (
+    RequestFailed, leadership_lost, not_applied, outcome_unknown_deadline, shutting_down, stopped_while_pending,
+)
 from .proposals import Proposals
 from .read_index import ReadIndex
 from .redirect import no_leader, not_leader
@@ -198,7 +200,7 @@ class Node:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self.proposals.fail_all(shutting_down())
+        self.proposals.fail_all(stopped_while_pending())  # proposed entries may still commit
         self.read_index.fail_all(shutting_down())
         if self.transport:
             await self.transport.stop()
@@ -490,12 +492,22 @@ class Node:
         return RequestFailed(grpc.StatusCode.UNAVAILABLE, "leadership not confirmed in time (partitioned?)",
                              not_applied=True)
 
-    async def range(self, request: kv_pb2.RangeRequest) -> kv_pb2.RangeResponse:
-        if not self._sm_readable.is_set():
+    async def wait_readable(self) -> None:
+        """Wait out a snapshot install (the LMDB environment is being swapped)."""
+        while not self._sm_readable.is_set():
             await self._sm_readable.wait()
+
+    async def range(self, request: kv_pb2.RangeRequest) -> kv_pb2.RangeResponse:
+        await self.wait_readable()
         resp = self.sm.range(request)
         resp.header.CopyFrom(self.header())
         return resp
+
+    async def range_many(self, requests: list, out: list) -> None:
+        """Serve already-validated reads into `out`, all from one LMDB read transaction."""
+        await self.wait_readable()
+        # No await from here on: the environment cannot be swapped under the read.
+        self.sm.range_many(requests, out, header=self.header(), validated=True)
 
     def most_up_to_date_follower(self) -> int:
         progress = self.raw.status().progress
