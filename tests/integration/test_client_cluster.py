@@ -14,41 +14,10 @@ import pytest
 
 from kvstore.client import AsyncClient, Client, ExponentialBackoff
 from kvstore.client.txn import Txn, put, value, version
-from kvstore.server.local_cluster import LocalCluster
 from kvstore.v1 import kv_pb2, kv_pb2_grpc
+from server_cluster import settled  # the `cluster` fixture comes from conftest.py
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    lc = LocalCluster.with_free_ports(str(tmp_path_factory.mktemp("client-cluster")))
-    lc.start()
-    try:
-        lc.wait_for_leader(60)
-        yield lc
-    finally:
-        lc.stop()
-
-
-def healed(lc: LocalCluster, timeout: float = 60.0) -> int:
-    """Every member running, answering, and naming the same leader; returns it."""
-    for i in lc.ids:
-        lc.resume(i)  # SIGCONT; harmless for a member that is not paused
-        if not lc.is_running(i):
-            lc.start_node(i)
-
-    def agreed():
-        sts = lc.statuses(1.0)
-        if any(s is None for s in sts.values()):
-            return None
-        leaders = {s.leader_id for s in sts.values()}
-        applied = {s.applied_index for s in sts.values()}
-        if len(leaders) == 1 and 0 not in leaders and len(applied) == 1:
-            return leaders.pop()
-        return None
-
-    return lc.wait_for(agreed, timeout, "all members agreeing on a leader")
 
 
 def raw_linearizable_get(addr: str, key: bytes, timeout: float = 3.0):
@@ -58,7 +27,7 @@ def raw_linearizable_get(addr: str, key: bytes, timeout: float = 3.0):
 
 
 def test_redirection_from_each_follower(cluster):
-    leader = healed(cluster)
+    leader = settled(cluster)
     for f in [i for i in cluster.ids if i != leader]:
         with Client([cluster.client_addr(f)], timeout=10) as c:
             c.put(f"redirect/{f}", str(f))
@@ -69,7 +38,7 @@ def test_redirection_from_each_follower(cluster):
 
 
 def test_retried_cas_is_applied_once_and_the_caller_sees_the_first_result(cluster):
-    healed(cluster)
+    settled(cluster)
     dropped: list[int] = []
 
     def lose_first_txn_reply(method, request):
@@ -91,7 +60,7 @@ def test_retried_cas_is_applied_once_and_the_caller_sees_the_first_result(cluste
 
 
 def test_sync_client_from_16_threads(cluster):
-    healed(cluster)
+    settled(cluster)
     failures: list[BaseException] = []
     with Client(cluster.endpoints, timeout=15) as c:
 
@@ -115,7 +84,7 @@ def test_sync_client_from_16_threads(cluster):
 
 
 def test_leader_killed_during_a_stream_of_writes_loses_nothing(cluster):
-    old = healed(cluster)
+    old = settled(cluster)
     acked: dict[str, str] = {}
     killed_at: list[int] = []
 
@@ -145,11 +114,11 @@ def test_leader_killed_during_a_stream_of_writes_loses_nothing(cluster):
             assert not missing, f"{len(missing)} acknowledged writes lost, e.g. {missing[:5]}"
 
     asyncio.run(main())
-    healed(cluster)  # restarts the killed member and waits for it to catch up
+    settled(cluster)  # restarts the killed member and waits for it to catch up
 
 
 def test_paused_old_leader_does_not_serve_linearizable_reads(cluster):
-    old = healed(cluster)
+    old = settled(cluster)
     old_addr = cluster.client_addr(old)
     retry = ExponentialBackoff(base=0.02, cap=0.25, attempt_timeout=1.0)
     with Client(cluster.endpoints, timeout=20, retry=retry) as c:
@@ -180,4 +149,4 @@ def test_paused_old_leader_does_not_serve_linearizable_reads(cluster):
             break
         with Client([old_addr], timeout=20, retry=retry) as only_old:
             assert only_old.get("paused/k").value == b"after"
-    healed(cluster)
+    settled(cluster)
