@@ -157,12 +157,18 @@ class Partition(Package):
                         {"grudge": {str(a): sorted(bs) for a, bs in grudge.items()}})
 
 
-class Kill(Package):
-    kind = "kill"
+class ProcessFault(Package):
+    """A fault done to one node's process: kill -9 (restart at heal) or SIGSTOP (SIGCONT at heal)."""
 
-    def __init__(self, target: str) -> None:
+    ACTIONS = {
+        "kill": ("kill -9 {who}, restart at heal", "kill", "restart"),
+        "pause": ("SIGSTOP {who}, SIGCONT at heal", "pause", "resume"),
+    }
+
+    def __init__(self, kind: str, target: str) -> None:
+        self.kind = kind
         self.target = target
-        self.name = f"kill-{target}"
+        self.name = f"{kind}-{target}"
 
     def inject(self, ctl: ClusterControl, rng: random.Random) -> Injected:
         if self.target == "leader":
@@ -170,25 +176,9 @@ class Kill(Package):
         else:
             node = rng.choice(ctl.nodes)
             who = f"n{node}"
-        ctl.kill(node)
-        return Injected("kill", f"kill -9 {who}, restart at heal", [node], lambda: ctl.restart(node))
-
-
-class Pause(Package):
-    kind = "pause"
-
-    def __init__(self, target: str) -> None:
-        self.target = target
-        self.name = f"pause-{target}"
-
-    def inject(self, ctl: ClusterControl, rng: random.Random) -> Injected:
-        if self.target == "leader":
-            node, who = _leader_or_random(ctl, rng)
-        else:
-            node = rng.choice(ctl.nodes)
-            who = f"n{node}"
-        ctl.pause(node)
-        return Injected("pause", f"SIGSTOP {who}, SIGCONT at heal", [node], lambda: ctl.resume(node))
+        describe, act, undo = self.ACTIONS[self.kind]
+        getattr(ctl, act)(node)
+        return Injected(self.kind, describe.format(who=who), [node], lambda: getattr(ctl, undo)(node))
 
 
 class Rotate(Package):
@@ -213,11 +203,11 @@ def make_package(name: str) -> Package:
         return Rotate(name, [Partition(s) for s in shapes])
     if name.startswith("partition-"):
         return Partition(name.split("-", 1)[1])
-    for kind, cls in (("kill", Kill), ("pause", Pause)):
+    for kind in ProcessFault.ACTIONS:
         if name == kind:
-            return Rotate(name, [cls("random"), cls("leader")])
+            return Rotate(name, [ProcessFault(kind, "random"), ProcessFault(kind, "leader")])
         if name in (f"{kind}-random", f"{kind}-leader"):
-            return cls(name.split("-", 1)[1])
+            return ProcessFault(kind, name.split("-", 1)[1])
     raise ValueError(f"unknown nemesis {name!r}: use partition[-halves|-leader|-ring|-bridge], "
                      "kill[-random|-leader], pause[-random|-leader], joined with , or +")
 
