@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kvstore-installed
 
 
-.PHONY: all venv build run test test-unit test-sim test-integration test-jepsen soak bench bench-etcd clean
+.PHONY: all venv build system-deps run test test-unit test-sim test-integration test-jepsen soak bench bench-etcd clean
 
 all: build
 
@@ -23,10 +23,19 @@ venv: $(STAMP)
 build: venv
 	$(PY) setup.py -q build_proto build_ext --inplace
 
+# The Jepsen tests cut links with network namespaces + iptables, which needs
+# root; as root, install the tools when missing (otherwise those tests skip
+# with a reason and the TCP-proxy tests still run).
+system-deps:
+	@if [ "$$(id -u)" = 0 ] && ! command -v iptables >/dev/null 2>&1; then \
+		(apt-get update -qq && apt-get install -y -qq iptables iproute2) \
+		|| echo "warning: could not install iptables; namespace partition tests will skip"; \
+	fi
+
 run: build
 	$(VENV)/bin/kvstore cluster up
 
-test: build
+test: build system-deps
 	$(PY) -m pytest tests -q
 
 test-unit: build
@@ -38,7 +47,7 @@ test-sim: build
 test-integration: build
 	$(PY) -m pytest tests/integration -q
 
-test-jepsen: build
+test-jepsen: build system-deps
 	$(PY) -m pytest tests/jepsen -q
 
 # Long runs, not part of `make test`.
