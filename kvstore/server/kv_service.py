@@ -90,35 +90,28 @@ class KVService(kv_pb2_grpc.KVServicer):
         if result is not None:
             response.header.revision = result.revision
 
-    @handles_errors
-    async def Put(self, request: kv_pb2.PutRequest, context) -> kv_pb2.PutResponse:
+    async def _unary_write(self, request, field: str, empty, context):
+        """Put, DeleteRange and Txn: one op in one Command; the RequestId travels once, in the Command."""
         self.limits.check_request_size(request)
-        op = kv_pb2.RequestOp(request_put=request)
-        op.request_put.ClearField("request_id")  # carried once, in the Command
+        op = kv_pb2.RequestOp(**{f"request_{field}": request})
+        getattr(op, f"request_{field}").ClearField("request_id")
         result = await self._write(op, _request_id(request), context)
-        resp = kv_pb2.PutResponse() if result is None else result.responses[0].response_put
+        resp = empty() if result is None else getattr(result.responses[0], f"response_{field}")
         self._finish(resp, result)
         return resp
+
+    @handles_errors
+    async def Put(self, request: kv_pb2.PutRequest, context) -> kv_pb2.PutResponse:
+        return await self._unary_write(request, "put", kv_pb2.PutResponse, context)
 
     @handles_errors
     async def DeleteRange(self, request: kv_pb2.DeleteRangeRequest, context) -> kv_pb2.DeleteRangeResponse:
-        self.limits.check_request_size(request)
-        op = kv_pb2.RequestOp(request_delete_range=request)
-        op.request_delete_range.ClearField("request_id")
-        result = await self._write(op, _request_id(request), context)
-        resp = kv_pb2.DeleteRangeResponse() if result is None else result.responses[0].response_delete_range
-        self._finish(resp, result)
-        return resp
+        return await self._unary_write(request, "delete_range", kv_pb2.DeleteRangeResponse, context)
 
     @handles_errors
     async def Txn(self, request: kv_pb2.TxnRequest, context) -> kv_pb2.TxnResponse:
-        self.limits.check_request_size(request)
-        op = kv_pb2.RequestOp(request_txn=request)
-        op.request_txn.ClearField("request_id")
-        result = await self._write(op, _request_id(request), context)
-        resp = kv_pb2.TxnResponse(succeeded=True) if result is None else result.responses[0].response_txn
-        self._finish(resp, result)
-        return resp
+        # result is None only in --testing-ack-before-commit mode: claim success.
+        return await self._unary_write(request, "txn", lambda: kv_pb2.TxnResponse(succeeded=True), context)
 
     # ------------------------------------------------------------------ batch
 
