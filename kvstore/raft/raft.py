@@ -89,6 +89,7 @@ class Raft:
         self.read_only = ReadOnly()
         self.pending_reads: list[Message] = []  # wait for the first commit of this term (§6.4)
         self.lead_transferee = 0
+        self.campaign_transfer = False  # the current campaign was started by TIMEOUT_NOW
         self.pending_conf_index = 0
         self.uncommitted_size = 0
         self.election_elapsed = 0
@@ -270,6 +271,11 @@ class Raft:
         if self.promotable() and self.election_elapsed >= self.randomized_election_timeout:
             self.election_elapsed = 0
             self.hup()
+        elif self.state in (StateRole.PRE_CANDIDATE, StateRole.CANDIDATE):
+            self.heartbeat_elapsed += 1
+            if self.heartbeat_elapsed >= self.heartbeat_timeout:
+                self.heartbeat_elapsed = 0
+                self._request_votes(resend=True)
 
     def _tick_heartbeat(self) -> None:
         self.heartbeat_elapsed += 1
@@ -307,10 +313,10 @@ class Raft:
     def campaign(self, pre: bool, transfer: bool = False) -> None:
         if pre:
             self.become_pre_candidate()
-            vote_type, term = MT.PRE_VOTE, self.term + 1
         else:
             self.become_candidate()
-            vote_type, term = MT.VOTE, self.term
+        self.campaign_transfer = transfer
+        self.heartbeat_elapsed = 0  # paces the resending of vote requests (_tick_election)
         # our own vote: the candidate's vote for itself is in the HardState of the
         # Ready that carries the VOTE requests, so it is durable before they leave
         if self._poll(self.id, True) == VoteResult.WON:
@@ -319,10 +325,28 @@ class Raft:
             else:
                 self.become_leader()
             return
-        ctx = CAMPAIGN_TRANSFER if transfer else b""
+        self._request_votes()
+
+    def _request_votes(self, resend: bool = False) -> None:
+        """(Pre)vote requests to every voter, or with `resend` to those that have not answered.
+
+        Unlike etcd, a (pre-)candidate asks again every heartbeat interval
+        instead of waiting a whole new election timeout for one lost request
+        (the paper's "servers retry RPCs if they do not receive a response in
+        a timely manner", §5.1). Safe: the request is the same one, in the
+        same term, from the same log (a candidate's log does not change), and
+        answering it is idempotent (a voter grants again only the candidate it
+        already voted for). It also wins the election one interval after the
+        last voter's leader lease runs out, rather than one timeout after.
+        """
+        if self.state == StateRole.PRE_CANDIDATE:
+            vote_type, term = MT.PRE_VOTE, self.term + 1
+        else:
+            vote_type, term = MT.VOTE, self.term
+        ctx = CAMPAIGN_TRANSFER if self.campaign_transfer else b""
         li, lt = self.log.last_index(), self.log.last_term()
         for id in self.tracker.voters:
-            if id != self.id:
+            if id != self.id and not (resend and id in self.tracker.votes):
                 self.send(Message(vote_type, to=id, term=term, index=li, log_term=lt, context=ctx))
 
     def _poll(self, id: int, granted: bool) -> VoteResult:

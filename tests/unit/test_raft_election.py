@@ -23,6 +23,8 @@ def test_5_2_follower_times_out_into_candidate_with_a_new_term_and_its_own_vote(
     r = n.raft
     for _ in range(2 * r.election_timeout):
         n.tick()
+        if r.state != StateRole.FOLLOWER:
+            break
     assert r.state == StateRole.CANDIDATE and r.term == 1 and r.vote == 1
     rd = n.ready()
     assert rd.hard_state.term == 1 and rd.hard_state.vote == 1 and rd.must_sync
@@ -164,3 +166,73 @@ def test_higher_term_message_makes_leader_step_down():
     c.nodes[1].step(Message(MT.APPEND_RESP, frm=2, to=1, term=7, index=0))
     r = c.raft(1)
     assert r.state == StateRole.FOLLOWER and r.term == 7 and r.lead == 0
+
+
+# -- vote requests are resent (§5.1: "servers retry RPCs if they do not receive a response in a
+#    timely manner"); etcd waits a whole new election timeout instead ------------------------------
+
+
+def _leader_1_crashed(timeouts: dict[int, int]) -> Cluster:
+    """Leader 1 elected, then crashed; the survivors' randomized timeouts pinned to `timeouts`."""
+    c = Cluster(3, pre_vote=True, check_quorum=True)
+    c.campaign(1)
+    c.crash(1)
+    for i, t in timeouts.items():
+        c.raft(i).randomized_election_timeout = t
+    return c
+
+
+def test_lost_prevote_request_is_resent_on_the_next_heartbeat_tick():
+    c = _leader_1_crashed({2: 10, 3: 19})
+    r2 = c.raft(2)
+    c.cut(2, 3)  # the first pre-vote request from 2 is lost
+    ticks = 0
+    while r2.state == StateRole.FOLLOWER:
+        c.tick()
+        ticks += 1
+    assert r2.state == StateRole.PRE_CANDIDATE and ticks == 10
+    c.heal()
+    c.tick()  # one heartbeat interval later, not a whole election timeout
+    assert c.leader() == 2 and r2.term == 2
+    assert c.raft(3).lead == 2
+
+
+def test_prevote_ignored_inside_the_voters_lease_wins_once_the_lease_runs_out():
+    # 2's clock runs one tick ahead of 3's (tick phase): when 2 times out, 3 last heard
+    # the leader 9 ticks ago, inside its lease, and ignores the pre-vote (thesis §4.2.3)
+    c = _leader_1_crashed({2: 10, 3: 19})
+    r2, r3 = c.raft(2), c.raft(3)
+    c.tick(2)
+    while r2.state == StateRole.FOLLOWER:
+        c.tick()
+    assert r3.election_elapsed == r3.election_timeout - 1 and r3.term == 1  # ignored
+    c.tick()  # 3's lease has run out and the request comes again
+    assert c.leader() == 2
+
+
+def test_resent_requests_go_only_to_voters_that_have_not_answered_and_after_the_vote_is_durable():
+    n = single(id=1, peers=(1, 2, 3, 4, 5), pre_vote=False)
+    n.campaign()
+    first = drain(n)
+    assert sorted(m.to for m in first.persisted_messages if m.type == MT.VOTE) == [2, 3, 4, 5]
+    n.step(Message(MT.VOTE_RESP, frm=2, to=1, term=1, reject=True))
+    n.step(Message(MT.VOTE_RESP, frm=3, to=1, term=1))
+    n.tick()
+    rd = n.ready()
+    assert not [m for m in rd.messages if m.type == MT.VOTE]  # like the first ones: after the fsync
+    again = [m for m in rd.persisted_messages if m.type == MT.VOTE]
+    assert sorted(m.to for m in again) == [4, 5]
+    assert all(m.term == 1 and m.index == first.persisted_messages[0].index for m in again)
+    n.advance(rd)
+
+
+def test_resent_transfer_vote_keeps_its_lease_override():
+    c = Cluster(3, pre_vote=True, check_quorum=True)
+    c.campaign(1)
+    n2 = c.nodes[2]
+    n2.step(Message(MT.TIMEOUT_NOW, frm=1, to=2, term=1))
+    drain(n2)
+    n2.tick()
+    again = [m for m in n2.ready().persisted_messages if m.type == MT.VOTE]
+    assert sorted(m.to for m in again) == [1, 3]
+    assert all(m.context == b"CampaignTransfer" for m in again)
