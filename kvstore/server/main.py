@@ -14,15 +14,14 @@ import sys
 
 import grpc
 
-from kvstore.v1 import cluster_pb2_grpc, kv_pb2_grpc, raft_pb2_grpc
+from kvstore.v1 import cluster_pb2_grpc, kv_pb2_grpc
 
 from .cluster_service import ClusterService
 from .config import ServerConfig, parse_args
 from .kv_service import KVService
 from .limits import Limits
 from .node import Node
-from .raft_service import RaftService
-from .transport import PEER_MAX_MESSAGE_BYTES, SERVER_KEEPALIVE_OPTIONS
+from .peer_server import PeerServer
 
 log = logging.getLogger("kvstore.server")
 
@@ -38,25 +37,22 @@ async def serve(cfg: ServerConfig) -> None:
     node = Node(cfg)
     await node.start()
 
-    peer_server = grpc.aio.server(options=SERVER_KEEPALIVE_OPTIONS + [
-        ("grpc.max_receive_message_length", PEER_MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", PEER_MAX_MESSAGE_BYTES),
-    ])
-    raft_pb2_grpc.add_RaftServicer_to_server(RaftService(node), peer_server)
+    peer_server = PeerServer(node)
+    host, _, port = cfg.listen_peer_addr.rpartition(":")
+    try:
+        await peer_server.start(host.strip("[]"), int(port))
+    except OSError as e:
+        await cannot_listen(node, "peer", cfg.listen_peer_addr, e.strerror or str(e))
     client_server = grpc.aio.server(options=client_server_options(cfg))
     kv_pb2_grpc.add_KVServicer_to_server(KVService(node, Limits.from_config(cfg)), client_server)
     cluster_pb2_grpc.add_ClusterServicer_to_server(ClusterService(node), client_server)
-    for server, addr, what in ((peer_server, cfg.listen_peer_addr, "peer"),
-                               (client_server, cfg.listen_client_addr, "client")):
-        try:
-            port = server.add_insecure_port(addr)
-        except RuntimeError:
-            port = 0
-        if port == 0:
-            log.critical("cannot listen for %s connections on %s (in use?)", what, addr)
-            await node.close()
-            raise SystemExit(1)
-    await peer_server.start()
+    try:
+        bound = client_server.add_insecure_port(cfg.listen_client_addr)
+    except RuntimeError:
+        bound = 0
+    if bound == 0:
+        await peer_server.stop()
+        await cannot_listen(node, "client", cfg.listen_client_addr, "in use?")
     await client_server.start()
     log.info("member %d serving clients on %s, peers on %s, data in %s",
              cfg.id, cfg.listen_client_addr, cfg.listen_peer_addr, cfg.data_dir)
@@ -72,8 +68,14 @@ async def serve(cfg: ServerConfig) -> None:
     log.info("member %d shutting down", cfg.id)
     await node.shutdown()
     await client_server.stop(grace=2.0)
-    await peer_server.stop(grace=0.5)
+    await peer_server.stop()
     await node.close()
+
+
+async def cannot_listen(node: Node, what: str, addr: str, why: str) -> None:
+    log.critical("cannot listen for %s connections on %s (%s)", what, addr, why)
+    await node.close()
+    raise SystemExit(1)
 
 
 def setup_logging(cfg: ServerConfig) -> None:

@@ -1,123 +1,110 @@
-"""Raft messages to peers: one long-lived gRPC stream per peer, never blocking the loop.
+"""Raft messages to peers: one TCP connection per peer, written straight from the Ready loop.
 
-`send()` is called from the Ready loop and only enqueues: each peer has a
-bounded queue drained by its own task, which packs many messages into one
-`RaftBatch` stream message. A full queue drops messages (raft retransmits
-what matters), so a slow or dead peer costs the loop nothing. A broken
-stream is reported to raft as unreachable and re-opened with backoff; gRPC
-keepalive notices a peer that vanished without closing its connection.
+`send()` encodes the messages of one Ready for each peer into one `RaftBatch`
+frame and hands it to that peer's connection (`transport.write` never blocks:
+the event loop flushes the socket). There is no queue and no task hop between
+the Ready loop and the socket, so an AppendEntries leaves before the leader's
+own fsync starts. When a connection is down, or its unsent buffer is over
+`MAX_BUFFERED_BYTES` (a slow or partitioned peer), messages are dropped:
+raft retransmits what matters, and a dead peer costs the loop nothing.
 
-Snapshots do not travel in the stream: a SNAPSHOT message starts a separate
-`SendSnapshot` upload of the image file, and its outcome is reported to raft.
+Each peer has a task that keeps the connection up: connect, send the hello,
+wait for the connection to end (the peer never writes on it, so a read
+returns only at EOF or error), report the peer unreachable to raft and
+reconnect with backoff. The kernel notices a peer that vanished without
+closing (keepalive, TCP_USER_TIMEOUT; see peer_wire).
+
+Snapshots do not travel in the stream: a SNAPSHOT message opens a separate
+connection that uploads the image file, and its outcome is reported to raft.
+The wire format is in `peer_wire.py`; the receiving side in `peer_server.py`.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import random
-from typing import Callable, Iterator
-
-import grpc
+from typing import BinaryIO, Callable
 
 from kvstore.raft.types import Message, MessageType
-from kvstore.v1 import raft_pb2, raft_pb2_grpc
+from kvstore.v1 import raft_pb2
 
+from . import peer_wire as wire
 from .raft_codec import message_size, message_to_pb
 
 log = logging.getLogger("kvstore.transport")
 
-PEER_MAX_MESSAGE_BYTES = 64 << 20
-QUEUE_MESSAGES = 4096
-BATCH_MAX_MESSAGES = 512
-BATCH_MAX_BYTES = 4 << 20
-SNAPSHOT_CHUNK_BYTES = 1 << 20
+BATCH_MAX_BYTES = 4 << 20  # a Ready's messages to one peer are split into frames of about this size
+MAX_BUFFERED_BYTES = 32 << 20  # unsent bytes per peer before messages are dropped
+SNAPSHOT_CHUNK_BYTES = 4 << 20
+SNAPSHOT_ACK_TIMEOUT_S = 60.0  # the receiver fsyncs and verifies the image before it answers
+CONNECT_TIMEOUT_S = 1.0
 BACKOFF_MIN_S = 0.05
-BACKOFF_MAX_S = 1.0
+BACKOFF_MAX_S = 0.25
 
-CHANNEL_OPTIONS = [
-    ("grpc.keepalive_time_ms", 2000),
-    ("grpc.keepalive_timeout_ms", 2000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-    ("grpc.max_send_message_length", PEER_MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", PEER_MAX_MESSAGE_BYTES),
-]
+# Opens the image of the snapshot at `index` for reading.
+SnapshotOpener = Callable[[int], BinaryIO]
 
-# What the peer server must allow for the client side's keepalive pings.
-SERVER_KEEPALIVE_OPTIONS = [
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 1000),
-    ("grpc.http2.max_ping_strikes", 0),
-]
 
-# Opens the image of the snapshot at `index` for reading (a binary file object).
-SnapshotOpener = Callable[[int], "object"]
+def _split_addr(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    return host.strip("[]"), int(port)
 
 
 class Peer:
-    """The outgoing side of one peer: a queue, a stream, a reconnect loop."""
+    """The outgoing side of one peer: a connection kept up, and snapshot uploads."""
 
     def __init__(self, transport: "Transport", peer_id: int, addr: str) -> None:
         self.transport = transport
         self.id = peer_id
         self.addr = addr
-        self.queue: asyncio.Queue[Message] = asyncio.Queue(QUEUE_MESSAGES)
+        self.host, self.port = _split_addr(addr)
+        self.writer: asyncio.StreamWriter | None = None  # set while the connection is up
         self.dropped = 0
-        self.channel = grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
-        self.stub = raft_pb2_grpc.RaftStub(self.channel)
         self.task: asyncio.Task | None = None
         self.snapshot_task: asyncio.Task | None = None
-        self.connected = False
 
-    def enqueue(self, m: Message) -> None:
-        try:
-            self.queue.put_nowait(m)
-        except asyncio.QueueFull:
-            self.dropped += 1
-
-    def _drain_stale(self) -> None:
-        while not self.queue.empty():
-            self.queue.get_nowait()
+    def write(self, messages: list[Message]) -> None:
+        w = self.writer
+        if w is None or w.transport.is_closing() or w.transport.get_write_buffer_size() > MAX_BUFFERED_BYTES:
+            self.dropped += len(messages)  # down (run() reconnects) or not keeping up
+            return
+        t = self.transport
+        batch, size = [], 0
+        for m in messages:
+            batch.append(message_to_pb(m))
+            size += message_size(m)
+            if size >= BATCH_MAX_BYTES:
+                w.write(_batch_frame(t.cluster_id, t.member_id, batch))
+                batch, size = [], 0
+        if batch:
+            w.write(_batch_frame(t.cluster_id, t.member_id, batch))
 
     async def run(self) -> None:
         backoff = BACKOFF_MIN_S
         while True:
-            call = self.stub.Stream()
+            writer = None
             try:
-                while True:
-                    batch = await self._next_batch()
-                    await call.write(batch)
-                    if not self.connected:
-                        self.connected = True
-                        backoff = BACKOFF_MIN_S
-                        log.info("stream to member %d at %s is up", self.id, self.addr)
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(self.host, self.port), CONNECT_TIMEOUT_S)
+                wire.tune_socket(writer.get_extra_info("socket"))
+                writer.write(wire.hello(wire.STREAM, self.transport.cluster_id, self.transport.member_id))
+                self.writer = writer
+                log.info("connection to member %d at %s is up", self.id, self.addr)
+                backoff = BACKOFF_MIN_S
+                await reader.read(1)  # returns only when the connection ends
+                raise ConnectionError("closed by the peer")
             except asyncio.CancelledError:
-                call.cancel()
                 raise
-            except Exception as e:  # grpc.aio.AioRpcError, or a write on a finished call
-                call.cancel()
-                if self.connected:
-                    log.warning("stream to member %d at %s broke: %s", self.id, self.addr, _short(e))
-                self.connected = False
+            except Exception as e:  # OSError, TimeoutError, ConnectionError
+                if self.writer is not None:
+                    log.warning("connection to member %d at %s broke: %s", self.id, self.addr, _short(e))
                 self.transport.report_unreachable(self.id)
                 await asyncio.sleep(backoff * (0.5 + random.random() / 2))
                 backoff = min(BACKOFF_MAX_S, backoff * 2)
-                self._drain_stale()  # what queued while the link was down is stale
-
-    async def _next_batch(self) -> raft_pb2.RaftBatch:
-        first = await self.queue.get()
-        msgs = [message_to_pb(first)]
-        size = message_size(first)
-        while len(msgs) < BATCH_MAX_MESSAGES and size < BATCH_MAX_BYTES and not self.queue.empty():
-            m = self.queue.get_nowait()
-            msgs.append(message_to_pb(m))
-            size += message_size(m)
-        batch = raft_pb2.RaftBatch(cluster_id=self.transport.cluster_id, messages=msgs)
-        setattr(batch, "from", self.transport.member_id)
-        return batch
+            finally:
+                self.writer = None
+                if writer is not None:
+                    writer.transport.abort()
 
     def send_snapshot(self, m: Message) -> None:
         if self.snapshot_task is not None and not self.snapshot_task.done():
@@ -127,53 +114,59 @@ class Peer:
     async def _send_snapshot(self, m: Message) -> None:
         index = m.snapshot.metadata.index
         ok = False
+        writer = None
+        image = None
         try:
             log.info("sending snapshot at index %d to member %d", index, self.id)
-            reader = self.transport.open_snapshot(index)
-            ack = await self.stub.SendSnapshot(_snapshot_chunks(self.transport.member_id, m, reader))
+            image = self.transport.open_snapshot(index)
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), CONNECT_TIMEOUT_S)
+            wire.tune_socket(writer.get_extra_info("socket"))
+            writer.write(wire.hello(wire.SNAPSHOT, self.transport.cluster_id, self.transport.member_id))
+            writer.write(wire.frame(wire.SNAPSHOT_MESSAGE, message_to_pb(m).SerializeToString()))
+            sent = 0
+            while True:
+                data = await asyncio.to_thread(image.read, SNAPSHOT_CHUNK_BYTES)
+                if not data:
+                    break
+                writer.write(wire.frame(wire.SNAPSHOT_DATA, data))
+                sent += len(data)
+                await writer.drain()
+            writer.write(wire.frame(wire.SNAPSHOT_END, b""))
+            kind, payload = await asyncio.wait_for(wire.read_frame(reader), SNAPSHOT_ACK_TIMEOUT_S)
+            if kind != wire.SNAPSHOT_ACK:
+                raise wire.PeerProtocolError(f"expected a snapshot ack, got frame kind {kind}")
+            ack = raft_pb2.SnapshotAck.FromString(payload)
             ok = ack.ok
-            if not ok:
-                log.warning("member %d refused snapshot %d: %s", self.id, index, ack.error)
+            if ok:
+                log.info("snapshot at index %d (%d bytes) delivered to member %d", index, sent, self.id)
             else:
-                log.info("snapshot at index %d delivered to member %d", index, self.id)
+                log.warning("member %d refused snapshot %d: %s", self.id, index, ack.error)
         except asyncio.CancelledError:
             raise
         except Exception as e:
             log.warning("sending snapshot %d to member %d failed: %s", index, self.id, _short(e))
+        finally:
+            if image is not None:
+                image.close()
+            if writer is not None:
+                writer.transport.abort()
         self.transport.report_snapshot(self.id, ok)
 
     async def close(self) -> None:
-        for t in (self.task, self.snapshot_task):
-            if t is not None:
-                t.cancel()
-        await self.channel.close()
+        tasks = [t for t in (self.task, self.snapshot_task) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _snapshot_chunks(member_id: int, m: Message, reader) -> Iterator[raft_pb2.SnapshotChunk]:
-    """The snapshot message first, then the image in chunks; the file is closed at the end."""
-    first = raft_pb2.SnapshotChunk(message=message_to_pb(m))
-    setattr(first, "from", member_id)
-    try:
-        pending = first
-        while True:
-            data = reader.read(SNAPSHOT_CHUNK_BYTES)
-            if not data:
-                break
-            if pending is not None:
-                yield pending
-            pending = raft_pb2.SnapshotChunk(data=data)
-        if pending is None:
-            pending = raft_pb2.SnapshotChunk()
-        pending.last = True
-        yield pending
-    finally:
-        reader.close()
+def _batch_frame(cluster_id: int, member_id: int, messages: list) -> bytes:
+    batch = raft_pb2.RaftBatch(cluster_id=cluster_id, messages=messages)
+    setattr(batch, "from", member_id)  # `from` is a Python keyword
+    return wire.frame(wire.BATCH, batch.SerializeToString())
 
 
-def _short(e: Exception) -> str:
-    if isinstance(e, grpc.aio.AioRpcError):
-        return f"{e.code().name}: {e.details()}"
-    return f"{type(e).__name__}: {e}"
+def _short(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
 class Transport:
@@ -199,14 +192,23 @@ class Transport:
             p.task = asyncio.create_task(p.run(), name=f"peer-{p.id}")
 
     def send(self, messages: list[Message]) -> None:
+        """Write `messages` now: one frame per peer (snapshots start an upload)."""
+        if not messages:
+            return
+        by_peer: dict[int, list[Message]] = {}
         for m in messages:
-            peer = self.peers.get(m.to)
-            if peer is None:
-                log.debug("dropping message to unknown member %d", m.to)
-            elif m.type == MessageType.SNAPSHOT:
-                peer.send_snapshot(m)
+            if m.type == MessageType.SNAPSHOT:
+                peer = self.peers.get(m.to)
+                if peer is not None:
+                    peer.send_snapshot(m)
             else:
-                peer.enqueue(m)
+                by_peer.setdefault(m.to, []).append(m)
+        for to, msgs in by_peer.items():
+            peer = self.peers.get(to)
+            if peer is None:
+                log.debug("dropping %d messages to unknown member %d", len(msgs), to)
+            else:
+                peer.write(msgs)
 
     async def stop(self) -> None:
         await asyncio.gather(*(p.close() for p in self.peers.values()), return_exceptions=True)

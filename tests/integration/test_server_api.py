@@ -143,10 +143,13 @@ def test_bad_input_is_refused_and_harms_nobody(cluster):
         lambda: kv.Batch(kv_pb2.BatchRequest(ops=[put_op(b"b", b"v")] * 1025), timeout=10),
         "batch has 1025 ops; the limit is 1024 (--max-batch-ops)")
 
-    # garbage bytes on the client port: the connection is dropped, nothing else happens
-    host, port = addr.rsplit(":", 1)
-    for junk in (b"\x00\xff" * 4096, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
-                 b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\xde\xad\xbe\xef" * 1000):
+    # garbage bytes on the client port and on every peer port: the connection is dropped, nothing else happens
+    targets = [addr] + [cluster.peer_addr(i) for i in cluster.ids]
+    junks = (b"\x00\xff" * 4096, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+             b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\xde\xad\xbe\xef" * 1000,
+             b"KVPEER01\x01" + b"\xff" * 64)
+    for target, junk in ((t, j) for t in targets for j in junks):
+        host, port = target.rsplit(":", 1)
         with socket.create_connection((host, int(port)), timeout=5) as s:
             try:
                 s.sendall(junk)

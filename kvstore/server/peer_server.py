@@ -1,0 +1,117 @@
+"""The peer API, receiving side: raft message streams and snapshot uploads over TCP.
+
+Each connection says in its hello what it carries (see `peer_wire.py`).
+Messages of a STREAM connection are stepped into the node as they arrive;
+the Ready loop does the rest. A SNAPSHOT connection's image is written to the
+snapshot store first and only then is its SNAPSHOT message stepped, so by
+the time raft asks the node to install it (in a Ready) the image is complete
+and durable on disk. Anything that is not this protocol, or is another
+cluster's, is logged and the connection closed; the node carries on.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from kvstore.v1 import raft_pb2
+
+from . import peer_wire as wire
+from .node import Node
+from .raft_codec import message_from_pb
+
+log = logging.getLogger("kvstore.peer")
+
+HELLO_TIMEOUT_S = 5.0
+READ_BUFFER_BYTES = 8 << 20  # StreamReader limit: lets a whole 4 MiB snapshot chunk arrive in one go
+
+
+class PeerServer:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.server: asyncio.base_events.Server | None = None
+        self._connections: set[asyncio.Task] = set()
+
+    async def start(self, host: str, port: int) -> None:
+        """Listen; OSError if the address cannot be bound."""
+        self.server = await asyncio.start_server(self._serve, host or None, port, limit=READ_BUFFER_BYTES,
+                                                 reuse_address=True)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for t in list(self._connections):
+            t.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._connections.add(task)
+        peer = writer.get_extra_info("peername")
+        try:
+            wire.tune_socket(writer.get_extra_info("socket"))
+            hello = await asyncio.wait_for(reader.readexactly(wire.HELLO.size), HELLO_TIMEOUT_S)
+            purpose, cluster_id, member_id = wire.parse_hello(hello)
+            if cluster_id != self.node.cfg.cluster_id:
+                raise wire.PeerProtocolError(
+                    f"member {member_id} is in cluster {cluster_id}; this is cluster {self.node.cfg.cluster_id}")
+            if purpose == wire.STREAM:
+                await self._stream(reader)
+            else:
+                await self._snapshot(reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
+            pass  # the sender went away (it reconnects); nothing was half applied
+        except wire.PeerProtocolError as e:
+            log.warning("closing peer connection from %s: %s", peer, e)
+        except asyncio.CancelledError:
+            pass
+        except Exception as e:  # a message that does not decode, say: drop the connection, not the node
+            log.warning("closing peer connection from %s: %r", peer, e)
+        finally:
+            writer.transport.abort()
+            self._connections.discard(task)
+
+    async def _stream(self, reader: asyncio.StreamReader) -> None:
+        node = self.node
+        while True:
+            kind, payload = await wire.read_frame(reader)
+            if kind != wire.BATCH:
+                raise wire.PeerProtocolError(f"frame kind {kind} on a message stream")
+            for pm in raft_pb2.RaftBatch.FromString(payload).messages:
+                if pm.to == node.id:
+                    node.step(message_from_pb(pm))
+
+    async def _snapshot(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        kind, payload = await wire.read_frame(reader)
+        pm = raft_pb2.RaftMessage.FromString(payload) if kind == wire.SNAPSHOT_MESSAGE else None
+        if pm is None or not pm.has_snapshot:
+            raise wire.PeerProtocolError("a snapshot upload must start with the snapshot message")
+        message = message_from_pb(pm)
+        meta = message.snapshot.metadata
+        image = self.node.snapshots.receive(meta.index, meta.term, meta.conf_state.voters)
+        try:
+            while True:
+                kind, payload = await wire.read_frame(reader)
+                if kind == wire.SNAPSHOT_END:
+                    break
+                if kind != wire.SNAPSHOT_DATA:
+                    raise wire.PeerProtocolError(f"frame kind {kind} in a snapshot upload")
+                await asyncio.to_thread(image.write, payload)
+            await asyncio.to_thread(image.commit)  # fsync + verify, off the event loop
+        except wire.PeerProtocolError:
+            image.abort()
+            raise
+        except Exception as e:
+            image.abort()
+            if isinstance(e, (asyncio.IncompleteReadError, ConnectionError)):
+                raise
+            log.warning("receiving snapshot %d failed: %r", meta.index, e)
+            writer.write(wire.frame(wire.SNAPSHOT_ACK, raft_pb2.SnapshotAck(ok=False, error=str(e)).SerializeToString()))
+            await writer.drain()
+            return
+        except asyncio.CancelledError:
+            image.abort()
+            raise
+        log.info("received snapshot at index %d from member %d", meta.index, message.frm)
+        self.node.step(message)
+        writer.write(wire.frame(wire.SNAPSHOT_ACK, raft_pb2.SnapshotAck(ok=True).SerializeToString()))
+        await writer.drain()
