@@ -343,7 +343,9 @@ class Node:
         released, only when the apply has finished.
         """
         await self._drain_apply()
-        self._applying = asyncio.ensure_future(self._apply(entries))
+        batch = [(e.index, e.term, e.data) for e in entries]
+        applying = asyncio.get_running_loop().run_in_executor(self.apply_thread, self.sm.apply, batch)  # starts now
+        self._applying = asyncio.ensure_future(self._finish_apply(entries, applying))
 
     async def _drain_apply(self) -> None:
         """Wait for the apply in flight (before a snapshot, an install, or closing)."""
@@ -353,10 +355,10 @@ class Node:
             if self._applying is fut:
                 self._applying = None
 
-    async def _apply(self, entries) -> None:
-        batch = [(e.index, e.term, e.data) for e in entries]
+    async def _finish_apply(self, entries, applying: asyncio.Future) -> None:
+        """Wait for the apply thread, then answer the clients waiting on these entries."""
         try:
-            results = await asyncio.get_running_loop().run_in_executor(self.apply_thread, self.sm.apply, batch)
+            results = await applying
         except Exception as e:  # never go on past an entry we could not apply
             fatal("applying committed entries failed", e)
         self.commit_index = max(self.commit_index, entries[-1].index)
