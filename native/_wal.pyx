@@ -75,6 +75,8 @@ Test hooks (never for production): module globals ``_testing_fail_fsync``,
 ``_testing_skip_fsync`` and ``_testing_skip_crc`` seed the instance flags of
 the same names (minus the underscore) at open; the environment variable
 KVSTORE_WAL_TESTING_FAIL_FSYNC=1 sets testing_fail_fsync for child processes.
+``_testing_read_segments`` makes recovery read segment files into memory, as
+on kernels without MADV_POPULATE_READ, instead of mapping them.
 """
 import errno as _errno
 import fcntl as _fcntl
@@ -85,12 +87,22 @@ import threading
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
-from libc.stdlib cimport free, realloc
+from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memmove, memset
-from libc.errno cimport EINTR, EIO, errno
+from libc.errno cimport EINTR, EINVAL, EIO, ENOMEM, ENOSYS, errno
 from posix.fcntl cimport posix_fallocate
+from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, madvise, mmap, munmap
 from posix.types cimport off_t
 from posix.unistd cimport fdatasync, fsync, ftruncate, pread, pwrite
+
+cdef extern from *:
+    """
+    #include <sys/mman.h>
+    #ifndef MADV_POPULATE_READ
+    #define MADV_POPULATE_READ 22   /* Linux 5.14+; older kernels answer EINVAL */
+    #endif
+    """
+    int MADV_POPULATE_READ
 
 cdef extern from "crc32c.h" nogil:
     void kv_crc32c_init()
@@ -122,6 +134,7 @@ HEADER_SIZE = HDR
 _testing_fail_fsync = False
 _testing_skip_fsync = False
 _testing_skip_crc = False
+_testing_read_segments = False  # recover by reading segment files instead of mapping them
 
 _SEGMENT_RE = re.compile(r"^([0-9a-f]{16})\.wal$")
 
@@ -313,6 +326,74 @@ cdef int _read_all(int fd, unsigned char* p, size_t n, off_t off) noexcept nogil
         n -= r
         off += r
     return 0
+
+
+cdef unsigned char _NOTHING[1]
+
+
+cdef class _FileImage:
+    """A whole file as read-only memory for the recovery scan: mapped, or else read.
+
+    Mapping avoids copying every segment into fresh memory (most of the cost
+    of a restart). MADV_POPULATE_READ faults the pages in up front, so a disk
+    error is an OSError here rather than a SIGBUS in the middle of the scan;
+    where the kernel lacks it (< 5.14, EINVAL) the file is read instead.
+    """
+    cdef const unsigned char* data
+    cdef size_t n
+    cdef void* _mem
+    cdef bint _mapped
+
+    def __cinit__(self):
+        self.data = _NOTHING
+        self.n = 0
+        self._mem = NULL
+        self._mapped = False
+
+    def __dealloc__(self):
+        self.release()
+
+    cdef int load(self, int fd, size_t n, str path, bint read) except -1:
+        cdef int err = 0
+        cdef void* mem
+        self.release()
+        self.n = n
+        if n == 0:
+            return 0
+        with nogil:
+            if not read:
+                mem = mmap(NULL, n, PROT_READ, MAP_SHARED, fd, 0)
+                if mem == MAP_FAILED:
+                    err = errno
+                else:
+                    self._mem = mem
+                    self._mapped = True
+                    if madvise(mem, n, MADV_POPULATE_READ) != 0:
+                        err = errno
+                        munmap(mem, n)
+                        self._mem = NULL
+                        self._mapped = False
+            if read or err == EINVAL or err == ENOSYS:
+                err = 0
+                self._mem = malloc(n)
+                if self._mem == NULL:
+                    err = ENOMEM
+                else:
+                    err = _read_all(fd, <unsigned char*>self._mem, n, 0)
+        if err:
+            self.release()
+            raise OSError(err, f"reading a WAL segment: {os.strerror(err)}", path)
+        self.data = <const unsigned char*>self._mem
+        return 0
+
+    cdef void release(self) noexcept:
+        if self._mapped:
+            munmap(self._mem, self.n)
+        elif self._mem != NULL:
+            free(self._mem)
+        self._mem = NULL
+        self._mapped = False
+        self.data = _NOTHING
 
 
 cdef class _Segment:
@@ -510,21 +591,42 @@ cdef class Wal:
         """Replay one segment into memory; True if it holds a snapshot reset."""
         cdef str path = os.path.join(self.path, f"{seq:016x}.wal")
         cdef int fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        cdef int64_t n = os.fstat(fd).st_size
+        cdef int64_t n
+        try:
+            n = os.fstat(fd).st_size
+        except BaseException:
+            os.close(fd)
+            raise
         cdef _Segment seg = _Segment(seq, path, fd, 0, n)
-        self._segs[seq] = seg
+        self._segs[seq] = seg   # registered first: close() closes fd whatever happens next
         self._order.append(seq)
-        cdef bytes data = os.pread(fd, n, 0) if n else b""
-        if len(data) != n:
-            raise WalCorruptionError(path, len(data), "short read")
-        cdef const unsigned char* base = <const unsigned char*>PyBytes_AS_STRING(data)
+        cdef _FileImage image = _FileImage()
+        cdef bint reset = False
+        cdef int64_t cut
+        image.load(fd, n, path, _testing_read_segments)
+        try:
+            cut = self._scan_records(seg, image.data, n, first, last, &reset)
+        finally:
+            image.release()
+        if cut >= 0:  # after the unmap: no page of the mapping may outlive the truncation
+            if ftruncate(fd, cut) != 0:
+                raise OSError(errno, os.strerror(errno), path)
+            self._preallocate(fd, max(n, self.segment_bytes))
+            os.fsync(fd)
+            seg.cap = max(n, self.segment_bytes)
+        return reset
+
+    cdef int64_t _scan_records(self, _Segment seg, const unsigned char* base, size_t n, bint first, bint last,
+                               bint* reset_out) except -2:
+        """Check and index one segment's records (base: its n bytes); the offset to cut a torn tail at, or -1."""
+        cdef str path = seg.path
+        cdef uint32_t seq = seg.seq
         cdef size_t off = 0
         cdef const char* why = NULL
         cdef const unsigned char* p
         cdef uint32_t plen
         cdef uint64_t idx, term
         cdef uint8_t kind
-        cdef bint reset = False
         cdef bint skip_crc = self.testing_skip_crc
         cdef Loc* l
         cdef object bad = None
@@ -578,7 +680,7 @@ cdef class Wal:
             elif kind == KIND_SNAPSHOT:
                 self.snapshot = self._parse_snapshot(path, off, p, plen, idx, term)
                 if p[13] & 1:
-                    reset = True
+                    reset_out[0] = True
                     self.base_index = self.last_index = idx
                     self.base_term = term
                     self._loc_start = 0
@@ -589,7 +691,7 @@ cdef class Wal:
         if not last:
             if bad is not None:
                 raise WalCorruptionError(path, off, bad)
-            return reset
+            return -1
         header_ok = off + HDR <= <size_t>n and (skip_crc or kv_crc32c(0, base + off + 4, HDR - 4) == _rd32(base + off))
         if bad is not None and not _looks_torn(base, off, n, header_ok):
             raise WalCorruptionError(path, off, bad + " (not a torn write: no zeroed sector)")
@@ -601,12 +703,8 @@ cdef class Wal:
             nz = n - off
             log.warning("WAL %s: cut torn tail at offset %d (%s): discarded %d bytes",
                         path, off, bad or "garbage after the last record", nz)
-            if ftruncate(fd, off) != 0:
-                raise OSError(errno, os.strerror(errno), path)
-            self._preallocate(fd, max(n, self.segment_bytes))
-            os.fsync(fd)
-            seg.cap = max(n, self.segment_bytes)
-        return reset
+            return off
+        return -1
 
     cdef size_t _probe(self, const unsigned char* base, size_t off, size_t n, bint torn):
         """Offset of a valid record within PROBE_BYTES after a stop point, or -1."""
