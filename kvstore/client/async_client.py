@@ -14,6 +14,7 @@ attempt, so every retry is the same request to the state machine.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any, Callable, Iterable, Sequence
 
 import grpc
@@ -39,6 +40,10 @@ from kvstore.client.types import (
 from kvstore.v1 import cluster_pb2, kv_pb2
 
 __all__ = ["AsyncClient", "DropReplyHook"]
+
+#: DEBUG traces every failed attempt, redirect and backoff of a call (never a
+#: first-try success): enough to see where a failover's time went.
+log = logging.getLogger("kvstore.client")
 
 MD_LEADER_ID = "kvstore-leader-id"
 MD_LEADER_ADDR = "kvstore-leader-addr"
@@ -381,6 +386,8 @@ class AsyncClient:
                 else:
                     if route is LEADER and eps.leader != addr:
                         eps.set_leader(addr)
+                    if attempts > 1 and log.isEnabledFor(logging.DEBUG):
+                        log.debug("%s answered by %s at attempt %d", method, addr, attempts)
                     return (resp, addr) if with_addr else resp
                 finally:
                     if route is ANY:
@@ -391,6 +398,8 @@ class AsyncClient:
                 causes[addr] = f"{code.name}: {details}"
                 tried.add(addr)
                 leader_addr = md.get(MD_LEADER_ADDR)
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("%s to %s failed: %s: %s", method, addr, code.name, details)
                 if leader_addr:
                     # A follower named the leader: certainly not applied; go there
                     # now, unless that member just failed us (a paused or dead
@@ -427,6 +436,8 @@ class AsyncClient:
                 # Every endpoint in sight has failed since the last wait: back off.
                 pause = min(policy.backoff(waits), deadline - loop_time())
                 waits += 1
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("%s: every endpoint failed since the last wait; waiting %.0f ms", method, pause * 1000)
                 tried.clear()
                 if pause > 0:
                     await asyncio.sleep(pause)

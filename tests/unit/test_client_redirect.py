@@ -246,3 +246,22 @@ def test_bytes_and_str_are_both_accepted():
         assert c.get(b"text").value == b"\x00\x01"
         with pytest.raises(TypeError):
             c.put(1, "x")  # type: ignore[arg-type]
+
+
+def test_debug_log_traces_failed_attempts_and_waits_but_not_first_try_successes(caplog):
+    caplog.set_level("DEBUG", logger="kvstore.client")
+    with FakeCluster(leader=None) as fc, Client(fc.endpoints, timeout=10, retry=FixedInterval(interval=0.02)) as c:
+        out: list = []
+        t = threading.Thread(target=lambda: out.append(c.put("k", "v")))
+        t.start()
+        wait_for(lambda: all(n.calls.get("Put", 0) >= 2 for n in fc.nodes), what="client retrying on every member")
+        fc.leader_id = 2
+        t.join(10)
+        assert out
+        lines = [r.getMessage() for r in caplog.records if r.name == "kvstore.client"]
+        assert any(f"Put to {fc.node(1).addr} failed: UNAVAILABLE: no leader" in m for m in lines)
+        assert any("every endpoint failed since the last wait; waiting 20 ms" in m for m in lines)
+        assert lines[-1].startswith(f"Put answered by {fc.node(2).addr} at attempt ")
+        caplog.clear()
+        c.put("k", "w")  # straight to the cached leader: nothing to trace
+        assert not [r for r in caplog.records if r.name == "kvstore.client"]
