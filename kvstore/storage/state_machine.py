@@ -195,31 +195,49 @@ class StateMachine:
     # ---- apply -------------------------------------------------------------
 
     def apply(
-        self, entries: Iterable[tuple[int, int, bytes]]
+        self, entries: Iterable[tuple[int, int, bytes]], origins: list | None = None
     ) -> list[command_pb2.CommandResult | ApplyError | None]:
-        """Apply committed (index, term, data) entries, in order, in one LMDB txn."""
+        """Apply committed (index, term, data) entries, in order, in one LMDB txn.
+
+        origins, if given, gets one item per entry: (proposal_id, (client_id,
+        seq)) of the entry's Command, or None where there is no Command. The
+        proposing node resolves its waiters from it instead of parsing every
+        Command a second time.
+        """
         results: list[command_pb2.CommandResult | ApplyError | None] = []
         applied_index, applied_term = self._applied_index, self._applied_term
         ex = _Executor(self._kv, self._revision)
         log_time = self._log_time
+        parse = command_pb2.Command.FromString
         with self._env.begin(write=True) as txn:
             ex.txn = txn
+            sessions = self._sessions.batch(txn)
             for index, term, data in entries:
                 if index <= applied_index:
                     results.append(None)
+                    if origins is not None:
+                        origins.append(None)
                     continue
                 applied_index, applied_term = index, term
                 if not data:
                     results.append(None)
+                    if origins is not None:
+                        origins.append(None)
                     continue
                 try:
-                    cmd = command_pb2.Command.FromString(data)
+                    cmd = parse(data)
                 except DecodeError as e:
                     results.append(ApplyError(ErrorCode.INVALID_ARGUMENT, f"malformed command: {e}"))
+                    if origins is not None:
+                        origins.append(None)  # no Command, so nobody to answer
                     continue
                 if cmd.proposed_at_ms > log_time:
                     log_time = cmd.proposed_at_ms
-                results.append(self._apply_command(txn, ex, cmd, log_time))
+                rid = cmd.request_id
+                results.append(self._apply_command(sessions, ex, cmd, rid, log_time))
+                if origins is not None:
+                    origins.append((cmd.proposal_id, (rid.client_id, rid.seq)))
+            sessions.flush()
             if applied_index != self._applied_index:
                 txn.put(_META_KEY, _META.pack(applied_index, applied_term, ex.revision, log_time), db=self._meta)
         # Only after the commit succeeded does the in-memory view move on.
@@ -227,29 +245,28 @@ class StateMachine:
         self._revision, self._log_time = ex.revision, log_time
         return results
 
-    def _apply_command(self, txn, ex: "_Executor", cmd, now_ms: int):
-        self._sessions.expire(txn, now_ms)
-        rid = cmd.request_id
+    def _apply_command(self, sessions, ex: "_Executor", cmd, rid, now_ms: int):
+        sessions.expire(now_ms)
         try:
             validation.check_command(cmd)
         except InvalidRequest as e:
             err = ApplyError(ErrorCode.INVALID_ARGUMENT, str(e))
             if rid.client_id and rid.seq:
-                verdict, answer = self._sessions.check(txn, rid, now_ms)
+                verdict, answer = sessions.check(rid, now_ms)
                 if verdict is not Verdict.APPLY:
                     return answer
-                self._sessions.record(txn, rid, err)
+                sessions.record(rid, err)
             return err
         if not rid.client_id:
             return ex.run_command(cmd)
-        verdict, answer = self._sessions.check(txn, rid, now_ms)
+        verdict, answer = sessions.check(rid, now_ms)
         if verdict is Verdict.REPLAY and self.testing_disable_dedup:
             verdict = Verdict.APPLY
         if verdict is not Verdict.APPLY:
             return answer
         result = ex.run_command(cmd)
         if not self.testing_disable_dedup:
-            self._sessions.record(txn, rid, result, puts_only=ex.puts_only)
+            sessions.record(rid, result, puts_only=ex.puts_only)
         return result
 
     # ---- reads -------------------------------------------------------------

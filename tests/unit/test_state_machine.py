@@ -191,6 +191,53 @@ def test_sessions_expire_by_log_time(sm, log):
     assert sm.get(b"a").version == 1 and 1 not in sm.dump_sessions()
 
 
+def _apply_both_ways(tmp_path, datas):
+    """Apply datas one entry per apply, and all in one apply: (answers, state) of each."""
+    out = []
+    for name, batched in (("one", False), ("batch", True)):
+        s = StateMachine.open(str(tmp_path / name), 64 << 20, fsync=False, session_ttl_ms=10_000, max_pending=3)
+        entries = [(i + 1, 3, d) for i, d in enumerate(datas)]
+        if batched:
+            answers = s.apply(entries)
+        else:
+            answers = [s.apply([e])[0] for e in entries]
+        out.append((answers, s.dump(), s.revision, s.dump_sessions()))
+        s.close()
+    return out
+
+
+def test_one_batch_expires_and_revives_sessions_like_one_by_one(tmp_path):
+    """Sessions touched earlier in the same apply batch expire, come back and count answers
+    exactly as when every command is applied on its own (the batch keeps them in memory)."""
+    datas = [
+        cmd(put(b"a"), client=1, seq=1, at=1_000),
+        cmd(put(b"b"), client=2, seq=1, at=1_000),
+        cmd(put(b"b"), client=2, seq=2, acked=2, at=5_000),
+        cmd(put(b"c"), client=3, seq=1, at=11_001),  # client 1 (seen at 1_000) expires here
+        cmd(put(b"a"), client=1, seq=2, acked=2, at=11_002),  # refused: its session is gone
+        cmd(put(b"a"), client=1, seq=1, acked=1, at=11_003),  # a new session under the same id
+        cmd(put(b"a"), client=1, seq=1, acked=1, at=11_004),  # its retry: the stored answer
+        cmd(put(b"b"), client=2, seq=3, acked=3, at=15_001),  # client 2 (seen at 5_000) still alive
+        cmd(put(b"d"), client=4, seq=1, at=25_002),  # everyone but client 4 expires
+    ]
+    one, batch = _apply_both_ways(tmp_path, datas)
+    assert one == batch
+    answers, _kv, _rev, sessions = batch
+    assert answers[4].code is ErrorCode.FAILED_PRECONDITION
+    assert answers[6] == answers[5]
+    assert set(sessions) == {4}
+
+
+def test_one_batch_drops_acknowledged_answers_like_one_by_one(tmp_path):
+    """acked_below moving by one (deleted key by key) and by many (a cursor walk) in one batch."""
+    datas = [cmd(put(b"k%d" % q), client=9, seq=q, acked=max(1, q - 2), at=1_000 + q) for q in range(1, 40)]
+    datas.append(cmd(put(b"z"), client=9, seq=200, acked=200, at=2_000))
+    one, batch = _apply_both_ways(tmp_path, datas)
+    assert one == batch
+    last_seen, acked, answers = batch[3][9]
+    assert (last_seen, acked, set(answers)) == (2_000, 200, {200})
+
+
 def test_invalid_command_applies_nothing(sm, log):
     r = log(cmd(put(b"a"), put(b""), client=3, seq=1))
     assert isinstance(r, ApplyError) and r.code is ErrorCode.INVALID_ARGUMENT
