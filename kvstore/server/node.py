@@ -16,9 +16,10 @@ Follow a write from the client to the fsync and back:
      storage thread). Proposals arriving meanwhile are stepped into raft and
      form the next batch: that is the group commit;
    - sends `persisted_messages` (votes, acks), which promise what is now on disk;
-   - starts applying the committed entries with one `StateMachine.apply` (one
-     LMDB transaction) on the apply thread, without waiting for it: the next
-     Ready's WAL fsync overlaps this apply (see `_start_apply`);
+   - queues the committed entries for the apply thread without waiting for
+     it: the next Ready's WAL fsync overlaps the apply, and each apply takes
+     everything committed meanwhile as one `StateMachine.apply` (one LMDB
+     transaction; see `_start_apply`);
    - advances the core, and takes a snapshot (and compacts the log) every
      `--snapshot-count` entries.
 3. When the apply finishes, each result goes to its waiting client (only
@@ -59,6 +60,8 @@ from .transport import Transport
 
 log = logging.getLogger("kvstore.node")
 
+APPLY_BACKLOG_MAX_BYTES = 64 << 20  # committed but not yet applied, before the Ready loop waits
+
 ROLE_NAMES = {
     StateRole.LEADER: "leader",
     StateRole.FOLLOWER: "follower",
@@ -82,7 +85,9 @@ class Node:
         self.member_ids = cfg.member_ids
         self.storage_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="storage")
         self.apply_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="apply")
-        self._applying: asyncio.Future | None = None  # the one apply in flight (see _start_apply)
+        self._applying: asyncio.Future | None = None  # applies the backlog, one batch at a time (see _start_apply)
+        self._apply_backlog: list = []  # committed entries waiting for the apply thread
+        self._apply_backlog_bytes = 0
         self.log: RaftLog | None = None
         self.sm: StateMachine | None = None
         self.snapshots: SnapshotStore | None = None
@@ -332,35 +337,51 @@ class Node:
         self.read_index.on_applied(self.sm.applied_index)
 
     async def _start_apply(self, entries) -> None:
-        """Start applying `entries` on the apply thread; return once the previous batch is done.
+        """Queue `entries` for the apply thread; wait only if the backlog is over its bound.
 
-        At most one batch is in flight, so applies stay in order and the queue
-        is bounded, while the Ready loop goes on to the next WAL fsync. Raft's
-        own `applied` marker (RawNode.advance) then runs up to one batch ahead
-        of the state machine; the core reads it only to gate membership
-        changes, which this server never proposes. Clients and reads wait for
-        the state machine itself: waiters resolve, and ReadIndex reads are
+        One apply runs at a time, in order, each taking everything committed
+        while the previous one ran: under load the batches grow, so LMDB
+        commits (and their fsync and page writes) are shared by more entries,
+        and the Ready loop never waits for LMDB to start the next WAL fsync.
+        Raft's own `applied` marker (RawNode.advance) may run ahead of the
+        state machine; the core reads it only to gate membership changes,
+        which this server never proposes. Clients and reads wait for the
+        state machine itself: waiters resolve, and ReadIndex reads are
         released, only when the apply has finished.
         """
-        await self._drain_apply()
+        self._apply_backlog.extend(entries)
+        self._apply_backlog_bytes += sum(len(e.data) for e in entries)
+        if self._applying is None:
+            self._applying = asyncio.ensure_future(self._apply_backlog_loop(self._submit_backlog()))
+        elif self._apply_backlog_bytes > APPLY_BACKLOG_MAX_BYTES:
+            await self._drain_apply()
+
+    def _submit_backlog(self):
+        """Hand the whole backlog to the apply thread as one batch (one LMDB transaction)."""
+        entries, self._apply_backlog, self._apply_backlog_bytes = self._apply_backlog, [], 0
         batch = [(e.index, e.term, e.data) for e in entries]
-        applying = asyncio.get_running_loop().run_in_executor(self.apply_thread, self.sm.apply, batch)  # starts now
-        self._applying = asyncio.ensure_future(self._finish_apply(entries, applying))
+        return entries, asyncio.get_running_loop().run_in_executor(self.apply_thread, self.sm.apply, batch)
+
+    async def _apply_backlog_loop(self, submitted) -> None:
+        try:
+            while submitted is not None:
+                entries, applying = submitted
+                try:
+                    results = await applying
+                except Exception as e:  # never go on past an entry we could not apply
+                    fatal("applying committed entries failed", e)
+                submitted = self._submit_backlog() if self._apply_backlog else None  # runs while we answer
+                self._finish_apply(entries, results)
+        finally:
+            self._applying = None
 
     async def _drain_apply(self) -> None:
-        """Wait for the apply in flight (before a snapshot, an install, or closing)."""
-        fut = self._applying
-        if fut is not None:
-            await asyncio.shield(fut)  # a cancelled loop must not cancel an apply half way
-            if self._applying is fut:
-                self._applying = None
+        """Wait until everything queued is applied (before a snapshot, an install, or closing)."""
+        while self._applying is not None:
+            await asyncio.shield(self._applying)  # a cancelled loop must not cancel an apply half way
 
-    async def _finish_apply(self, entries, applying: asyncio.Future) -> None:
-        """Wait for the apply thread, then answer the clients waiting on these entries."""
-        try:
-            results = await applying
-        except Exception as e:  # never go on past an entry we could not apply
-            fatal("applying committed entries failed", e)
+    def _finish_apply(self, entries, results) -> None:
+        """Answer the clients waiting on these entries, and release reads waiting for them."""
         self.commit_index = max(self.commit_index, entries[-1].index)
         self.read_index.on_applied(self.sm.applied_index)
         if not len(self.proposals):
