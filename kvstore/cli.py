@@ -15,20 +15,40 @@ traceback.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import shlex
 import signal
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from kvstore.server.config import DEFAULT_BASE_CLIENT_PORT, DEFAULT_BASE_PEER_PORT, default_client_addr
 
-console = Console(width=None if sys.stdout.isatty() else 160)
-err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+if TYPE_CHECKING:
+    from rich.table import Table
+
+
+class _LazyConsole:
+    """A rich Console made on first use, so `kvstore serve` (a node's start) never imports rich."""
+
+    def __init__(self, stderr: bool = False):
+        self._stderr = stderr
+        self._console = None
+
+    def __getattr__(self, name: str):
+        if self._console is None:
+            from rich.console import Console
+
+            stream = sys.stderr if self._stderr else sys.stdout
+            self._console = Console(stderr=self._stderr, width=None if stream.isatty() else 160)
+        return getattr(self._console, name)
+
+
+console = _LazyConsole()
+err_console = _LazyConsole(stderr=True)
 
 DEFAULT_ENDPOINTS = ",".join(default_client_addr(i) for i in (1, 2, 3))
 
@@ -73,7 +93,22 @@ def show(b: bytes) -> str:
 # ------------------------------------------------------------------------------ the group
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _LazyGroup(click.Group):
+    """Subcommands that live in their own packages (`jepsen`, `bench`) are imported when used or listed."""
+
+    lazy = {"jepsen": ("kvstore.jepsen.cli", "jepsen"), "bench": ("kvstore.bench", "bench")}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(self.lazy))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy and name not in self.commands:
+            module, attr = self.lazy[name]
+            self.add_command(getattr(importlib.import_module(module), attr), name)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--endpoints", envvar="KVSTORE_ENDPOINTS", default=DEFAULT_ENDPOINTS, show_default=True,
               help="comma-separated client addresses of cluster members")
 @click.option("--timeout", default=5.0, show_default=True, help="seconds per command, retries included")
@@ -166,6 +201,8 @@ def cluster_up(nodes: int, data_dir: str, base_client_port: int, base_peer_port:
 
 
 def status_table(lc) -> Table:
+    from rich.table import Table
+
     t = Table(title="kvstore local cluster", title_justify="left")
     for col in ("member", "endpoint", "role", "term", "leader", "commit", "applied", "snapshot",
                 "revision", "wal", "db", "pid"):
@@ -342,6 +379,8 @@ def status(ctx) -> None:
     """A table of members: role, term, leader, indexes, sizes."""
     from kvstore.client import Client
 
+    from rich.table import Table
+
     with Client(ctx.obj["endpoints"], timeout=ctx.obj["timeout"]) as c:
         sts = c.status_all(timeout=min(ctx.obj["timeout"], 2.0))
     t = Table()
@@ -390,17 +429,6 @@ def leader_transfer(ctx, target: int) -> None:
         new = c.transfer_leader(target)
     console.print(f"leader is now member {new}", highlight=False)
 
-
-def _add_subcommand_groups() -> None:
-    """`kvstore jepsen ...` and `kvstore bench` live in their own packages."""
-    from kvstore.bench import bench
-    from kvstore.jepsen.cli import jepsen
-
-    main.add_command(jepsen)
-    main.add_command(bench)
-
-
-_add_subcommand_groups()
 
 
 if __name__ == "__main__":
