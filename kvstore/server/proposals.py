@@ -8,6 +8,12 @@ the waiter. When this member stops being leader or its term moves on, every
 waiter is failed "leadership lost; outcome unknown": its entry may or may not
 survive under the next leader, and only a retry with the same RequestId
 (deduplicated by the state machine) can tell.
+
+Deadlines. A waiter registered with a deadline is failed "deadline passed;
+outcome unknown" by a sweep that runs every SWEEP_S while anyone waits, so the
+caller can simply `await` the future: no `asyncio.wait_for` + `shield` (two
+extra futures, a timer and four callbacks per write). The answer may come up to
+SWEEP_S late, long after the client's own deadline has fired anyway.
 """
 from __future__ import annotations
 
@@ -15,10 +21,11 @@ import asyncio
 import random
 from dataclasses import dataclass
 
-from .errors import RequestFailed
+from .errors import RequestFailed, outcome_unknown_deadline
 
 _COUNTER_BITS = 48
 _COUNTER_MASK = (1 << _COUNTER_BITS) - 1
+SWEEP_S = 0.05
 
 
 @dataclass(slots=True)
@@ -26,6 +33,7 @@ class _Waiter:
     future: asyncio.Future
     term: int
     request_key: tuple[int, int]  # (client_id, seq), checked again on apply
+    deadline: float | None  # loop.time() after which the waiter fails
 
 
 class Proposals:
@@ -33,6 +41,7 @@ class Proposals:
         self._high = (member_id & 0xFFFF) << _COUNTER_BITS
         self._counter = random.getrandbits(_COUNTER_BITS - 1)
         self._waiters: dict[int, _Waiter] = {}
+        self._sweep: asyncio.TimerHandle | None = None
 
     def __len__(self) -> int:
         return len(self._waiters)
@@ -41,12 +50,15 @@ class Proposals:
         self._counter = (self._counter + 1) & _COUNTER_MASK
         return self._high | self._counter
 
-    def register(self, proposal_id: int, term: int, request_key: tuple[int, int]) -> asyncio.Future:
-        fut = asyncio.get_running_loop().create_future()
-        # Failed in the same loop turn as its caller gave up (deadline, cancelled RPC): nobody
-        # reads the error, and asyncio would log it with a traceback.
-        fut.add_done_callback(_retrieve_exception)
-        self._waiters[proposal_id] = _Waiter(fut, term, request_key)
+    def register(
+        self, proposal_id: int, term: int, request_key: tuple[int, int], deadline: float | None = None
+    ) -> asyncio.Future:
+        """A future for the proposal's result; with a deadline (loop.time()), it fails once that passes."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._waiters[proposal_id] = _Waiter(fut, term, request_key, deadline)
+        if deadline is not None and self._sweep is None:
+            self._sweep = loop.call_later(SWEEP_S, self._expire)
         return fut
 
     def forget(self, proposal_id: int) -> None:
@@ -61,6 +73,20 @@ class Proposals:
         if not w.future.done():
             w.future.set_result(result)
 
+    def resolve_applied(self, origins, results) -> None:
+        """Resolve from StateMachine.apply(entries, origins): one (proposal_id, request_key) per result."""
+        waiters = self._waiters
+        for origin, result in zip(origins, results):
+            if origin is None:
+                continue  # a no-op, an entry already applied, or no Command at all
+            pid, key = origin
+            w = waiters.get(pid)
+            if w is None or w.request_key != key:
+                continue  # proposed elsewhere, or its caller gave up
+            del waiters[pid]
+            if not w.future.done():
+                w.future.set_result(result)
+
     def fail_older_than(self, term: int, error: RequestFailed) -> None:
         """Fail waiters proposed in a term before `term` (their leader is gone)."""
         for pid in [p for p, w in self._waiters.items() if w.term < term]:
@@ -74,12 +100,22 @@ class Proposals:
         for pid in list(self._waiters):
             self._fail(pid, error)
 
+    def _expire(self) -> None:
+        self._sweep = None
+        if not self._waiters:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for pid in [p for p, w in self._waiters.items() if w.deadline is not None and w.deadline <= now]:
+            self._fail(pid, outcome_unknown_deadline())
+        if any(w.deadline is not None for w in self._waiters.values()):
+            self._sweep = loop.call_later(SWEEP_S, self._expire)
+
     def _fail(self, pid: int, error: RequestFailed) -> None:
         w = self._waiters.pop(pid)
         if not w.future.done():
             w.future.set_exception(error)
-
-
-def _retrieve_exception(fut: asyncio.Future) -> None:
-    if not fut.cancelled():
-        fut.exception()
+            # Marked as retrieved: a caller who gave up in this same loop turn (deadline, cancelled
+            # RPC) never reads it, and asyncio would log it with a traceback. An awaiting caller
+            # still gets it raised.
+            w.future.exception()

@@ -109,3 +109,53 @@ def test_failing_an_abandoned_proposal_logs_nothing():
     asyncio.run(main())
     gc.collect()
     assert unretrieved == []
+
+
+def test_deadline_fails_the_waiter_outcome_unknown():
+    async def main():
+        p = Proposals(1)
+        loop = asyncio.get_running_loop()
+        late = p.register(p.next_id(), 1, (7, 1), deadline=loop.time() + 0.01)
+        on_time = p.register(p.next_id(), 1, (7, 2), deadline=loop.time() + 60)
+        no_deadline = p.register(p.next_id(), 1, (7, 3))
+        with pytest.raises(RequestFailed, match="deadline passed") as e:
+            await asyncio.wait_for(late, 2)  # the sweep, not this wait_for, ends it
+        assert not e.value.not_applied and e.value.code.name == "DEADLINE_EXCEEDED"
+        assert not on_time.done() and not no_deadline.done() and len(p) == 2
+
+    asyncio.run(main())
+
+
+def test_resolve_applied_answers_only_its_own_waiters():
+    """From StateMachine.apply's origins: skips entries without a Command, other members'
+    proposals, a reused id with another request, and callers that gave up."""
+    async def main():
+        p = Proposals(1)
+        a, b, c = p.next_id(), p.next_id(), p.next_id()
+        fa, fb = p.register(a, 1, (7, 1)), p.register(b, 1, (7, 2))
+        fc = p.register(c, 1, (7, 3))
+        fc.cancel()  # its RPC was cancelled
+        origins = [None, (a, (7, 1)), (b, (8, 1)), (c, (7, 3)), (12345, (7, 4))]
+        p.resolve_applied(origins, [None, "ra", "rb", "rc", "rx"])
+        assert await fa == "ra"
+        assert not fb.done() and len(p) == 1
+
+    asyncio.run(main())
+
+
+def test_failing_an_abandoned_proposal_on_deadline_logs_nothing():
+    unretrieved = []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda loop, ctx: unretrieved.append(ctx))
+        p = Proposals(1)
+        fut = p.register(p.next_id(), 1, (7, 1), deadline=loop.time())
+        del fut  # nobody awaits it
+        await asyncio.sleep(0.1)
+        assert len(p) == 0
+        gc.collect()
+
+    asyncio.run(main())
+    gc.collect()
+    assert unretrieved == []
