@@ -79,6 +79,13 @@ class Limits:
         if r.lease:
             raise InvalidRequest("leases are not supported yet; lease must be 0")
 
+    def check_put_request(self, r: kv_pb2.PutRequest) -> None:
+        """check_request_size and check_put in one call: a unary Put's whole check."""
+        self.check_request_size(r)
+        key, value = r.key, r.value
+        if not key or len(key) > self.max_key_bytes or len(value) > self.max_value_bytes or r.lease:
+            self.check_put(r)  # names the problem
+
     def check_delete(self, r: kv_pb2.DeleteRangeRequest) -> None:
         self.check_range(r.key, r.range_end)
 

@@ -31,6 +31,8 @@ def test_put_get_range_delete(cluster):
     got = kv.Range(kv_pb2.RangeRequest(key=b"fruit/apple"), timeout=10)
     assert [(x.key, x.value, x.version) for x in got.kvs] == [(b"fruit/apple", b"green", 2)]
     assert got.header.revision == r3.header.revision
+    assert (r3.header.cluster_id, r3.header.member_id, r3.header.raft_term) == (
+        got.header.cluster_id, got.header.member_id, got.header.raft_term)  # a write's header is a read's
 
     everything = kv.Range(kv_pb2.RangeRequest(key=b"fruit/", range_end=b"fruit0"), timeout=10)
     assert [x.key for x in everything.kvs] == [b"fruit/apple", b"fruit/banana"]

@@ -72,3 +72,23 @@ def test_empty_op():
 def test_is_mutation():
     assert not is_mutation(kv_pb2.RequestOp(request_range=kv_pb2.RangeRequest(key=b"a")))
     assert is_mutation(kv_pb2.RequestOp(request_put=put()))
+
+
+@pytest.mark.parametrize("req", [
+    put(), put(value=b"v" * (1 << 20)), put(key=b"k" * 511),  # fine
+    put(key=b""), put(key=b"k" * 512), put(value=b"v" * (1 << 20 | 1)),
+    kv_pb2.PutRequest(key=b"k", lease=5), put(value=b"v" * 200),
+])
+def test_put_request_check_is_size_then_put_check(req):
+    """A unary Put's one-call check refuses exactly what the two checks refuse, with their message."""
+    lim = Limits(max_request_bytes=(3 << 19) if len(req.value) != 200 else 100)
+
+    def outcome(check):
+        try:
+            check()
+        except InvalidRequest as e:
+            return str(e)
+        return None
+
+    want = outcome(lambda: (lim.check_request_size(req), lim.check_put(req)))
+    assert outcome(lambda: lim.check_put_request(req)) == want
