@@ -51,6 +51,15 @@ segment head must continue where the previous segment ended.
 
 * Non-last segment: any bad record (header or payload CRC, length past the
   end, unknown kind, index gap) raises WalCorruptionError(path, offset).
+  Exception, when the caller passes applied_index (the state machine's):
+  for ENTRY records at or below it only the header is checked at open (CRC,
+  kind, length, index continuity); their payload CRC is checked when they
+  are read, as every read from disk does, so a damaged applied entry is
+  never served: it stops the reader (a leader sending it to a lagging
+  follower) instead of the start. Those entries are already in the state
+  machine and are only ever read to be sent, so the open does not have to
+  read them: its cost follows the unapplied tail, not the whole log. Every
+  other record, and the whole last segment, is checked as described here.
 * Last segment: the scan stops at the first record that is incomplete or bad.
   It is cut (file truncated there and re-zeroed, fsynced, logged with the
   byte count) only if it looks like a torn write: it runs past the end of
@@ -239,8 +248,8 @@ cdef inline uint32_t _rd32(const unsigned char* p) noexcept nogil:
     return v
 
 
-cdef int _check_record(const unsigned char* p, size_t avail, bint skip_crc, const char** why) noexcept nogil:
-    """0 if a whole valid record starts at p (avail bytes readable), else -1 and why."""
+cdef int _check_header(const unsigned char* p, size_t avail, bint skip_crc, const char** why) noexcept nogil:
+    """0 if a valid header starts at p and its payload fits in avail bytes, else -1 and why."""
     cdef uint32_t n
     if avail < HDR:
         why[0] = b"incomplete header"
@@ -255,7 +264,14 @@ cdef int _check_record(const unsigned char* p, size_t avail, bint skip_crc, cons
     if n > avail - HDR:
         why[0] = b"record runs past the end of the file"
         return -1
-    if not skip_crc and kv_crc32c(0, p + HDR, n) != _rd32(p + 4):
+    return 0
+
+
+cdef int _check_record(const unsigned char* p, size_t avail, bint skip_crc, const char** why) noexcept nogil:
+    """0 if a whole valid record starts at p (avail bytes readable), else -1 and why."""
+    if _check_header(p, avail, skip_crc, why) != 0:
+        return -1
+    if not skip_crc and kv_crc32c(0, p + HDR, _rd32(p + 8)) != _rd32(p + 4):
         why[0] = b"payload checksum mismatch"
         return -1
     return 0
@@ -329,35 +345,45 @@ cdef int _read_all(int fd, unsigned char* p, size_t n, off_t off) noexcept nogil
 
 
 cdef unsigned char _NOTHING[1]
+DEF PAGE = 4096
+DEF WINDOW = 64 << 10   # populated at a time when a segment is walked header by header
 
 
 cdef class _FileImage:
     """A whole file as read-only memory for the recovery scan: mapped, or else read.
 
     Mapping avoids copying every segment into fresh memory (most of the cost
-    of a restart). MADV_POPULATE_READ faults the pages in up front, so a disk
-    error is an OSError here rather than a SIGBUS in the middle of the scan;
-    where the kernel lacks it (< 5.14, EINVAL) the file is read instead.
+    of a restart). MADV_POPULATE_READ faults pages in before they are looked
+    at, so a disk error is an OSError rather than a SIGBUS in the middle of
+    the scan; where the kernel lacks it (< 5.14, EINVAL) the file is read
+    instead. Either the whole file is populated at load, or (lazy) only what
+    ensure() is asked for, a window at a time: the scan then reads only the
+    headers of records it does not need to checksum.
     """
     cdef const unsigned char* data
     cdef size_t n
     cdef void* _mem
     cdef bint _mapped
+    cdef bint _full             # every byte is readable
+    cdef size_t _win_lo, _win_hi  # the last populated window (lazy mode)
 
     def __cinit__(self):
         self.data = _NOTHING
         self.n = 0
         self._mem = NULL
         self._mapped = False
+        self._full = True
+        self._win_lo = self._win_hi = 0
 
     def __dealloc__(self):
         self.release()
 
-    cdef int load(self, int fd, size_t n, str path, bint read) except -1:
+    cdef int load(self, int fd, size_t n, str path, bint read, bint lazy) except -1:
         cdef int err = 0
         cdef void* mem
         self.release()
         self.n = n
+        self._full = True
         if n == 0:
             return 0
         with nogil:
@@ -368,7 +394,9 @@ cdef class _FileImage:
                 else:
                     self._mem = mem
                     self._mapped = True
-                    if madvise(mem, n, MADV_POPULATE_READ) != 0:
+                    self._full = not lazy
+                    self._win_hi = min(n, <size_t>WINDOW) if lazy else n
+                    if madvise(mem, self._win_hi, MADV_POPULATE_READ) != 0:
                         err = errno
                         munmap(mem, n)
                         self._mem = NULL
@@ -386,6 +414,25 @@ cdef class _FileImage:
         self.data = <const unsigned char*>self._mem
         return 0
 
+    cdef inline int ensure(self, size_t lo, size_t hi, str path) except -1:
+        """Make bytes [lo, hi) readable (hi is clipped to the file)."""
+        if self._full or (lo >= self._win_lo and hi <= self._win_hi):
+            return 0
+        return self._populate(lo, hi, path)
+
+    cdef int _populate(self, size_t lo, size_t hi, str path) except -1:
+        cdef size_t a = lo - lo % PAGE, b = min(self.n, max(hi, lo + WINDOW))
+        cdef int r
+        if a >= b:
+            return 0
+        with nogil:
+            r = madvise(<unsigned char*>self._mem + a, b - a, MADV_POPULATE_READ)
+        if r != 0:
+            raise OSError(errno, f"reading a WAL segment: {os.strerror(errno)}", path)
+        self._win_lo = a
+        self._win_hi = b
+        return 0
+
     cdef void release(self) noexcept:
         if self._mapped:
             munmap(self._mem, self.n)
@@ -393,6 +440,7 @@ cdef class _FileImage:
             free(self._mem)
         self._mem = NULL
         self._mapped = False
+        self._full = True
         self.data = _NOTHING
 
 
@@ -455,6 +503,7 @@ cdef class Wal:
     cdef uint64_t _cache_first
     cdef int64_t _cache_bytes, _cache_max
     cdef bint _closed
+    cdef uint64_t _applied_at_open
 
     def __cinit__(self):
         self._locs = NULL
@@ -468,12 +517,15 @@ cdef class Wal:
         free(self._buf)
 
     def __init__(self, str path, int64_t segment_bytes=64 << 20, entry_factory=None,
-                 int64_t cache_bytes=32 << 20):
+                 int64_t cache_bytes=32 << 20, uint64_t applied_index=0):
         """Open (or create) the log in directory `path` and recover it.
 
         entry_factory(index, term, type, data) builds what entries() returns
         for entries read from disk (default: a tuple); entries passed to
         append() are cached as given, up to cache_bytes of payload.
+        applied_index: entries up to it are already in the state machine, so
+        outside the last segment their payload checksums are verified when
+        they are read (as every read does), not at open (see Recovery rules).
         """
         if segment_bytes < 4096:
             raise ValueError("segment_bytes must be at least 4096")
@@ -494,6 +546,7 @@ cdef class Wal:
         self.testing_skip_crc = bool(_testing_skip_crc)
         self.hard_state = (0, 0, 0)
         self.snapshot = None
+        self._applied_at_open = applied_index
         os.makedirs(self.path, exist_ok=True)
         self._lockfd = os.open(os.path.join(self.path, "LOCK"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
@@ -603,9 +656,10 @@ cdef class Wal:
         cdef _FileImage image = _FileImage()
         cdef bint reset = False
         cdef int64_t cut
-        image.load(fd, n, path, _testing_read_segments)
+        # The last segment is read whole (torn-tail judgement, probe); the others lazily if entries may be trusted.
+        image.load(fd, n, path, _testing_read_segments, not last and self._applied_at_open > 0)
         try:
-            cut = self._scan_records(seg, image.data, n, first, last, &reset)
+            cut = self._scan_records(seg, image, n, first, last, &reset)
         finally:
             image.release()
         if cut >= 0:  # after the unmap: no page of the mapping may outlive the truncation
@@ -616,9 +670,12 @@ cdef class Wal:
             seg.cap = max(n, self.segment_bytes)
         return reset
 
-    cdef int64_t _scan_records(self, _Segment seg, const unsigned char* base, size_t n, bint first, bint last,
+    cdef int64_t _scan_records(self, _Segment seg, _FileImage image, size_t n, bint first, bint last,
                                bint* reset_out) except -2:
-        """Check and index one segment's records (base: its n bytes); the offset to cut a torn tail at, or -1."""
+        """Check and index one segment's records (image: its n bytes); the offset to cut a torn tail at, or -1."""
+        cdef const unsigned char* base = image.data
+        cdef bint trusted
+        cdef uint64_t applied = self._applied_at_open
         cdef str path = seg.path
         cdef uint32_t seq = seg.seq
         cdef size_t off = 0
@@ -631,9 +688,15 @@ cdef class Wal:
         cdef Loc* l
         cdef object bad = None
         while True:
+            image.ensure(off, off + HDR, path)
             if _all_zero(base + off, min(<size_t>HDR, n - off)):
                 break  # the zeroed tail (or the exact end of the file)
-            if _check_record(base + off, n - off, skip_crc, &why) != 0:
+            # An applied entry outside the last segment: its header is checked here, its payload when read.
+            trusted = not last and n - off >= HDR and base[off + 12] == KIND_ENTRY and _rd64(base + off + 16) <= applied
+            if not trusted and n - off >= HDR:
+                image.ensure(off, off + HDR + min(<size_t>_rd32(base + off + 8), n - off - HDR), path)
+            if (_check_header(base + off, n - off, skip_crc, &why) if trusted
+                    else _check_record(base + off, n - off, skip_crc, &why)) != 0:
                 bad = why.decode()
                 break
             p = base + off

@@ -40,9 +40,15 @@ class RaftLog:
         self._wal = wal
 
     @classmethod
-    def open(cls, dir: str, segment_bytes: int = 64 << 20) -> "RaftLog":
-        """Open or create the log in `dir`, recovering it (may raise WalCorruptionError)."""
-        return cls(Wal(dir, segment_bytes, entry_factory=_make_entry))
+    def open(cls, dir: str, segment_bytes: int = 64 << 20, applied_index: int = 0) -> "RaftLog":
+        """Open or create the log in `dir`, recovering it (may raise WalCorruptionError).
+
+        applied_index (the state machine's): entries up to it have their
+        payload checksums verified when read rather than at open, so a restart
+        does not read the applied part of the log (see Recovery rules in
+        native/_wal.pyx). 0 verifies everything at open.
+        """
+        return cls(Wal(dir, segment_bytes, entry_factory=_make_entry, applied_index=applied_index))
 
     # ---- Storage protocol (read side) -------------------------------------
 

@@ -6,6 +6,7 @@ shows that each switch position really takes its own path.
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -95,3 +96,119 @@ def test_crc32c_three_streams_agree_with_the_table_at_every_block_boundary():
             assert base.crc32c(memoryview(data)[off:off + n]) == sw  # unaligned start, as the WAL passes it
             checked += 1
     assert checked == 5 * len(sizes)
+
+
+# ------------------------------------------------- applied entries: checked when read, not at open
+
+
+def _three_segments(path):
+    """Entries 1..80 over several 8 KiB segments; (first segment file, offset of entry 3 in it)."""
+    with base.Wal(str(path), 8192) as w:
+        for b in range(20):
+            w.append(base.ents(b * 4 + 1, b * 4 + 5))
+        assert len(w.segment_paths()) >= 3
+    return base.seg_files(path)[0], base.HEAD_BYTES + 2 * (base.HEADER_SIZE + 300)
+
+
+def _flip(path, at):
+    with open(path, "r+b") as f:
+        f.seek(at)
+        b = f.read(1)
+        f.seek(at)
+        f.write(bytes([b[0] ^ 0x40]))
+
+
+@pytest.mark.parametrize("mode", ["map", "read"])
+def test_a_damaged_applied_entry_opens_but_is_refused_when_read(tmp_path, mode, monkeypatch):
+    monkeypatch.setattr(native, "_testing_read_segments", mode == "read")
+    seg, rec = _three_segments(tmp_path)
+    _flip(seg, rec + base.HEADER_SIZE + 100)  # entry 3's payload
+    with pytest.raises(base.WalCorruptionError):  # teeth: a full check at open sees it
+        base.Wal(str(tmp_path), 8192)
+    with base.Wal(str(tmp_path), 8192, applied_index=80) as w:
+        assert w.last_index == 80
+        assert [e[3] for e in w.entries(4, 81)] == [base.payload(i, 1) for i in range(4, 81)]
+        with pytest.raises(base.WalCorruptionError) as err:
+            w.entries(1, 4)  # never served: the read checks the payload
+        assert err.value.path == seg and err.value.offset == rec
+
+
+def test_an_unapplied_entry_is_still_checked_at_open(tmp_path):
+    seg, rec = _three_segments(tmp_path)
+    _flip(seg, rec + base.HEADER_SIZE + 100)  # entry 3
+    with pytest.raises(base.WalCorruptionError) as err:
+        base.Wal(str(tmp_path), 8192, applied_index=2)
+    assert err.value.offset == rec
+
+
+@pytest.mark.parametrize("where", ["len", "index", "hcrc"])
+def test_a_damaged_header_of_an_applied_entry_is_refused_at_open(tmp_path, where):
+    seg, rec = _three_segments(tmp_path)
+    _flip(seg, rec + {"len": 9, "index": 16, "hcrc": 0}[where])
+    with pytest.raises(base.WalCorruptionError) as err:
+        base.Wal(str(tmp_path), 8192, applied_index=80)
+    assert err.value.path == seg and err.value.offset == rec
+
+
+def test_hard_state_records_are_checked_at_open_whatever_the_applied_index(tmp_path):
+    with base.Wal(str(tmp_path), 8192) as w:
+        for b in range(20):
+            w.append(base.ents(b * 4 + 1, b * 4 + 5), (1, 1, b * 4))
+    seg = base.seg_files(tmp_path)[0]
+    hs = base.HEAD_BYTES + 4 * (base.HEADER_SIZE + 300)  # the hard state after the first batch
+    raw = open(seg, "rb").read(hs + base.HEADER_SIZE)
+    assert raw[hs + 12] == native.KINDS["HARDSTATE"]
+    _flip(seg, hs + base.HEADER_SIZE + 3)
+    with pytest.raises(base.WalCorruptionError, match="payload checksum") as err:
+        base.Wal(str(tmp_path), 8192, applied_index=80)
+    assert err.value.offset == hs
+
+
+def test_the_last_segment_is_checked_whole_whatever_the_applied_index(tmp_path):
+    seg, start, end = base._log_with_tail(tmp_path)  # one segment: it is the last
+    _flip(seg, start + base.HEADER_SIZE + 10)
+    with pytest.raises(base.WalCorruptionError, match="not a torn write"):
+        base.Wal(str(tmp_path), 1 << 14, applied_index=5)
+
+
+def test_a_torn_tail_is_cut_whatever_the_applied_index(tmp_path):
+    pristine = tmp_path / "pristine"
+    seg, start, end = base._log_with_tail(pristine)
+    for cut in (start + 1, start + base.HEADER_SIZE + 7, end - 1):
+        d = tmp_path / f"cut{cut}"
+        import shutil
+
+        shutil.copytree(pristine, d)
+        with open(d / os.path.basename(seg), "r+b") as f:
+            f.truncate(cut)
+        with base.Wal(str(d), 1 << 14, applied_index=5) as w:
+            assert w.last_index == 4
+
+
+def test_a_restart_reads_little_of_an_applied_log(tmp_path):
+    """The point of applied_index: of older segments only windows around headers are read (strace counts)."""
+    seg_bytes = 4 << 20
+    with base.Wal(str(tmp_path), seg_bytes) as w:
+        for i in range(1, 100):
+            w.append(base.ents(i, i + 1, size=200_000))
+        n_segs = len(w.segment_paths())
+    assert n_segs >= 4
+    script = textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {base.ROOT!r})
+        import kvstore._wal as native
+        os.write(2, b"MARK\\n")
+        native.Wal(sys.argv[1], {seg_bytes}, applied_index=int(sys.argv[2])).close()
+        os.write(2, b"MARK\\n")
+    """)
+    populated = {}
+    for applied in (0, 99):
+        r = subprocess.run(["strace", "-e", "trace=madvise,write", sys.executable, "-c", script, str(tmp_path),
+                            str(applied)], capture_output=True, text=True)
+        if r.returncode != 0 and "ptrace" in r.stderr:
+            pytest.skip("strace not permitted here")
+        assert r.returncode == 0, r.stderr
+        window = r.stderr.split('write(2, "MARK')[1]
+        populated[applied] = sum(int(line.split(",")[1]) for line in window.splitlines() if line.startswith("madvise("))
+    assert populated[0] >= n_segs * seg_bytes  # everything, checked at open
+    assert populated[99] < seg_bytes + (n_segs - 1) * seg_bytes // 2, populated  # the last segment + header windows
