@@ -32,6 +32,7 @@ copy) and the apply thread (LMDB transactions), each one call at a time.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import os
 import sys
@@ -51,7 +52,7 @@ from kvstore.v1 import command_pb2, kv_pb2
 
 from .config import ServerConfig
 from .errors import (
-    RequestFailed, leadership_lost, not_applied, outcome_unknown_deadline, shutting_down, stopped_while_pending,
+    RequestFailed, leadership_lost, not_applied, shutting_down, stopped_while_pending,
 )
 from .proposals import Proposals
 from .read_index import ReadIndex
@@ -88,6 +89,8 @@ class Node:
         self._applying: asyncio.Future | None = None  # applies the backlog, one batch at a time (see _start_apply)
         self._apply_backlog: list = []  # committed entries waiting for the apply thread
         self._apply_backlog_bytes = 0
+        self._answered_index = 0  # the last entry whose waiters were answered (maybe not yet in LMDB)
+        self._lmdb_waiters: list = []  # heap of (index, tiebreak, future): reads waiting for an LMDB commit
         self.log: RaftLog | None = None
         self.sm: StateMachine | None = None
         self.snapshots: SnapshotStore | None = None
@@ -357,10 +360,34 @@ class Node:
             await self._drain_apply()
 
     def _submit_backlog(self):
-        """Hand the whole backlog to the apply thread as one batch (one LMDB transaction)."""
+        """Hand the whole backlog to the apply thread as one batch (one LMDB transaction).
+
+        Waiting clients are answered as soon as the transaction has computed
+        their results, while LMDB commits (page writes + fdatasync): the
+        entries are already committed in raft, i.e. durable on a majority of
+        WALs, and a crash before the LMDB commit replays them from the WAL to
+        the same results (etcd answers before its backend commits, too).
+        Reads keep seeing their own writes: a linearizable read waits for the
+        state machine to reach its read index, and any read on this member
+        waits until what was answered is committed to LMDB (`_answered_index`).
+        """
         entries, self._apply_backlog, self._apply_backlog_bytes = self._apply_backlog, [], 0
         batch = [(e.index, e.term, e.data) for e in entries]
-        return entries, asyncio.get_running_loop().run_in_executor(self.apply_thread, self.sm.apply, batch)
+        loop = asyncio.get_running_loop()
+        origins = None
+        answer_early = None
+        if len(self.proposals):  # someone here waits for these entries (this member proposed them)
+            origins = []
+            last = entries[-1].index
+
+            def answer_early(results) -> None:  # on the apply thread, just before the LMDB commit
+                loop.call_soon_threadsafe(self._answer, last, origins, results)
+
+        return entries, loop.run_in_executor(self.apply_thread, self.sm.apply, batch, origins, answer_early)
+
+    def _answer(self, last_index: int, origins, results) -> None:
+        self._answered_index = max(self._answered_index, last_index)
+        self.proposals.resolve_applied(origins, results)
 
     async def _apply_backlog_loop(self, submitted) -> None:
         try:
@@ -381,17 +408,14 @@ class Node:
             await asyncio.shield(self._applying)  # a cancelled loop must not cancel an apply half way
 
     def _finish_apply(self, entries, results) -> None:
-        """Answer the clients waiting on these entries, and release reads waiting for them."""
+        """The batch is committed to LMDB: release the reads waiting for it."""
         self.commit_index = max(self.commit_index, entries[-1].index)
-        self.read_index.on_applied(self.sm.applied_index)
-        if not len(self.proposals):
-            return  # nobody waits here (a follower): skip parsing every Command again
-        for e, result in zip(entries, results):
-            if not e.data or result is None:
-                continue  # a leader's no-op, or an entry the state machine had already applied
-            cmd = command_pb2.Command.FromString(e.data)
-            rid = cmd.request_id
-            self.proposals.resolve(cmd.proposal_id, (rid.client_id, rid.seq), result)
+        applied = self.sm.applied_index
+        self.read_index.on_applied(applied)
+        while self._lmdb_waiters and self._lmdb_waiters[0][0] <= applied:
+            _index, _tiebreak, fut = heapq.heappop(self._lmdb_waiters)
+            if not fut.done():
+                fut.set_result(None)
 
     async def _maybe_snapshot(self) -> None:
         applied = self.sm.applied_index
@@ -477,7 +501,7 @@ class Node:
         if request_id is not None:
             cmd.request_id.CopyFrom(request_id)
             key = (request_id.client_id, request_id.seq)
-        fut = self.proposals.register(pid, self.term, key)
+        fut = self.proposals.register(pid, self.term, key, deadline=asyncio.get_running_loop().time() + timeout)
         self._queued.append((pid, cmd.SerializeToString()))  # proposed with the next batch
         self._wake.set()
         if self.cfg.testing_ack_before_commit:
@@ -485,9 +509,7 @@ class Node:
             self.proposals.forget(pid)
             return None  # the service invents an answer: TESTING ONLY
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), timeout)
-        except asyncio.TimeoutError:
-            raise outcome_unknown_deadline() from None
+            return await fut  # Proposals fails it "outcome unknown" once the deadline passes
         finally:
             self.proposals.forget(pid)
 
@@ -520,7 +542,16 @@ class Node:
         while not self._sm_readable.is_set():
             await self._sm_readable.wait()
 
+    async def _see_answered_writes(self) -> None:
+        """Wait until every write this member has answered is committed to LMDB (see _submit_backlog)."""
+        index = self._answered_index
+        if index > self.sm.applied_index:
+            fut = asyncio.get_running_loop().create_future()
+            heapq.heappush(self._lmdb_waiters, (index, id(fut), fut))
+            await fut
+
     async def range(self, request: kv_pb2.RangeRequest) -> kv_pb2.RangeResponse:
+        await self._see_answered_writes()
         await self.wait_readable()
         resp = self.sm.range(request)
         resp.header.CopyFrom(self.header())
@@ -528,6 +559,7 @@ class Node:
 
     async def range_many(self, requests: list, out: list) -> None:
         """Serve already-validated reads into `out`, all from one LMDB read transaction."""
+        await self._see_answered_writes()
         await self.wait_readable()
         # No await from here on: the environment cannot be swapped under the read.
         self.sm.range_many(requests, out, header=self.header(), validated=True)

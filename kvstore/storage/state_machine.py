@@ -195,14 +195,17 @@ class StateMachine:
     # ---- apply -------------------------------------------------------------
 
     def apply(
-        self, entries: Iterable[tuple[int, int, bytes]], origins: list | None = None
+        self, entries: Iterable[tuple[int, int, bytes]], origins: list | None = None,
+        before_commit: Callable[[list], None] | None = None,
     ) -> list[command_pb2.CommandResult | ApplyError | None]:
         """Apply committed (index, term, data) entries, in order, in one LMDB txn.
 
         origins, if given, gets one item per entry: (proposal_id, (client_id,
         seq)) of the entry's Command, or None where there is no Command. The
         proposing node resolves its waiters from it instead of parsing every
-        Command a second time.
+        Command a second time. before_commit, if given, gets the results once
+        they are final, just before the transaction commits (the node answers
+        clients from it while LMDB writes and syncs).
         """
         results: list[command_pb2.CommandResult | ApplyError | None] = []
         applied_index, applied_term = self._applied_index, self._applied_term
@@ -240,6 +243,8 @@ class StateMachine:
             sessions.flush()
             if applied_index != self._applied_index:
                 txn.put(_META_KEY, _META.pack(applied_index, applied_term, ex.revision, log_time), db=self._meta)
+            if before_commit is not None:
+                before_commit(results)
         # Only after the commit succeeded does the in-memory view move on.
         self._applied_index, self._applied_term = applied_index, applied_term
         self._revision, self._log_time = ex.revision, log_time
