@@ -85,6 +85,19 @@ def test_batch_with_one_bad_op(cluster):
     assert [(x.key, x.value) for x in got.kvs] == [(b"batch/a", b"1"), (b"batch/b", b"2")]
 
 
+def test_a_member_reads_its_own_answered_writes(cluster):
+    """Writers are answered before LMDB commits; a serializable read on the same member must still see them."""
+    kv = kv_stub(cluster.client_addr(settled(cluster)))
+    for i in range(150):
+        value = b"v%d" % i
+        if i % 2:
+            kv.Put(kv_pb2.PutRequest(key=b"ryw", value=value), timeout=10)
+        else:
+            kv.Batch(kv_pb2.BatchRequest(ops=[put_op(b"ryw", value)]), timeout=10)
+        got = kv.Range(kv_pb2.RangeRequest(key=b"ryw", serializable=True), timeout=10)
+        assert [kv_.value for kv_ in got.kvs] == [value], f"write {i} was answered but not visible on the leader"
+
+
 def test_redirect_from_each_follower(cluster):
     leader = settled(cluster)
     leader_addr = cluster.client_addr(leader)
