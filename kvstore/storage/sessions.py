@@ -102,6 +102,13 @@ class SessionTable:
         self._expiry = expiry_db
         self.ttl_ms = ttl_ms
         self.max_pending = max_pending
+        # client_id -> an upper bound of the seqs whose answers are stored. A
+        # request above it cannot be a retry, so its answer lookup is skipped
+        # (every py-lmdb call drops and retakes the GIL, which is what a call
+        # costs on a busy node). Filled from LMDB on a client's first request
+        # in this process; a bound left too high (a transaction that did not
+        # commit) only costs a lookup.
+        self._seq_bound: dict[int, int] = {}
 
     def batch(self, txn) -> "SessionBatch":
         """The table as seen by one apply transaction; call flush() before committing."""
@@ -181,6 +188,22 @@ class SessionBatch:
     def _drop_session(self, cid: int) -> None:
         self._txn.delete(_CLIENT.pack(cid), db=self._t._sessions)
         self._drop_answers(cid, 0, 1 << 64)
+        self._t._seq_bound.pop(cid, None)
+
+    def _stored_seq_bound(self, cid: int) -> int:
+        """The highest seq with a stored answer for cid (0 if none), read once per process."""
+        bound = self._t._seq_bound.get(cid)
+        if bound is None:
+            bound = 0
+            cur = self._txn.cursor(db=self._t._answers)
+            after = cid + 1 < (1 << 64) and cur.set_range(_CLIENT.pack(cid + 1))  # cid's last answer is before
+            found = cur.prev() if after else cur.last()
+            if found:
+                k_cid, k_seq = _PAIR.unpack(cur.key())
+                if k_cid == cid:
+                    bound = k_seq
+            self._t._seq_bound[cid] = bound
+        return bound
 
     # ---- requests ----------------------------------------------------------
 
@@ -213,7 +236,7 @@ class SessionBatch:
             if s[2]:
                 s[2] -= self._drop_answers(cid, s[1], acked_below)
             s[1] = acked_below
-        if s[2]:  # answers are stored only while pending > 0
+        if s[2] and seq <= self._stored_seq_bound(cid):  # else no answer can be stored for seq
             stored = self._txn.get(_PAIR.pack(cid, seq), db=self._t._answers)
             if stored is not None:
                 return Verdict.REPLAY, decode_answer(stored)
@@ -235,8 +258,14 @@ class SessionBatch:
         self, rid: kv_pb2.RequestId, answer: command_pb2.CommandResult | ApplyError, puts_only: bool = False
     ) -> None:
         """Store the answer to a seq that check() said to APPLY (puts_only: see encode_answer)."""
-        self._txn.put(_PAIR.pack(rid.client_id, rid.seq), encode_answer(answer, puts_only), db=self._t._answers)
-        self._live[rid.client_id][2] += 1
+        cid, seq = rid.client_id, rid.seq
+        self._txn.put(_PAIR.pack(cid, seq), encode_answer(answer, puts_only), db=self._t._answers)
+        self._live[cid][2] += 1
+        bounds = self._t._seq_bound
+        if cid not in bounds:  # no answer was stored before (pending was 0), so none above seq
+            bounds[cid] = seq
+        elif seq > bounds[cid]:
+            bounds[cid] = seq
 
     def flush(self) -> None:
         """Write every session touched in this batch, and its expiry entry."""

@@ -287,3 +287,22 @@ def test_environment_failure_raises_and_changes_nothing(tmp_path):
     assert (sm.applied_index, sm.revision) == (1, 1) and set(sm.dump()) == {b"a"}
     assert Log(sm)(cmd(put(b"b"))).revision == 2
     sm.close()
+
+
+def test_retry_after_reopen_gets_the_stored_answer(tmp_path):
+    """The lookup of a retried seq is skipped only above the highest stored seq, which a
+    reopened state machine first reads back from LMDB (here: answers of clients 4 and 5,
+    and client 6 whose answers sort after them)."""
+    path = str(tmp_path / "sm")
+    sm = StateMachine.open(path, 64 << 20, fsync=False, session_ttl_ms=10_000, max_pending=3)
+    log = Log(sm)
+    first = {(c, q): log(cmd(put(b"k%d" % c), client=c, seq=q, at=1_000 + q)) for c in (4, 5) for q in (1, 2, 3)}
+    log(cmd(put(b"z"), client=6, seq=9, at=1_010))
+    sm.close()
+    sm = StateMachine.open(path, 64 << 20, fsync=False, session_ttl_ms=10_000, max_pending=3)
+    log = Log(sm)
+    for c in (5, 4):
+        assert log(cmd(put(b"k%d" % c), client=c, seq=2, at=1_020)) == first[(c, 2)]
+        assert log(cmd(put(b"k%d" % c), client=c, seq=3, at=1_021)) == first[(c, 3)]
+    assert sm.get(b"k4").version == 3 and sm.get(b"k5").version == 3  # nothing applied twice
+    sm.close()
