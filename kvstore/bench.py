@@ -164,6 +164,7 @@ async def _drive(spec: LoadSpec, nclients: int, slot: int, ready: Any, go: Any, 
         if not await loop.run_in_executor(None, go.wait, START_TIMEOUT_S):
             raise TimeoutError("no start signal from the parent")
         perf = time.perf_counter
+        cpu0 = time.process_time()
         t0 = perf()
         deadline = t0 + spec.secs
 
@@ -195,9 +196,10 @@ async def _drive(spec: LoadSpec, nclients: int, slot: int, ready: Any, go: Any, 
         reporter = asyncio.create_task(report())
         await asyncio.gather(*(client() for _ in range(nclients)))
         elapsed = perf() - t0
+        cpu = time.process_time() - cpu0  # every thread of this process, gRPC's included
         reporter.cancel()
         counts[slot] = len(lat)
-    return {"lat": lat.tobytes(), "errors": errors, "first_error": first_error, "elapsed": elapsed}
+    return {"lat": lat.tobytes(), "errors": errors, "first_error": first_error, "elapsed": elapsed, "cpu": cpu}
 
 
 def _worker(spec: LoadSpec, nclients: int, slot: int, ready: Any, go: Any, counts: Any, results: Any) -> None:
@@ -277,10 +279,15 @@ def run_load(spec: LoadSpec, on_progress: ProgressFn | None = None) -> Stats:
     errs = [r["first_error"] for r in out.values() if r["first_error"]]
     if on_progress is not None:
         on_progress(spec.secs, len(lat))
-    return summarize(
+    stats = summarize(
         lat, max(r["elapsed"] for r in out.values()), op=spec.op, clients=spec.clients, procs=len(shares),
         coalesce=spec.coalesce, errors=sum(r["errors"] for r in out.values()), first_error=errs[0] if errs else "",
     )
+    # The load processes share the cores with the members: what they burn per
+    # op is taken from the servers, so it is reported next to the rate.
+    stats.extra["client_cpu_s"] = cpu = sum(r["cpu"] for r in out.values())
+    stats.extra["client_cpu_us_per_op"] = cpu / len(lat) * 1e6 if len(lat) else float("nan")
+    return stats
 
 
 # --- presentation -------------------------------------------------------------
@@ -291,9 +298,11 @@ def _ms(x: float) -> str:
 
 
 def format_line(s: Stats) -> str:
-    """One line in etcd_load.py's format (plus p99.9), for logs and diffs."""
-    return (f"{s.op} ops={s.ops} rate={s.rate:.0f}/s p50={_ms(s.p50)}ms p99={_ms(s.p99)}ms "
+    """One line in etcd_load.py's format (plus p99.9 and the client's CPU per op when known), for logs and diffs."""
+    line = (f"{s.op} ops={s.ops} rate={s.rate:.0f}/s p50={_ms(s.p50)}ms p99={_ms(s.p99)}ms "
             f"p99.9={_ms(s.p999)}ms clients={s.clients} errors={s.errors}")
+    cpu = s.extra.get("client_cpu_us_per_op")
+    return line if cpu is None else f"{line} client_cpu={cpu:.1f}us/op"
 
 
 def results_table(stats: Sequence[Stats], title: str = "kvstore bench") -> Any:
