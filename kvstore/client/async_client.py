@@ -158,34 +158,30 @@ class AsyncClient:
         self, key: BytesLike, value: BytesLike, *, prev_kv: bool = False, timeout: float | None = None
     ) -> PutResult:
         """Set ``key`` to ``value``; ``prev_kv=True`` also returns what it replaced."""
-        k = to_bytes(key)
-        v = to_bytes(value)
+        k = key if type(key) is bytes else to_bytes(key)
+        v = value if type(value) is bytes else to_bytes(value)
         c = self._coalescer
         if c is not None:
-            op, fut = c.add(LEADER, True, len(k) + len(v) + 16, timeout)
-            p = op.request_put
+            p, fut = c.add(LEADER, "request_put", True, len(k) + len(v) + 16, timeout)
             p.key = k
             p.value = v
             if prev_kv:
                 p.prev_kv = True
-            c.added(LEADER)
-            return PutResult.from_pb(await self._wait(fut, timeout, True))
+            return PutResult.from_pb(await fut if timeout is None else await self._wait(fut, timeout, True))
         req = kv_pb2.PutRequest(key=k, value=v, prev_kv=prev_kv)
         return PutResult.from_pb(await self._call("Put", req, route=LEADER, mutation=True, timeout=timeout))
 
     async def get(self, key: BytesLike, *, serializable: bool = False, timeout: float | None = None) -> GetResult:
         """One key. Linearizable unless ``serializable=True`` (any member, maybe stale)."""
-        k = to_bytes(key)
+        k = key if type(key) is bytes else to_bytes(key)
         route = ANY if serializable else LEADER
         c = self._coalescer
         if c is not None:
-            op, fut = c.add(route, False, len(k) + 8, timeout)
-            r = op.request_range
+            r, fut = c.add(route, "request_range", False, len(k) + 8, timeout)
             r.key = k
             if serializable:
                 r.serializable = True
-            c.added(route)
-            return GetResult.from_pb(await self._wait(fut, timeout, False))
+            return GetResult.from_pb(await fut if timeout is None else await self._wait(fut, timeout, False))
         req = kv_pb2.RangeRequest(key=k, serializable=serializable)
         return GetResult.from_pb(await self._call("Range", req, route=route, mutation=False, timeout=timeout))
 
@@ -212,9 +208,8 @@ class AsyncClient:
         route = ANY if serializable else LEADER
         c = self._coalescer
         if c is not None:
-            op, fut = c.add(route, False, len(req.key) + len(req.range_end) + 16, timeout)
-            op.request_range.CopyFrom(req)
-            c.added(route)
+            op, fut = c.add(route, "request_range", False, len(req.key) + len(req.range_end) + 16, timeout)
+            op.CopyFrom(req)
             return RangeResult.from_pb(await self._wait(fut, timeout, False))
         return RangeResult.from_pb(await self._call("Range", req, route=route, mutation=False, timeout=timeout))
 
@@ -231,9 +226,8 @@ class AsyncClient:
         req = delete_request(key, end, prefix=prefix, prev_kv=prev_kv)
         c = self._coalescer
         if c is not None:
-            op, fut = c.add(LEADER, True, len(req.key) + len(req.range_end) + 16, timeout)
-            op.request_delete_range.CopyFrom(req)
-            c.added(LEADER)
+            op, fut = c.add(LEADER, "request_delete_range", True, len(req.key) + len(req.range_end) + 16, timeout)
+            op.CopyFrom(req)
             return DeleteResult.from_pb(await self._wait(fut, timeout, True))
         return DeleteResult.from_pb(await self._call("DeleteRange", req, route=LEADER, mutation=True, timeout=timeout))
 
@@ -252,9 +246,8 @@ class AsyncClient:
         req = txn.to_pb()
         c = self._coalescer
         if c is not None:
-            op, fut = c.add(LEADER, True, req.ByteSize(), timeout)
-            op.request_txn.CopyFrom(req)
-            c.added(LEADER)
+            op, fut = c.add(LEADER, "request_txn", True, req.ByteSize(), timeout)
+            op.CopyFrom(req)
             return TxnResult.from_pb(await self._wait(fut, timeout, True))
         return TxnResult.from_pb(await self._call("Txn", req, route=LEADER, mutation=True, timeout=timeout))
 

@@ -5,8 +5,9 @@ A gRPC round trip costs the server far more than the op it carries (issue 7:
 AsyncClient gathers every op submitted during one event-loop turn and sends
 them as a single Batch at the start of the next turn. The added latency is at
 most that one turn. A batch is also closed as soon as it reaches ``max_ops`` or
-``max_bytes`` (it still leaves on that next turn; later ops form another). Each op is written straight into the pending BatchRequest (no
-copy), and each caller gets its own result or its own error back.
+``max_bytes`` (it still leaves on that next turn; later ops form another).
+Each op is written straight into the pending BatchRequest (no copy), and each
+caller gets its own result or its own error back.
 
 Serializable reads go in a separate batch from leader-bound ops because any
 member may serve them. A batch of one op is sent as its plain unary RPC.
@@ -31,19 +32,31 @@ _UNARY = {
     "request_delete_range": "DeleteRange",
     "request_txn": "Txn",
 }
+#: The ResponseOp field answering each RequestOp kind.
+_RESPONSE = {
+    "request_put": "response_put",
+    "request_range": "response_range",
+    "request_delete_range": "response_delete_range",
+    "request_txn": "response_txn",
+}
 
 Send = Callable[..., Awaitable[Any]]
 
 
 class _Pending:
-    __slots__ = ("req", "futures", "nbytes", "mutation", "timeout")
+    __slots__ = ("req", "add_op", "futures", "new_future", "nbytes", "mutation", "timeout", "kind")
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.req = kv_pb2.BatchRequest()
+        self.add_op = self.req.ops.add
         self.futures: list[asyncio.Future[Any]] = []
+        self.new_future = loop.create_future
         self.nbytes = 0
         self.mutation = False
         self.timeout: float | None = None
+        #: The RequestOp field every op so far uses ("" once they differ): a
+        #: batch of one kind hands out its results without a WhichOneof per op.
+        self.kind: str | None = None
 
 
 class Coalescer:
@@ -76,39 +89,36 @@ class Coalescer:
         self.ops = 0
 
     def add(
-        self, route: str, mutation: bool, nbytes: int, timeout: float | None
-    ) -> tuple[kv_pb2.RequestOp, "asyncio.Future[Any]"]:
-        """Reserve a slot: the caller fills the returned op, then calls ``added``.
+        self, route: str, kind: str, mutation: bool, nbytes: int, timeout: float | None
+    ) -> tuple[Any, "asyncio.Future[Any]"]:
+        """Reserve a slot for one op: returns its (empty) ``kind`` message to fill now, and its future.
 
-        The future resolves to the op's response message (e.g. PutResponse) or
-        fails with its typed error.
+        ``kind`` is the RequestOp field ("request_put", ...). The future
+        resolves to the op's response message (e.g. PutResponse) or fails
+        with its typed error. Filling the message must happen before the
+        caller yields: the batch leaves on the next loop turn.
         """
         p = self._pending.get(route)
-        loop = asyncio.get_running_loop()
-        if p is not None and p.nbytes + nbytes > self.max_bytes:
-            # Adding this op would overshoot the byte cap (and maybe the
-            # server's request limit): close the pending batch, start afresh.
-            del self._pending[route]
-            p = None
-        if p is None:
-            # The sender task's first step runs on the next loop turn, after
-            # every caller made ready in this turn has added its op.
-            p = self._pending[route] = _Pending()
+        if p is None or p.nbytes + nbytes > self.max_bytes:
+            # None pending, or adding this op would overshoot the byte cap (and
+            # maybe the server's request limit): start afresh. The sender
+            # task's first step runs on the next loop turn, after every caller
+            # made ready in this turn has added its op.
+            p = self._pending[route] = _Pending(asyncio.get_running_loop())
             self._spawn(self._run(route, p))
-        fut: asyncio.Future[Any] = loop.create_future()
-        p.futures.append(fut)
+        fut = p.new_future()
+        futures = p.futures
+        futures.append(fut)
         p.nbytes += nbytes
         if mutation:
             p.mutation = True
         if timeout is not None and (p.timeout is None or timeout > p.timeout):
             p.timeout = timeout
-        return p.req.ops.add(), fut
-
-    def added(self, route: str) -> None:
-        """Close the batch if the op just added filled it (count or bytes); later ops start a new one."""
-        p = self._pending[route]
-        if len(p.futures) >= self.max_ops or p.nbytes >= self.max_bytes:
-            del self._pending[route]
+        if p.kind != kind:
+            p.kind = kind if p.kind is None else ""
+        if len(futures) >= self.max_ops or p.nbytes >= self.max_bytes:
+            del self._pending[route]  # full: later ops start a new batch
+        return getattr(p.add_op(), kind), fut
 
     async def _run(self, route: str, p: _Pending) -> None:
         if self._pending.get(route) is p:
@@ -144,12 +154,16 @@ class Coalescer:
                 if not f.done():
                     f.set_exception(err)
             return
-        for i, (f, r) in enumerate(zip(futures, results)):
+        kind = p.kind
+        kind = _RESPONSE[kind] if kind else None
+        i = -1
+        for f, r in zip(futures, results):
+            i += 1
             if f.done():
                 continue  # the caller gave up (cancelled or timed out)
             if r.WhichOneof("result") == "response":
                 op = r.response
-                f.set_result(getattr(op, op.WhichOneof("response")))
+                f.set_result(getattr(op, kind or op.WhichOneof("response")))
                 continue
             code = r.error.code
             op = p.req.ops[i]
