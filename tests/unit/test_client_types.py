@@ -52,3 +52,33 @@ def test_txn_builder_and_nesting():
         Txn().when("a == x")  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         Txn().then("put a")  # type: ignore[arg-type]
+
+
+def test_put_and_get_results_read_lazily_behave_like_the_frozen_dataclasses():
+    import dataclasses
+    import pickle
+
+    from kvstore.client.types import GetResult, KeyValue, PutResult
+
+    r = kv_pb2.RangeResponse()
+    r.header.revision = 7
+    r.kvs.add(key=b"k", value=b"v", create_revision=2, mod_revision=7, version=3)
+    g = GetResult.from_pb(r)
+    same = GetResult(7, KeyValue(b"k", b"v", 2, 7, 3))
+    assert (g.revision, g.value, g.found, bool(g)) == (7, b"v", True, True)
+    assert g == same and hash(g) == hash(same) and repr(g) == repr(same)
+    assert pickle.loads(pickle.dumps(g)) == same
+    missing = GetResult.from_pb(kv_pb2.RangeResponse())
+    assert (missing.kv, missing.value, bool(missing)) == (None, None, False)
+    assert missing != PutResult(0)  # different types never compare equal
+
+    p = kv_pb2.PutResponse()
+    p.header.revision = 9
+    p.prev_kv.key = b"k"
+    put = PutResult.from_pb(p)
+    assert put.revision == 9 and put.prev_kv is not None and put.prev_kv.key == b"k"
+    assert PutResult.from_pb(kv_pb2.PutResponse()) == PutResult(0, None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        put.revision = 1  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        g.kv = None  # type: ignore[misc]
