@@ -84,8 +84,8 @@ Test hooks (never for production): module globals ``_testing_fail_fsync``,
 ``_testing_skip_fsync`` and ``_testing_skip_crc`` seed the instance flags of
 the same names (minus the underscore) at open; the environment variable
 KVSTORE_WAL_TESTING_FAIL_FSYNC=1 sets testing_fail_fsync for child processes.
-``_testing_read_segments`` makes recovery read segment files into memory, as
-on kernels without MADV_POPULATE_READ, instead of mapping them.
+``_testing_read_segments`` makes recovery behave as on kernels without
+MADV_POPULATE_READ: segment files are read into memory instead of mapped.
 """
 import errno as _errno
 import fcntl as _fcntl
@@ -143,7 +143,7 @@ HEADER_SIZE = HDR
 _testing_fail_fsync = False
 _testing_skip_fsync = False
 _testing_skip_crc = False
-_testing_read_segments = False  # recover by reading segment files instead of mapping them
+_testing_read_segments = False  # recover as if MADV_POPULATE_READ were missing: read segments, do not map
 
 _SEGMENT_RE = re.compile(r"^([0-9a-f]{16})\.wal$")
 
@@ -365,6 +365,7 @@ cdef class _FileImage:
     cdef void* _mem
     cdef bint _mapped
     cdef bint _full             # every byte is readable
+    cdef bint _no_populate      # test hook: act as a kernel without MADV_POPULATE_READ
     cdef size_t _win_lo, _win_hi  # the last populated window (lazy mode)
 
     def __cinit__(self):
@@ -373,36 +374,45 @@ cdef class _FileImage:
         self._mem = NULL
         self._mapped = False
         self._full = True
+        self._no_populate = False
         self._win_lo = self._win_hi = 0
 
     def __dealloc__(self):
         self.release()
 
-    cdef int load(self, int fd, size_t n, str path, bint read, bint lazy) except -1:
+    cdef int load(self, int fd, size_t n, str path, bint no_populate, bint lazy) except -1:
+        """Map (or read) the file's n bytes; lazy: populate only what ensure() asks for.
+
+        no_populate (a test hook): behave as on a kernel without MADV_POPULATE_READ.
+        """
         cdef int err = 0
         cdef void* mem
         self.release()
         self.n = n
         self._full = True
+        self._no_populate = no_populate
         if n == 0:
             return 0
         with nogil:
-            if not read:
-                mem = mmap(NULL, n, PROT_READ, MAP_SHARED, fd, 0)
-                if mem == MAP_FAILED:
+            mem = mmap(NULL, n, PROT_READ, MAP_SHARED, fd, 0)
+            if mem == MAP_FAILED:
+                err = errno
+            else:
+                self._mem = mem
+                self._mapped = True
+                self._full = not lazy
+                self._win_hi = min(n, <size_t>WINDOW) if lazy else n
+                if no_populate:
+                    err = EINVAL
+                elif madvise(mem, self._win_hi, MADV_POPULATE_READ) != 0:
                     err = errno
-                else:
-                    self._mem = mem
-                    self._mapped = True
-                    self._full = not lazy
-                    self._win_hi = min(n, <size_t>WINDOW) if lazy else n
-                    if madvise(mem, self._win_hi, MADV_POPULATE_READ) != 0:
-                        err = errno
-                        munmap(mem, n)
-                        self._mem = NULL
-                        self._mapped = False
-            if read or err == EINVAL or err == ENOSYS:
+                if err:
+                    munmap(mem, n)
+                    self._mem = NULL
+                    self._mapped = False
+            if err == EINVAL or err == ENOSYS:
                 err = 0
+                self._full = True   # read whole: nothing left to populate
                 self._mem = malloc(n)
                 if self._mem == NULL:
                     err = ENOMEM
@@ -422,13 +432,16 @@ cdef class _FileImage:
 
     cdef int _populate(self, size_t lo, size_t hi, str path) except -1:
         cdef size_t a = lo - lo % PAGE, b = min(self.n, max(hi, lo + WINDOW))
-        cdef int r
+        cdef int err = 0
         if a >= b:
             return 0
         with nogil:
-            r = madvise(<unsigned char*>self._mem + a, b - a, MADV_POPULATE_READ)
-        if r != 0:
-            raise OSError(errno, f"reading a WAL segment: {os.strerror(errno)}", path)
+            if self._no_populate:
+                err = EINVAL
+            elif madvise(<unsigned char*>self._mem + a, b - a, MADV_POPULATE_READ) != 0:
+                err = errno
+        if err:
+            raise OSError(err, f"reading a WAL segment: {os.strerror(err)}", path)
         self._win_lo = a
         self._win_hi = b
         return 0
