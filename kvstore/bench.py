@@ -165,6 +165,8 @@ async def _drive(spec: LoadSpec, nclients: int, slot: int, ready: Any, go: Any, 
         if not await loop.run_in_executor(None, go.wait, START_TIMEOUT_S):
             raise TimeoutError("no start signal from the parent")
         perf = time.perf_counter
+        co = kv.coalescer
+        rpcs0, ops0 = (co.rpcs, co.ops) if co is not None else (0, 0)
         cpu0 = time.process_time()
         t0 = perf()
         deadline = t0 + spec.secs
@@ -207,9 +209,11 @@ async def _drive(spec: LoadSpec, nclients: int, slot: int, ready: Any, go: Any, 
         await asyncio.gather(*(client() for _ in range(nclients)))
         elapsed = perf() - t0
         cpu = time.process_time() - cpu0  # every thread of this process, gRPC's included
+        rpcs, batched = (co.rpcs - rpcs0, co.ops - ops0) if co is not None else (0, 0)
         reporter.cancel()
         counts[slot] = len(lat)
-    return {"lat": lat.tobytes(), "errors": errors, "first_error": first_error, "elapsed": elapsed, "cpu": cpu}
+    return {"lat": lat.tobytes(), "errors": errors, "first_error": first_error, "elapsed": elapsed, "cpu": cpu,
+            "rpcs": rpcs, "batched": batched}
 
 
 def _worker(spec: LoadSpec, nclients: int, slot: int, ready: Any, go: Any, counts: Any, results: Any) -> None:
@@ -297,6 +301,9 @@ def run_load(spec: LoadSpec, on_progress: ProgressFn | None = None) -> Stats:
     # op is taken from the servers, so it is reported next to the rate.
     stats.extra["client_cpu_s"] = cpu = sum(r["cpu"] for r in out.values())
     stats.extra["client_cpu_us_per_op"] = cpu / len(lat) * 1e6 if len(lat) else float("nan")
+    rpcs = sum(r["rpcs"] for r in out.values())
+    if rpcs:  # coalesced: how many ops each RPC carried (the client's and the servers' per-RPC cost is shared by them)
+        stats.extra["ops_per_rpc"] = sum(r["batched"] for r in out.values()) / rpcs
     return stats
 
 
@@ -312,7 +319,11 @@ def format_line(s: Stats) -> str:
     line = (f"{s.op} ops={s.ops} rate={s.rate:.0f}/s p50={_ms(s.p50)}ms p99={_ms(s.p99)}ms "
             f"p99.9={_ms(s.p999)}ms clients={s.clients} errors={s.errors}")
     cpu = s.extra.get("client_cpu_us_per_op")
-    return line if cpu is None else f"{line} client_cpu={cpu:.1f}us/op"
+    if cpu is not None:
+        line += f" client_cpu={cpu:.1f}us/op"
+    if "ops_per_rpc" in s.extra:
+        line += f" ops/rpc={s.extra['ops_per_rpc']:.0f}"
+    return line
 
 
 def results_table(stats: Sequence[Stats], title: str = "kvstore bench") -> Any:
