@@ -21,7 +21,7 @@ import grpc
 
 from kvstore.client import errors
 from kvstore.client.balancer import Balancer, make_balancer
-from kvstore.client.coalescer import ANY, LEADER, Coalescer
+from kvstore.client.coalescer import ANY, LEADER, Coalescer, response
 from kvstore.client.endpoints import DEFAULT_CHANNEL_OPTIONS, DEFAULT_ENDPOINTS, Endpoints
 from kvstore.client.retry import ExponentialBackoff, RetryPolicy
 from kvstore.client.session import Session
@@ -210,7 +210,7 @@ class AsyncClient:
         if c is not None:
             op, fut = c.add(route, "request_range", False, len(req.key) + len(req.range_end) + 16, timeout)
             op.CopyFrom(req)
-            return RangeResult.from_pb(await self._wait(fut, timeout, False))
+            return RangeResult.from_pb(response(await self._wait(fut, timeout, False), "response_range"))
         return RangeResult.from_pb(await self._call("Range", req, route=route, mutation=False, timeout=timeout))
 
     async def delete(
@@ -228,7 +228,7 @@ class AsyncClient:
         if c is not None:
             op, fut = c.add(LEADER, "request_delete_range", True, len(req.key) + len(req.range_end) + 16, timeout)
             op.CopyFrom(req)
-            return DeleteResult.from_pb(await self._wait(fut, timeout, True))
+            return DeleteResult.from_pb(response(await self._wait(fut, timeout, True), "response_delete_range"))
         return DeleteResult.from_pb(await self._call("DeleteRange", req, route=LEADER, mutation=True, timeout=timeout))
 
     async def txn(
@@ -248,7 +248,7 @@ class AsyncClient:
         if c is not None:
             op, fut = c.add(LEADER, "request_txn", True, req.ByteSize(), timeout)
             op.CopyFrom(req)
-            return TxnResult.from_pb(await self._wait(fut, timeout, True))
+            return TxnResult.from_pb(response(await self._wait(fut, timeout, True), "response_txn"))
         return TxnResult.from_pb(await self._call("Txn", req, route=LEADER, mutation=True, timeout=timeout))
 
     # --- Cluster -----------------------------------------------------------

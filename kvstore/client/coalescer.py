@@ -20,7 +20,7 @@ from typing import Any, Awaitable, Callable
 from kvstore.client import errors
 from kvstore.v1 import kv_pb2
 
-__all__ = ["Coalescer", "LEADER", "ANY"]
+__all__ = ["Coalescer", "LEADER", "ANY", "response"]
 
 LEADER = "leader"
 ANY = "any"
@@ -32,19 +32,18 @@ _UNARY = {
     "request_delete_range": "DeleteRange",
     "request_txn": "Txn",
 }
-#: The ResponseOp field answering each RequestOp kind.
-_RESPONSE = {
-    "request_put": "response_put",
-    "request_range": "response_range",
-    "request_delete_range": "response_delete_range",
-    "request_txn": "response_txn",
-}
+_BatchResult = kv_pb2.BatchResult
+
+
+def response(answer: Any, field: str) -> Any:
+    """The response message of a coalesced op's answer (``field``: "response_put", ...)."""
+    return getattr(answer.response, field) if type(answer) is _BatchResult else answer
 
 Send = Callable[..., Awaitable[Any]]
 
 
 class _Pending:
-    __slots__ = ("req", "add_op", "futures", "new_future", "nbytes", "mutation", "timeout", "kind")
+    __slots__ = ("req", "add_op", "futures", "new_future", "nbytes", "mutation", "timeout")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.req = kv_pb2.BatchRequest()
@@ -54,9 +53,6 @@ class _Pending:
         self.nbytes = 0
         self.mutation = False
         self.timeout: float | None = None
-        #: The RequestOp field every op so far uses ("" once they differ): a
-        #: batch of one kind hands out its results without a WhichOneof per op.
-        self.kind: str | None = None
 
 
 class Coalescer:
@@ -94,9 +90,11 @@ class Coalescer:
         """Reserve a slot for one op: returns its (empty) ``kind`` message to fill now, and its future.
 
         ``kind`` is the RequestOp field ("request_put", ...). The future
-        resolves to the op's response message (e.g. PutResponse) or fails
-        with its typed error. Filling the message must happen before the
-        caller yields: the batch leaves on the next loop turn.
+        resolves to the op's answer, either its response message (e.g.
+        PutResponse) or its BatchResult slot holding one (``response`` gives
+        the message either way), or fails with its typed error. Filling the
+        message must happen before the caller yields: the batch leaves on the
+        next loop turn.
         """
         p = self._pending.get(route)
         if p is None or p.nbytes + nbytes > self.max_bytes:
@@ -114,8 +112,6 @@ class Coalescer:
             p.mutation = True
         if timeout is not None and (p.timeout is None or timeout > p.timeout):
             p.timeout = timeout
-        if p.kind != kind:
-            p.kind = kind if p.kind is None else ""
         if len(futures) >= self.max_ops or p.nbytes >= self.max_bytes:
             del self._pending[route]  # full: later ops start a new batch
         return getattr(p.add_op(), kind), fut
@@ -154,16 +150,15 @@ class Coalescer:
                 if not f.done():
                     f.set_exception(err)
             return
-        kind = p.kind
-        kind = _RESPONSE[kind] if kind else None
         i = -1
         for f, r in zip(futures, results):
             i += 1
             if f.done():
                 continue  # the caller gave up (cancelled or timed out)
             if r.WhichOneof("result") == "response":
-                op = r.response
-                f.set_result(getattr(op, kind or op.WhichOneof("response")))
+                # The slot itself: each caller reads its own response out of
+                # it, and results nobody reads never get their wrappers made.
+                f.set_result(r)
                 continue
             code = r.error.code
             op = p.req.ops[i]

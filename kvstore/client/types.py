@@ -71,6 +71,12 @@ class KeyValue:
 
 _new = object.__new__
 _setattr = object.__setattr__
+_BatchResult = kv_pb2.BatchResult
+
+
+def _response(r: object, field: str) -> object:
+    """A unary reply as is; a coalesced op's BatchResult slot opened to its ``field`` response."""
+    return getattr(r.response, field) if type(r) is _BatchResult else r  # type: ignore[attr-defined]
 
 
 class _FromResponse:
@@ -79,8 +85,9 @@ class _FromResponse:
     Converting every answer eagerly (a frozen dataclass per result and per
     KeyValue, ~1.5 µs for a put and ~4 µs for a get) cost the closed-loop
     bench more client CPU than the coalescer itself, and most callers never
-    look at the fields. ``from_pb`` only keeps the message; the first field
-    read converts everything and drops it. Like the frozen dataclasses they
+    look at the fields. ``from_pb`` only keeps the message (the response, or
+    the BatchResult slot holding it); the first field read converts
+    everything and drops it. Like the frozen dataclasses they
     replace: immutable, equal and hashed by field values, same repr; the
     constructor takes the same fields.
     """
@@ -130,13 +137,13 @@ class PutResult(_FromResponse):
         _setattr(self, "_prev_kv", prev_kv)
 
     @classmethod
-    def from_pb(cls, r: kv_pb2.PutResponse) -> "PutResult":
+    def from_pb(cls, r: kv_pb2.PutResponse | kv_pb2.BatchResult) -> "PutResult":
         o = _new(cls)
         _set_pb(o, r)
         return o
 
     def _load(self) -> None:
-        r = self._pb
+        r = _response(self._pb, "response_put")
         _setattr(self, "_revision", r.header.revision)
         _setattr(self, "_prev_kv", KeyValue.from_pb(r.prev_kv) if r.HasField("prev_kv") else None)
         _setattr(self, "_pb", None)
@@ -166,13 +173,13 @@ class GetResult(_FromResponse):
         _setattr(self, "_kv", kv)
 
     @classmethod
-    def from_pb(cls, r: kv_pb2.RangeResponse) -> "GetResult":
+    def from_pb(cls, r: kv_pb2.RangeResponse | kv_pb2.BatchResult) -> "GetResult":
         o = _new(cls)
         _set_pb(o, r)
         return o
 
     def _load(self) -> None:
-        r = self._pb
+        r = _response(self._pb, "response_range")
         _setattr(self, "_revision", r.header.revision)
         _setattr(self, "_kv", KeyValue.from_pb(r.kvs[0]) if r.kvs else None)
         _setattr(self, "_pb", None)

@@ -68,6 +68,9 @@ def test_put_and_get_results_read_lazily_behave_like_the_frozen_dataclasses():
     assert (g.revision, g.value, g.found, bool(g)) == (7, b"v", True, True)
     assert g == same and hash(g) == hash(same) and repr(g) == repr(same)
     assert pickle.loads(pickle.dumps(g)) == same
+    slot = kv_pb2.BatchResult()  # a coalesced op's answer: its slot in the BatchResponse
+    slot.response.response_range.CopyFrom(r)
+    assert GetResult.from_pb(slot) == same
     missing = GetResult.from_pb(kv_pb2.RangeResponse())
     assert (missing.kv, missing.value, bool(missing)) == (None, None, False)
     assert missing != PutResult(0)  # different types never compare equal
@@ -78,6 +81,7 @@ def test_put_and_get_results_read_lazily_behave_like_the_frozen_dataclasses():
     put = PutResult.from_pb(p)
     assert put.revision == 9 and put.prev_kv is not None and put.prev_kv.key == b"k"
     assert PutResult.from_pb(kv_pb2.PutResponse()) == PutResult(0, None)
+    assert PutResult.from_pb(kv_pb2.BatchResult(response=kv_pb2.ResponseOp(response_put=p))) == put
     with pytest.raises(dataclasses.FrozenInstanceError):
         put.revision = 1  # type: ignore[misc]
     with pytest.raises(dataclasses.FrozenInstanceError):
