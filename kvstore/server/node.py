@@ -121,12 +121,14 @@ class Node:
     async def start(self) -> None:
         d = self.cfg.data_dir
         os.makedirs(d, exist_ok=True)
-        self.log = await self._in_storage(RaftLog.open, os.path.join(d, "wal"), self.cfg.wal_segment_bytes)
         # LMDB keeps sync=True, metasync=False (MDB_NOMETASYNC): one fdatasync per apply batch, which
         # is off the critical path since applies are pipelined. MDB_NOSYNC would save it, but LMDB's
         # docs say a system crash can then corrupt the database (unless the filesystem preserves
         # write order), and a corrupt state machine is not recoverable by WAL replay.
         self.sm = await self._in_storage(StateMachine.open, os.path.join(d, "db"))
+        # The state machine first: the entries it has applied are checksummed when read, not at open.
+        self.log = await self._in_storage(RaftLog.open, os.path.join(d, "wal"), self.cfg.wal_segment_bytes,
+                                          self.sm.applied_index)
         self.snapshots = SnapshotStore(os.path.join(d, "snap"))
         await self._reconcile_storage()
         snap = self.log.snapshot()
