@@ -150,9 +150,7 @@ class Coalescer:
                 if not f.done():
                     f.set_exception(err)
             return
-        i = -1
-        for f, r in zip(futures, results):
-            i += 1
+        for i, (f, r) in enumerate(zip(futures, results)):
             if f.done():
                 continue  # the caller gave up (cancelled or timed out)
             if r.WhichOneof("result") == "response":
