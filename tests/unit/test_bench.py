@@ -59,3 +59,9 @@ def test_split_spreads_clients_and_never_leaves_a_process_idle():
     assert LoadSpec(ep, clients=10, procs=4).split() == [3, 3, 2, 2]
     with pytest.raises(ValueError):
         LoadSpec(ep, op="scan")
+
+
+def test_format_line_appends_the_client_cpu_and_batching_when_measured():
+    s = Stats("put", 256, 2, True, ops=1000, errors=0, elapsed=1.0, rate=1000.0, p50=0.5, p99=1.25, p999=2.0,
+              extra={"client_cpu_us_per_op": 12.34, "ops_per_rpc": 127.6})
+    assert format_line(s).endswith("clients=256 errors=0 client_cpu=12.3us/op ops/rpc=128")
