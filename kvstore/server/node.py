@@ -73,6 +73,10 @@ ROLE_NAMES = {
 }
 
 
+def _read_deadline() -> RequestFailed:
+    return RequestFailed(grpc.StatusCode.DEADLINE_EXCEEDED, "read not confirmed before the deadline", not_applied=True)
+
+
 def fatal(message: str, exc: BaseException | None = None) -> None:
     """Stop the process now: the node can no longer keep its promises (e.g. fsync failed)."""
     log.critical("FATAL: %s%s", message, f": {exc!r}" if exc else "")
@@ -100,7 +104,8 @@ class Node:
         self.transport: Transport | None = None
         self.proposals = Proposals(cfg.id)
         election_s = cfg.tick_ms * cfg.election_ticks / 1000
-        self.read_index = ReadIndex(self._request_read_index, timeout_s=2 * election_s, timeout_error=self._read_timeout)
+        self.read_index = ReadIndex(self._request_read_index, timeout_s=2 * election_s, timeout_error=self._read_timeout,
+                                    deadline_error=_read_deadline)
         # what the services read without touching the core
         self.leader_id = 0
         self.role = StateRole.FOLLOWER
@@ -535,12 +540,7 @@ class Node:
             self.check_serving()
             return
         self.check_leader()
-        fut = self.read_index.wait()
-        try:
-            await asyncio.wait_for(asyncio.shield(fut), timeout)
-        except asyncio.TimeoutError:
-            raise RequestFailed(grpc.StatusCode.DEADLINE_EXCEEDED, "read not confirmed before the deadline",
-                                not_applied=True) from None
+        await self.read_index.wait(deadline=asyncio.get_running_loop().time() + timeout)
 
     def _request_read_index(self, ctx: bytes) -> None:
         try:

@@ -6,6 +6,10 @@ quorum) and has applied everything up to the commit index at that moment.
 Confirmations cost a round trip, so they are shared: every read queued while
 no confirmation is in flight rides on the next one. One confirmation is in
 flight at a time; reads arriving meanwhile form the next batch.
+
+A read may carry a deadline: `check_timeouts` (every tick) fails the ones
+whose deadline passed, so the caller simply awaits its future (no
+`asyncio.wait_for` + `shield` per read, as for Proposals).
 """
 from __future__ import annotations
 
@@ -19,11 +23,14 @@ from .errors import RequestFailed
 
 
 class ReadIndex:
-    def __init__(self, request: Callable[[bytes], None], timeout_s: float, timeout_error: Callable[[], RequestFailed]):
+    def __init__(self, request: Callable[[bytes], None], timeout_s: float, timeout_error: Callable[[], RequestFailed],
+                 deadline_error: Callable[[], RequestFailed] | None = None):
         """`request(ctx)` asks raft for a read index (RawNode.read_index + wake the loop)."""
         self._request = request
         self._timeout_s = timeout_s
         self._timeout_error = timeout_error
+        self._deadline_error = deadline_error or timeout_error
+        self._deadlines: list[tuple[float, asyncio.Future]] = []  # swept by check_timeouts
         self._queued: list[asyncio.Future] = []
         self._inflight: tuple[bytes, list[asyncio.Future], float] | None = None  # ctx, batch, started
         self._confirmed: list[tuple[int, int, asyncio.Future]] = []  # heap of (index, seq, future)
@@ -31,14 +38,16 @@ class ReadIndex:
         self._applied = 0
         self.batches_started = 0
 
-    def wait(self) -> asyncio.Future:
-        """A future resolved once a linearizable read may be served locally."""
+    def wait(self, deadline: float | None = None) -> asyncio.Future:
+        """A future resolved once a linearizable read may be served locally.
+
+        With a deadline (loop.time()), it fails with `deadline_error` once
+        that passes, within a tick.
+        """
         fut = asyncio.get_running_loop().create_future()
-        # The reader may be gone (its deadline passed, its RPC was cancelled) when the
-        # batch fails: mark the error seen, or asyncio logs "Future exception was
-        # never retrieved" with a traceback for every such read.
-        fut.add_done_callback(_retrieve_exception)
         self._queued.append(fut)
+        if deadline is not None:
+            self._deadlines.append((deadline, fut))
         self._maybe_start()
         return fut
 
@@ -74,7 +83,13 @@ class ReadIndex:
                 fut.set_result(index)
 
     def check_timeouts(self) -> None:
-        """Give up on a confirmation that never came (lost messages, a partition)."""
+        """Fail reads past their deadline; give up on a confirmation that never came (lost messages, a partition)."""
+        if self._deadlines:
+            now = asyncio.get_running_loop().time()
+            late = [fut for deadline, fut in self._deadlines if deadline <= now and not fut.done()]
+            self._deadlines = [(d, f) for d, f in self._deadlines if d > now and not f.done()]
+            if late:
+                self._fail(late, self._deadline_error())
         if self._inflight is not None and time.monotonic() - self._inflight[2] > self._timeout_s:
             _, batch, _ = self._inflight
             self._inflight = None
@@ -100,8 +115,8 @@ class ReadIndex:
         for fut in futures:
             if not fut.done():
                 fut.set_exception(error)
-
-
-def _retrieve_exception(fut: asyncio.Future) -> None:
-    if not fut.cancelled():
-        fut.exception()
+                # The reader may be gone (its RPC was cancelled) in this same loop turn:
+                # mark the error seen, or asyncio logs "Future exception was never
+                # retrieved" with a traceback for every such read. An awaiting reader
+                # still gets it raised.
+                fut.exception()

@@ -75,6 +75,29 @@ def test_read_index_fail_pending_and_timeout():
     asyncio.run(main())
 
 
+def test_read_index_fails_reads_past_their_deadline_only():
+    async def main():
+        asked = []
+        ri = ReadIndex(asked.append, timeout_s=60, timeout_error=lambda: RequestFailed(None, "confirm timeout"),
+                       deadline_error=lambda: RequestFailed(None, "read deadline", not_applied=True))
+        now = asyncio.get_running_loop().time()
+        late = ri.wait(deadline=now - 1)  # in flight, and its deadline has passed
+        patient = ri.wait(deadline=now + 60)  # queued behind it
+        forever = ri.wait()
+        ri.on_applied(5)
+        ri.check_timeouts()
+        with pytest.raises(RequestFailed, match="read deadline"):
+            await late
+        assert not patient.done() and not forever.done()
+        ri.on_read_state(5, asked[0])  # the failed read's confirmation still arrives: harmless
+        ri.on_read_state(5, asked[1])
+        assert await patient == 5 and await forever == 5
+        ri.check_timeouts()
+        assert ri._deadlines == []  # answered reads do not pile up
+
+    asyncio.run(main())
+
+
 def test_read_index_failing_an_abandoned_read_logs_nothing():
     """A reader whose deadline passed before its batch failed (no leader) is gone;
     the failure must not be logged as an unretrieved exception with a traceback."""
@@ -85,7 +108,7 @@ def test_read_index_failing_an_abandoned_read_logs_nothing():
         ri = ReadIndex(lambda ctx: None, timeout_s=5, timeout_error=lambda: RequestFailed(None, "t", not_applied=True))
         fut = ri.wait()
         with pytest.raises(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(fut), 0.01)  # as Node.read_barrier waits
+            await asyncio.wait_for(asyncio.shield(fut), 0.01)  # a reader that gave up
         ri.fail_pending(leadership_lost())
         del fut
         gc.collect()
