@@ -62,8 +62,6 @@ from .transport import Transport
 log = logging.getLogger("kvstore.node")
 
 APPLY_BACKLOG_MAX_BYTES = 64 << 20  # committed but not yet applied, before the Ready loop waits
-INLINE_APPEND_MAX_ENTRIES = 2  # WAL writes this small are done on the loop thread (see _persist)
-INLINE_APPEND_MAX_BYTES = 16 << 10
 
 ROLE_NAMES = {
     StateRole.LEADER: "leader",
@@ -309,24 +307,12 @@ class Node:
         its own (raft relearns the commit index from the leader, and restarts
         from at least the state machine's durable applied index), so it waits
         and rides along with the next write of entries or term/vote.
-
-        A small write (a lone put, a vote) is done right here on the loop
-        thread: the fdatasync blocks the loop for a moment, but a round trip
-        through the storage thread (hand over, wake, take the GIL back) cost
-        more than the fsync itself on the one-request-at-a-time path. Bigger
-        writes, i.e. a loaded node, go to the storage thread so the loop keeps
-        serving while the disk works. Either way nothing else touches the log
-        meanwhile: only this loop calls into it, one await at a time.
         """
         if rd.hard_state is not None:
             self._unsynced_hard_state = rd.hard_state
         if rd.entries or rd.must_sync:
             hs, self._unsynced_hard_state = self._unsynced_hard_state, None
-            if len(rd.entries) <= INLINE_APPEND_MAX_ENTRIES and \
-                    sum(len(e.data) for e in rd.entries) <= INLINE_APPEND_MAX_BYTES:
-                self.log.append(rd.entries, hs)
-            else:
-                await self._in_storage(self.log.append, rd.entries, hs)
+            await self._in_storage(self.log.append, rd.entries, hs)
 
     def _on_soft_state(self, leader_id: int, role: StateRole) -> None:
         was_leader = self.role == StateRole.LEADER
