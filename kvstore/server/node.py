@@ -22,8 +22,9 @@ Follow a write from the client to the fsync and back:
      transaction; see `_start_apply`);
    - advances the core, and takes a snapshot (and compacts the log) every
      `--snapshot-count` entries.
-3. When the apply finishes, each result goes to its waiting client (only
-   then: a put is acknowledged after it is applied), and `kv_service` answers.
+3. Once the apply transaction has computed the results (the entries are
+   durable on a majority by then), each goes to its waiting client while
+   LMDB commits, and `kv_service` answers (see `_submit_backlog`).
 
 Everything that touches the RawNode runs on the event loop thread; the
 blocking calls go to two threads: the storage thread (WAL fsync, snapshot
@@ -127,7 +128,8 @@ class Node:
         d = self.cfg.data_dir
         os.makedirs(d, exist_ok=True)
         # LMDB keeps sync=True, metasync=False (MDB_NOMETASYNC): one fdatasync per apply batch, which
-        # is off the critical path since applies are pipelined. MDB_NOSYNC would save it, but LMDB's
+        # is off the critical path: applies are pipelined and writers are answered before the commit
+        # (see _submit_backlog). MDB_NOSYNC would save it, but LMDB's
         # docs say a system crash can then corrupt the database (unless the filesystem preserves
         # write order), and a corrupt state machine is not recoverable by WAL replay.
         self.sm = await self._in_storage(StateMachine.open, os.path.join(d, "db"))
@@ -356,8 +358,8 @@ class Node:
         Raft's own `applied` marker (RawNode.advance) may run ahead of the
         state machine; the core reads it only to gate membership changes,
         which this server never proposes. Clients and reads wait for the
-        state machine itself: waiters resolve, and ReadIndex reads are
-        released, only when the apply has finished.
+        state machine itself: waiters resolve once the apply has computed
+        their results, and reads are released once the batch is in LMDB.
         """
         self._apply_backlog.extend(entries)
         self._apply_backlog_bytes += sum(len(e.data) for e in entries)
