@@ -98,13 +98,13 @@ class Peer:
             except Exception as e:  # OSError, TimeoutError, ConnectionError
                 if self.writer is not None:
                     log.warning("connection to member %d at %s broke: %s", self.id, self.addr, _short(e))
-                self.transport.report_unreachable(self.id)
-                await asyncio.sleep(backoff * (0.5 + random.random() / 2))
-                backoff = min(BACKOFF_MAX_S, backoff * 2)
             finally:
-                self.writer = None
+                self.writer = None  # from now on send() drops this peer's messages
                 if writer is not None:
                     writer.transport.abort()
+            self.transport.report_unreachable(self.id)
+            await asyncio.sleep(backoff * (0.5 + random.random() / 2))
+            backoff = min(BACKOFF_MAX_S, backoff * 2)
 
     def send_snapshot(self, m: Message) -> None:
         if self.snapshot_task is not None and not self.snapshot_task.done():
