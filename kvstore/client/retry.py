@@ -16,15 +16,20 @@ import grpc
 __all__ = ["RetryPolicy", "FixedInterval", "ExponentialBackoff", "NoRetry", "DEFAULT_RETRYABLE"]
 
 #: Statuses that say "not now" rather than "never": a member down, no leader
-#: yet, an attempt timed out (the member may be paused), or it shed load. For
-#: mutations these are safe to retry because every retry re-sends the same
-#: RequestId and the state machine answers a duplicate with the first result.
+#: yet, an attempt timed out (the member may be paused), it shed load, or it
+#: cancelled the call because it was stopping (a member that stops its server
+#: cancels calls it had received but not started; the caller's own
+#: cancellation raises asyncio.CancelledError instead, and a closed client
+#: raises ClientClosed, so neither is ever retried). For mutations these are
+#: safe to retry because every retry re-sends the same RequestId and the state
+#: machine answers a duplicate with the first result.
 DEFAULT_RETRYABLE: frozenset[grpc.StatusCode] = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
         grpc.StatusCode.DEADLINE_EXCEEDED,
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         grpc.StatusCode.ABORTED,
+        grpc.StatusCode.CANCELLED,
     }
 )
 

@@ -89,6 +89,16 @@ def test_non_retryable_status_is_raised_at_once_as_its_type():
         assert fc.total_calls("Put") == 1
 
 
+def test_a_call_cancelled_by_a_stopping_member_is_retried_with_the_same_request_id():
+    with FakeCluster() as fc:
+        fc.node(1).faults = [Fault(grpc.StatusCode.CANCELLED, "server shutting down")]
+        with Client(fc.endpoints, coalesce=False, retry=FixedInterval(interval=0.01, deadline=10)) as c:
+            c.put("k", "v")
+        puts = [r for n in fc.nodes for m, r in n.requests if m == "Put"]
+        assert len(puts) >= 2  # the cancelled one, then the retry (through redirects) that applied
+        assert len({p.request_id.SerializeToString() for p in puts}) == 1  # deduplicated if the first had applied
+
+
 def test_no_retry_makes_one_attempt():
     with FakeCluster() as fc:
         fc.node(1).faults = [Fault(grpc.StatusCode.UNAVAILABLE, "blip")]
