@@ -92,11 +92,24 @@ class _FromResponse:
     constructor takes the same fields.
     """
 
-    __slots__ = ("_pb",)
+    __slots__ = ("_pb", "_revision")
     _fields: tuple[str, ...] = ()
+
+    @classmethod
+    def from_pb(cls, r: object):  # type: ignore[no-untyped-def]
+        """Keep the response (or BatchResult slot); fields are read from it on first use."""
+        o = _new(cls)
+        _set_pb(o, r)
+        return o
 
     def _load(self) -> None:  # pragma: no cover - every subclass defines it
         raise NotImplementedError
+
+    @property
+    def revision(self) -> int:
+        if self._pb is not None:
+            self._load()
+        return self._revision  # type: ignore[no-any-return]
 
     def __setattr__(self, name: str, value: object) -> None:
         raise FrozenInstanceError(f"cannot assign to field {name!r}")
@@ -128,7 +141,7 @@ _set_pb = _FromResponse.__dict__["_pb"].__set__
 class PutResult(_FromResponse):
     """``revision`` of the write; ``prev_kv`` what it replaced (asked for with ``prev_kv=True``)."""
 
-    __slots__ = ("_revision", "_prev_kv")
+    __slots__ = ("_prev_kv",)
     _fields = ("revision", "prev_kv")
 
     def __init__(self, revision: int, prev_kv: KeyValue | None = None) -> None:
@@ -136,23 +149,11 @@ class PutResult(_FromResponse):
         _setattr(self, "_revision", revision)
         _setattr(self, "_prev_kv", prev_kv)
 
-    @classmethod
-    def from_pb(cls, r: kv_pb2.PutResponse | kv_pb2.BatchResult) -> "PutResult":
-        o = _new(cls)
-        _set_pb(o, r)
-        return o
-
     def _load(self) -> None:
         r = _response(self._pb, "response_put")
         _setattr(self, "_revision", r.header.revision)
         _setattr(self, "_prev_kv", KeyValue.from_pb(r.prev_kv) if r.HasField("prev_kv") else None)
         _setattr(self, "_pb", None)
-
-    @property
-    def revision(self) -> int:
-        if self._pb is not None:
-            self._load()
-        return self._revision  # type: ignore[no-any-return]
 
     @property
     def prev_kv(self) -> KeyValue | None:
@@ -164,7 +165,7 @@ class PutResult(_FromResponse):
 class GetResult(_FromResponse):
     """One key: ``kv`` is None when the key does not exist."""
 
-    __slots__ = ("_revision", "_kv")
+    __slots__ = ("_kv",)
     _fields = ("revision", "kv")
 
     def __init__(self, revision: int, kv: KeyValue | None) -> None:
@@ -172,23 +173,11 @@ class GetResult(_FromResponse):
         _setattr(self, "_revision", revision)
         _setattr(self, "_kv", kv)
 
-    @classmethod
-    def from_pb(cls, r: kv_pb2.RangeResponse | kv_pb2.BatchResult) -> "GetResult":
-        o = _new(cls)
-        _set_pb(o, r)
-        return o
-
     def _load(self) -> None:
         r = _response(self._pb, "response_range")
         _setattr(self, "_revision", r.header.revision)
         _setattr(self, "_kv", KeyValue.from_pb(r.kvs[0]) if r.kvs else None)
         _setattr(self, "_pb", None)
-
-    @property
-    def revision(self) -> int:
-        if self._pb is not None:
-            self._load()
-        return self._revision  # type: ignore[no-any-return]
 
     @property
     def kv(self) -> KeyValue | None:
