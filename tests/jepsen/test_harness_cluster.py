@@ -85,14 +85,17 @@ def test_teeth_unsafe_local_reads_are_caught(tmp_path: Path) -> None:
     pointed at it (their cached leader, or their preferred node) read values
     that completed writes have already replaced. A stale read needs a write on
     the same key inside the window (the old leader's CheckQuorum step-down
-    races the new election), so a run can miss; five attempts, at least one
-    must be NOT linearizable (on a 2-core machine about 3 runs in 4 catch it)."""
+    races the new election, and clients find the new leader within ~0.1 s),
+    so the load runs unthrottled (--rate 0) to put many ops in that window:
+    3 runs in 3 caught it that way, where the default 100 ops/s missed 5 in a
+    row once clients got quicker. Five attempts, at least one must be NOT
+    linearizable."""
     verdicts = []
     for attempt in range(5):
         code, summary, run_dir = jepsen_run(
             tmp_path, f"teeth-{attempt}", "--time", "16", "--nemesis", "partition-leader",
             "--workload", "register", "--fault-seconds", "4", "--heal-seconds", "2",
-            "--op-timeout", "0.5", "--server-arg=--testing-unsafe-local-reads")
+            "--op-timeout", "0.5", "--rate", "0", "--server-arg=--testing-unsafe-local-reads")
         assert summary["faults_by_kind"].get("partition", 0) >= 2
         verdicts.append((code, summary["verdict"]))
         if code == 1:
