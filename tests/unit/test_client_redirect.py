@@ -48,14 +48,20 @@ def test_leader_change_is_followed():
         assert c.get("a").value == b"2"
 
 
+def put_while_no_leader_then_elect(fc, c) -> list:
+    """Start a put with no leader, wait until every member has refused it twice, elect member 2."""
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(c.put("k", "v")))
+    t.start()
+    wait_for(lambda: all(n.calls.get("Put", 0) >= 2 for n in fc.nodes), what="client retrying on every member")
+    fc.leader_id = 2
+    t.join(10)
+    return out
+
+
 def test_no_leader_is_retried_until_one_is_elected():
     with FakeCluster(leader=None) as fc, Client(fc.endpoints, timeout=10, retry=FixedInterval(interval=0.02)) as c:
-        out: list = []
-        t = threading.Thread(target=lambda: out.append(c.put("k", "v")))
-        t.start()
-        wait_for(lambda: all(n.calls.get("Put", 0) >= 2 for n in fc.nodes), what="client retrying on every member")
-        fc.leader_id = 2
-        t.join(10)
+        out = put_while_no_leader_then_elect(fc, c)
         assert out and out[0].revision == 1
         assert fc.sm.data[b"k"].value == b"v"
 
@@ -251,12 +257,7 @@ def test_bytes_and_str_are_both_accepted():
 def test_debug_log_traces_failed_attempts_and_waits_but_not_first_try_successes(caplog):
     caplog.set_level("DEBUG", logger="kvstore.client")
     with FakeCluster(leader=None) as fc, Client(fc.endpoints, timeout=10, retry=FixedInterval(interval=0.02)) as c:
-        out: list = []
-        t = threading.Thread(target=lambda: out.append(c.put("k", "v")))
-        t.start()
-        wait_for(lambda: all(n.calls.get("Put", 0) >= 2 for n in fc.nodes), what="client retrying on every member")
-        fc.leader_id = 2
-        t.join(10)
+        out = put_while_no_leader_then_elect(fc, c)
         assert out
         lines = [r.getMessage() for r in caplog.records if r.name == "kvstore.client"]
         assert any(f"Put to {fc.node(1).addr} failed: UNAVAILABLE: no leader" in m for m in lines)
