@@ -39,6 +39,7 @@ DEFAULT_INITIAL_CLUSTER = format_members({i: default_peer_addr(i) for i in range
 DEFAULT_INITIAL_CLUSTER_CLIENTS = format_members({i: default_client_addr(i) for i in range(1, DEFAULT_NODES + 1)})
 
 MiB = 1 << 20
+STATE_MACHINE_SYNC_MODES = ("boot", "commit")
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,10 @@ OPTIONS: list[Option] = [
     Option("--snapshot-count", int, 10000, "applied entries between snapshots"),
     Option("--snapshot-catchup-entries", int, 5000, "entries kept in the log after a snapshot, for slow followers"),
     Option("--wal-segment-bytes", int, 64 * MiB, "size of one WAL segment file"),
+    Option("--state-machine-sync", str, "boot",
+           "when LMDB commits are synced: 'boot' (left to the page cache; after an OS crash the state "
+           "machine is rebuilt from the newest snapshot and the WAL) or 'commit' (one fdatasync per "
+           "applied batch). The WAL is fsynced before every acknowledgement either way"),
     # limits (etcd-like)
     Option("--max-key-bytes", int, 511, "largest key accepted (at most 511: the LMDB key limit)"),
     Option("--max-value-bytes", int, 1 * MiB, "largest value accepted"),
@@ -122,6 +127,7 @@ class ServerConfig:
     snapshot_count: int = 10000
     snapshot_catchup_entries: int = 5000
     wal_segment_bytes: int = 64 * MiB
+    state_machine_sync: str = "boot"
     max_key_bytes: int = 511
     max_value_bytes: int = 1 * MiB
     max_request_bytes: int = 3 * MiB // 2
@@ -203,6 +209,9 @@ def make_config(values: dict[str, Any]) -> ServerConfig:
         raise ValueError("need --tick-ms > 0 and --election-ticks > --heartbeat-ticks > 0")
     if cfg.snapshot_count <= 0 or cfg.snapshot_catchup_entries < 0:
         raise ValueError("need --snapshot-count > 0 and --snapshot-catchup-entries >= 0")
+    if cfg.state_machine_sync not in STATE_MACHINE_SYNC_MODES:
+        raise ValueError(f"--state-machine-sync must be one of {', '.join(STATE_MACHINE_SYNC_MODES)}, "
+                         f"not {cfg.state_machine_sync!r}")
     from kvstore.storage.keys import MAX_KEY_BYTES
 
     if not 0 < cfg.max_key_bytes <= MAX_KEY_BYTES:

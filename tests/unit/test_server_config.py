@@ -47,3 +47,11 @@ def test_config_file_unknown_key(tmp_path):
 
 def test_every_option_has_help():
     assert all(o.help for o in OPTIONS)
+
+
+def test_state_machine_sync_mode(capsys):
+    assert parse_args([]).state_machine_sync == "boot"
+    assert parse_args(["--state-machine-sync", "commit"]).state_machine_sync == "commit"
+    with pytest.raises(SystemExit):
+        parse_args(["--state-machine-sync", "never"])
+    assert "--state-machine-sync must be one of boot, commit, not 'never'" in capsys.readouterr().err
