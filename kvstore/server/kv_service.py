@@ -16,6 +16,7 @@ import grpc
 
 from kvstore.storage.errors import ApplyError
 from kvstore.storage.errors import InvalidRequest as StorageInvalidRequest
+from kvstore.storage.plain_puts import PlainPuts
 from kvstore.storage.validation import check_op as storage_check_op
 from kvstore.v1 import kv_pb2, kv_pb2_grpc
 
@@ -126,7 +127,7 @@ class KVService(kv_pb2_grpc.KVServicer):
             return resp
         if isinstance(result, ApplyError):
             raise apply_error(result)
-        resp = result.responses[0].response_put
+        resp = kv_pb2.PutResponse() if type(result) is PlainPuts else result.responses[0].response_put
         self._write_header(resp.header, result.revision)
         return resp
 
@@ -206,6 +207,12 @@ class KVService(kv_pb2_grpc.KVServicer):
                 err = result.to_proto()
                 for i in writes:
                     slots[i].error.CopyFrom(err)
+            elif type(result) is PlainPuts:  # the writes were plain puts: their revisions follow on
+                rev = result.first_revision
+                for i in writes:
+                    slots[i].response.response_put.header.revision = rev
+                    rev += 1
+                revision = result.revision
             elif result is not None:
                 revision = result.revision
                 for i, r in zip(writes, result.responses):

@@ -42,6 +42,7 @@ import struct
 from kvstore.v1 import command_pb2, kv_pb2
 
 from .errors import ApplyError, ErrorCode
+from .plain_puts import PlainPuts
 
 DEFAULT_SESSION_TTL_MS = 10 * 60 * 1000
 DEFAULT_MAX_PENDING = 10_000
@@ -69,6 +70,8 @@ def encode_answer(answer: command_pb2.CommandResult | ApplyError, puts_only: boo
     """
     if isinstance(answer, ApplyError):
         return _TAG_ERROR + answer.to_proto().SerializeToString()
+    if type(answer) is PlainPuts:
+        return _TAG_PUTS + _PAIR.pack(answer.n, answer.revision)
     if puts_only:
         return _TAG_PUTS + _PAIR.pack(len(answer.responses), answer.revision)
     return _TAG_RESULT + answer.SerializeToString()

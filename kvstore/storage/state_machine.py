@@ -64,6 +64,7 @@ from kvstore.v1 import command_pb2, kv_pb2
 from . import boot_guard as guard
 from . import keys, validation
 from .errors import ApplyError, ErrorCode, InvalidRequest
+from .plain_puts import PlainPuts
 from .sessions import DEFAULT_MAX_PENDING, DEFAULT_SESSION_TTL_MS, SessionTable, Verdict
 from .txn import compare_holds
 
@@ -557,38 +558,60 @@ class _Executor:
         # After run_command: the result is only plain put responses (see sessions.encode_answer).
         self.puts_only = False
 
-    def run_command(self, cmd: command_pb2.Command) -> command_pb2.CommandResult:
+    def run_command(self, cmd: command_pb2.Command) -> command_pb2.CommandResult | PlainPuts:
         """Run a command's ops, each answer built in place in the result.
 
         A top-level put (the bulk of any write load) is run inline: one
-        revision of its own, no RequestOp/ResponseOp copies.
+        revision of its own, no RequestOp/ResponseOp copies. A command of
+        plain puts only (no prev_kv) gets no messages at all: its result is
+        PlainPuts(n, revision). The messages of the plain puts before the
+        first other op are built only when that op comes.
         """
-        result = command_pb2.CommandResult()
-        responses = result.responses
         txn, kv, pack, unpack = self.txn, self._kv, _RECORD_HEADER.pack, _RECORD_HEADER.unpack_from
+        first = self.revision + 1
+        plain = 0  # leading plain puts whose responses are not built
+        result = responses = None
         puts_only = True
         for op in cmd.ops:
-            out = responses.add()
-            if op.WhichOneof("request") != "request_put":
-                puts_only = False
-                self._run_op(op, out)
-                continue
-            req = op.request_put
-            key = req.key
-            self.revision = rev = self.revision + 1
-            old = txn.get(key, db=kv)
-            if old is None:
-                txn.put(key, pack(rev, rev, 1) + req.value, db=kv)
-            else:
-                create, _, version = unpack(old)
-                txn.put(key, pack(create, rev, version + 1) + req.value, db=kv)
-                if req.prev_kv:
+            if op.WhichOneof("request") == "request_put":
+                req = op.request_put
+                key = req.key
+                self.revision = rev = self.revision + 1
+                old = txn.get(key, db=kv)
+                if old is None:
+                    txn.put(key, pack(rev, rev, 1) + req.value, db=kv)
+                else:
+                    create, _, version = unpack(old)
+                    txn.put(key, pack(create, rev, version + 1) + req.value, db=kv)
+                if responses is None:
+                    if not req.prev_kv:
+                        plain += 1
+                        continue
+                    result, responses = self._built(first, plain)
+                out = responses.add()
+                out.response_put.header.revision = rev
+                if req.prev_kv and old is not None:
                     puts_only = False
                     out.response_put.prev_kv.CopyFrom(keys.to_key_value(key, old))
-            out.response_put.header.revision = rev
-        result.revision = self.revision
+                continue
+            if responses is None:
+                result, responses = self._built(first, plain)
+            puts_only = False
+            self._run_op(op, responses.add())
         self.puts_only = puts_only
+        if result is None:
+            return PlainPuts(plain, self.revision)
+        result.revision = self.revision
         return result
+
+    @staticmethod
+    def _built(first: int, plain: int):
+        """A CommandResult holding the responses of `plain` puts from revision `first`, and its list."""
+        result = command_pb2.CommandResult()
+        responses = result.responses
+        for rev in range(first, first + plain):
+            responses.add().response_put.header.revision = rev
+        return result, responses
 
     def _write_revision(self) -> int:
         if self._txn_rev:

@@ -6,6 +6,7 @@ import pytest
 
 from kvstore.storage.errors import ApplyError, ErrorCode
 from kvstore.storage.keys import MAX_KEY_BYTES
+from kvstore.storage.plain_puts import PlainPuts
 from kvstore.storage.state_machine import StateMachine
 from kvstore.storage.validation import InvalidRequest, check_op
 from kvstore.v1 import command_pb2, kv_pb2
@@ -34,6 +35,11 @@ def cmd(*ops, client=0, seq=0, acked=0, at=1_000):
         request_id=kv_pb2.RequestId(client_id=client, seq=seq, acked_below=acked),
         proposed_at_ms=at, ops=ops,
     ).SerializeToString()
+
+
+def as_proto(result):
+    """A result as the CommandResult message (PlainPuts builds its own)."""
+    return result.to_proto() if isinstance(result, PlainPuts) else result
 
 
 class Log:
@@ -129,8 +135,10 @@ def test_retry_answer_is_byte_identical(sm, log):
         cmd(put(b"d"), rng(b"a"), client=5, seq=3, at=2_002),  # mixed: stored in full
         cmd(client=6, seq=1, at=2_003),  # no ops at all
     ]
-    first = [log(c).SerializeToString() for c in cases]
-    assert [log(c).SerializeToString() for c in cases] == first
+    first = [log(c) for c in cases]
+    assert [type(r) for r in first] == [PlainPuts, command_pb2.CommandResult, command_pb2.CommandResult, PlainPuts]
+    first = [as_proto(r).SerializeToString() for r in first]
+    assert [as_proto(log(c)).SerializeToString() for c in cases] == first
     assert sm.dump_sessions()[5][2][1][:1] == b"P"
 
 
@@ -306,3 +314,17 @@ def test_retry_after_reopen_gets_the_stored_answer(tmp_path):
         assert log(cmd(put(b"k%d" % c), client=c, seq=3, at=1_021)) == first[(c, 3)]
     assert sm.get(b"k4").version == 3 and sm.get(b"k5").version == 3  # nothing applied twice
     sm.close()
+
+
+def test_plain_puts_answer_without_messages_until_asked(log):
+    """A command of plain puts returns PlainPuts; any other op makes the messages of the
+    puts before it (their revisions follow on) and of everything after."""
+    r = log(cmd(put(b"p1"), put(b"p2"), put(b"p1", b"again")))
+    assert isinstance(r, PlainPuts) and (r.n, r.first_revision, r.revision) == (3, 1, 3)
+    assert [x.response_put.header.revision for x in r.responses] == [1, 2, 3]
+    mixed = log(cmd(put(b"p3"), put(b"p4"), put(b"p1", b"third", prev=True), rng(b"p1"), put(b"p5")))
+    assert isinstance(mixed, command_pb2.CommandResult) and mixed.revision == 7
+    assert [x.response_put.header.revision for x in mixed.responses[:3]] == [4, 5, 6]
+    assert mixed.responses[2].response_put.prev_kv.value == b"again"
+    assert mixed.responses[3].response_range.kvs[0].value == b"third"
+    assert mixed.responses[4].response_put.header.revision == 7
