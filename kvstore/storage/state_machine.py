@@ -79,6 +79,8 @@ _GEN_PREFIX = "gen-"
 
 log = logging.getLogger("kvstore.storage")
 
+DISK_RESERVE_MIN = 256 << 10  # data file allocated ahead of use, with MDB_WRITEMAP (see _reserve_disk)
+
 
 class SnapshotImageError(Exception):
     """A snapshot image is not a usable state machine image."""
@@ -93,6 +95,11 @@ def _fsync_dir(path: str) -> None:
 
 
 def _open_env(path: str, map_size: int, fsync: bool, **kw) -> lmdb.Environment:
+    """fsync=False also maps the file writable (MDB_WRITEMAP): a commit then copies no
+    pages (apply_bench, 64-put entries: ~130k -> ~180k puts/s). With fdatasync per
+    commit it does not pay (msync of the map); nor does it change what a process crash
+    can do: an uncommitted transaction only writes pages the last commit does not use.
+    (WRITEMAP rules out nested transactions, which the state machine does not use.)"""
     return lmdb.open(
         path,
         map_size=map_size,
@@ -100,6 +107,7 @@ def _open_env(path: str, map_size: int, fsync: bool, **kw) -> lmdb.Environment:
         sync=fsync,
         metasync=False,
         readahead=False,
+        writemap=not fsync,
         **kw,
     )
 
@@ -201,6 +209,8 @@ class StateMachine:
                 raw = _META.pack(0, 0, 0, 0)
                 txn.put(_META_KEY, raw, db=dbs[b"meta"])
         self._env = env
+        self._psize = env.stat()["psize"]
+        self._reserved = 0  # bytes of the data file allocated ahead (see _reserve_disk)
         self._kv = dbs[b"kv"]
         self._meta = dbs[b"meta"]
         self._sessions = SessionTable(
@@ -243,6 +253,9 @@ class StateMachine:
         they are final, just before the transaction commits (the node answers
         clients from it while LMDB writes and syncs).
         """
+        if not self._fsync:  # MDB_WRITEMAP
+            entries = entries if type(entries) is list else list(entries)
+            self._reserve_disk(sum(len(e[2]) for e in entries))
         results: list[command_pb2.CommandResult | ApplyError | None] = []
         applied_index, applied_term = self._applied_index, self._applied_term
         ex = _Executor(self._kv, self._revision)
@@ -285,6 +298,28 @@ class StateMachine:
         self._applied_index, self._applied_term = applied_index, applied_term
         self._revision, self._log_time = ex.revision, log_time
         return results
+
+    def _reserve_disk(self, batch_bytes: int) -> None:
+        """Allocate disk for the pages a batch may write, before it writes them.
+
+        With MDB_WRITEMAP the data file is a sparse file as large as the map,
+        and a page written into a hole of it on a full disk kills the process
+        (SIGBUS). Allocated ahead, a full disk is an OSError (ENOSPC) before
+        anything is written, and the node stops with that message. The
+        reservation grows like bbolt's file, by the size in use (at least
+        DISK_RESERVE_MIN), and always covers 16 bytes of file per byte of the
+        batch: a put of a few hundred bytes dirties about one 4 KiB page.
+        """
+        used = (self._env.info()["last_pgno"] + 1) * self._psize
+        if used + 16 * batch_bytes + DISK_RESERVE_MIN // 2 <= self._reserved:
+            return
+        want = min(self._map_size, used + max(DISK_RESERVE_MIN, used, 32 * batch_bytes))
+        fd = os.open(os.path.join(self._root, _CURRENT, "data.mdb"), os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, want)
+        finally:
+            os.close(fd)
+        self._reserved = want
 
     def _apply_command(self, sessions, ex: "_Executor", cmd, rid, now_ms: int):
         sessions.expire(now_ms)

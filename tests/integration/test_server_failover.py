@@ -12,6 +12,7 @@ import threading
 import time
 
 import grpc
+import lmdb
 import pytest
 
 from kvstore.client import Client, ExponentialBackoff
@@ -165,11 +166,13 @@ def test_restarted_member_catches_up_through_a_snapshot(cluster):
 def tear_state_machine(lc: LocalCluster, member: int, page: int = 4096) -> None:
     """What an OS crash can leave of an LMDB file committed without fdatasync: its meta
     pages reached the disk, its data pages did not."""
-    data = os.path.join(lc.data_dir(member), "db", "current", "data.mdb")
-    size = os.path.getsize(data)
-    with open(data, "r+b") as f:
+    env_dir = os.path.join(lc.data_dir(member), "db", "current")
+    env = lmdb.open(env_dir, readonly=True, lock=False, max_dbs=8)
+    used = (env.info()["last_pgno"] + 1) * page  # the file is a sparse file as large as the map
+    env.close()
+    with open(os.path.join(env_dir, "data.mdb"), "r+b") as f:
         f.seek(2 * page)
-        f.write(b"\0" * (size - 2 * page))
+        f.write(b"\0" * (used - 2 * page))
 
 
 def test_member_rebuilds_a_state_machine_torn_by_an_os_crash(cluster):

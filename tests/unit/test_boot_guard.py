@@ -86,8 +86,9 @@ def test_a_torn_file_from_another_boot_opens_empty_instead_of_failing(tmp_path, 
     path = str(tmp_path / "sm")
     sm = open_guarded(path)
     sm.apply([put(i, b"k%04d" % i) for i in range(1, 2000)])
+    used = sm.db_size()
     die(sm)
-    tear(os.path.join(path, "current", "data.mdb"))
+    tear(os.path.join(path, "current", "data.mdb"), used)
     boot("boot-b")
     sm = open_guarded(path)
     assert sm.applied_index == 0 and sm.dump() == {}
@@ -99,8 +100,9 @@ def test_without_the_guard_the_torn_file_is_trusted_and_broken(tmp_path, boot):
     path = str(tmp_path / "sm")
     sm = open_guarded(path)
     sm.apply([put(i, b"k%04d" % i) for i in range(1, 2000)])
+    used = sm.db_size()
     die(sm)
-    tear(os.path.join(path, "current", "data.mdb"))
+    tear(os.path.join(path, "current", "data.mdb"), used)
     with pytest.raises(lmdb.Error):
         sm = open_guarded(path)
         sm.dump()
@@ -111,9 +113,9 @@ def test_per_commit_fsync_and_the_guard_exclude_each_other(tmp_path):
         StateMachine.open(str(tmp_path / "sm"), 64 << 20, fsync=True, boot_guard=True)
 
 
-def tear(data_file: str, page: int = 4096) -> None:
-    """What an OS crash can leave of an unsynced LMDB file: meta pages on disk, data pages not."""
-    size = os.path.getsize(data_file)
+def tear(data_file: str, used: int, page: int = 4096) -> None:
+    """What an OS crash can leave of an unsynced LMDB file: meta pages on disk, data pages
+    (the `used` bytes after them; the file itself is a sparse file as large as the map) not."""
     with open(data_file, "r+b") as f:
         f.seek(2 * page)
-        f.write(b"\0" * (size - 2 * page))
+        f.write(b"\0" * (used - 2 * page))

@@ -1,13 +1,16 @@
 """Scripted checks of the state machine's rules (the model test covers breadth)."""
 from __future__ import annotations
 
+import errno
+import os
+
 import lmdb
 import pytest
 
 from kvstore.storage.errors import ApplyError, ErrorCode
 from kvstore.storage.keys import MAX_KEY_BYTES
 from kvstore.storage.plain_puts import PlainPuts
-from kvstore.storage.state_machine import StateMachine
+from kvstore.storage.state_machine import DISK_RESERVE_MIN, StateMachine
 from kvstore.storage.validation import InvalidRequest, check_op
 from kvstore.v1 import command_pb2, kv_pb2
 
@@ -328,3 +331,29 @@ def test_plain_puts_answer_without_messages_until_asked(log):
     assert mixed.responses[2].response_put.prev_kv.value == b"again"
     assert mixed.responses[3].response_range.kvs[0].value == b"third"
     assert mixed.responses[4].response_put.header.revision == 7
+
+
+def test_unsynced_state_machine_allocates_disk_ahead_of_its_pages(tmp_path):
+    """fsync=False maps the file writable (MDB_WRITEMAP): a page written into a hole of the
+    sparse file on a full disk would kill the process, so disk is allocated before writing."""
+    sm = StateMachine.open(str(tmp_path / "sm"), 64 << 20, fsync=False)
+    Log(sm)(cmd(*[put(b"k%04d" % i, b"v" * 200) for i in range(500)]))
+    st = os.stat(os.path.join(str(tmp_path / "sm"), "current", "data.mdb"))
+    assert st.st_size == 64 << 20  # sparse, as large as the map
+    assert st.st_blocks * 512 >= sm.db_size() + DISK_RESERVE_MIN // 2
+    sm.close()
+
+
+def test_a_full_disk_fails_the_apply_before_anything_is_written(tmp_path, monkeypatch):
+    sm = StateMachine.open(str(tmp_path / "sm"), 1 << 30, fsync=False)
+    log = Log(sm)
+    log(cmd(put(b"a")))
+
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_space)
+    with pytest.raises(OSError, match="No space left"):
+        sm.apply([(2, 1, cmd(*[put(b"k%06d" % i, b"v" * 300) for i in range(200_000)]))])
+    assert (sm.applied_index, sm.revision, set(sm.dump())) == (1, 1, {b"a"})
+    sm.close()
