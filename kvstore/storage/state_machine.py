@@ -261,7 +261,7 @@ class StateMachine:
         ex = _Executor(self._kv, self._revision)
         log_time = self._log_time
         parse = command_pb2.Command.FromString
-        with self._env.begin(write=True) as txn:
+        with self._env.begin(write=True, db=self._kv) as txn:  # kv: the default db (positional calls are cheaper)
             ex.txn = txn
             sessions = self._sessions.batch(txn)
             for index, term, data in entries:
@@ -602,7 +602,7 @@ class _Executor:
         PlainPuts(n, revision). The messages of the plain puts before the
         first other op are built only when that op comes.
         """
-        txn, kv, pack, unpack = self.txn, self._kv, _RECORD_HEADER.pack, _RECORD_HEADER.unpack_from
+        get, put, pack, unpack = self.txn.get, self.txn.put, _RECORD_HEADER.pack, _RECORD_HEADER.unpack_from
         first = self.revision + 1
         plain = 0  # leading plain puts whose responses are not built
         result = responses = None
@@ -612,12 +612,12 @@ class _Executor:
                 req = op.request_put
                 key = req.key
                 self.revision = rev = self.revision + 1
-                old = txn.get(key, db=kv)
+                old = get(key)  # the transaction's default db is kv (see apply)
                 if old is None:
-                    txn.put(key, pack(rev, rev, 1) + req.value, db=kv)
+                    put(key, pack(rev, rev, 1) + req.value)
                 else:
                     create, _, version = unpack(old)
-                    txn.put(key, pack(create, rev, version + 1) + req.value, db=kv)
+                    put(key, pack(create, rev, version + 1) + req.value)
                 if responses is None:
                     if not req.prev_kv:
                         plain += 1
