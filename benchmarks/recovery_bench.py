@@ -68,12 +68,16 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 
 
 def data_size(path: str) -> int:
-    """Bytes of every file under path (the member's WAL, LMDB and snapshots)."""
+    """Bytes on disk of every file under path (the member's WAL, LMDB and snapshots).
+
+    Allocated blocks, not file sizes: the LMDB file is a sparse file as large
+    as its map (MDB_WRITEMAP), and only what is allocated of it holds data.
+    """
     total = 0
     for root, _dirs, files in os.walk(path):
         for f in files:
             try:
-                total += os.path.getsize(os.path.join(root, f))
+                total += os.stat(os.path.join(root, f)).st_blocks * 512
             except OSError:
                 pass
     return total
