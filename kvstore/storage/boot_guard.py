@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["GUARD_NAME", "boot_id", "arm", "disarm", "survived"]
+__all__ = ["GUARD_NAME", "boot_id", "arm", "armed", "disarm", "survived"]
 
 GUARD_NAME = "unsynced-since-boot"
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
@@ -46,14 +46,19 @@ def _path(root: str) -> str:
     return os.path.join(root, GUARD_NAME)
 
 
-def survived(root: str, current_boot: str) -> bool:
-    """False when unsynced commits under `root` were made in another boot."""
+def survived(root: str, current_boot: str | None) -> bool:
+    """False when unsynced commits under `root` were made in another boot (or one we cannot tell)."""
     try:
         with open(_path(root)) as f:
             recorded = f.read().strip()
     except FileNotFoundError:
         return True
     return recorded == current_boot
+
+
+def armed(root: str) -> bool:
+    """Commits under `root` may be unsynced (a guard is in place)."""
+    return os.path.exists(_path(root))
 
 
 def arm(root: str, current_boot: str) -> None:

@@ -175,20 +175,20 @@ class StateMachine:
         if boot_guard and fsync:
             raise ValueError("boot_guard replaces the per-commit fdatasync: pass fsync=False with it")
         os.makedirs(path, exist_ok=True)
-        guarded = False
+        # Checked in either mode: a node may restart with per-commit fsync after running unsynced.
+        boot = guard.boot_id()
+        if not guard.survived(path, boot):
+            log.warning("the state machine in %s has unsynced commits from an earlier boot (an OS "
+                        "crash or power loss may have torn it): discarding it to rebuild from the "
+                        "newest snapshot and the WAL", path)
+            _discard_generations(path)
+            guard.disarm(path)
         if boot_guard:
-            boot = guard.boot_id()
             if boot is None:
                 log.warning("no kernel boot id: the state machine syncs every commit instead")
                 fsync = True
             else:
-                if not guard.survived(path, boot):
-                    log.warning("the state machine in %s has unsynced commits from an earlier boot (an OS "
-                                "crash or power loss may have torn it): discarding it to rebuild from the "
-                                "newest snapshot and the WAL", path)
-                    _discard_generations(path)
                 guard.arm(path, boot)
-                guarded = True
         current = os.path.join(path, _CURRENT)
         if not os.path.lexists(current):
             first = os.path.join(path, f"{_GEN_PREFIX}{1:06d}")
@@ -197,7 +197,7 @@ class StateMachine:
             _point_current(path, os.path.basename(first))
         _remove_stale_generations(path)
         sm = cls(path, map_size, fsync=fsync, session_ttl_ms=session_ttl_ms, max_pending=max_pending)
-        sm._boot_guarded = guarded
+        sm._boot_guarded = guard.armed(path)  # also one left in this boot by an unsynced run: close() clears it
         return sm
 
     def _open_current(self) -> None:

@@ -108,6 +108,24 @@ def test_without_the_guard_the_torn_file_is_trusted_and_broken(tmp_path, boot):
         sm.dump()
 
 
+def test_reopening_with_per_commit_fsync_still_honours_the_guard(tmp_path, boot):
+    path = str(tmp_path / "sm")
+    sm = open_guarded(path)
+    sm.apply([put(1, b"a")])
+    die(sm)
+    sm = StateMachine.open(path, 64 << 20, fsync=True)  # same boot: kept, and disarmed at a clean close
+    assert sm.applied_index == 1
+    sm.close()
+    assert not boot_guard.armed(path)
+    sm = open_guarded(path)
+    sm.apply([put(2, b"b")])
+    die(sm)
+    boot("boot-b")
+    sm = StateMachine.open(path, 64 << 20, fsync=True)  # another boot: discarded, whatever the mode
+    assert (sm.applied_index, sm.dump()) == (0, {}) and not boot_guard.armed(path)
+    sm.close()
+
+
 def test_per_commit_fsync_and_the_guard_exclude_each_other(tmp_path):
     with pytest.raises(ValueError, match="boot_guard"):
         StateMachine.open(str(tmp_path / "sm"), 64 << 20, fsync=True, boot_guard=True)
