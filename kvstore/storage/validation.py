@@ -29,11 +29,14 @@ _COMPARE_UNION = {
 _COMPARE_RESULTS = frozenset(kv_pb2.Compare.CompareResult.values())
 
 
-def check_command(cmd: command_pb2.Command) -> None:
-    """Raise InvalidRequest naming the first problem of a command."""
-    rid = cmd.request_id
+def check_request_id(rid: kv_pb2.RequestId) -> None:
     if rid.client_id and not rid.seq:
         raise InvalidRequest("request_id.seq must be >= 1 when client_id is set")
+
+
+def check_command(cmd: command_pb2.Command) -> None:
+    """Raise InvalidRequest naming the first problem of a command."""
+    check_request_id(cmd.request_id)
     for i, op in enumerate(cmd.ops):
         if op.WhichOneof("request") == "request_put":
             # Fast path for the op nearly every command is made of: the same

@@ -357,3 +357,21 @@ def test_a_full_disk_fails_the_apply_before_anything_is_written(tmp_path, monkey
         sm.apply([(2, 1, cmd(*[put(b"k%06d" % i, b"v" * 300) for i in range(200_000)]))])
     assert (sm.applied_index, sm.revision, set(sm.dump())) == (1, 1, {b"a"})
     sm.close()
+
+
+@pytest.mark.parametrize("bad_op, why", [
+    (put(b""), "key is empty"),
+    (kv_pb2.RequestOp(request_put=kv_pb2.PutRequest(key=b"z", lease=5)), "leases"),
+    (delete(b""), "key is empty"),
+    (txn(success=[put(b"q"), put(b"q")]), "duplicate key"),
+])
+def test_an_invalid_op_after_puts_that_ran_undoes_them(sm, log, bad_op, why):
+    """Puts are checked as they run; a bad op after some (a put, or another kind,
+    which has the whole command checked) undoes them, the same key twice included."""
+    log(cmd(put(b"a", b"old")))
+    before = sm.dump()
+    r = log(cmd(put(b"a", b"new"), put(b"b"), put(b"a", b"newer"), bad_op, put(b"c"), client=4, seq=1))
+    assert isinstance(r, ApplyError) and r.code is ErrorCode.INVALID_ARGUMENT
+    assert r.message.startswith("op 3: ") and why in r.message
+    assert sm.dump() == before and sm.revision == 1
+    assert log(cmd(put(b"d"))).revision == 2  # and the revision count goes on from there
