@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import os
 
+from .durable_files import fsync_dir
+
 __all__ = ["GUARD_NAME", "boot_id", "arm", "armed", "disarm", "survived"]
 
 GUARD_NAME = "unsynced-since-boot"
@@ -70,7 +72,7 @@ def arm(root: str, current_boot: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.rename(tmp, path)
-    _fsync_dir(root)
+    fsync_dir(root)
 
 
 def disarm(root: str) -> None:
@@ -79,12 +81,4 @@ def disarm(root: str) -> None:
         os.unlink(_path(root))
     except FileNotFoundError:
         return
-    _fsync_dir(root)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(root)

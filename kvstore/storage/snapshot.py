@@ -23,7 +23,8 @@ import os
 import tempfile
 from typing import BinaryIO
 
-from .state_machine import SnapshotImageError, StateMachine, _fsync_dir, read_image_meta
+from .durable_files import fsync_dir
+from .state_machine import SnapshotImageError, StateMachine, read_image_meta
 
 _SNAP = ".snap"
 _META = ".meta"
@@ -107,7 +108,7 @@ class SnapshotStore:
             f.flush()
             os.fsync(f.fileno())
         os.rename(tmp_meta, base + _META)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
         self._prune()
         return image
 
@@ -115,7 +116,7 @@ class SnapshotStore:
         for _, _, _, path in self.list()[: -self.keep]:
             os.unlink(path[: -len(_SNAP)] + _META)  # uncommit first, then drop the image
             os.unlink(path)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
 
     def _remove_debris(self) -> None:
         """Temp files of interrupted writes, and images whose .meta never landed."""

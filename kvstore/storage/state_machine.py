@@ -63,6 +63,7 @@ from kvstore.v1 import command_pb2, kv_pb2
 
 from . import boot_guard as guard
 from . import keys, validation
+from .durable_files import fsync_dir
 from .errors import ApplyError, ErrorCode, InvalidRequest
 from .plain_puts import PlainPuts
 from .sessions import DEFAULT_MAX_PENDING, DEFAULT_SESSION_TTL_MS, SessionTable, Verdict
@@ -84,14 +85,6 @@ DISK_RESERVE_MIN = 256 << 10  # data file allocated ahead of use, with MDB_WRITE
 
 class SnapshotImageError(Exception):
     """A snapshot image is not a usable state machine image."""
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _open_env(path: str, map_size: int, fsync: bool, **kw) -> lmdb.Environment:
@@ -480,11 +473,11 @@ class StateMachine:
                     raise SnapshotImageError(f"{path}: image changed while installing")
         finally:
             env.close()
-        _fsync_dir(tmp_dir)
+        fsync_dir(tmp_dir)
         hook("verify")
 
         os.rename(tmp_dir, os.path.join(self._root, new_gen))
-        _fsync_dir(self._root)
+        fsync_dir(self._root)
         hook("rename")
 
         _point_current(self._root, new_gen)
@@ -506,7 +499,7 @@ def _point_current(root: str, gen: str) -> None:
         os.unlink(tmp)
     os.symlink(gen, tmp)
     os.rename(tmp, os.path.join(root, _CURRENT))
-    _fsync_dir(root)
+    fsync_dir(root)
 
 
 def _generations(root: str) -> list[str]:
@@ -523,7 +516,7 @@ def _discard_generations(root: str) -> None:
     current = os.path.join(root, _CURRENT)
     if os.path.lexists(current):
         os.unlink(current)
-    _fsync_dir(root)
+    fsync_dir(root)
     for name in _generations(root):
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 

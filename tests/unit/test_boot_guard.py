@@ -82,13 +82,21 @@ def test_unsynced_state_from_another_boot_is_discarded(tmp_path, boot):
     sm.close()
 
 
-def test_a_torn_file_from_another_boot_opens_empty_instead_of_failing(tmp_path, boot):
-    path = str(tmp_path / "sm")
+def torn_by_an_os_crash(path: str) -> None:
+    """A guarded state machine with data, left the way an OS crash can leave it: meta pages
+    on disk, data pages (the bytes in use after them; the file is sparse) not."""
     sm = open_guarded(path)
     sm.apply([put(i, b"k%04d" % i) for i in range(1, 2000)])
-    used = sm.db_size()
+    used, page = sm.db_size(), 4096
     die(sm)
-    tear(os.path.join(path, "current", "data.mdb"), used)
+    with open(os.path.join(path, "current", "data.mdb"), "r+b") as f:
+        f.seek(2 * page)
+        f.write(b"\0" * (used - 2 * page))
+
+
+def test_a_torn_file_from_another_boot_opens_empty_instead_of_failing(tmp_path, boot):
+    path = str(tmp_path / "sm")
+    torn_by_an_os_crash(path)
     boot("boot-b")
     sm = open_guarded(path)
     assert sm.applied_index == 0 and sm.dump() == {}
@@ -98,11 +106,7 @@ def test_a_torn_file_from_another_boot_opens_empty_instead_of_failing(tmp_path, 
 def test_without_the_guard_the_torn_file_is_trusted_and_broken(tmp_path, boot):
     """The teeth of the test above: the same torn file, opened in the boot that wrote it."""
     path = str(tmp_path / "sm")
-    sm = open_guarded(path)
-    sm.apply([put(i, b"k%04d" % i) for i in range(1, 2000)])
-    used = sm.db_size()
-    die(sm)
-    tear(os.path.join(path, "current", "data.mdb"), used)
+    torn_by_an_os_crash(path)
     with pytest.raises(lmdb.Error):
         sm = open_guarded(path)
         sm.dump()
@@ -130,10 +134,3 @@ def test_per_commit_fsync_and_the_guard_exclude_each_other(tmp_path):
     with pytest.raises(ValueError, match="boot_guard"):
         StateMachine.open(str(tmp_path / "sm"), 64 << 20, fsync=True, boot_guard=True)
 
-
-def tear(data_file: str, used: int, page: int = 4096) -> None:
-    """What an OS crash can leave of an unsynced LMDB file: meta pages on disk, data pages
-    (the `used` bytes after them; the file itself is a sparse file as large as the map) not."""
-    with open(data_file, "r+b") as f:
-        f.seek(2 * page)
-        f.write(b"\0" * (used - 2 * page))
