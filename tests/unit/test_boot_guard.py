@@ -58,21 +58,24 @@ def test_guard_records_the_boot_and_a_clean_close_removes_it(tmp_path, boot):
     sm.close()
 
 
+def killed_after_unsynced_puts(path: str, n: int) -> None:
+    """A guarded state machine that applied puts 1..n and then died (kill -9)."""
+    sm = open_guarded(path)
+    sm.apply([put(i, b"k%04d" % i) for i in range(1, n + 1)])
+    die(sm)
+
+
 def test_process_crash_in_the_same_boot_keeps_the_state(tmp_path, boot):
     path = str(tmp_path / "sm")
+    killed_after_unsynced_puts(path, 2)
     sm = open_guarded(path)
-    sm.apply([put(1, b"a"), put(2, b"b")])
-    die(sm)
-    sm = open_guarded(path)
-    assert (sm.applied_index, set(sm.dump())) == (2, {b"a", b"b"})
+    assert (sm.applied_index, set(sm.dump())) == (2, {b"k0001", b"k0002"})
     sm.close()
 
 
 def test_unsynced_state_from_another_boot_is_discarded(tmp_path, boot):
     path = str(tmp_path / "sm")
-    sm = open_guarded(path)
-    sm.apply([put(1, b"a"), put(2, b"b")])
-    die(sm)
+    killed_after_unsynced_puts(path, 2)
     boot("boot-b")  # the OS crashed: those commits may be torn or lost
     sm = open_guarded(path)
     assert (sm.applied_index, sm.revision, sm.dump()) == (0, 0, {})
@@ -84,14 +87,13 @@ def test_unsynced_state_from_another_boot_is_discarded(tmp_path, boot):
 
 def torn_by_an_os_crash(path: str) -> None:
     """A guarded state machine with data, left the way an OS crash can leave it: meta pages
-    on disk, data pages (the bytes in use after them; the file is sparse) not."""
-    sm = open_guarded(path)
-    sm.apply([put(i, b"k%04d" % i) for i in range(1, 2000)])
-    used, page = sm.db_size(), 4096
-    die(sm)
-    with open(os.path.join(path, "current", "data.mdb"), "r+b") as f:
+    on disk, data pages (every allocated block after them; the file is sparse) not."""
+    killed_after_unsynced_puts(path, 1999)
+    data, page = os.path.join(path, "current", "data.mdb"), 4096
+    allocated = os.stat(data).st_blocks * 512  # from offset 0: the disk reservation is one range
+    with open(data, "r+b") as f:
         f.seek(2 * page)
-        f.write(b"\0" * (used - 2 * page))
+        f.write(b"\0" * (allocated - 2 * page))
 
 
 def test_a_torn_file_from_another_boot_opens_empty_instead_of_failing(tmp_path, boot):
