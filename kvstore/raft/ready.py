@@ -13,8 +13,8 @@ class Ready:
 
     Order: send `messages`; persist `entries` (truncating indexes >=
     entries[0].index first), `hard_state` and `snapshot` (fsync if
-    `must_sync`); then send `persisted_messages`; apply `committed_entries`;
-    call `advance(ready)`. `messages` are safe to send before the fsync
+    `must_sync`); then send `persisted_messages`; apply `committed_entries`
+    (or before the persist, if `committed_are_durable()`); call `advance(ready)`. `messages` are safe to send before the fsync
     (thesis §10.2.1: the leader replicates in parallel with its own write);
     `persisted_messages` (votes, append acks) promise state in this Ready.
     """
@@ -28,6 +28,21 @@ class Ready:
     persisted_messages: list[Message] = field(default_factory=list)
     read_states: list[ReadState] = field(default_factory=list)
     must_sync: bool = False
+
+    def committed_are_durable(self) -> bool:
+        """Whether every committed entry was persisted by an earlier Ready.
+
+        Every entry not yet persisted is in `entries` (each Ready is persisted
+        before the next), so committed entries below entries[0] are durable:
+        the loop may apply them while this Ready's write is in flight (the
+        leader's usual case). A follower's committed entries are often among
+        its own new `entries`; applying those first could leave the state
+        machine ahead of the log after a crash. A snapshot replaces the log.
+        """
+        if self.snapshot is not None and not self.snapshot.is_empty():
+            return False
+        return not self.entries or not self.committed_entries or \
+            self.committed_entries[-1].index < self.entries[0].index
 
 
 @dataclass(slots=True)

@@ -62,6 +62,11 @@ class Cluster:
         rd = node.ready()
         self.queue.extend(rd.messages)
         st = self.storage[i]
+        if rd.committed_entries and rd.committed_are_durable():
+            # The node loop applies these before persisting rd: they must be stored already.
+            for e in rd.committed_entries:
+                assert e.index <= st.last_index() and st.term(e.index) == e.term, \
+                    f"member {i}: committed entry {e.index} (term {e.term}) called durable but not stored"
         if rd.snapshot is not None:
             st.apply_snapshot(rd.snapshot)
         st.append(rd.entries)

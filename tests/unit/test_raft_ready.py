@@ -147,3 +147,28 @@ def test_only_one_conf_change_in_flight():
     from kvstore.raft import ProposalDropped
     with pytest.raises(ProposalDropped):
         c.nodes[1].propose_conf_change(ConfChange(ConfChange.REMOVE_NODE, 3))
+
+
+def test_committed_entries_of_earlier_readies_are_durable_but_a_followers_new_ones_are_not():
+    """The loop applies committed entries before persisting a Ready only if committed_are_durable()."""
+    c = Cluster(3, pre_vote=False)
+    c.campaign(1)
+    leader = c.nodes[1]
+    leader.propose(b"a")
+    rd = c.handle_ready(1)  # the leader persists "a" and sends it
+    c.deliver(c.queue.popleft())  # follower 2 gets it
+    c.handle_ready(2)  # ... persists it and acks
+    c.queue = type(c.queue)(m for m in c.queue if m.frm == 2)
+    c.deliver(c.queue.popleft())  # "a" is committed on the leader
+    leader.propose(b"b")
+    rd = leader.ready()
+    assert [e.data for e in rd.committed_entries] == [b"a"] and [e.data for e in rd.entries] == [b"b"]
+    assert rd.committed_are_durable()  # "a" was persisted with an earlier Ready: apply it before "b"'s fsync
+    leader.advance(rd)
+
+    follower = node(id=3)
+    follower.step(Message(MT.APPEND, frm=1, to=3, term=1, index=0, log_term=0, commit=1,
+                          entries=[Entry(1, 1, data=b"a")]))
+    rd = follower.ready()
+    assert [e.data for e in rd.committed_entries] == [b"a"] and [e.data for e in rd.entries] == [b"a"]
+    assert not rd.committed_are_durable()  # committed, but not yet in this member's log
