@@ -227,6 +227,11 @@ class StateMachine:
         return self._revision
 
     @property
+    def syncs_commits(self) -> bool:
+        """Whether each apply's LMDB commit waits for an fdatasync (--state-machine-sync commit)."""
+        return self._fsync
+
+    @property
     def log_time_ms(self) -> int:
         """The largest proposed_at_ms applied so far (session expiry clock)."""
         return self._log_time
