@@ -20,8 +20,9 @@ Follow a write from the client to the fsync and back:
      it: the next Ready's WAL fsync overlaps the apply, and each apply takes
      everything committed meanwhile as one `StateMachine.apply` (one LMDB
      transaction; see `_start_apply`). Committed entries already durable in
-     our log are queued before this Ready's fsync rather than after it (the
-     leader's usual case), and a small backlog is applied on the loop itself;
+     our log are applied before this Ready's fsync rather than after it (the
+     leader's usual case), and a backlog of up to 256 KiB is applied on the
+     loop itself rather than on the thread;
    - advances the core, and takes a snapshot (and compacts the log) every
      `--snapshot-count` entries.
 3. Once the apply transaction has computed the results (the entries are
@@ -30,7 +31,8 @@ Follow a write from the client to the fsync and back:
 
 Everything that touches the RawNode runs on the event loop thread; the
 blocking calls go to two threads: the storage thread (WAL fsync, snapshot
-copy) and the apply thread (LMDB transactions), each one call at a time.
+copy) and the apply thread (LMDB transactions too big for the loop, or
+fdatasynced ones), each one call at a time.
 """
 from __future__ import annotations
 
@@ -66,9 +68,10 @@ from .transport import Transport
 log = logging.getLogger("kvstore.node")
 
 APPLY_BACKLOG_MAX_BYTES = 64 << 20  # committed but not yet applied, before the Ready loop waits
-# A backlog this small is applied on the event loop when no apply is running: the hop to the apply
-# thread and back (two GIL handoffs) costs more than applying a few entries (see _start_apply).
-INLINE_APPLY_MAX_BYTES = 8 << 10
+# A backlog up to this size is applied on the event loop when no apply is running (see
+# _apply_inline): on the apply thread, each py-lmdb call gives up the GIL and must win it back
+# from the loop, and the hop there and back costs more than applying a few entries.
+INLINE_APPLY_MAX_BYTES = 256 << 10
 
 ROLE_NAMES = {
     StateRole.LEADER: "leader",
@@ -396,11 +399,13 @@ class Node:
             await self._drain_apply()
 
     def _apply_inline(self) -> None:
-        """Apply a small backlog right here on the event loop: the single-client write path.
+        """Apply the backlog right here on the event loop (the usual case, under load too).
 
         Only while no apply runs on the thread (they would race for the LMDB
         write lock and the order), and only when the LMDB commit does not
-        fdatasync (that would stall the loop): then it is a few µs per entry.
+        fdatasync (that would stall the loop). A few µs per put: the bound
+        keeps the loop's stall to milliseconds; bigger backlogs (a member
+        catching up) go to the apply thread.
         """
         entries, self._apply_backlog, self._apply_backlog_bytes = self._apply_backlog, [], 0
         origins = [] if len(self.proposals) else None
