@@ -12,9 +12,10 @@ Follow a write from the client to the fsync and back:
    - sends `messages` now: the leader's AppendEntries leave before its own
      fsync, so replication and local persistence overlap;
    - persists the received snapshot (if any), then the new entries and hard
-     state with one `RaftLog.append` (one write, one fdatasync, in the
-     storage thread). Proposals arriving meanwhile are stepped into raft and
-     form the next batch: that is the group commit;
+     state with one `RaftLog.append` (one write, one fdatasync; the leader's
+     in the storage thread, a follower's on the loop). Proposals arriving
+     meanwhile are stepped into raft and form the next batch: that is the
+     group commit;
    - sends `persisted_messages` (votes, acks), which promise what is now on disk;
    - queues the committed entries for the apply thread without waiting for
      it: the next Ready's WAL fsync overlaps the apply, and each apply takes
@@ -30,8 +31,8 @@ Follow a write from the client to the fsync and back:
    LMDB commits, and `kv_service` answers (see `_submit_backlog`).
 
 Everything that touches the RawNode runs on the event loop thread; the
-blocking calls go to two threads: the storage thread (WAL fsync, snapshot
-copy) and the apply thread (LMDB transactions too big for the loop, or
+blocking calls go to two threads: the storage thread (the leader's WAL
+fsync, snapshot copy) and the apply thread (LMDB transactions too big for the loop, or
 fdatasynced ones), each one call at a time.
 """
 from __future__ import annotations
@@ -334,12 +335,20 @@ class Node:
         its own (raft relearns the commit index from the leader, and restarts
         from at least the state machine's durable applied index), so it waits
         and rides along with the next write of entries or term/vote.
+
+        The leader writes on the storage thread: meanwhile its loop keeps
+        taking requests and acks. Any other member writes on the loop: it has
+        nothing to do before its ack but wait for the fsync, and the hop to the
+        thread and back (two GIL handoffs) cost more than the write itself.
         """
         if rd.hard_state is not None:
             self._unsynced_hard_state = rd.hard_state
         if rd.entries or rd.must_sync:
             hs, self._unsynced_hard_state = self._unsynced_hard_state, None
-            await self._in_storage(self.log.append, rd.entries, hs)
+            if self.is_leader:
+                await self._in_storage(self.log.append, rd.entries, hs)
+            else:
+                self.log.append(rd.entries, hs)
 
     def _on_soft_state(self, leader_id: int, role: StateRole) -> None:
         was_leader = self.role == StateRole.LEADER
