@@ -160,14 +160,21 @@ class KVService(kv_pb2_grpc.KVServicer):
         reads: list[int] = []
         max_key, max_value = self.limits.max_key_bytes, self.limits.max_value_bytes
         for i, op in enumerate(ops):
-            if op.WhichOneof("request") == "request_put":
-                # The op nearly every write batch is made of, checked inline: the same
-                # rules as _check_op (max_key <= the storage's key limit), which is
-                # still what names the problem of a put that breaks one.
+            # The ops nearly every batch is made of, a put or a single-key get, are checked
+            # inline: the same rules as _check_op (max_key <= the storage's key limit), which
+            # is still what names the problem of an op that breaks one.
+            kind = op.WhichOneof("request")
+            if kind == "request_put":
                 p = op.request_put
                 key = p.key
                 if key and len(key) <= max_key and len(p.value) <= max_value and not p.lease:
                     writes.append(i)
+                    continue
+            elif kind == "request_range":
+                r = op.request_range
+                key = r.key
+                if key and len(key) <= max_key and not r.range_end and r.limit >= 0:
+                    reads.append(i)
                     continue
             try:
                 self._check_op(op)

@@ -342,10 +342,10 @@ class StateMachine:
     def range(self, req: kv_pb2.RangeRequest) -> kv_pb2.RangeResponse:
         """A local (serializable) read; raises InvalidRequest for a bad request."""
         validation.check_range(req)
-        with self._env.begin() as txn:
+        with self._env.begin(db=self._kv) as txn:
             raw = txn.get(_META_KEY, db=self._meta)
             revision = _META.unpack(raw)[2]
-            return _range(txn, self._kv, req, revision, kv_pb2.RangeResponse())
+            return _range(txn, req, revision, kv_pb2.RangeResponse())
 
     def range_many(
         self,
@@ -366,14 +366,13 @@ class StateMachine:
         InvalidRequest in its place and the others are still served.
         """
         results: list[kv_pb2.RangeResponse | InvalidRequest] = []
-        with self._env.begin() as txn:
+        with self._env.begin(db=self._kv) as txn:  # kv: the default db, as _range needs
             revision = _META.unpack(txn.get(_META_KEY, db=self._meta))[2]
             if header is not None:
                 header = kv_pb2.ResponseHeader(
                     cluster_id=header.cluster_id, member_id=header.member_id,
                     raft_term=header.raft_term, revision=revision,
                 )
-            kv = self._kv
             for i, req in enumerate(requests):
                 if not validated:
                     try:
@@ -382,7 +381,7 @@ class StateMachine:
                         results.append(e)
                         continue
                 resp = kv_pb2.RangeResponse() if out is None else out[i]
-                _range(txn, kv, req, revision, resp)
+                _range(txn, req, revision, resp)
                 if header is not None:
                     resp.header.CopyFrom(header)
                 results.append(resp)
@@ -537,12 +536,16 @@ def _remove_stale_generations(root: str) -> None:
         os.unlink(tmp)
 
 
-def _range(txn, kv_db, req: kv_pb2.RangeRequest, revision: int, resp: kv_pb2.RangeResponse) -> kv_pb2.RangeResponse:
-    """Fill resp (in place, so callers can hand in a slot of a larger message)."""
+def _range(txn, req: kv_pb2.RangeRequest, revision: int, resp: kv_pb2.RangeResponse) -> kv_pb2.RangeResponse:
+    """Fill resp (in place, so callers can hand in a slot of a larger message).
+
+    txn's default db must be kv: py-lmdb parses keyword arguments slowly,
+    so get and cursor are called without db=.
+    """
     resp.header.revision = revision
     key, range_end = req.key, req.range_end
     if not range_end:
-        raw = txn.get(key, db=kv_db)
+        raw = txn.get(key)
         if raw is not None:
             resp.count = 1
             if not req.count_only:
@@ -552,7 +555,7 @@ def _range(txn, kv_db, req: kv_pb2.RangeRequest, revision: int, resp: kv_pb2.Ran
     if end is not None and end <= key:
         return resp
     limit = req.limit
-    cur = txn.cursor(db=kv_db)
+    cur = txn.cursor()
     if not cur.set_range(key):
         return resp
     count = 0
@@ -696,7 +699,7 @@ class _Executor:
             out.response_delete_range.header.revision = self.revision
         elif kind == "request_range":
             rev = self._txn_rev or self.revision
-            _range(self.txn, self._kv, op.request_range, rev, out.response_range)
+            _range(self.txn, op.request_range, rev, out.response_range)
         else:
             self._txn(op.request_txn, out.response_txn)
 

@@ -68,6 +68,10 @@ def test_txn_compare_and_swap(cluster):
     assert lost.responses[0].response_range.kvs[0].value == b"mine"
 
 
+def get_op(key: bytes) -> kv_pb2.RequestOp:
+    return kv_pb2.RequestOp(request_range=kv_pb2.RangeRequest(key=key))
+
+
 def test_batch_with_one_bad_op(cluster):
     leader = settled(cluster)
     kv = kv_stub(cluster.client_addr(leader))
@@ -79,15 +83,24 @@ def test_batch_with_one_bad_op(cluster):
         put_op(b"batch/" + b"k" * 600, b"long key"),
         put_op(b"batch/big", b"v" * ((1 << 20) + 1)),
         kv_pb2.RequestOp(request_put=kv_pb2.PutRequest(key=b"batch/lease", value=b"x", lease=7)),
+        get_op(b"batch/absent"),
+        get_op(b""),
+        get_op(b"batch/" + b"k" * 600),
+        kv_pb2.RequestOp(request_range=kv_pb2.RangeRequest(key=b"batch/a", limit=-1)),
     ]), timeout=10)
     kinds = [r.WhichOneof("result") for r in resp.results]
-    assert kinds == ["response", "error", "response", "response", "error", "error", "error"]
+    assert kinds == ["response", "error", "response", "response", "error", "error", "error",
+                     "response", "error", "error", "error"]
     assert {r.error.code for r in resp.results if r.WhichOneof("result") == "error"} == \
         {grpc.StatusCode.INVALID_ARGUMENT.value[0]}
     assert "key must not be empty" in resp.results[1].error.message
     assert "--max-key-bytes" in resp.results[4].error.message
     assert "--max-value-bytes" in resp.results[5].error.message
     assert "lease" in resp.results[6].error.message
+    assert resp.results[7].response.response_range.count == 0
+    assert "key must not be empty" in resp.results[8].error.message
+    assert "--max-key-bytes" in resp.results[9].error.message
+    assert "limit is -1" in resp.results[10].error.message
     got = kv.Range(kv_pb2.RangeRequest(key=b"batch/", range_end=b"batch0"), timeout=10)
     assert [(x.key, x.value) for x in got.kvs] == [(b"batch/a", b"1"), (b"batch/b", b"2")]
 
