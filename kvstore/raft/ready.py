@@ -14,7 +14,8 @@ class Ready:
     Order: send `messages`; persist `entries` (truncating indexes >=
     entries[0].index first), `hard_state` and `snapshot` (fsync if
     `must_sync`); then send `persisted_messages`; apply `committed_entries`
-    (or before the persist, if `committed_are_durable()`); call `advance(ready)`. `messages` are safe to send before the fsync
+    (or before the persist, if `committed_are_durable()`); call
+    `advance(ready)`. `messages` are safe to send before the fsync
     (thesis §10.2.1: the leader replicates in parallel with its own write);
     `persisted_messages` (votes, append acks) promise state in this Ready.
     """

@@ -17,13 +17,13 @@ Follow a write from the client to the fsync and back:
      meanwhile are stepped into raft and form the next batch: that is the
      group commit;
    - sends `persisted_messages` (votes, acks), which promise what is now on disk;
-   - queues the committed entries for the apply thread without waiting for
-     it: the next Ready's WAL fsync overlaps the apply, and each apply takes
-     everything committed meanwhile as one `StateMachine.apply` (one LMDB
-     transaction; see `_start_apply`). Committed entries already durable in
-     our log are applied before this Ready's fsync rather than after it (the
-     leader's usual case), and a backlog of up to 256 KiB is applied on the
-     loop itself rather than on the thread;
+   - applies the committed entries (`_start_apply`), each batch as one
+     `StateMachine.apply` (one LMDB transaction): up to 256 KiB at once on
+     the loop; a bigger backlog (or any, when LMDB commits are fdatasynced)
+     on the apply thread without waiting for it, each apply taking
+     everything committed meanwhile. Committed entries already durable in
+     our log (the leader's usual case) are applied right after the messages
+     go out, before this Ready's fsync, not after it;
    - advances the core, and takes a snapshot (and compacts the log) every
      `--snapshot-count` entries.
 3. Once the apply transaction has computed the results (the entries are
@@ -32,8 +32,8 @@ Follow a write from the client to the fsync and back:
 
 Everything that touches the RawNode runs on the event loop thread; the
 blocking calls go to two threads: the storage thread (the leader's WAL
-fsync, snapshot copy) and the apply thread (LMDB transactions too big for the loop, or
-fdatasynced ones), each one call at a time.
+fsync, snapshot copy) and the apply thread (LMDB transactions too big for
+the loop, or fdatasynced ones), each one call at a time.
 """
 from __future__ import annotations
 
