@@ -416,12 +416,10 @@ class Node:
         keeps the loop's stall to milliseconds; bigger backlogs (a member
         catching up) go to the apply thread.
         """
-        entries, self._apply_backlog, self._apply_backlog_bytes = self._apply_backlog, [], 0
-        origins = [] if len(self.proposals) else None
-        last = entries[-1].index
+        entries, batch, origins = self._take_backlog()
+        answer = None if origins is None else functools.partial(self._answer, entries[-1].index, origins)
         try:
-            results = self.sm.apply([(e.index, e.term, e.data) for e in entries], origins,
-                                    None if origins is None else functools.partial(self._answer, last, origins))
+            results = self.sm.apply(batch, origins, answer)
         except Exception as e:  # never go on past an entry we could not apply
             fatal("applying committed entries failed", e)
         self._finish_apply(entries, results)
@@ -438,19 +436,24 @@ class Node:
         state machine to reach its read index, and any read on this member
         waits until what was answered is committed to LMDB (`_answered_index`).
         """
-        entries, self._apply_backlog, self._apply_backlog_bytes = self._apply_backlog, [], 0
-        batch = [(e.index, e.term, e.data) for e in entries]
+        entries, batch, origins = self._take_backlog()
         loop = asyncio.get_running_loop()
-        origins = None
         answer_early = None
-        if len(self.proposals):  # someone here waits for these entries (this member proposed them)
-            origins = []
+        if origins is not None:
             last = entries[-1].index
 
             def answer_early(results) -> None:  # on the apply thread, just before the LMDB commit
                 loop.call_soon_threadsafe(self._answer, last, origins, results)
 
         return entries, loop.run_in_executor(self.apply_thread, self.sm.apply, batch, origins, answer_early)
+
+    def _take_backlog(self) -> tuple[list, list, list | None]:
+        """Empty the backlog: its entries, their (index, term, data) for StateMachine.apply, and
+        a list for the apply to fill with origins if someone here waits for them (this member
+        proposed them), else None."""
+        entries, self._apply_backlog, self._apply_backlog_bytes = self._apply_backlog, [], 0
+        origins = [] if len(self.proposals) else None
+        return entries, [(e.index, e.term, e.data) for e in entries], origins
 
     def _answer(self, last_index: int, origins, results) -> None:
         self._answered_index = max(self._answered_index, last_index)
