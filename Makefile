@@ -23,13 +23,23 @@ venv: $(STAMP)
 build: venv
 	$(PY) setup.py -q build_proto build_ext --inplace
 
-# The Jepsen tests cut links with network namespaces + iptables, which needs
-# root; as root, install the tools when missing (otherwise those tests skip
-# with a reason and the TCP-proxy tests still run).
+# System tools the tests use, from Debian's packages. As root, install the missing
+# ones; otherwise the tests that need them skip with a reason.
+#   iptables iproute2   Jepsen partitions (network namespaces)
+#   strace fiu-utils    real fault injection (EIO on fsync, fdatasync, msync)
+#   faketime            the clock nemesis
+#   e2fsprogs           ext4 images on loop devices (the power nemesis)
+#   prometheus          promtool and a real Prometheus for the alert tests
+#   etcd-server etcd-client   the side-by-side benchmarks
+APT_PACKAGES := iptables iproute2 strace fiu-utils faketime e2fsprogs prometheus etcd-server etcd-client
 system-deps:
-	@if [ "$$(id -u)" = 0 ] && ! command -v iptables >/dev/null 2>&1; then \
-		(apt-get update -qq && apt-get install -y -qq iptables iproute2) \
-		|| echo "warning: could not install iptables; namespace partition tests will skip"; \
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ]; then \
+		echo "installing: $$missing"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
+		|| echo "warning: could not install $$missing; the tests that need them skip"; \
+	elif [ -n "$$missing" ]; then \
+		echo "warning: not root, cannot install $$missing; the tests that need them skip"; \
 	fi
 
 run: build
