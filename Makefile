@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kvstore-installed
 
 
-.PHONY: all venv build system-deps run test test-unit test-sim test-integration test-jepsen soak bench bench-etcd clean
+.PHONY: all venv build lint system-deps run test test-unit test-sim test-integration test-jepsen soak bench bench-etcd clean
 
 all: build
 
@@ -45,7 +45,12 @@ system-deps:
 run: build
 	$(VENV)/bin/kvstore cluster up
 
-test: build system-deps
+# ruff (pyproject's [tool.ruff]) on the whole tree, mypy (check_untyped_defs) on the package.
+lint: build
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: lint system-deps
 	$(PY) -m pytest tests -q
 
 test-unit: build
@@ -69,4 +74,4 @@ bench: build
 	$(PY) benchmarks/compare_etcd.py
 
 clean:
-	rm -rf build dist *.egg-info kvstore/*.so native/*.c kvstore/v1/*_pb2*.py kvstore/v1/*_pb2*.pyi
+	rm -rf build dist *.egg-info .mypy_cache .ruff_cache kvstore/*.so native/*.c kvstore/v1/*_pb2*.py kvstore/v1/*_pb2*.pyi

@@ -28,8 +28,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from kvstore.storage.state_machine import StateMachine  # noqa: E402
-from kvstore.v1 import command_pb2, kv_pb2  # noqa: E402
+from kvstore.storage.state_machine import StateMachine
+from kvstore.v1 import command_pb2, kv_pb2
 
 VALUE_BYTES = 256
 KEYSPACE = 100_000

@@ -34,10 +34,10 @@ import grpc
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kvstore.client import AsyncClient, Client  # noqa: E402
-from kvstore.client.session import Session  # noqa: E402
-from kvstore.server.local_cluster import LocalCluster  # noqa: E402
-from kvstore.v1 import kv_pb2, kv_pb2_grpc  # noqa: E402
+from kvstore.client import AsyncClient, Client
+from kvstore.client.session import Session
+from kvstore.server.local_cluster import LocalCluster
+from kvstore.v1 import kv_pb2, kv_pb2_grpc
 
 VALUE = b"x" * 256
 

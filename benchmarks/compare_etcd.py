@@ -134,7 +134,7 @@ class Etcd:
         """etcd_min.proto stubs, generated the way etcd_load.py does it (one definition of the API)."""
         if self._stubs is None:
             sys.path.insert(0, str(SHARED_BENCH))
-            import etcd_load  # noqa: PLC0415
+            import etcd_load
 
             self._stubs = etcd_load.stubs()
         return self._stubs

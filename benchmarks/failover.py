@@ -41,11 +41,11 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.compare_etcd import (  # noqa: E402  (one definition of the probe and of etcd's set-up)
+from benchmarks.compare_etcd import (
     ETCD_ENDPOINTS, PROBE_ATTEMPT_S, PROBE_GIVE_UP_S, PROBE_PAUSE_S, Etcd, _etcd_probe, kv_wait_healthy,
 )
-from kvstore.client import AsyncClient, FixedInterval  # noqa: E402
-from kvstore.server.local_cluster import LocalCluster  # noqa: E402
+from kvstore.client import AsyncClient, FixedInterval
+from kvstore.server.local_cluster import LocalCluster
 
 _LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 _ROLE_CHANGE = re.compile(r"member \d+ is now .*")

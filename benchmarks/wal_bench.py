@@ -21,8 +21,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kvstore.raft.types import Entry  # noqa: E402
-from kvstore.storage.wal import Wal  # noqa: E402
+from kvstore.raft.types import Entry
+from kvstore.storage.wal import Wal
 
 ENTRY_BYTES = 256
 BATCHES = (1, 16, 256)

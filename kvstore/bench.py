@@ -27,7 +27,8 @@ import random
 import time
 from array import array
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
+from collections.abc import Callable, Iterable, Sequence
 
 import click
 
@@ -355,9 +356,9 @@ def run_points(specs: Sequence[LoadSpec], console: Any = None) -> list[Stats]:
             label = f"{spec.op:<4} x{spec.clients:<4} {'coalesced' if spec.coalesce else 'unary':<9}"
             task = progress.add_task(label, total=spec.secs, rate="")
 
-            def tick(elapsed: float, done: int, task: Any = task) -> None:
+            def tick(elapsed: float, done: int, task: Any = task, secs: float = spec.secs) -> None:
                 rate = done / elapsed if elapsed > 0 else 0.0
-                progress.update(task, completed=min(elapsed, spec.secs), rate=f"{rate:>9,.0f} ops/s")
+                progress.update(task, completed=min(elapsed, secs), rate=f"{rate:>9,.0f} ops/s")
 
             s = run_load(spec, tick)
             progress.update(task, completed=spec.secs, rate=f"{s.rate:>9,.0f} ops/s")

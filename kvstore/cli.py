@@ -21,30 +21,39 @@ import shlex
 import signal
 import sys
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from kvstore.server.config import DEFAULT_BASE_CLIENT_PORT, DEFAULT_BASE_PEER_PORT, default_client_addr
 
 if TYPE_CHECKING:
+    from rich.console import Console
     from rich.table import Table
 
 
 class _LazyConsole:
-    """A rich Console made on first use, so `kvstore serve` (a node's start) never imports rich."""
+    """A rich Console made on first use, so `kvstore serve` (a node's start) never imports rich.
+
+    Attribute access is forwarded; whatever rich itself drives (Live, Progress) gets `.real`, the
+    Console: it uses the console as a context manager, which no forwarding can provide.
+    """
 
     def __init__(self, stderr: bool = False):
         self._stderr = stderr
-        self._console = None
+        self._console: Console | None = None
 
-    def __getattr__(self, name: str):
+    @property
+    def real(self) -> Console:
         if self._console is None:
             from rich.console import Console
 
             stream = sys.stderr if self._stderr else sys.stdout
             self._console = Console(stderr=self._stderr, width=None if stream.isatty() else 160)
-        return getattr(self._console, name)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
 
 
 console = _LazyConsole()
@@ -75,7 +84,7 @@ def client_errors(fn):
     return wrapper
 
 
-def human_bytes(n: int) -> str:
+def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -177,7 +186,7 @@ def cluster_up(nodes: int, data_dir: str, base_client_port: int, base_peer_port:
             try:
                 lc.check_alive()
             except NodeFailedToStart as e:
-                raise click.ClickException(str(e))
+                raise click.ClickException(str(e)) from e
             leader = lc.leader()
             if leader is None:
                 time.sleep(0.1)
@@ -225,7 +234,7 @@ def watch(lc, stopping: list) -> None:
     if console.is_terminal:
         from rich.live import Live
 
-        with Live(status_table(lc), console=console, refresh_per_second=2) as live:
+        with Live(status_table(lc), console=console.real, refresh_per_second=2) as live:
             while not stopping:
                 time.sleep(1.0)
                 live.update(status_table(lc))
@@ -332,7 +341,7 @@ def parse_compare(text: str):
         operand_v = operand if fn == "value" else int(operand)
         op = _CMP_OPS[op]
     except (ValueError, KeyError):
-        raise click.BadParameter(f"{text!r}: expected e.g. \"value(KEY) = VALUE\" or \"version(KEY) > 2\"")
+        raise click.BadParameter(f"{text!r}: expected e.g. \"value(KEY) = VALUE\" or \"version(KEY) > 2\"") from None
     return {"==": tgt.__eq__, "!=": tgt.__ne__, ">": tgt.__gt__, "<": tgt.__lt__}[op](operand_v)
 
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
+from collections.abc import Callable, Iterable, Sequence
 
 import grpc
 
@@ -121,7 +122,7 @@ class AsyncClient:
 
     # --- lifecycle ---------------------------------------------------------
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -272,7 +273,7 @@ class AsyncClient:
         for a, r in zip(addrs, results):
             if isinstance(r, BaseException) and not isinstance(r, errors.KvstoreError):
                 raise r
-            out[a] = r  # type: ignore[assignment]
+            out[a] = r
         return out
 
     async def members(self, *, timeout: float | None = None) -> list[Member]:
@@ -296,13 +297,13 @@ class AsyncClient:
 
     # --- the call path -----------------------------------------------------
 
-    async def _wait(self, fut: "asyncio.Future[Any]", timeout: float | None, mutation: bool) -> Any:
+    async def _wait(self, fut: asyncio.Future[Any], timeout: float | None, mutation: bool) -> Any:
         """Await a coalesced op; an explicit per-call timeout is enforced on this caller alone."""
         if timeout is None:
             return await fut
         try:
             return await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise errors.DeadlineExceeded(
                 0, {"batch": "the batch carrying this op did not finish in time"},
                 timeout=timeout, maybe_applied=mutation,

@@ -9,7 +9,8 @@ when each request it routed starts and ends.
 from __future__ import annotations
 
 import random
-from typing import Callable, Mapping, Protocol, Sequence
+from typing import Protocol
+from collections.abc import Callable, Mapping, Sequence
 
 __all__ = ["Balancer", "RoundRobin", "RandomChoice", "LeastOutstanding", "Weighted", "make_balancer"]
 
@@ -122,7 +123,7 @@ class Weighted(_NoTracking):
         return best
 
 
-def make_balancer(spec: "str | Balancer | None") -> Balancer:
+def make_balancer(spec: str | Balancer | None) -> Balancer:
     """A balancer from a name ("round_robin", "random", "least_outstanding") or an instance."""
     if spec is None or spec == "round_robin":
         return RoundRobin()

@@ -15,7 +15,8 @@ member may serve them. A batch of one op is sent as its plain unary RPC.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Awaitable, Callable
+from typing import Any
+from collections.abc import Awaitable, Callable
 
 from kvstore.client import errors
 from kvstore.v1 import kv_pb2
@@ -86,7 +87,7 @@ class Coalescer:
 
     def add(
         self, route: str, kind: str, mutation: bool, nbytes: int, timeout: float | None
-    ) -> tuple[Any, "asyncio.Future[Any]"]:
+    ) -> tuple[Any, asyncio.Future[Any]]:
         """Reserve a slot for one op: returns its (empty) ``kind`` message to fill now, and its future.
 
         ``kind`` is the RequestOp field ("request_put", ...). The future
@@ -169,7 +170,7 @@ class Coalescer:
                 f.set_exception(errors.from_status(errors.status_code(code), r.error.message))
 
     async def _retry_read(
-        self, route: str, req: kv_pb2.RangeRequest, fut: "asyncio.Future[Any]", timeout: float
+        self, route: str, req: kv_pb2.RangeRequest, fut: asyncio.Future[Any], timeout: float
     ) -> None:
         try:
             resp = await self._send("Range", req, route=route, mutation=False, timeout=max(timeout, 0.001))

@@ -8,7 +8,8 @@ grows with the client addresses the cluster reports (redirects, MemberList).
 from __future__ import annotations
 
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any
+from collections.abc import Iterable, Sequence
 
 import grpc
 

@@ -6,7 +6,7 @@ is *not* an error (see ``TxnResult.succeeded``).
 """
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import grpc
 

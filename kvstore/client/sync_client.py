@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from typing import Any, Coroutine, Iterable, Sequence, TypeVar
+from typing import Any, TypeVar
+from collections.abc import Coroutine, Iterable, Sequence
 
 from kvstore.client import errors
 from kvstore.client.async_client import AsyncClient
@@ -40,9 +41,10 @@ T = TypeVar("T")
 
 def _new_loop() -> asyncio.AbstractEventLoop:
     try:
-        import uvloop  # type: ignore[import-not-found]
+        import uvloop
 
-        return uvloop.new_event_loop()  # type: ignore[no-any-return]
+        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+        return loop
     except ImportError:  # pragma: no cover - uvloop is optional
         return asyncio.new_event_loop()
 
@@ -104,7 +106,7 @@ class Client:
 
     # --- lifecycle ---------------------------------------------------------
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -14,7 +14,8 @@ Compares are written with Python operators on a target (``value``,
 """
 from __future__ import annotations
 
-from typing import Iterable, Union
+from typing import Union
+from collections.abc import Iterable
 
 from kvstore.client.types import BytesLike, prefix_end, to_bytes
 from kvstore.v1 import kv_pb2
@@ -188,18 +189,18 @@ class Txn:
             if not isinstance(c, kv_pb2.Compare):
                 raise TypeError(f"not a compare: {c!r} (write e.g. value('k') == 'v')")
 
-    def when(self, *compares: kv_pb2.Compare) -> "Txn":
+    def when(self, *compares: kv_pb2.Compare) -> Txn:
         for c in compares:
             if not isinstance(c, kv_pb2.Compare):
                 raise TypeError(f"not a compare: {c!r} (write e.g. value('k') == 'v')")
         self.compare.extend(compares)
         return self
 
-    def then(self, *ops: Op) -> "Txn":
+    def then(self, *ops: Op) -> Txn:
         self.success.extend(_op(o) for o in ops)
         return self
 
-    def otherwise(self, *ops: Op) -> "Txn":
+    def otherwise(self, *ops: Op) -> Txn:
         self.failure.extend(_op(o) for o in ops)
         return self
 

@@ -7,8 +7,9 @@ use (see ``_FromResponse``).
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import FrozenInstanceError, dataclass, field
-from typing import Union
+from typing import Any, Self, Union
 
 from kvstore.v1 import kv_pb2
 
@@ -26,7 +27,7 @@ __all__ = [
     "prefix_end",
 ]
 
-BytesLike = Union[bytes, str]
+BytesLike = bytes | str
 
 
 def to_bytes(x: BytesLike) -> bytes:
@@ -65,7 +66,7 @@ class KeyValue:
     lease: int = 0
 
     @classmethod
-    def from_pb(cls, kv: kv_pb2.KeyValue) -> "KeyValue":
+    def from_pb(cls, kv: kv_pb2.KeyValue) -> KeyValue:
         return cls(kv.key, kv.value, kv.create_revision, kv.mod_revision, kv.version, kv.lease)
 
 
@@ -74,9 +75,9 @@ _setattr = object.__setattr__
 _BatchResult = kv_pb2.BatchResult
 
 
-def _response(r: object, field: str) -> object:
+def _response(r: Any, field: str) -> Any:
     """A unary reply as is; a coalesced op's BatchResult slot opened to its ``field`` response."""
-    return getattr(r.response, field) if type(r) is _BatchResult else r  # type: ignore[attr-defined]
+    return getattr(r.response, field) if type(r) is _BatchResult else r
 
 
 class _FromResponse:
@@ -93,10 +94,12 @@ class _FromResponse:
     """
 
     __slots__ = ("_pb", "_revision")
+    _pb: Any  # the response message until the first field read, then None
+    _revision: int
     _fields: tuple[str, ...] = ()
 
     @classmethod
-    def from_pb(cls, r: object):  # type: ignore[no-untyped-def]
+    def from_pb(cls, r: object) -> Self:
         """Keep the response (or BatchResult slot); fields are read from it on first use."""
         o = _new(cls)
         _set_pb(o, r)
@@ -109,7 +112,7 @@ class _FromResponse:
     def revision(self) -> int:
         if self._pb is not None:
             self._load()
-        return self._revision  # type: ignore[no-any-return]
+        return self._revision
 
     def __setattr__(self, name: str, value: object) -> None:
         raise FrozenInstanceError(f"cannot assign to field {name!r}")
@@ -122,7 +125,7 @@ class _FromResponse:
 
     def __eq__(self, other: object) -> bool:
         if other.__class__ is self.__class__:
-            return self._values() == other._values()  # type: ignore[attr-defined]
+            return self._values() == other._values()
         return NotImplemented
 
     def __hash__(self) -> int:
@@ -142,6 +145,7 @@ class PutResult(_FromResponse):
     """``revision`` of the write; ``prev_kv`` what it replaced (asked for with ``prev_kv=True``)."""
 
     __slots__ = ("_prev_kv",)
+    _prev_kv: KeyValue | None
     _fields = ("revision", "prev_kv")
 
     def __init__(self, revision: int, prev_kv: KeyValue | None = None) -> None:
@@ -159,13 +163,14 @@ class PutResult(_FromResponse):
     def prev_kv(self) -> KeyValue | None:
         if self._pb is not None:
             self._load()
-        return self._prev_kv  # type: ignore[no-any-return]
+        return self._prev_kv
 
 
 class GetResult(_FromResponse):
     """One key: ``kv`` is None when the key does not exist."""
 
     __slots__ = ("_kv",)
+    _kv: KeyValue | None
     _fields = ("revision", "kv")
 
     def __init__(self, revision: int, kv: KeyValue | None) -> None:
@@ -183,7 +188,7 @@ class GetResult(_FromResponse):
     def kv(self) -> KeyValue | None:
         if self._pb is not None:
             self._load()
-        return self._kv  # type: ignore[no-any-return]
+        return self._kv
 
     @property
     def value(self) -> bytes | None:
@@ -205,14 +210,14 @@ class RangeResult:
     more: bool = False
     count: int = 0
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[KeyValue]:
         return iter(self.kvs)
 
     def __len__(self) -> int:
         return len(self.kvs)
 
     @classmethod
-    def from_pb(cls, r: kv_pb2.RangeResponse) -> "RangeResult":
+    def from_pb(cls, r: kv_pb2.RangeResponse) -> RangeResult:
         kv = KeyValue
         return cls(
             r.header.revision,
@@ -229,7 +234,7 @@ class DeleteResult:
     prev_kvs: list[KeyValue] = field(default_factory=list)
 
     @classmethod
-    def from_pb(cls, r: kv_pb2.DeleteRangeResponse) -> "DeleteResult":
+    def from_pb(cls, r: kv_pb2.DeleteRangeResponse) -> DeleteResult:
         return cls(r.header.revision, r.deleted, [KeyValue.from_pb(x) for x in r.prev_kvs])
 
 
@@ -248,7 +253,7 @@ class TxnResult:
         return self.succeeded
 
     @classmethod
-    def from_pb(cls, r: kv_pb2.TxnResponse) -> "TxnResult":
+    def from_pb(cls, r: kv_pb2.TxnResponse) -> TxnResult:
         return cls(r.header.revision, r.succeeded, [op_result(x) for x in r.responses])
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Hashable
-from typing import Any
+from typing import Any, cast
 
 from kvstore.jepsen.history import FAIL, OK, Operation
 
@@ -152,18 +152,19 @@ class KvModel(Model):
     def step(self, state: State, op: Operation) -> tuple[bool, State]:
         key = op.key
         current = self.missing
-        for stored_key, value in state:
+        pairs = cast("frozenset[tuple[Any, Any]]", state)
+        for stored_key, value in pairs:
             if stored_key == key:
                 current = value
                 break
         legal, new = self.key_model.step(current, op)
         if not legal or new == current:
             return legal, state
-        kept = frozenset(pair for pair in state if pair[0] != key)
+        kept = frozenset(pair for pair in pairs if pair[0] != key)
         return True, kept if new == self.missing else kept | {(key, new)}
 
     def describe(self, state: State) -> str:
         if not state:
             return "{}"
-        pairs = sorted(state, key=repr)
+        pairs = sorted(cast("frozenset[tuple[Any, Any]]", state), key=repr)
         return "{" + ", ".join(f"{k!r}: {v!r}" for k, v in pairs) + "}"

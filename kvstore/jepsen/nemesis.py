@@ -27,6 +27,7 @@ from __future__ import annotations
 import random
 import threading
 from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -118,7 +119,7 @@ class Package:
 
 
 def _leader_or_random(ctl: ClusterControl, rng: random.Random,
-                      exclude: set[int] = frozenset()) -> tuple[int, str]:
+                      exclude: AbstractSet[int] = frozenset()) -> tuple[int, str]:
     leader = ctl.leader()
     if leader is not None and leader not in exclude:
         return leader, f"leader n{leader}"

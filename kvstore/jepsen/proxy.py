@@ -138,7 +138,7 @@ class ProxyNetwork:
     def _call(self, coro_or_fn: object, timeout: float = 10.0) -> object:
         if asyncio.iscoroutine(coro_or_fn):
             return asyncio.run_coroutine_threadsafe(coro_or_fn, self._loop).result(timeout)
-        done: asyncio.Future = asyncio.run_coroutine_threadsafe(self._run_fn(coro_or_fn), self._loop)
+        done = asyncio.run_coroutine_threadsafe(self._run_fn(coro_or_fn), self._loop)
         return done.result(timeout)
 
     @staticmethod

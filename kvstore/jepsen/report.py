@@ -29,7 +29,7 @@ def _x(t: float, t_max: float) -> float:
 
 
 def timeline_svg(ops: list[Operation], faults: list[Fault], leaders: list[dict[str, Any]],
-                 t0: int) -> str:
+                 t0: float) -> str:
     """The latency scatter over fault windows (times in ns on the run clock)."""
     def sec(ns: float) -> float:
         return (ns - t0) / 1e9
@@ -97,7 +97,7 @@ def timeline_svg(ops: list[Operation], faults: list[Fault], leaders: list[dict[s
     return "".join(parts)
 
 
-def throughput_svg(ops: list[Operation], faults: list[Fault], t0: int) -> str:
+def throughput_svg(ops: list[Operation], faults: list[Fault], t0: float) -> str:
     """Completions per second, stacked by outcome."""
     buckets: dict[int, dict[str, int]] = {}
     t_max = 1.0
@@ -119,7 +119,7 @@ def throughput_svg(ops: list[Operation], faults: list[Fault], t0: int) -> str:
                      f'fill="{FAULT_COLORS.get(fault.kind, "#888")}" opacity="0.13"/>')
     width = max(_x(1, t_max) - _x(0, t_max) - 1, 1)
     for second, counts in sorted(buckets.items()):
-        base = h
+        base: float = h
         for outcome in ("ok", "fail", "info"):
             n = counts.get(outcome, 0)
             if not n:

@@ -241,7 +241,7 @@ class LeaderWatch:
         async def status(node: int) -> Any:
             try:
                 return await stubs[node].Status(cluster_pb2.StatusRequest(), timeout=0.3)
-            except (grpc.aio.AioRpcError, asyncio.TimeoutError):
+            except (TimeoutError, grpc.aio.AioRpcError):
                 return None
 
         try:

@@ -18,7 +18,7 @@ from kvstore.storage.errors import ApplyError
 from kvstore.storage.errors import InvalidRequest as StorageInvalidRequest
 from kvstore.storage.plain_puts import PlainPuts
 from kvstore.storage.validation import check_op as storage_check_op
-from kvstore.v1 import kv_pb2, kv_pb2_grpc
+from kvstore.v1 import command_pb2, kv_pb2, kv_pb2_grpc
 
 from .errors import RequestFailed, invalid_argument
 from .limits import InvalidRequest, Limits, is_mutation
@@ -78,7 +78,7 @@ class KVService(kv_pb2_grpc.KVServicer):
 
     # ------------------------------------------------------------------ writes
 
-    async def _write(self, op: kv_pb2.RequestOp, request_id, context) -> kv_pb2.ResponseOp:
+    async def _write(self, op: kv_pb2.RequestOp, request_id, context) -> command_pb2.CommandResult | None:
         self._check_op(op)
         result = await self.node.propose([op], request_id, self._timeout(context))
         if result is None:  # --testing-ack-before-commit: an answer before commit (UNSAFE)

@@ -27,7 +27,7 @@ class Limits:
     max_batch_ops: int = 1024
 
     @classmethod
-    def from_config(cls, cfg) -> "Limits":
+    def from_config(cls, cfg) -> Limits:
         return cls(
             max_key_bytes=cfg.max_key_bytes,
             max_value_bytes=cfg.max_value_bytes,

@@ -21,7 +21,6 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import closing
 
 import grpc
 
@@ -136,7 +135,7 @@ class LocalCluster:
 
     # ------------------------------------------------------------------ processes
 
-    def start(self) -> "LocalCluster":
+    def start(self) -> LocalCluster:
         for i in self.ids:
             if not self.is_running(i):
                 self.start_node(i)
@@ -216,7 +215,7 @@ class LocalCluster:
         for i in self.ids:
             self._signal(i, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        for i, p in self.procs.items():
+        for p in self.procs.values():
             try:
                 p.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -226,7 +225,7 @@ class LocalCluster:
             ch.close()
         self._channels.clear()
 
-    def __enter__(self) -> "LocalCluster":
+    def __enter__(self) -> LocalCluster:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -45,7 +45,7 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
@@ -86,7 +86,7 @@ def _read_deadline() -> RequestFailed:
     return RequestFailed(grpc.StatusCode.DEADLINE_EXCEEDED, "read not confirmed before the deadline", not_applied=True)
 
 
-def fatal(message: str, exc: BaseException | None = None) -> None:
+def fatal(message: str, exc: BaseException | None = None) -> NoReturn:
     """Stop the process now: the node can no longer keep its promises (e.g. fsync failed)."""
     log.critical("FATAL: %s%s", message, f": {exc!r}" if exc else "")
     logging.shutdown()
@@ -106,11 +106,12 @@ class Node:
         self._apply_backlog_bytes = 0
         self._answered_index = 0  # the last entry whose waiters were answered (maybe not yet in LMDB)
         self._lmdb_waiters: list = []  # heap of (index, tiebreak, future): reads waiting for an LMDB commit
-        self.log: RaftLog | None = None
-        self.sm: StateMachine | None = None
-        self.snapshots: SnapshotStore | None = None
-        self.raw: RawNode | None = None
-        self.transport: Transport | None = None
+        # made by start(); close() also runs after a start that failed part way, so it checks for each
+        self.log: RaftLog
+        self.sm: StateMachine
+        self.snapshots: SnapshotStore
+        self.raw: RawNode
+        self.transport: Transport
         self.proposals = Proposals(cfg.id)
         election_s = cfg.tick_ms * cfg.election_ticks / 1000
         self.read_index = ReadIndex(self._request_read_index, timeout_s=2 * election_s, timeout_error=self._read_timeout,
@@ -219,7 +220,7 @@ class Node:
         self.draining = True
         if self.is_leader and len(self.member_ids) > 1:
             deadline = time.monotonic() + drain_timeout
-            while len(self.proposals) and time.monotonic() < deadline:
+            while len(self.proposals) and time.monotonic() < deadline:  # noqa: ASYNC110 (no event for "drained")
                 await asyncio.sleep(0.01)
             target = self.most_up_to_date_follower()
             if target:
@@ -237,14 +238,14 @@ class Node:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.proposals.fail_all(stopped_while_pending())  # proposed entries may still commit
         self.read_index.fail_all(shutting_down())
-        if self.transport:
+        if hasattr(self, "transport"):
             await self.transport.stop()
         await self._drain_apply()
-        if self.log is not None and self._unsynced_hard_state is not None:
+        if hasattr(self, "log") and self._unsynced_hard_state is not None:
             await self._in_storage(self.log.append, [], self._unsynced_hard_state)
-        if self.sm is not None:
+        if hasattr(self, "sm"):
             await self._in_storage(self.sm.close)
-        if self.log is not None:
+        if hasattr(self, "log"):
             await self._in_storage(self.log.close)
         self.storage_thread.shutdown(wait=True)
         self.apply_thread.shutdown(wait=True)
@@ -452,7 +453,7 @@ class Node:
         a list for the apply to fill with origins if someone here waits for them (this member
         proposed them), else None."""
         entries, self._apply_backlog, self._apply_backlog_bytes = self._apply_backlog, [], 0
-        origins = [] if len(self.proposals) else None
+        origins: list | None = [] if len(self.proposals) else None
         return entries, [(e.index, e.term, e.data) for e in entries], origins
 
     def _answer(self, last_index: int, origins, results) -> None:
@@ -658,7 +659,7 @@ class Node:
                                     not_applied=True)
             try:
                 await asyncio.wait_for(self._leader_changed.wait(), left)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         return target
 

@@ -45,6 +45,7 @@ class PeerServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
+        assert task is not None  # a connection callback runs as a task
         self._connections.add(task)
         peer = writer.get_extra_info("peername")
         try:
@@ -58,7 +59,7 @@ class PeerServer:
                 await self._stream(reader)
             else:
                 await self._snapshot(reader, writer)
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
             pass  # the sender went away (it reconnects); nothing was half applied
         except wire.PeerProtocolError as e:
             log.warning("closing peer connection from %s: %s", peer, e)
@@ -83,9 +84,9 @@ class PeerServer:
     async def _snapshot(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         kind, payload = await wire.read_frame(reader)
         pm = raft_pb2.RaftMessage.FromString(payload) if kind == wire.SNAPSHOT_MESSAGE else None
-        if pm is None or not pm.has_snapshot:
+        message = message_from_pb(pm) if pm is not None and pm.has_snapshot else None
+        if message is None or message.snapshot is None:
             raise wire.PeerProtocolError("a snapshot upload must start with the snapshot message")
-        message = message_from_pb(pm)
         meta = message.snapshot.metadata
         image = self.node.snapshots.receive(meta.index, meta.term, meta.conf_state.voters)
         try:

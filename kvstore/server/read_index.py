@@ -17,7 +17,7 @@ import asyncio
 import heapq
 import itertools
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from .errors import RequestFailed
 

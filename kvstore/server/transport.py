@@ -23,7 +23,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from typing import BinaryIO, Callable
+from typing import BinaryIO
+from collections.abc import Callable
 
 from kvstore.raft.types import Message, MessageType
 from kvstore.v1 import raft_pb2
@@ -53,7 +54,7 @@ def _split_addr(addr: str) -> tuple[str, int]:
 class Peer:
     """The outgoing side of one peer: a connection kept up, and snapshot uploads."""
 
-    def __init__(self, transport: "Transport", peer_id: int, addr: str) -> None:
+    def __init__(self, transport: Transport, peer_id: int, addr: str) -> None:
         self.transport = transport
         self.id = peer_id
         self.addr = addr
@@ -112,6 +113,7 @@ class Peer:
         self.snapshot_task = asyncio.create_task(self._send_snapshot(m))
 
     async def _send_snapshot(self, m: Message) -> None:
+        assert m.snapshot is not None  # raft's MsgSnap always carries its snapshot
         index = m.snapshot.metadata.index
         ok = False
         writer = None

@@ -33,7 +33,7 @@ class ApplyError:
         return kv_pb2.OpError(code=int(self.code), message=self.message)
 
     @classmethod
-    def from_proto(cls, err: kv_pb2.OpError) -> "ApplyError":
+    def from_proto(cls, err: kv_pb2.OpError) -> ApplyError:
         return cls(ErrorCode(err.code), err.message)
 
 

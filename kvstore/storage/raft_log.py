@@ -23,7 +23,7 @@ _ENTRY_TYPES = {t.value: t for t in EntryType}
 
 
 def _make_entry(index: int, term: int, etype: int, data: bytes) -> Entry:
-    return Entry(term, index, _ENTRY_TYPES.get(etype, etype), data)
+    return Entry(term, index, _ENTRY_TYPES[etype], data)  # an unknown type: KeyError, a storage error
 
 
 def _meta(snap: tuple | None) -> SnapshotMetadata:
@@ -40,7 +40,7 @@ class RaftLog:
         self._wal = wal
 
     @classmethod
-    def open(cls, dir: str, segment_bytes: int = 64 << 20, applied_index: int = 0) -> "RaftLog":
+    def open(cls, dir: str, segment_bytes: int = 64 << 20, applied_index: int = 0) -> RaftLog:
         """Open or create the log in `dir`, recovering it (may raise WalCorruptionError).
 
         applied_index (the state machine's): entries up to it have their
@@ -120,7 +120,7 @@ class RaftLog:
     def close(self) -> None:
         self._wal.close()
 
-    def __enter__(self) -> "RaftLog":
+    def __enter__(self) -> RaftLog:
         return self
 
     def __exit__(self, *exc) -> None:

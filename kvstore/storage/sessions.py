@@ -113,7 +113,7 @@ class SessionTable:
         # commit) only costs a lookup.
         self._seq_bound: dict[int, int] = {}
 
-    def batch(self, txn) -> "SessionBatch":
+    def batch(self, txn) -> SessionBatch:
         """The table as seen by one apply transaction; call flush() before committing."""
         return SessionBatch(self, txn)
 

@@ -30,6 +30,9 @@ _SNAP = ".snap"
 _META = ".meta"
 _TMP_PREFIX = ".tmp-"
 
+Voters = list[int]  # a module-level name: SnapshotStore.list shadows the builtin inside the class
+SnapshotInfo = tuple[int, int, Voters, str]  # (index, term, voters, path of the image)
+
 
 def _name(term: int, index: int) -> str:
     return f"{term:016x}-{index:016x}"
@@ -48,7 +51,7 @@ class SnapshotStore:
 
     # ---- reading -----------------------------------------------------------
 
-    def list(self) -> list[tuple[int, int, list[int], str]]:
+    def list(self) -> list[SnapshotInfo]:
         """Every committed snapshot as (index, term, voters, path), oldest first."""
         out = []
         for name in os.listdir(self.dir):
@@ -61,7 +64,7 @@ class SnapshotStore:
         out.sort()
         return out
 
-    def latest(self) -> tuple[int, int, list[int], str] | None:
+    def latest(self) -> SnapshotInfo | None:
         """(index, term, voters, path) of the newest snapshot, or None."""
         snaps = self.list()
         return snaps[-1] if snaps else None
@@ -75,7 +78,7 @@ class SnapshotStore:
 
     # ---- writing -----------------------------------------------------------
 
-    def create(self, sm: StateMachine, conf_state_voters: list[int]) -> tuple[int, int, str]:
+    def create(self, sm: StateMachine, conf_state_voters: Voters) -> tuple[int, int, str]:
         """Snapshot `sm` at its applied index; (index, term, path of the image)."""
         fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=_SNAP, dir=self.dir)
         try:
@@ -92,11 +95,11 @@ class SnapshotStore:
             return index, term, existing[0][3]
         return index, term, self._publish(tmp, index, term, conf_state_voters)
 
-    def receive(self, index: int, term: int, voters: list[int]) -> "SnapshotWriter":
+    def receive(self, index: int, term: int, voters: Voters) -> SnapshotWriter:
         """A writer for an incoming snapshot image; commit() publishes it."""
         return SnapshotWriter(self, index, term, list(voters))
 
-    def _publish(self, tmp_image: str, index: int, term: int, voters: list[int]) -> str:
+    def _publish(self, tmp_image: str, index: int, term: int, voters: Voters) -> str:
         """Rename a synced image into place and commit it by writing its .meta."""
         base = os.path.join(self.dir, _name(term, index))
         image = base + _SNAP
@@ -165,7 +168,7 @@ class SnapshotWriter:
         if os.path.exists(self._tmp):
             os.unlink(self._tmp)
 
-    def __enter__(self) -> "SnapshotWriter":
+    def __enter__(self) -> SnapshotWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -54,7 +54,8 @@ import logging
 import os
 import shutil
 import struct
-from typing import Callable, Iterable, NoReturn, Sequence
+from typing import NoReturn
+from collections.abc import Callable, Iterable, Sequence
 
 import lmdb
 from google.protobuf.message import DecodeError
@@ -74,6 +75,14 @@ __all__ = ["StateMachine", "ApplyError", "ErrorCode", "SnapshotImageError"]
 _META_KEY = b"state"
 _META = struct.Struct(">QQqQ")  # applied_index, applied_term, revision, log_time_ms
 _RECORD_HEADER = keys.RECORD_HEADER  # packed inline on the put path
+
+
+def _read_meta(txn: lmdb.Transaction[bytes], meta_db: lmdb._Database) -> tuple[int, int, int, int]:
+    """(applied_index, applied_term, revision, log_time_ms): written with the store, never deleted."""
+    raw = txn.get(_META_KEY, db=meta_db)
+    if raw is None:
+        raise lmdb.CorruptedError(f"state machine metadata record {_META_KEY!r} is missing")
+    return _META.unpack(raw)
 _DB_NAMES = (b"kv", b"meta", b"sessions", b"answers", b"expiry")
 _CURRENT = "current"
 _GEN_PREFIX = "gen-"
@@ -143,7 +152,8 @@ class StateMachine:
         # Test switches: never set outside tests.
         self.testing_disable_dedup = False
         self.testing_install_hook: Callable[[str], None] | None = None
-        self._env: lmdb.Environment | None = None
+        self._env: lmdb.Environment  # opened by _open_current
+        self._closed = False
         self._boot_guarded = False  # commits unsynced under a boot guard (see open)
         self._open_current()
 
@@ -157,7 +167,7 @@ class StateMachine:
         boot_guard: bool = False,
         session_ttl_ms: int = DEFAULT_SESSION_TTL_MS,
         max_pending: int = DEFAULT_MAX_PENDING,
-    ) -> "StateMachine":
+    ) -> StateMachine:
         """Open (creating if needed) the state machine stored under `path`.
 
         boot_guard=True (with fsync=False): commits skip fdatasync, and a state
@@ -319,7 +329,7 @@ class StateMachine:
             os.close(fd)
         self._reserved = want
 
-    def _apply_command(self, sessions, ex: "_Executor", cmd, rid, now_ms: int):
+    def _apply_command(self, sessions, ex: _Executor, cmd, rid, now_ms: int):
         sessions.expire(now_ms)
         try:
             validation.check_request_id(rid)
@@ -343,8 +353,7 @@ class StateMachine:
         """A local (serializable) read; raises InvalidRequest for a bad request."""
         validation.check_range(req)
         with self._env.begin(db=self._kv) as txn:
-            raw = txn.get(_META_KEY, db=self._meta)
-            revision = _META.unpack(raw)[2]
+            revision = _read_meta(txn, self._meta)[2]
             return _range(txn, req, revision, kv_pb2.RangeResponse())
 
     def range_many(
@@ -367,7 +376,7 @@ class StateMachine:
         """
         results: list[kv_pb2.RangeResponse | InvalidRequest] = []
         with self._env.begin(db=self._kv) as txn:  # kv: the default db, as _range needs
-            revision = _META.unpack(txn.get(_META_KEY, db=self._meta))[2]
+            revision = _read_meta(txn, self._meta)[2]
             if header is not None:
                 header = kv_pb2.ResponseHeader(
                     cluster_id=header.cluster_id, member_id=header.member_id,
@@ -418,10 +427,10 @@ class StateMachine:
         self._env.sync(True)
 
     def close(self) -> None:
-        if self._env is not None:
+        if not self._closed:
+            self._closed = True
             self._env.sync(True)
             self._env.close()
-            self._env = None
             if self._boot_guarded:
                 guard.disarm(self._root)  # all on disk: the next boot may trust it
 
@@ -432,7 +441,7 @@ class StateMachine:
         so the image is exactly the state at that applied index.
         """
         with self._env.begin() as txn:
-            index, term, _, _ = _META.unpack(txn.get(_META_KEY, db=self._meta))
+            index, term, _, _ = _read_meta(txn, self._meta)
             self._env.copyfd(fd, compact=True, txn=txn)
         return index, term
 
@@ -473,7 +482,7 @@ class StateMachine:
         try:
             with env.begin() as txn:
                 meta_db = env.open_db(b"meta", txn=txn, create=False)
-                if _META.unpack(txn.get(_META_KEY, db=meta_db))[:2] != (index, term):
+                if _read_meta(txn, meta_db)[:2] != (index, term):
                     raise SnapshotImageError(f"{path}: image changed while installing")
         finally:
             env.close()
@@ -488,7 +497,6 @@ class StateMachine:
         hook("swap")
 
         self._env.close()
-        self._env = None
         self._open_current()
         hook("reopen")
 
@@ -576,7 +584,7 @@ def _range(txn, req: kv_pb2.RangeRequest, revision: int, resp: kv_pb2.RangeRespo
     return resp
 
 
-def _run_checked(ex: "_Executor", cmd: command_pb2.Command):
+def _run_checked(ex: _Executor, cmd: command_pb2.Command):
     """The command's result, or the ApplyError of an invalid command (nothing of which stays applied)."""
     try:
         return ex.run_command(cmd)
@@ -588,7 +596,7 @@ class _Executor:
     """Runs the ops of commands inside one write transaction, tracking revision."""
 
     def __init__(self, kv_db, revision: int):
-        self.txn = None
+        self.txn: lmdb.Transaction[bytes]  # the write transaction of the batch being applied, set by apply
         self._kv = kv_db
         self.revision = revision
         self._txn_rev = 0  # revision shared by the writes of the txn being run

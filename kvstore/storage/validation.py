@@ -120,9 +120,9 @@ def _writes(op: kv_pb2.RequestOp) -> tuple[set[bytes], list[tuple[bytes, bytes]]
         puts: set[bytes] = set()
         dels: list[tuple[bytes, bytes]] = []
         for sub in (*op.request_txn.success, *op.request_txn.failure):
-            p, d = _writes(sub)
-            puts |= p
-            dels += d
+            sub_puts, sub_dels = _writes(sub)
+            puts |= sub_puts
+            dels += sub_dels
         return puts, dels
     return set(), []
 

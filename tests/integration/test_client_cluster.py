@@ -71,7 +71,7 @@ def test_sync_client_from_16_threads(cluster):
                     assert c.get(f"threads/{t:02}/{i:02}").value == f"{t}:{i}".encode()
                 r = c.txn(Txn().when(version(f"threads/{t:02}/00") > 0).then(put(f"threads/{t:02}/done", "y")))
                 assert r.succeeded
-            except BaseException as e:  # noqa: BLE001 - collected and reported below
+            except BaseException as e:
                 failures.append(e)
 
         threads = [threading.Thread(target=worker, args=(t,)) for t in range(16)]

@@ -125,9 +125,9 @@ def test_redirect_from_each_follower(cluster):
     for f in [i for i in cluster.ids if i != leader]:
         kv = kv_stub(cluster.client_addr(f))
         for call in (
-            lambda: kv.Put(kv_pb2.PutRequest(key=b"redirect", value=b"y"), timeout=10),
-            lambda: kv.Range(kv_pb2.RangeRequest(key=b"redirect"), timeout=10),  # linearizable
-            lambda: kv.Txn(kv_pb2.TxnRequest(success=[put_op(b"redirect", b"z")]), timeout=10),
+            lambda kv=kv: kv.Put(kv_pb2.PutRequest(key=b"redirect", value=b"y"), timeout=10),
+            lambda kv=kv: kv.Range(kv_pb2.RangeRequest(key=b"redirect"), timeout=10),  # linearizable
+            lambda kv=kv: kv.Txn(kv_pb2.TxnRequest(success=[put_op(b"redirect", b"z")]), timeout=10),
         ):
             with pytest.raises(grpc.RpcError) as e:
                 call()

@@ -16,8 +16,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from kvstore.raft.types import Entry, HardState, SnapshotMetadata  # noqa: E402
-from kvstore.storage.raft_log import RaftLog  # noqa: E402
+from kvstore.raft.types import Entry, HardState, SnapshotMetadata
+from kvstore.storage.raft_log import RaftLog
 
 
 def payload(index: int, term: int) -> bytes:

@@ -94,7 +94,7 @@ class Checker:
         try:
             ents = log.entries(lo, hi + 1)
         except (CompactedError, UnavailableError) as e:
-            raise self.fail(f"node {i}: committed entries [{lo}, {hi}] unreadable: {e!r}")
+            raise self.fail(f"node {i}: committed entries [{lo}, {hi}] unreadable: {e!r}") from e
         ct = self.commit_term
         for e in ents:
             have = ct.get(e.index)

@@ -17,7 +17,6 @@ from collections import deque
 from kvstore.raft import (
     Config, MemoryStorage, Message, MessageType, ProposalDropped, RawNode, Ready, StateRole,
 )
-from kvstore.raft.storage import CompactedError, UnavailableError
 
 from .invariants import Checker, Violation
 
@@ -222,7 +221,7 @@ class Simulation:
 
     # -- events ------------------------------------------------------------------------------------
 
-    def run(self) -> "Simulation":
+    def run(self) -> Simulation:
         p = self.p
         chaos_end = p.chaos_ticks * TICK
         end = chaos_end + p.liveness_ticks * TICK

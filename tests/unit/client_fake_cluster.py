@@ -40,7 +40,7 @@ class StateMachine:
         self.applied: dict[tuple[int, int], int] = {}  # times each RequestId was applied
         self.forgotten_below: dict[int, int] = {}
 
-    def header(self, node: "FakeNode") -> kv_pb2.ResponseHeader:
+    def header(self, node: FakeNode) -> kv_pb2.ResponseHeader:
         return kv_pb2.ResponseHeader(cluster_id=1, member_id=node.member_id, revision=self.revision, raft_term=2)
 
     def dedup(self, rid: kv_pb2.RequestId, apply) -> Any:  # type: ignore[no-untyped-def]
@@ -63,7 +63,7 @@ class StateMachine:
             return [key] if key in self.data else []
         return sorted(k for k in self.data if k >= key and (end == b"\0" or k < end))
 
-    def range(self, node: "FakeNode", r: kv_pb2.RangeRequest) -> kv_pb2.RangeResponse:
+    def range(self, node: FakeNode, r: kv_pb2.RangeRequest) -> kv_pb2.RangeResponse:
         keys = self.keys_in(r.key, r.range_end)
         resp = kv_pb2.RangeResponse(header=self.header(node), count=len(keys))
         if r.count_only:
@@ -77,7 +77,7 @@ class StateMachine:
                 kv.value = b""
         return resp
 
-    def put(self, node: "FakeNode", p: kv_pb2.PutRequest, bump: bool = True) -> kv_pb2.PutResponse:
+    def put(self, node: FakeNode, p: kv_pb2.PutRequest, bump: bool = True) -> kv_pb2.PutResponse:
         if bump:
             self.revision += 1
         old = self.data.get(p.key)
@@ -92,7 +92,7 @@ class StateMachine:
         resp.header.CopyFrom(self.header(node))
         return resp
 
-    def delete(self, node: "FakeNode", d: kv_pb2.DeleteRangeRequest, bump: bool = True) -> kv_pb2.DeleteRangeResponse:
+    def delete(self, node: FakeNode, d: kv_pb2.DeleteRangeRequest, bump: bool = True) -> kv_pb2.DeleteRangeResponse:
         keys = self.keys_in(d.key, d.range_end)
         if keys and bump:
             self.revision += 1
@@ -116,7 +116,7 @@ class StateMachine:
             a, b = (getattr(kv, field_) if kv else 0), getattr(c, field_)
         return {C.EQUAL: a == b, C.NOT_EQUAL: a != b, C.GREATER: a > b, C.LESS: a < b}[c.result]
 
-    def txn(self, node: "FakeNode", t: kv_pb2.TxnRequest) -> kv_pb2.TxnResponse:
+    def txn(self, node: FakeNode, t: kv_pb2.TxnRequest) -> kv_pb2.TxnResponse:
         ok = all(self.compare(c) for c in t.compare)
         ops = t.success if ok else t.failure
         writes = any(o.WhichOneof("request") != "request_range" for o in ops)
@@ -128,7 +128,7 @@ class StateMachine:
         resp.header.CopyFrom(self.header(node))
         return resp
 
-    def op(self, node: "FakeNode", o: kv_pb2.RequestOp, bump: bool = True) -> kv_pb2.ResponseOp:
+    def op(self, node: FakeNode, o: kv_pb2.RequestOp, bump: bool = True) -> kv_pb2.ResponseOp:
         which = o.WhichOneof("request")
         if which == "request_put":
             return kv_pb2.ResponseOp(response_put=self.put(node, o.request_put, bump))
@@ -142,7 +142,7 @@ class StateMachine:
 @dataclass
 class FakeNode:
     member_id: int
-    cluster: "FakeCluster"
+    cluster: FakeCluster
     port: int = 0
     server: grpc.aio.Server | None = None
     faults: list[Fault] = field(default_factory=list)
@@ -330,7 +330,7 @@ class FakeCluster:
     def total_calls(self, method: str) -> int:
         return sum(n.calls.get(method, 0) for n in self.nodes)
 
-    def __enter__(self) -> "FakeCluster":
+    def __enter__(self) -> FakeCluster:
         self._thread.start()
         self.start()
         return self

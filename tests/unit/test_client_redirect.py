@@ -8,7 +8,7 @@ import time
 import grpc
 import pytest
 
-from client_fake_cluster import Fault, FakeCluster
+from client_fake_cluster import FakeCluster
 from kvstore.client import AsyncClient, Client, errors
 from kvstore.client.retry import ExponentialBackoff, FixedInterval
 from kvstore.client.txn import Txn, put, value
@@ -220,7 +220,7 @@ def test_sync_client_from_16_threads():
                 for i in range(40):
                     c.put(f"t{t}/{i}", f"{t}:{i}")
                     assert c.get(f"t{t}/{i}").value == f"{t}:{i}".encode()
-            except BaseException as e:  # noqa: BLE001 - reported below
+            except BaseException as e:
                 errors_seen.append(e)
 
         threads = [threading.Thread(target=worker, args=(t,)) for t in range(16)]

@@ -144,7 +144,7 @@ def test_check_quorum_leader_steps_down_within_an_election_timeout():
     c.campaign(1)
     c.isolate(1)
     r = c.raft(1)
-    for t in range(2 * r.election_timeout + 1):
+    for t in range(2 * r.election_timeout + 1):  # noqa: B007 (t is read after the loop)
         c.tick(1)
         if r.state != StateRole.LEADER:
             break

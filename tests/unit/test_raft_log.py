@@ -140,7 +140,7 @@ def test_readers_see_a_consistent_log_while_a_thread_appends_and_truncates(tmp_p
                     log.term(hi)
             except CompactedError:
                 pass  # compacted between the two calls: allowed
-            except BaseException as exc:  # noqa: BLE001 - reported below
+            except BaseException as exc:
                 errors.append(exc)
                 return
 

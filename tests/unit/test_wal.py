@@ -162,7 +162,7 @@ def test_a_torn_write_that_never_reached_some_sectors_is_cut(tmp_path):
     seg = seg_files(pristine)[0]
     raw = open(seg, "rb").read()
     starts = [HEAD_BYTES]
-    for i in range(1, 40):
+    for _ in range(1, 40):
         starts.append(starts[-1] + HEADER_SIZE + 300)
     batch_end = starts[-1]
     for cut in range(((starts[3] + 511) // 512) * 512, batch_end, 512):
