@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kvstore.client import AsyncClient, Client
 from kvstore.client.session import Session
-from kvstore.server.local_cluster import LocalCluster
+from kvstore.launcher import LocalCluster
 from kvstore.v1 import kv_pb2, kv_pb2_grpc
 
 VALUE = b"x" * 256

@@ -45,7 +45,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from kvstore.bench import LoadSpec, Stats, default_procs, format_line, run_points  # noqa: E402
-from kvstore.server.local_cluster import LocalCluster  # noqa: E402
+from kvstore.launcher import LocalCluster  # noqa: E402
 
 ETCD_ENDPOINTS = ("127.0.0.1:12379", "127.0.0.1:22379", "127.0.0.1:32379")
 KV_BASE_CLIENT_PORT = 42379  # members on 42379, 42479, 42579 (peers +1)

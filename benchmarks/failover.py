@@ -45,7 +45,7 @@ from benchmarks.compare_etcd import (
     ETCD_ENDPOINTS, PROBE_ATTEMPT_S, PROBE_GIVE_UP_S, PROBE_PAUSE_S, Etcd, _etcd_probe, kv_wait_healthy,
 )
 from kvstore.client import AsyncClient, FixedInterval
-from kvstore.server.local_cluster import LocalCluster
+from kvstore.launcher import LocalCluster
 
 _LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 _ROLE_CHANGE = re.compile(r"member \d+ is now .*")

@@ -28,7 +28,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from compare_etcd import SHARED_BENCH, Etcd, etcd_point  # noqa: E402
-from kvstore.server.local_cluster import free_ports  # noqa: E402
+from kvstore.launcher import free_ports  # noqa: E402
 
 NULL_SERVER = r"""
 import asyncio, sys

@@ -51,7 +51,7 @@ from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from kvstore.server.local_cluster import LocalCluster  # noqa: E402
+from kvstore.launcher import LocalCluster  # noqa: E402
 from kvstore.v1 import kv_pb2, kv_pb2_grpc  # noqa: E402
 
 MiB = 1 << 20

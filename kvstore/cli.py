@@ -162,7 +162,7 @@ def cluster() -> None:
 @click.option("--node-arg", "node_args", multiple=True, help="extra flag passed to every node (repeatable)")
 def cluster_up(nodes: int, data_dir: str, base_client_port: int, base_peer_port: int, node_args) -> None:
     """Start a local cluster, wait for a leader, show live status; Ctrl-C stops it cleanly."""
-    from kvstore.server.local_cluster import LocalCluster, NodeFailedToStart
+    from kvstore.launcher import LocalCluster, NodeFailedToStart
 
     if nodes < 1:
         fail("--nodes must be >= 1")

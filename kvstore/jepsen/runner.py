@@ -198,7 +198,7 @@ class NodeProcesses:
 def make_cluster(base_dir: Path, nodes: int, config: RunConfig, *, client_addrs: dict[int, str],
                  peer_addrs: dict[int, str], netns: dict[int, str] | None = None,
                  node_args: dict[int, list[str]] | None = None) -> Any:
-    from kvstore.server.local_cluster import LocalCluster
+    from kvstore.launcher import LocalCluster
 
     extra = ["--tick-ms", str(config.tick_ms), "--election-ticks", str(config.election_ticks),
              *config.server_args]

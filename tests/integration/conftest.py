@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvstore.server.local_cluster import LocalCluster
+from kvstore.launcher import LocalCluster
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import grpc
 
-from kvstore.server.local_cluster import LocalCluster
+from kvstore.launcher import LocalCluster
 from kvstore.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2_grpc
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 
 from kvstore.client import AsyncClient, Client
-from kvstore.server.local_cluster import LocalCluster
+from kvstore.launcher import LocalCluster
 from kvstore.server.node import INLINE_APPLY_MAX_BYTES
 from kvstore.v1 import kv_pb2
 

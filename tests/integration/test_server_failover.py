@@ -16,7 +16,7 @@ import lmdb
 import pytest
 
 from kvstore.client import Client, ExponentialBackoff
-from kvstore.server.local_cluster import LocalCluster
+from kvstore.launcher import LocalCluster
 from kvstore.storage import boot_guard
 from kvstore.v1 import kv_pb2
 

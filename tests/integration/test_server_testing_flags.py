@@ -4,7 +4,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from kvstore.server.local_cluster import LocalCluster
+from kvstore.launcher import LocalCluster
 from kvstore.v1 import kv_pb2
 
 from server_cluster import kv_stub, settled

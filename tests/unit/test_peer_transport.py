@@ -16,7 +16,7 @@ import pytest
 
 from kvstore.raft.types import ConfState, Entry, Message, MessageType, Snapshot, SnapshotMetadata
 from kvstore.server import peer_wire as wire
-from kvstore.server.local_cluster import free_ports
+from kvstore.launcher import free_ports
 from kvstore.server.peer_server import PeerServer
 from kvstore.server.transport import Transport
 from kvstore.storage.snapshot import SnapshotStore

@@ -26,9 +26,9 @@ import grpc
 
 from kvstore.v1 import cluster_pb2, cluster_pb2_grpc
 
-from .config import DEFAULT_BASE_CLIENT_PORT, DEFAULT_BASE_PEER_PORT, PORT_STRIDE, format_members
+from kvstore.server.config import DEFAULT_BASE_CLIENT_PORT, DEFAULT_BASE_PEER_PORT, PORT_STRIDE, format_members
 
-_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
