@@ -75,8 +75,10 @@ segment head must continue where the previous segment ended.
 
 Failures
 --------
-A failed write, fallocate or fsync raises WalFsyncError (an OSError) and
-poisons the Wal: every later mutation raises it again. After a failed fsync
+A failed write, fallocate, fsync or directory fsync (segment creation,
+compaction), and a failed rename or unlink of a segment, raises WalFsyncError
+(an OSError naming the operation and the file) and poisons the Wal: every
+later mutation raises it again. After a failed fsync
 the page cache state is unknown (Linux may drop the dirty pages and report
 success next time), so retrying would be a lie; the node must stop.
 
@@ -163,7 +165,18 @@ class WalCorruptionError(WalError):
 
 
 class WalFsyncError(OSError):
-    """Writing or syncing the log failed; the Wal is poisoned, the node must stop."""
+    """Writing or syncing the log failed; the Wal is poisoned, the node must stop.
+
+    It names the operation and the file: str() reads like
+    ``fdatasync /data/wal/0000000000000001.wal: [Errno 5] Input/output error``.
+    """
+
+    def __init__(self, err, strerror, filename=None, operation="write"):
+        super().__init__(err, strerror, filename)
+        self.operation = operation
+
+    def __str__(self):
+        return f"{self.operation} {self.filename}: [Errno {self.errno}] {self.strerror}"
 
 
 class WalCompactedError(WalError, LookupError):
@@ -477,14 +490,6 @@ cdef class _Segment:
             self.fd = -1
 
 
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 cdef class Wal:
     """A segmented, checksummed log of Raft entries, hard state and snapshot marks.
 
@@ -649,7 +654,7 @@ cdef class Wal:
                 reset_seq = seqs[k]
         self._cur = self._segs[seqs[len(seqs) - 1]]
         if self._cur.cap < self.segment_bytes:
-            self._preallocate(self._cur.fd, self.segment_bytes)
+            self._preallocate(self._cur.fd, self.segment_bytes, self._cur.path)
             self._cur.cap = self.segment_bytes
         self._drop_dead_segments()
 
@@ -677,9 +682,12 @@ cdef class Wal:
             image.release()
         if cut >= 0:  # after the unmap: no page of the mapping may outlive the truncation
             if ftruncate(fd, cut) != 0:
-                raise OSError(errno, os.strerror(errno), path)
-            self._preallocate(fd, max(n, self.segment_bytes))
-            os.fsync(fd)
+                self._fail(errno, "ftruncate", path)
+            self._preallocate(fd, max(n, self.segment_bytes), path)
+            try:
+                os.fsync(fd)
+            except OSError as e:
+                self._fail(e.errno or EIO, "fsync", path)
             seg.cap = max(n, self.segment_bytes)
         return reset
 
@@ -817,29 +825,49 @@ cdef class Wal:
 
     # ------------------------------------------------------------- segments
 
-    cdef _preallocate(self, int fd, int64_t size):
+    cdef _preallocate(self, int fd, int64_t size, str path):
         cdef int r
         with nogil:
             r = posix_fallocate(fd, 0, size)
         if r != 0:
-            self._fail(r, "fallocate")
+            self._fail(r, "fallocate", path)
 
-    cdef _fail(self, int err, str what):
-        exc = WalFsyncError(err, f"WAL {what} failed: {os.strerror(err)} (the node must stop)", self.path)
+    cdef _fail(self, int err, str what, str path, str detail=""):
+        """Poison the Wal and raise: `what` (the syscall) failed on `path`."""
+        exc = WalFsyncError(err, os.strerror(err) + detail, path, what)
         self._failed = exc
         raise exc
 
-    cdef _sync(self, int fd, str what):
+    cdef _fail_os(self, object e, str what):
+        """Poison the Wal with an OSError from a file-system call (rename, unlink, open)."""
+        if isinstance(e, WalFsyncError):
+            self._failed = e
+            raise e
+        self._fail(e.errno or EIO, what, e.filename or self.path)
+
+    cdef _sync(self, int fd, str path):
         """fdatasync (or the test hooks' idea of it); poisons the Wal on failure."""
         cdef int r = 0
         if self.testing_fail_fsync:
-            self._fail(_errno.EIO, what + " (injected)")
+            self._fail(_errno.EIO, "fdatasync", path, " (injected)")
         if self.testing_skip_fsync:
             return
         with nogil:
             r = fdatasync(fd)
         if r != 0:
-            self._fail(errno, what)
+            self._fail(errno, "fdatasync", path)
+
+    cdef _sync_dir(self):
+        """fsync the log's directory (a segment created, renamed or removed); poisons the Wal on failure."""
+        cdef int fd = -1
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            os.fsync(fd)
+        except OSError as e:
+            self._fail(e.errno or EIO, "fsync" if fd >= 0 else "open", self.path)
+        finally:
+            if fd >= 0:
+                os.close(fd)
 
     cdef _roll(self, size_t needed):
         """Start a new segment big enough for `needed` more bytes; publish it."""
@@ -852,19 +880,26 @@ cdef class Wal:
         if self.snapshot is not None:
             head += _record(KIND_SNAPSHOT, 0, self.snapshot[0], self.snapshot[1], _snapshot_payload(self.snapshot))
         cdef int64_t cap = max(self.segment_bytes, <int64_t>(needed + len(head)))
-        cdef int fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        cdef int fd
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            self._fail_os(e, "open")
         cdef int r
         cdef const unsigned char* hp = <const unsigned char*>PyBytes_AS_STRING(head)
         cdef size_t hn = len(head)
         try:
-            self._preallocate(fd, cap)
+            self._preallocate(fd, cap, tmp)
             with nogil:
                 r = _write_all(fd, hp, hn, 0)
             if r:
-                self._fail(r, "write of a segment head")
-            self._sync(fd, "fdatasync of a new segment")
-            os.rename(tmp, final)
-            _fsync_dir(self.path)
+                self._fail(r, "write", tmp)
+            self._sync(fd, tmp)
+            try:
+                os.rename(tmp, final)
+            except OSError as e:
+                self._fail_os(e, "rename")
+            self._sync_dir()
         except BaseException:
             os.close(fd)
             raise
@@ -886,16 +921,20 @@ cdef class Wal:
                 (<_Segment>seg).close()
                 dead.append(seg)
         for seg in dead:
-            os.unlink((<_Segment>seg).path)
+            try:
+                os.unlink((<_Segment>seg).path)
+            except OSError as e:
+                self._fail_os(e, "unlink")
             log.info("dropped WAL segment %s", (<_Segment>seg).path)
         if dead:
-            _fsync_dir(self.path)
+            self._sync_dir()
 
     # -------------------------------------------------------------- writing
 
     cdef _check_open(self):
         if self._failed is not None:
-            raise WalFsyncError(self._failed.errno, f"WAL is unusable after an earlier failure: {self._failed}")
+            raise WalFsyncError(self._failed.errno, f"WAL is unusable after an earlier failure: {self._failed}",
+                                self.path, "write")
         if self._closed:
             raise WalError("WAL is closed")
 
@@ -987,8 +1026,8 @@ cdef class Wal:
         with nogil:
             r = _write_all(fd, p, total, at)
         if r:
-            self._fail(r, "write")
-        self._sync(fd, "fdatasync")
+            self._fail(r, "write", self._cur.path)
+        self._sync(fd, self._cur.path)
         self._cur.size += total
         # publish
         with self._lock:
