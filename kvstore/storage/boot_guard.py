@@ -16,20 +16,24 @@ after a full sync at a clean close. At open:
   * a guard naming this boot: the process died, the page cache did not;
   * a guard naming another boot: unsynced commits may be lost or torn, so the
     state machine is discarded and rebuilt from the newest snapshot and the
-    WAL (which keeps every entry after that snapshot).
+    WAL (which keeps every entry after that snapshot);
+  * a condemned guard (the process stopped on a storage fault, see condemn):
+    discarded and rebuilt the same way.
 """
 from __future__ import annotations
 
 import os
 
-from .durable_files import fsync_dir
+from .durable_files import fsync_dir, fsync_file
 
-__all__ = ["GUARD_NAME", "boot_id", "arm", "armed", "disarm", "survived"]
+__all__ = ["GUARD_NAME", "boot_id", "arm", "armed", "condemn", "disarm", "survived"]
 
 GUARD_NAME = "unsynced-since-boot"
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 # Tests stand in for a reboot by giving a node another boot id. Never set in production.
 TESTING_BOOT_ID_ENV = "KVSTORE_TESTING_BOOT_ID"
+# What a condemned guard records instead of a boot id: no boot ever matches it.
+CONDEMNED = "condemned-after-a-storage-fault"
 
 
 def boot_id() -> str | None:
@@ -70,9 +74,20 @@ def arm(root: str, current_boot: str) -> None:
     with open(tmp, "w") as f:
         f.write(current_boot + "\n")
         f.flush()
-        os.fsync(f.fileno())
+        fsync_file(f.fileno(), tmp)
     os.rename(tmp, path)
     fsync_dir(root)
+
+
+def condemn(root: str) -> None:
+    """Make the next open discard the state machine under `root`, in this boot too.
+
+    Called when the process stops on a storage fault: after a failed sync the
+    page cache may no longer hold what LMDB wrote (Linux drops the dirty pages
+    and reports the next sync as a success), so the file cannot be trusted
+    even though the machine did not reboot. The guard then names no boot.
+    """
+    arm(root, CONDEMNED)
 
 
 def disarm(root: str) -> None:

@@ -23,7 +23,7 @@ import os
 import tempfile
 from typing import BinaryIO
 
-from .durable_files import fsync_dir
+from .durable_files import fsync_dir, fsync_file
 from .state_machine import SnapshotImageError, StateMachine, read_image_meta
 
 _SNAP = ".snap"
@@ -83,7 +83,7 @@ class SnapshotStore:
         fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=_SNAP, dir=self.dir)
         try:
             index, term = sm.copy_to(fd)
-            os.fsync(fd)
+            fsync_file(fd, tmp)
         except BaseException:
             os.close(fd)
             os.unlink(tmp)
@@ -109,7 +109,7 @@ class SnapshotStore:
         with os.fdopen(fd, "w") as f:
             json.dump(meta, f)
             f.flush()
-            os.fsync(f.fileno())
+            fsync_file(f.fileno(), tmp_meta)
         os.rename(tmp_meta, base + _META)
         fsync_dir(self.dir)
         self._prune()
@@ -148,7 +148,7 @@ class SnapshotWriter:
     def commit(self) -> str:
         """fsync, verify the image is at (index, term), publish; the image path."""
         self._file.flush()
-        os.fsync(self._file.fileno())
+        fsync_file(self._file.fileno(), self._tmp)
         self._file.close()
         try:
             index, term, _ = read_image_meta(self._tmp)

@@ -64,9 +64,10 @@ from kvstore.v1 import command_pb2, kv_pb2
 
 from . import boot_guard as guard
 from . import keys, validation
-from .durable_files import fsync_dir
+from .durable_files import fsync_dir, fsync_file
 from .errors import ApplyError, ErrorCode, InvalidRequest
 from .plain_puts import PlainPuts
+from .storage_fault import failing_as
 from .sessions import DEFAULT_MAX_PENDING, DEFAULT_SESSION_TTL_MS, SessionTable, Verdict
 from .txn import compare_holds
 
@@ -181,9 +182,9 @@ class StateMachine:
         # Checked in either mode: a node may restart with per-commit fsync after running unsynced.
         boot = guard.boot_id()
         if not guard.survived(path, boot):
-            log.warning("the state machine in %s has unsynced commits from an earlier boot (an OS "
-                        "crash or power loss may have torn it): discarding it to rebuild from the "
-                        "newest snapshot and the WAL", path)
+            log.warning("the state machine in %s has unsynced commits from an earlier boot or a run that "
+                        "stopped on a storage fault (an OS crash, power loss or failed sync may have torn "
+                        "it): discarding it to rebuild from the newest snapshot and the WAL", path)
             _discard_generations(path)
             guard.disarm(path)
         if boot_guard:
@@ -269,7 +270,8 @@ class StateMachine:
         ex = _Executor(self._kv, self._revision)
         log_time = self._log_time
         parse = command_pb2.Command.FromString
-        with self._env.begin(write=True, db=self._kv) as txn:  # kv: the default db (positional calls are cheaper)
+        # kv: the default db (positional calls are cheaper); a failed write or commit names the file
+        with failing_as("LMDB commit", self.data_path), self._env.begin(write=True, db=self._kv) as txn:
             ex.txn = txn
             sessions = self._sessions.batch(txn)
             for index, term, data in entries:
@@ -322,11 +324,12 @@ class StateMachine:
         if used + 16 * batch_bytes + DISK_RESERVE_MIN // 2 <= self._reserved:
             return
         want = min(self._map_size, used + max(DISK_RESERVE_MIN, used, 32 * batch_bytes))
-        fd = os.open(os.path.join(self._root, _CURRENT, "data.mdb"), os.O_RDWR)
-        try:
-            os.posix_fallocate(fd, 0, want)
-        finally:
-            os.close(fd)
+        with failing_as("fallocate", self.data_path):
+            fd = os.open(self.data_path, os.O_RDWR)
+            try:
+                os.posix_fallocate(fd, 0, want)
+            finally:
+                os.close(fd)
         self._reserved = want
 
     def _apply_command(self, sessions, ex: _Executor, cmd, rid, now_ms: int):
@@ -422,14 +425,21 @@ class StateMachine:
 
     # ---- durability and lifecycle -------------------------------------------
 
+    @property
+    def data_path(self) -> str:
+        """The live LMDB data file (what a failed sync names)."""
+        return os.path.join(self._root, _CURRENT, "data.mdb")
+
     def sync(self) -> None:
-        """Force every committed transaction to disk (before WAL segments go)."""
-        self._env.sync(True)
+        """Force every committed transaction to disk (before WAL segments go); StorageFault if it fails."""
+        # MDB_WRITEMAP (fsync=False) flushes the map with msync, otherwise LMDB fdatasyncs the file.
+        with failing_as("fdatasync" if self._fsync else "msync", self.data_path):
+            self._env.sync(True)
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._env.sync(True)
+            self.sync()  # a failure leaves the boot guard in place: the next open rebuilds
             self._env.close()
             if self._boot_guarded:
                 guard.disarm(self._root)  # all on disk: the next boot may trust it
@@ -475,7 +485,7 @@ class StateMachine:
         with open(path, "rb") as src, open(data, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
             dst.flush()
-            os.fsync(dst.fileno())
+            fsync_file(dst.fileno(), data)
         hook("copy")
 
         env = _open_env(tmp_dir, self._map_size, True)

@@ -11,6 +11,7 @@ from kvstore.storage.errors import ApplyError, ErrorCode
 from kvstore.storage.keys import MAX_KEY_BYTES
 from kvstore.storage.plain_puts import PlainPuts
 from kvstore.storage.state_machine import DISK_RESERVE_MIN, StateMachine
+from kvstore.storage.storage_fault import StorageFault
 from kvstore.storage.validation import InvalidRequest, check_op
 from kvstore.v1 import command_pb2, kv_pb2
 
@@ -293,8 +294,9 @@ def test_replay_after_reopen_is_skipped(tmp_path):
 def test_environment_failure_raises_and_changes_nothing(tmp_path):
     sm = StateMachine.open(str(tmp_path / "sm"), 1 << 20, fsync=False)
     Log(sm)(cmd(put(b"a")))
-    with pytest.raises(lmdb.MapFullError):
+    with pytest.raises(StorageFault, match=r"LMDB commit .*/data.mdb: .*MDB_MAP_FULL") as err:
         sm.apply([(2, 1, cmd(put(b"big", b"x" * (2 << 20))))])
+    assert isinstance(err.value.__cause__, lmdb.MapFullError)
     assert (sm.applied_index, sm.revision) == (1, 1) and set(sm.dump()) == {b"a"}
     assert Log(sm)(cmd(put(b"b"))).revision == 2
     sm.close()
