@@ -34,6 +34,11 @@ Everything that touches the RawNode runs on the event loop thread; the
 blocking calls go to two threads: the storage thread (the leader's WAL
 fsync, snapshot copy) and the apply thread (LMDB transactions too big for
 the loop, or fdatasynced ones), each one call at a time.
+
+Fail-stop: any exception in the loops, the tasks, those threads, a snapshot
+sent or received, or the Raft core goes to `supervisor.fatal`, which logs one
+line naming the operation and the file and ends the process (see
+supervisor.py). Nothing here catches a storage error to carry on.
 """
 from __future__ import annotations
 
@@ -42,16 +47,16 @@ import functools
 import heapq
 import logging
 import os
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, NoReturn
+from typing import Any, BinaryIO, cast
 
 import grpc
 
 from kvstore import __version__
 from kvstore.raft import Config, ProposalDropped, RawNode
 from kvstore.raft.types import ConfState, Message, SnapshotMetadata, StateRole
+from kvstore.storage import boot_guard
 from kvstore.storage.raft_log import RaftLog
 from kvstore.storage.snapshot import SnapshotStore
 from kvstore.storage.state_machine import StateMachine
@@ -64,6 +69,7 @@ from .errors import (
 from .proposals import Proposals
 from .read_index import ReadIndex
 from .redirect import no_leader, not_leader
+from .supervisor import SupervisedReader, fatal, guarded, on_fatal, watch
 from .transport import Transport
 
 log = logging.getLogger("kvstore.node")
@@ -84,14 +90,6 @@ ROLE_NAMES = {
 
 def _read_deadline() -> RequestFailed:
     return RequestFailed(grpc.StatusCode.DEADLINE_EXCEEDED, "read not confirmed before the deadline", not_applied=True)
-
-
-def fatal(message: str, exc: BaseException | None = None) -> NoReturn:
-    """Stop the process now: the node can no longer keep its promises (e.g. fsync failed)."""
-    log.critical("FATAL: %s%s", message, f": {exc!r}" if exc else "")
-    logging.shutdown()
-    sys.stderr.flush()
-    os._exit(70)
 
 
 class Node:
@@ -174,13 +172,16 @@ class Node:
             self.cfg.peers,
             report_unreachable=self._report_unreachable,
             report_snapshot=self._report_snapshot,
-            open_snapshot=self.snapshots.open_reader,
+            open_snapshot=self._open_snapshot_to_send,
         )
         self.transport.start()
         self._tasks = [
-            asyncio.create_task(self._tick_loop(), name="tick"),
-            asyncio.create_task(self._ready_loop(), name="ready"),
+            watch(asyncio.create_task(self._tick_loop(), name="tick"), "the tick loop"),
+            watch(asyncio.create_task(self._ready_loop(), name="ready"), "the Ready loop"),
         ]
+        # From here on a fatal error means LMDB may hold what never reached the disk: the next
+        # start must rebuild it from the newest snapshot and the WAL (see boot_guard.condemn).
+        on_fatal(functools.partial(boot_guard.condemn, os.path.join(d, "db")))
 
     async def _reconcile_storage(self) -> None:
         """Repair the one gap a crash can leave between the log and the state machine.
@@ -235,7 +236,9 @@ class Node:
         self._wake.set()
         for t in self._tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for t, outcome in zip(self._tasks, await asyncio.gather(*self._tasks, return_exceptions=True)):
+            if isinstance(outcome, Exception) and not isinstance(outcome, asyncio.CancelledError):
+                fatal(f"the {t.get_name()} loop", outcome)  # never sync or clear the boot guard after it
         self.proposals.fail_all(stopped_while_pending())  # proposed entries may still commit
         self.read_index.fail_all(shutting_down())
         if hasattr(self, "transport"):
@@ -259,35 +262,38 @@ class Node:
         while True:
             next_at += period
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-            self.raw.tick()
-            self.read_index.check_timeouts()
+            try:
+                self.raw.tick()
+                self.read_index.check_timeouts()
+            except Exception as e:
+                fatal("the tick loop", e)
             self._wake.set()
 
     def wake(self) -> None:
         self._wake.set()
 
     async def _ready_loop(self) -> None:
-        while not self._stopped:
-            await self._wake.wait()
-            self._wake.clear()
-            self._propose_queued()
-            while self.raw.has_ready() and not self._stopped:
-                rd = self.raw.ready()
-                t0 = time.monotonic()
-                try:
+        try:
+            while not self._stopped:
+                await self._wake.wait()
+                self._wake.clear()
+                self._propose_queued()
+                while self.raw.has_ready() and not self._stopped:
+                    rd = self.raw.ready()
+                    t0 = time.monotonic()
                     await self._handle_ready(rd)
                     if log.isEnabledFor(logging.DEBUG):
                         log.debug("ready: %d entries, %d committed, %d+%d messages, %.1f ms",
                                   len(rd.entries), len(rd.committed_entries), len(rd.messages),
                                   len(rd.persisted_messages), (time.monotonic() - t0) * 1000)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as e:  # a storage failure: never continue on a log we cannot trust
-                    fatal("handling a Ready failed", e)
-                self.raw.advance(rd)
-                self.read_index.on_applied(self.sm.applied_index)
-                await self._maybe_snapshot()
-                self._propose_queued()
+                    self.raw.advance(rd)
+                    self.read_index.on_applied(self.sm.applied_index)
+                    await self._maybe_snapshot()
+                    self._propose_queued()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # storage, snapshot or core: never continue on state we cannot trust
+            fatal("the Ready loop", e)
 
     def _propose_queued(self) -> None:
         """Hand every proposal queued while the loop was busy to raft as one batch."""
@@ -404,7 +410,8 @@ class Node:
                 and not self.sm.syncs_commits:
             self._apply_inline()
         elif self._applying is None:
-            self._applying = asyncio.ensure_future(self._apply_backlog_loop(self._submit_backlog()))
+            self._applying = watch(asyncio.ensure_future(self._apply_backlog_loop(self._submit_backlog())),
+                                   "applying committed entries")
         elif self._apply_backlog_bytes > APPLY_BACKLOG_MAX_BYTES:
             await self._drain_apply()
 
@@ -422,7 +429,7 @@ class Node:
         try:
             results = self.sm.apply(batch, origins, answer)
         except Exception as e:  # never go on past an entry we could not apply
-            fatal("applying committed entries failed", e)
+            fatal("applying committed entries", e)
         self._finish_apply(entries, results)
 
     def _submit_backlog(self):
@@ -446,7 +453,8 @@ class Node:
             def answer_early(results) -> None:  # on the apply thread, just before the LMDB commit
                 loop.call_soon_threadsafe(self._answer, last, origins, results)
 
-        return entries, loop.run_in_executor(self.apply_thread, self.sm.apply, batch, origins, answer_early)
+        apply = guarded("applying committed entries (apply thread)", self.sm.apply, batch, origins, answer_early)
+        return entries, loop.run_in_executor(self.apply_thread, apply)
 
     def _take_backlog(self) -> tuple[list, list, list | None]:
         """Empty the backlog: its entries, their (index, term, data) for StateMachine.apply, and
@@ -467,7 +475,7 @@ class Node:
                 try:
                     results = await applying
                 except Exception as e:  # never go on past an entry we could not apply
-                    fatal("applying committed entries failed", e)
+                    fatal("applying committed entries", e)
                 submitted = self._submit_backlog() if self._apply_backlog else None  # runs while we answer
                 self._finish_apply(entries, results)
         finally:
@@ -510,29 +518,47 @@ class Node:
         raise FileNotFoundError(f"snapshot {index} was announced but is not in {self.snapshots.dir}")
 
     async def _in_storage(self, fn, *args) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.storage_thread, fn, *args)
+        """Run a storage call on the storage thread; if it raises, the process ends (fail-stop)."""
+        name = getattr(getattr(fn, "func", fn), "__qualname__", repr(fn))
+        return await asyncio.get_running_loop().run_in_executor(
+            self.storage_thread, guarded(f"the storage thread ({name})", fn, *args))
 
     # ------------------------------------------------------------------ transport callbacks
 
     def step(self, m: Message) -> None:
-        """A message from a peer."""
+        """A message from a peer. Anything the core raises but ProposalDropped is a broken invariant."""
         if self._stopped:
             return
         try:
             self.raw.step(m)
         except ProposalDropped:
             pass  # a forwarded proposal we cannot take; the sender times out
+        except Exception as e:  # the core's state is half changed: never step it again
+            fatal(f"raft step of {m.type.name} from member {m.frm} (term {m.term}, index {m.index})", e)
         self._wake.set()
 
     def _report_unreachable(self, peer_id: int) -> None:
         if not self._stopped:
-            self.raw.report_unreachable(peer_id)
+            try:
+                self.raw.report_unreachable(peer_id)
+            except Exception as e:
+                fatal(f"raft report_unreachable({peer_id})", e)
             self._wake.set()
 
     def _report_snapshot(self, peer_id: int, ok: bool) -> None:
         if not self._stopped:
-            self.raw.report_snapshot(peer_id, ok)
+            try:
+                self.raw.report_snapshot(peer_id, ok)
+            except Exception as e:
+                fatal(f"raft report_snapshot({peer_id})", e)
             self._wake.set()
+
+    def _open_snapshot_to_send(self, index: int) -> BinaryIO:
+        """The image of snapshot `index` for the transport; failing to open or read it is fatal."""
+        try:
+            return cast(BinaryIO, SupervisedReader(self.snapshots.open_reader(index), f"sending snapshot {index}"))
+        except Exception as e:
+            fatal(f"sending snapshot {index}", e)
 
     # ------------------------------------------------------------------ what the services call
 
@@ -597,6 +623,8 @@ class Node:
             self.raw.read_index(ctx)
         except ProposalDropped:
             asyncio.get_running_loop().call_soon(self.read_index.fail_pending, self.redirect())
+        except Exception as e:
+            fatal("raft read_index", e)
         self._wake.set()
 
     def _read_timeout(self) -> RequestFailed:

@@ -6,17 +6,21 @@ the Ready loop does the rest. A SNAPSHOT connection's image is written to the
 snapshot store first and only then is its SNAPSHOT message stepped, so by
 the time raft asks the node to install it (in a Ready) the image is complete
 and durable on disk. Anything that is not this protocol, or is another
-cluster's, is logged and the connection closed; the node carries on.
+cluster's, is logged and the connection closed; the node carries on. A
+failure of our own disk while storing an image ends the process (see
+supervisor.py); an image that is not what was announced is refused.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 
+from kvstore.storage.state_machine import SnapshotImageError
 from kvstore.v1 import raft_pb2
 
 from . import peer_wire as wire
 from .node import Node
+from .supervisor import fatal
 from .raft_codec import message_from_pb
 
 log = logging.getLogger("kvstore.peer")
@@ -88,7 +92,10 @@ class PeerServer:
         if message is None or message.snapshot is None:
             raise wire.PeerProtocolError("a snapshot upload must start with the snapshot message")
         meta = message.snapshot.metadata
-        image = self.node.snapshots.receive(meta.index, meta.term, meta.conf_state.voters)
+        try:
+            image = self.node.snapshots.receive(meta.index, meta.term, meta.conf_state.voters)
+        except Exception as e:
+            fatal(f"receiving snapshot {meta.index}", e)
         try:
             while True:
                 kind, payload = await wire.read_frame(reader)
@@ -102,9 +109,12 @@ class PeerServer:
             image.abort()
             raise
         except Exception as e:
-            image.abort()
             if isinstance(e, (asyncio.IncompleteReadError, ConnectionError)):
+                image.abort()
                 raise
+            if not isinstance(e, SnapshotImageError):  # our disk failed, not the sender's image
+                fatal(f"receiving snapshot {meta.index}", e)
+            image.abort()
             log.warning("receiving snapshot %d failed: %r", meta.index, e)
             writer.write(wire.frame(wire.SNAPSHOT_ACK, raft_pb2.SnapshotAck(ok=False, error=str(e)).SerializeToString()))
             await writer.drain()
