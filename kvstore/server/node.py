@@ -215,6 +215,9 @@ class Node:
                       f"{self.log.first_index() - 1} and no snapshot covers the gap")
             log.warning("state machine behind the log; reinstalling snapshot %d", latest[0])
             await self._in_storage(self.sm.install_snapshot, latest[3])
+            if latest[0] > self.log.last_index():  # received, never installed: the log restarts after it
+                meta = SnapshotMetadata(index=latest[0], term=latest[1], conf_state=ConfState(voters=list(latest[2])))
+                await self._in_storage(self.log.apply_snapshot, meta)
 
     async def shutdown(self, transfer_timeout: float = 3.0, drain_timeout: float = 2.0) -> None:
         """Hand over leadership, let in-flight writes finish, stop the loops."""
