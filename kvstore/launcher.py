@@ -11,7 +11,8 @@ Addresses: by default the local-cluster convention (member i serves clients on
 namespaces, pass `netns={i: "ns-name"}` (the command is prefixed with
 `ip netns exec NS`) and explicit `client_addrs`/`peer_addrs` with each member's
 IP; `listen_hosts` makes a member bind one IP (or 0.0.0.0) while advertising
-another.
+another. `prefix` runs a member's node under another command (the fail-stop
+tests use `strace -e inject=...` to fail its fsyncs).
 """
 from __future__ import annotations
 
@@ -64,6 +65,7 @@ class LocalCluster:
         listen_hosts: dict[int, str] | None = None,
         netns: dict[int, str] | None = None,
         node_args: dict[int, list[str]] | None = None,
+        prefix: dict[int, list[str]] | None = None,
         python: str = sys.executable,
         env: dict[str, str] | None = None,
     ) -> None:
@@ -77,6 +79,7 @@ class LocalCluster:
         self.netns = netns or {}
         self.extra_args = list(extra_args)
         self.node_args = node_args or {}
+        self.prefix = prefix or {}  # member -> a command its node runs under (e.g. strace); read at each start
         self.python = python
         self.env = env
         self.procs: dict[int, subprocess.Popen] = {}
@@ -129,6 +132,7 @@ class LocalCluster:
             *self.extra_args,
             *self.node_args.get(i, []),
         ]
+        cmd = [*self.prefix.get(i, []), *cmd]
         if i in self.netns:
             cmd = ["ip", "netns", "exec", self.netns[i], *cmd]
         return cmd
