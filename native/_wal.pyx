@@ -880,7 +880,7 @@ cdef class Wal:
         if self.snapshot is not None:
             head += _record(KIND_SNAPSHOT, 0, self.snapshot[0], self.snapshot[1], _snapshot_payload(self.snapshot))
         cdef int64_t cap = max(self.segment_bytes, <int64_t>(needed + len(head)))
-        cdef int fd
+        cdef int fd = -1
         try:
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         except OSError as e:

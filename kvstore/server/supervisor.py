@@ -30,7 +30,8 @@ import sys
 import threading
 import time
 import traceback
-from typing import BinaryIO, Callable, NoReturn, TypeVar
+from typing import BinaryIO, NoReturn, TypeVar
+from collections.abc import Callable
 
 from kvstore.storage.storage_fault import failing_as
 
@@ -41,6 +42,7 @@ log = logging.getLogger("kvstore.node")
 EXIT_CODE = 70  # EX_SOFTWARE
 HOOK_TIMEOUT_S = 1.0  # the process exits within this of the failure, whatever the hooks do
 T = TypeVar("T")
+F = TypeVar("F", bound=asyncio.Future)
 
 _ending = threading.Lock()
 _hooks: list[Callable[[], None]] = []
@@ -101,7 +103,7 @@ def _run_hooks() -> None:
             pass  # the process ends anyway; the FATAL line says why
 
 
-def watch(task: asyncio.Future, where: str) -> asyncio.Future:
+def watch(task: F, where: str) -> F:
     """A task (or future) that ends with an exception ends the process; cancellation is a clean stop."""
     def done(t: asyncio.Future) -> None:
         if not t.cancelled() and t.exception() is not None:

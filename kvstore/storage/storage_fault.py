@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno as errno_codes
 import os
 from contextlib import contextmanager
-from typing import Iterator
+from collections.abc import Iterator
 
 import lmdb
 

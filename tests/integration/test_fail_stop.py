@@ -32,7 +32,7 @@ from datetime import datetime
 
 import pytest
 
-from kvstore.server.local_cluster import LocalCluster
+from kvstore.launcher import LocalCluster
 from kvstore.storage import boot_guard
 
 from server_cluster import caught_up, settled
