@@ -35,7 +35,9 @@ import pytest
 from kvstore.launcher import LocalCluster
 from kvstore.storage import boot_guard
 
-from server_cluster import caught_up, settled
+from kvstore.v1 import cluster_pb2
+
+from server_cluster import caught_up, cluster_stub, settled
 from test_server_failover import Writer, assert_all_present
 
 pytestmark = [
@@ -71,6 +73,8 @@ class Fault:
     expect: str  # regex the FATAL line must match
     lagging: bool = False  # the victim first misses enough entries to need a snapshot
     when: str = "1+"  # which matching calls fail (strace counts per thread)
+    leads: bool = False  # the victim is made leader before the writes start
+    args: tuple[str, ...] = ()  # extra flags for the victim's run under the fault
 
 
 def faults(d: str) -> list[Fault]:
@@ -79,11 +83,20 @@ def faults(d: str) -> list[Fault]:
     last = int(segments[-1].split(".")[0], 16)
     db = os.path.join(d, "db")
     gens = [os.path.join(db, f"gen-{g:06d}.tmp", "data.mdb") for g in range(1, 16)]
+    live = [os.path.join(db, f"gen-{g:06d}", "data.mdb") for g in range(1, 16)]  # as /proc names the open file
     snap = os.path.join(d, "snap")
     e = re.escape
     return [
         Fault("wal-fdatasync", "fdatasync", [os.path.join(wal, f"{s:016x}.wal") for s in range(last, last + 8)],
               rf"fdatasync {e(wal)}/[0-9a-f]{{16}}\.wal: \[Errno 5\]", when="3+"),
+        Fault("wal-fdatasync-leader", "fdatasync",
+              [os.path.join(wal, f"{s:016x}.wal") for s in range(last, last + 8)],
+              rf"fdatasync {e(wal)}/[0-9a-f]{{16}}\.wal: \[Errno 5\] .*storage thread", when="3+", leads=True),
+        # --state-machine-sync commit: each apply's LMDB commit fdatasyncs, on the apply thread. The
+        # storage thread's few commits while opening come first in its own count (strace counts per thread).
+        Fault("lmdb-commit", "fdatasync", live,
+              rf"LMDB commit {e(db)}/current/data\.mdb: \[Errno 5\] .*apply thread", when="8+",
+              args=("--state-machine-sync", "commit")),
         Fault("wal-dir-fsync", "fsync", [wal], rf"fsync {e(wal)}: \[Errno 5\]"),
         Fault("lmdb-msync", "msync", [], rf"msync {e(db)}/current/data\.mdb: \[Errno 5\]"),
         Fault("snapshot-receive", "fsync", [snap], rf"fsync {e(snap)}: \[Errno 5\] .*receiving snapshot \d+",
@@ -93,7 +106,8 @@ def faults(d: str) -> list[Fault]:
     ]
 
 
-FAULT_NAMES = ["wal-fdatasync", "wal-dir-fsync", "lmdb-msync", "snapshot-receive", "snapshot-install"]
+FAULT_NAMES = ["wal-fdatasync", "wal-fdatasync-leader", "lmdb-commit", "wal-dir-fsync", "lmdb-msync",
+               "snapshot-receive", "snapshot-install"]
 
 
 def strace_prefix(fault: Fault, out: str) -> list[str]:
@@ -178,6 +192,7 @@ def stop_writer(w: Writer) -> None:
 def rejoin_and_check(lc: LocalCluster, victim: int, w: Writer, offset: int) -> None:
     """Restart the victim without the fault; it rebuilds, catches up and holds every acknowledged write."""
     lc.prefix.pop(victim, None)
+    lc.node_args.pop(victim, None)
     restart_at = log_size(lc, victim)
     lc.start_node(victim)
     w.wait_for_acks(30)
@@ -192,7 +207,7 @@ def rejoin_and_check(lc: LocalCluster, victim: int, w: Writer, offset: int) -> N
 
 def check_fatal_exit(lc: LocalCluster, victim: int, w: Writer, offset: int, expect: str) -> str:
     """The victim exited with 70 and one FATAL line matching `expect`; the guard is condemned; others serve."""
-    code = wait_exit(lc, victim, 90)
+    code = wait_exit(lc, victim, 60)
     text = log_since(lc, victim, offset)
     line = one_fatal_line(text)
     assert code == FATAL_EXIT_CODE, f"member {victim} exited with {code}:\n{text[-3000:]}"
@@ -216,10 +231,13 @@ def test_a_failed_sync_stops_the_member_within_two_seconds(cluster, tmp_path, na
             make_lag(cluster, victim, leader, w)
         out = str(tmp_path / "strace.out")
         cluster.prefix[victim] = strace_prefix(fault, out)
+        cluster.node_args[victim] = list(fault.args)
         offset = log_size(cluster, victim)
         cluster.start_node(victim)
         if not fault.lagging:  # it rejoins with the log the others have: the fault meets its own work
             caught_up(cluster, victim)
+            if fault.leads:
+                transfer_leadership(cluster, leader, victim)
             w.start()
         line = check_fatal_exit(cluster, victim, w, offset, fault.expect)
         injected, exited, code = strace_times(out)
@@ -229,26 +247,40 @@ def test_a_failed_sync_stops_the_member_within_two_seconds(cluster, tmp_path, na
         rejoin_and_check(cluster, victim, w, offset)
     finally:
         cluster.prefix.pop(victim, None)
+        cluster.node_args.pop(victim, None)
         stop_writer(w)
 
 
-def test_a_raft_invariant_broken_in_step_stops_the_member(cluster):
-    """The core raises AssertionError while stepping a peer's AppendEntries: the member stops at once."""
+def transfer_leadership(lc: LocalCluster, leader: int, target: int) -> None:
+    cluster_stub(lc.client_addr(leader)).TransferLeadership(
+        cluster_pb2.TransferLeadershipRequest(target_id=target), timeout=10)
+    lc.wait_for(lambda: lc.leader() == target, 30, f"member {target} leading")
+
+
+PLANTED = {
+    "step": r"raft step of APPEND from member \d.*",
+    "tick": r"the tick loop",
+}
+
+
+@pytest.mark.parametrize("where", sorted(PLANTED))
+def test_a_raft_invariant_broken_in_the_core_stops_the_member(cluster, where):
+    """The core raises AssertionError (stepping a peer's AppendEntries, or ticking): the member stops at once."""
     leader = settled(cluster)
     victim = next(i for i in cluster.ids if i != leader)
-    w = Writer(cluster.endpoints, "fs-invariant")
+    w = Writer(cluster.endpoints, f"fs-invariant-{where}")
     w.start()
     try:
         w.wait_for_acks(10)
         cluster.stop_node(victim)
-        cluster.prefix[victim] = [sys.executable, os.path.join(HERE, "planted_invariant_node.py")]
+        cluster.prefix[victim] = [sys.executable, os.path.join(HERE, "planted_invariant_node.py"), where]
         offset = log_size(cluster, victim)
         cluster.start_node(victim)
-        line = check_fatal_exit(cluster, victim, w, offset, r"raft step of APPEND from member \d.*AssertionError: "
-                                r"commit \d+ beyond last index \d+ \(raised at \S+/kvstore/raft/log\.py:\d+\)")
+        line = check_fatal_exit(cluster, victim, w, offset, PLANTED[where] + r": AssertionError: commit \d+ beyond "
+                                r"last index \d+ \(raised at \S+/kvstore/raft/log\.py:\d+\)")
         planted = next(x for x in log_since(cluster, victim, offset).splitlines() if "PLANTED" in x)
         took = log_time(line) - log_time(planted)
-        print(f"invariant: FATAL {took:.3f}s after the planted violation: {line}")
+        print(f"invariant in {where}: FATAL {took:.3f}s after the planted violation: {line}")
         assert took < EXIT_WITHIN_S
         rejoin_and_check(cluster, victim, w, offset)
     finally:
