@@ -277,26 +277,34 @@ class Node:
 
     async def _ready_loop(self) -> None:
         try:
-            while not self._stopped:
-                await self._wake.wait()
-                self._wake.clear()
-                self._propose_queued()
-                while self.raw.has_ready() and not self._stopped:
-                    rd = self.raw.ready()
-                    t0 = time.monotonic()
+            await self._run_ready_loop()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # advance, snapshot, read hooks: never continue on state we cannot trust
+            fatal("the Ready loop", e)
+
+    async def _run_ready_loop(self) -> None:
+        while not self._stopped:
+            await self._wake.wait()
+            self._wake.clear()
+            self._propose_queued()
+            while self.raw.has_ready() and not self._stopped:
+                rd = self.raw.ready()
+                t0 = time.monotonic()
+                try:
                     await self._handle_ready(rd)
                     if log.isEnabledFor(logging.DEBUG):
                         log.debug("ready: %d entries, %d committed, %d+%d messages, %.1f ms",
                                   len(rd.entries), len(rd.committed_entries), len(rd.messages),
                                   len(rd.persisted_messages), (time.monotonic() - t0) * 1000)
-                    self.raw.advance(rd)
-                    self.read_index.on_applied(self.sm.applied_index)
-                    await self._maybe_snapshot()
-                    self._propose_queued()
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # storage, snapshot or core: never continue on state we cannot trust
-            fatal("the Ready loop", e)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # a storage failure: never continue on a log we cannot trust
+                    fatal("the Ready loop", e)
+                self.raw.advance(rd)
+                self.read_index.on_applied(self.sm.applied_index)
+                await self._maybe_snapshot()
+                self._propose_queued()
 
     def _propose_queued(self) -> None:
         """Hand every proposal queued while the loop was busy to raft as one batch."""
