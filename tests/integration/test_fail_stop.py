@@ -195,11 +195,12 @@ def rejoin_and_check(lc: LocalCluster, victim: int, w: Writer, offset: int) -> N
     lc.node_args.pop(victim, None)
     restart_at = log_size(lc, victim)
     lc.start_node(victim)
-    w.wait_for_acks(30)
+    w.wait_for_acks(15)
     w.finish()
     assert not w.failed, f"writes failed while a member was down: {w.failed[:3]}"
     caught_up(lc, victim)
     assert_all_present(lc, victim, w.acked, serializable=True)
+    assert_all_present(lc, lc.wait_for_leader(30), w.acked, serializable=False)
     restarted = log_since(lc, victim, restart_at)
     assert "discarding it to rebuild" in restarted, "the condemned state machine was trusted again"
     assert "FATAL" not in restarted
@@ -214,7 +215,7 @@ def check_fatal_exit(lc: LocalCluster, victim: int, w: Writer, offset: int, expe
     assert re.search(expect, line), f"the FATAL line does not name the operation and file:\n{line}"
     guard = os.path.join(lc.data_dir(victim), "db", boot_guard.GUARD_NAME)
     assert open(guard).read().strip() == boot_guard.CONDEMNED, "the boot guard was not left condemned"
-    w.wait_for_acks(30)  # the other two keep serving
+    w.wait_for_acks(15)  # the other two keep serving
     return line
 
 
