@@ -136,6 +136,9 @@ class Node:
     async def start(self) -> None:
         d = self.cfg.data_dir
         os.makedirs(d, exist_ok=True)
+        # A fatal error from here on means LMDB may hold what never reached the disk: the next start
+        # must not trust it, even in this boot (see boot_guard.condemn).
+        on_fatal(functools.partial(boot_guard.condemn, os.path.join(d, "db")))
         # LMDB commits without fdatasync by default (--state-machine-sync boot): the WAL is the
         # durable record; a process crash loses nothing (the page cache survives it), and after an OS
         # crash, which may tear an unsynced LMDB file, the boot guard discards the state machine and
@@ -179,9 +182,6 @@ class Node:
             watch(asyncio.create_task(self._tick_loop(), name="tick"), "the tick loop"),
             watch(asyncio.create_task(self._ready_loop(), name="ready"), "the Ready loop"),
         ]
-        # From here on a fatal error means LMDB may hold what never reached the disk: the next
-        # start must rebuild it from the newest snapshot and the WAL (see boot_guard.condemn).
-        on_fatal(functools.partial(boot_guard.condemn, os.path.join(d, "db")))
 
     async def _reconcile_storage(self) -> None:
         """Repair the one gap a crash can leave between the log and the state machine.
