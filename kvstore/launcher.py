@@ -79,6 +79,7 @@ class LocalCluster:
         self.node_args = node_args or {}
         self.python = python
         self.env = env
+        self.node_env: dict[int, dict[str, str]] = {}  # per member, over `env` (e.g. its boot id)
         self.procs: dict[int, subprocess.Popen] = {}
         self._paused: set[int] = set()
         self._channels: dict[int, grpc.Channel] = {}
@@ -144,6 +145,7 @@ class LocalCluster:
     def start_node(self, i: int) -> None:
         os.makedirs(self.base_dir, exist_ok=True)
         env = dict(os.environ if self.env is None else self.env)
+        env.update(self.node_env.get(i, {}))
         env["PYTHONPATH"] = _PACKAGE_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         logf = open(self.log_path(i), "ab")
         try:
