@@ -146,7 +146,7 @@ class PowerCrashRig:
             return
         line = self._refusal()
         assert line, f"the member exited with {code} after a power cut:\n{self.cluster.log_tail(1)}"
-        match = re.search(r"kvstore wal repair --data-dir (\S+)", line)
+        match = re.search(r"kvstore wal repair --data-dir ([^`\s]+)", line)
         assert match and re.search(r"\.wal at offset \d+", line), line
         repair = subprocess.run([sys.executable, "-m", "kvstore.cli", "wal", "repair", "--data-dir",
                                  match.group(1)], capture_output=True, text=True, timeout=60)
