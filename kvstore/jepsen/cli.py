@@ -133,14 +133,14 @@ def _check(path: Path) -> tuple[int, str, dict]:
 
 @jepsen.command("cleanup")
 def cleanup_command() -> None:
-    """Remove every namespace, link and rule a harness run made (names start with kvj-)."""
-    from kvstore.jepsen import net
+    """Remove every namespace, link, rule and disk a harness run made (names start with kvj-)."""
+    from kvstore.jepsen import disk, net
 
     why = net.netns_supported()
     if why:
         click.echo(f"nothing to clean: {why}")
         return
-    removed = net.cleanup()
+    removed = net.cleanup() + disk.cleanup()
     for thing in removed:
         click.echo(f"removed {thing}")
     click.echo(f"{len(removed)} removed" if removed else "nothing left behind")

@@ -22,13 +22,14 @@ Needs root, loop devices, ``mkfs.ext4``, ``losetup``, ``mount``/``umount``.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import struct
 import subprocess
 from pathlib import Path
 
-__all__ = ["DiskError", "DiskRoot", "LoopDisk", "power_unsupported", "drop_unsynced"]
+__all__ = ["DiskError", "DiskRoot", "LoopDisk", "cleanup", "drop_unsynced", "power_unsupported"]
 
 # _IOR('X', 125, __u32) from linux/ext4.h (also include/uapi/linux/fs.h: FS_IOC_SHUTDOWN).
 EXT4_IOC_SHUTDOWN = 0x8004587D
@@ -154,3 +155,26 @@ class LoopDisk:
             raise DiskError(f"{self.mount_point} is still mounted after umount")
         _run(["losetup", "-d", self.device])
         self.device = None
+
+
+def cleanup(marker: str = "/kvj-data-") -> list[str]:
+    """Unmount every disk (and disk root) whose path holds ``marker`` and detach its loop device.
+
+    For ``kvstore jepsen cleanup`` after a run that was killed before it could
+    unmount (the runner's data roots are ``$TMPDIR/kvj-data-*``).
+    """
+    removed = []
+    # Loop devices first, while their backing files' paths still name the run: a device still
+    # mounted is marked to detach itself at the unmount below.
+    listing = subprocess.run(["losetup", "--list", "--json"], capture_output=True, text=True).stdout
+    for device in json.loads(listing or "{}").get("loopdevices", []):
+        if marker in (device.get("back-file") or ""):
+            subprocess.run(["losetup", "-d", device["name"]], capture_output=True)
+            removed.append(f"loop device {device['name']} ({device['back-file']})")
+    with open("/proc/self/mountinfo") as f:
+        points = {line.split()[4] for line in f if marker in line.split()[4]}
+    for point in sorted(points, key=lambda p: p.count("/"), reverse=True):  # disks before their root
+        if subprocess.run(["umount", point], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "--lazy", point], capture_output=True)
+        removed.append(f"mount {point}")
+    return removed

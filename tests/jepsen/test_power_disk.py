@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kvstore.jepsen.disk import DiskRoot, LoopDisk, power_unsupported
+from kvstore.jepsen.disk import DiskRoot, LoopDisk, cleanup, power_unsupported
 
 WHY = power_unsupported()
 pytestmark = pytest.mark.skipif(WHY is not None, reason=WHY or "")
@@ -120,3 +120,15 @@ def test_a_process_in_another_mount_namespace_does_not_keep_the_cut_disk_alive(d
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_cleanup_unmounts_and_detaches_what_a_killed_run_left(tmp_path: Path) -> None:
+    marker = f"/kvj-left-{os.getpid()}-{time.monotonic_ns()}"
+    base = Path(str(tmp_path) + marker)
+    root = DiskRoot(base).__enter__()
+    disk = LoopDisk(root.path / "node1.ext4", root.path / "node1").create()  # never unmounted: "killed"
+    removed = cleanup(marker)
+    assert f"mount {disk.mount_point}" in removed and f"mount {root.path}" in removed
+    assert any(r.startswith("loop device ") and str(disk.image) in r for r in removed), removed
+    assert not any(str(disk.mount_point) in line for line in open("/proc/self/mountinfo"))
+    assert cleanup(marker) == []
