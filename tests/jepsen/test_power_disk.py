@@ -17,7 +17,18 @@ import pytest
 from kvstore.jepsen.disk import DiskRoot, LoopDisk, cleanup, power_unsupported
 
 WHY = power_unsupported()
-pytestmark = pytest.mark.skipif(WHY is not None, reason=WHY or "")
+needs_power = pytest.mark.skipif(WHY is not None, reason=WHY or "")
+
+
+def test_without_root_a_power_run_stops_before_it_starts_and_says_why(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvstore.jepsen.power import PowerSupply
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert power_unsupported() == "power cuts need root (loop devices, mount, the ext4 shutdown ioctl)"
+    with pytest.raises(RuntimeError, match="the power nemesis cannot run here: power cuts need root"):
+        PowerSupply(tmp_path, [1, 2, 3]).__enter__()
+    assert not any(str(tmp_path) in line for line in open("/proc/self/mountinfo"))
 
 
 @pytest.fixture
@@ -52,6 +63,7 @@ def _power_cycle(disk: LoopDisk) -> None:
     disk.power_on()
 
 
+@needs_power
 def test_a_power_cut_drops_unsynced_data_and_names_and_keeps_synced_ones(disk: LoopDisk) -> None:
     mnt = disk.mount_point
     _write(mnt / "synced", b"A" * 10_000, sync=True)
@@ -72,6 +84,7 @@ def test_a_power_cut_drops_unsynced_data_and_names_and_keeps_synced_ones(disk: L
     assert (mnt / "renamed.tmp").exists() and not (mnt / "renamed").exists()
 
 
+@needs_power
 def test_another_files_fsync_can_persist_a_size_whose_data_never_made_it(disk: LoopDisk) -> None:
     """What a torn write looks like on ext4: the size grew, the new bytes read as zeros.
 
@@ -89,6 +102,7 @@ def test_another_files_fsync_can_persist_a_size_whose_data_never_made_it(disk: L
     assert set(data[10_000:]) <= {0, ord("B")}
 
 
+@needs_power
 def test_what_a_directory_fsync_made_durable_survives(disk: LoopDisk) -> None:
     mnt = disk.mount_point
     _write(mnt / "file", b"E" * 4096, sync=True)
@@ -97,6 +111,7 @@ def test_what_a_directory_fsync_made_durable_survives(disk: LoopDisk) -> None:
     assert (mnt / "file").read_bytes() == b"E" * 4096
 
 
+@needs_power
 def test_a_process_in_another_mount_namespace_does_not_keep_the_cut_disk_alive(disk: LoopDisk) -> None:
     """Nodes under `ip netns exec` live in a slave copy of our mounts; the unmount must reach it."""
     _write(disk.mount_point / "synced", b"F", sync=True)
@@ -122,6 +137,7 @@ def test_a_process_in_another_mount_namespace_does_not_keep_the_cut_disk_alive(d
         holder.wait()
 
 
+@needs_power
 def test_cleanup_unmounts_and_detaches_what_a_killed_run_left(tmp_path: Path) -> None:
     marker = f"/kvj-left-{os.getpid()}-{time.monotonic_ns()}"
     base = Path(str(tmp_path) + marker)
