@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import os
 
-from kvstore.storage.wal import Wal, WalError
+from kvstore.storage.wal import Wal
 
-__all__ = ["repair", "describe", "repair_hint"]
+__all__ = ["describe", "repair", "repair_hint"]
 
 
 def repair_hint(data_dir: str) -> str:
