@@ -18,7 +18,8 @@ override, ``KVSTORE_TESTING_BOOT_ID``; a kill -9 keeps it (same boot).
 
 The runner gives each member its disk (:class:`PowerSupply`) only when the
 spec holds a power package; without root or loop devices the run stops
-before it starts, with the reason.
+before it starts, with the reason. With ``--keep-data`` the images are kept
+(``node<i>.ext4``; ``mount -o loop`` one to look inside).
 """
 from __future__ import annotations
 

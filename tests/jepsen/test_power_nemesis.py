@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -24,11 +25,14 @@ REBOOTED = "unsynced commits from an earlier boot"  # the boot guard's warning (
 
 
 def _mounts_left(run_dir: Path) -> list[str]:
-    """Mounts still under the run's data root (named in the nodes' "data in DIR/nodeK" log line)."""
+    """Mounts and loop devices still under the run's data root (named in the nodes' "data in DIR/nodeK" log line)."""
     match = re.search(r"data in (\S+)/node1\b", (run_dir / "logs" / "node1.log").read_text())
     assert match, "no data dir in node1's log"
     with open("/proc/self/mountinfo") as f:
-        return [line for line in f if match.group(1) in line]
+        mounts = [line for line in f if match.group(1) in line]
+    loops = subprocess.run(["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"],
+                           capture_output=True, text=True, check=True).stdout
+    return mounts + [line for line in loops.splitlines() if match.group(1) in line]
 
 
 def test_power_all_loses_no_acknowledged_add(tmp_path: Path) -> None:
@@ -44,7 +48,7 @@ def test_power_all_loses_no_acknowledged_add(tmp_path: Path) -> None:
     for node in (1, 2, 3):
         log = (run_dir / "logs" / f"node{node}.log").read_text()
         assert log.count(REBOOTED) == len(cuts), f"node{node}: {log.count(REBOOTED)} reboots seen"
-    assert _mounts_left(run_dir) == [], "the run left disks mounted"
+    assert _mounts_left(run_dir) == [], "the run left disks mounted or attached"
 
 
 @pytest.mark.slow
