@@ -58,11 +58,10 @@ class PowerCut(Package):
 
     def inject(self, ctl: ClusterControl, rng: random.Random) -> Injected:
         power = cast(PowerControl, ctl)
+        leader = ctl.leader() if self.target == "leader" else None
         if self.target == "all":
             nodes, who = sorted(ctl.nodes), "every member"
-        elif self.target == "leader" and ctl.leader() is not None:
-            leader = ctl.leader()
-            assert leader is not None
+        elif leader is not None:
             nodes, who = [leader], f"leader n{leader}"
         else:
             node = rng.choice(ctl.nodes)
