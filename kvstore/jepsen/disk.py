@@ -84,7 +84,7 @@ class DiskRoot:
         self.path = Path(path).resolve()
         self.mounted = False
 
-    def __enter__(self) -> "DiskRoot":
+    def __enter__(self) -> DiskRoot:
         self.path.mkdir(parents=True, exist_ok=True)
         _run(["mount", "--bind", str(self.path), str(self.path)])
         self.mounted = True
@@ -111,7 +111,7 @@ class LoopDisk:
     def powered(self) -> bool:
         return self.device is not None
 
-    def create(self) -> "LoopDisk":
+    def create(self) -> LoopDisk:
         """Make the image (sparse) and its file system, then power on."""
         with open(self.image, "wb") as f:
             f.truncate(self.size)

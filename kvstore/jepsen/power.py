@@ -96,7 +96,7 @@ class PowerSupply:
                       for n in nodes}
         self.boot_ids = {n: str(uuid.uuid4()) for n in nodes}
 
-    def __enter__(self) -> "PowerSupply":
+    def __enter__(self) -> PowerSupply:
         why = power_unsupported()
         if why:
             raise RuntimeError(f"the power nemesis cannot run here: {why}")

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvstore.jepsen.disk import DiskRoot, LoopDisk
-from kvstore.server.local_cluster import LocalCluster
+from kvstore.launcher import LocalCluster
 from kvstore.storage.boot_guard import TESTING_BOOT_ID_ENV
 
 SERVER_ARGS = ["--tick-ms", "10", "--election-ticks", "10", "--snapshot-count", "100",
@@ -70,7 +70,7 @@ class PowerCrashRig:
         self.disk = LoopDisk(base / "node1.ext4", self.cluster.data_dir(1))
         self.tally = Tally()
 
-    def __enter__(self) -> "PowerCrashRig":
+    def __enter__(self) -> PowerCrashRig:
         self.root.__enter__()
         self.disk.create()
         self._boot()

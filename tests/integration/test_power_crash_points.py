@@ -12,7 +12,7 @@ import pytest
 from kvstore.jepsen.disk import power_unsupported
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from power_crash import PowerCrashRig  # noqa: E402 (after the path insert)
+from power_crash import PowerCrashRig
 
 WHY = power_unsupported()
 pytestmark = pytest.mark.skipif(WHY is not None, reason=WHY or "")
