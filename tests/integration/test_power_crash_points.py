@@ -41,5 +41,6 @@ def test_power_cuts_under_load_lose_no_acknowledged_write(tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # ~3 s a cut on a loaded 2-core machine
 def test_two_hundred_power_cuts_under_load(tmp_path: Path) -> None:
     _run_cycles(tmp_path, 200, load_seconds=1.5)
