@@ -439,6 +439,28 @@ def leader_transfer(ctx, target: int) -> None:
     console.print(f"leader is now member {new}", highlight=False)
 
 
+# ------------------------------------------------------------------------------ wal
+
+
+@main.group()
+def wal() -> None:
+    """A stopped member's write-ahead log."""
+
+
+@wal.command("repair")
+@click.option("--data-dir", required=True, type=click.Path(file_okay=False),
+              help="the member's data directory (its --data-dir)")
+def wal_repair(data_dir: str) -> None:
+    """Cut a torn last write the member refuses to start with, and say what was dropped."""
+    from kvstore.storage.wal import WalError
+    from kvstore.storage.wal_repair import describe, repair
+
+    try:
+        dropped = repair(data_dir)
+    except (WalError, OSError) as e:
+        fail(str(e))
+    click.echo("nothing to repair: the WAL opens cleanly" if dropped is None else describe(dropped))
+
 
 if __name__ == "__main__":
     main()

@@ -82,6 +82,7 @@ class LocalCluster:
         self.prefix = prefix or {}  # member -> a command its node runs under (e.g. strace); read at each start
         self.python = python
         self.env = env
+        self.node_env: dict[int, dict[str, str]] = {}  # per member, over `env` (e.g. its boot id)
         self.procs: dict[int, subprocess.Popen] = {}
         self._paused: set[int] = set()
         self._channels: dict[int, grpc.Channel] = {}
@@ -148,6 +149,7 @@ class LocalCluster:
     def start_node(self, i: int) -> None:
         os.makedirs(self.base_dir, exist_ok=True)
         env = dict(os.environ if self.env is None else self.env)
+        env.update(self.node_env.get(i, {}))
         env["PYTHONPATH"] = _PACKAGE_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         logf = open(self.log_path(i), "ab")
         try:

@@ -72,6 +72,10 @@ segment head must continue where the previous segment ended.
   drop it. This also refuses the (harmless) case of a power loss that
   persisted later sectors of an unacknowledged write but not earlier ones;
   stopping for an operator is the price of never skipping silently.
+  The operator's repair, ``kvstore wal repair --data-dir DIR``
+  (``repair_tail=True``), cuts the last segment at that record and says
+  what it dropped; it refuses when the log would then end below the commit
+  index its hard state records (no torn write leaves that).
 
 Failures
 --------
@@ -85,7 +89,8 @@ success next time), so retrying would be a lie; the node must stop.
 Test hooks (never for production): module globals ``_testing_fail_fsync``,
 ``_testing_skip_fsync`` and ``_testing_skip_crc`` seed the instance flags of
 the same names (minus the underscore) at open; the environment variable
-KVSTORE_WAL_TESTING_FAIL_FSYNC=1 sets testing_fail_fsync for child processes.
+KVSTORE_WAL_TESTING_FAIL_FSYNC=1 sets testing_fail_fsync for child processes,
+KVSTORE_WAL_TESTING_SKIP_FSYNC=1 testing_skip_fsync (the power-loss tests' teeth).
 ``_testing_read_segments`` makes recovery behave as on kernels without
 MADV_POPULATE_READ: segment files are read into memory instead of mapped.
 """
@@ -522,6 +527,8 @@ cdef class Wal:
     cdef int64_t _cache_bytes, _cache_max
     cdef bint _closed
     cdef uint64_t _applied_at_open
+    cdef bint _repair_tail
+    cdef readonly object repaired       # what repair_tail=True cut, or None (see Recovery rules)
 
     def __cinit__(self):
         self._locs = NULL
@@ -535,7 +542,7 @@ cdef class Wal:
         free(self._buf)
 
     def __init__(self, str path, int64_t segment_bytes=64 << 20, entry_factory=None,
-                 int64_t cache_bytes=32 << 20, uint64_t applied_index=0):
+                 int64_t cache_bytes=32 << 20, uint64_t applied_index=0, bint repair_tail=False):
         """Open (or create) the log in directory `path` and recover it.
 
         entry_factory(index, term, type, data) builds what entries() returns
@@ -544,6 +551,9 @@ cdef class Wal:
         applied_index: entries up to it are already in the state machine, so
         outside the last segment their payload checksums are verified when
         they are read (as every read does), not at open (see Recovery rules).
+        repair_tail: the operator's repair (`kvstore wal repair`): cut the last
+        segment at its first bad record even where it is refused otherwise;
+        `repaired` then says what was dropped.
         """
         if segment_bytes < 4096:
             raise ValueError("segment_bytes must be at least 4096")
@@ -560,11 +570,13 @@ cdef class Wal:
         self._mutex = threading.Lock()
         self._failed = None
         self.testing_fail_fsync = bool(_testing_fail_fsync) or os.environ.get("KVSTORE_WAL_TESTING_FAIL_FSYNC") == "1"
-        self.testing_skip_fsync = bool(_testing_skip_fsync)
+        self.testing_skip_fsync = bool(_testing_skip_fsync) or os.environ.get("KVSTORE_WAL_TESTING_SKIP_FSYNC") == "1"
         self.testing_skip_crc = bool(_testing_skip_crc)
         self.hard_state = (0, 0, 0)
         self.snapshot = None
         self._applied_at_open = applied_index
+        self._repair_tail = repair_tail
+        self.repaired = None
         os.makedirs(self.path, exist_ok=True)
         self._lockfd = os.open(os.path.join(self.path, "LOCK"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
@@ -777,9 +789,13 @@ cdef class Wal:
                 raise WalCorruptionError(path, off, bad)
             return -1
         header_ok = off + HDR <= <size_t>n and (skip_crc or kv_crc32c(0, base + off + 4, HDR - 4) == _rd32(base + off))
-        if bad is not None and not _looks_torn(base, off, n, header_ok):
-            raise WalCorruptionError(path, off, bad + " (not a torn write: no zeroed sector)")
+        cdef bint torn = bad is None or _looks_torn(base, off, n, header_ok)
         cdef size_t probe = self._probe(base, off, n, bad is not None)
+        if self._repair_tail and (not torn or probe != <size_t>-1):
+            self.repaired = self._cut_for_repair(path, base, off, n, bad or "end of records", probe)
+            return off
+        if not torn:
+            raise WalCorruptionError(path, off, bad + " (not a torn write: no zeroed sector)")
         if probe != <size_t>-1:
             raise WalCorruptionError(
                 path, off, f"{bad or 'end of records'}, but a valid record follows at offset {probe}")
@@ -789,6 +805,42 @@ cdef class Wal:
                         path, off, bad or "garbage after the last record", nz)
             return off
         return -1
+
+    cdef dict _cut_for_repair(self, str path, const unsigned char* base, size_t off, size_t n, str bad,
+                              size_t probe):
+        """What cutting the last segment at `off` drops (the intact records found after it, by probing).
+
+        Refused when the log would end below the commit index of the hard
+        state that survives: a batch writes its hard state after its entries,
+        so a cut at a torn write never leaves that; the log is damaged elsewhere.
+        """
+        cdef const char* why = NULL
+        cdef size_t pos = probe
+        cdef uint64_t idx, top = 0
+        cdef int entries = 0, others = 0
+        while pos != <size_t>-1 and pos < n:
+            while pos + HDR <= n and not _all_zero(base + pos, HDR) and _check_record(base + pos, n - pos, False, &why) == 0:
+                if base[pos + 12] == KIND_ENTRY:
+                    idx = _rd64(base + pos + 16)
+                    top = max(top, idx)
+                    entries += 1
+                else:
+                    others += 1
+                pos += HDR + _rd32(base + pos + 8)
+            pos = self._probe(base, pos, n, True) if pos < n else <size_t>-1
+        commit = self.hard_state[2]
+        if self.last_index < commit:
+            raise WalCorruptionError(
+                path, off, f"{bad}; not repaired: the log would end at entry {self.last_index}, below the "
+                f"commit index {commit} its hard state records (not a torn last write; rebuild this member "
+                f"from a healthy one)")
+        dropped = {"path": path, "offset": off, "bytes": n - off, "reason": bad, "last_index": self.last_index,
+                   "entries_after": entries, "other_records_after": others,
+                   "dropped_through": top if top > self.last_index else None}
+        log.warning("WAL %s: repair cut at offset %d (%s): dropped %d bytes, %d intact entries and %d other "
+                    "records after it; the log ends at entry %d", path, off, bad, n - off, entries, others,
+                    self.last_index)
+        return dropped
 
     cdef size_t _probe(self, const unsigned char* base, size_t off, size_t n, bint torn):
         """Offset of a valid record within PROBE_BYTES after a stop point, or -1."""

@@ -27,7 +27,7 @@ def jepsen() -> None:
 @click.option("--nemesis", default="partition", show_default=True,
               help="comma-separated fault windows taking turns; '+' joins faults in one window. "
                    "partition[-halves|-leader|-ring|-bridge], kill[-random|-leader], "
-                   "pause[-random|-leader], none")
+                   "pause[-random|-leader], power[-random|-leader|-all] (root: loop-mounted ext4), none")
 @click.option("--workload", type=click.Choice(["register", "set", "bank"]), default="register",
               show_default=True)
 @click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False),
@@ -133,14 +133,14 @@ def _check(path: Path) -> tuple[int, str, dict]:
 
 @jepsen.command("cleanup")
 def cleanup_command() -> None:
-    """Remove every namespace, link and rule a harness run made (names start with kvj-)."""
-    from kvstore.jepsen import net
+    """Remove every namespace, link, rule and disk a harness run made (names start with kvj-)."""
+    from kvstore.jepsen import disk, net
 
     why = net.netns_supported()
     if why:
         click.echo(f"nothing to clean: {why}")
         return
-    removed = net.cleanup()
+    removed = net.cleanup() + disk.cleanup()
     for thing in removed:
         click.echo(f"removed {thing}")
     click.echo(f"{len(removed)} removed" if removed else "nothing left behind")

@@ -17,6 +17,7 @@ Packages (names for ``--nemesis``):
 - ``kill``: alternates ``kill-random`` and ``kill-leader``: SIGKILL, and the node
   is restarted when the window ends (its disk survives, as after a crash).
 - ``pause``: alternates ``pause-random`` and ``pause-leader``: SIGSTOP, SIGCONT at heal.
+- ``power``, ``power-all``: power cuts (unsynced writes lost), see :mod:`kvstore.jepsen.power`.
 
 Grudges are always symmetric: with TCP a one-sided drop cuts both directions
 anyway, and a symmetric one says what the partition really is.
@@ -199,6 +200,9 @@ class Rotate(Package):
 
 def make_package(name: str) -> Package:
     name = name.strip().lower()
+    from kvstore.jepsen import power  # its own module (it imports this one)
+    if name in power.NAMES:
+        return power.make_power_package(name)
     shapes = ("halves", "leader", "ring", "bridge")
     if name == "partition":
         return Rotate(name, [Partition(s) for s in shapes])
@@ -210,7 +214,8 @@ def make_package(name: str) -> Package:
         if name in (f"{kind}-random", f"{kind}-leader"):
             return ProcessFault(kind, name.split("-", 1)[1])
     raise ValueError(f"unknown nemesis {name!r}: use partition[-halves|-leader|-ring|-bridge], "
-                     "kill[-random|-leader], pause[-random|-leader], joined with , or +")
+                     "kill[-random|-leader], pause[-random|-leader], power[-random|-leader|-all], "
+                     "joined with , or +")
 
 
 def parse_spec(spec: str) -> list[list[Package]]:

@@ -37,6 +37,7 @@ from typing import Any
 from kvstore.jepsen import net as netns
 from kvstore.jepsen.history import FAIL, INFO, INVOKE, OK
 from kvstore.jepsen.nemesis import Nemesis, parse_spec
+from kvstore.jepsen.power import PowerSupply, needs_power
 from kvstore.jepsen.recorder import Recorder
 from kvstore.jepsen.workloads import Op, Store, Verdict, Workload, make_workload
 
@@ -142,8 +143,9 @@ class NodeProcesses:
     idempotent kill / restart / pause / resume, and "everything back up" at heal.
     """
 
-    def __init__(self, cluster: Any) -> None:
+    def __init__(self, cluster: Any, power: PowerSupply | None = None) -> None:
         self.cluster = cluster
+        self.power = power  # each member's disk and boot id, when the nemesis cuts power
         self.paused: set[int] = set()
         self.starts: Counter[int] = Counter()
         self._lock = threading.Lock()
@@ -155,6 +157,10 @@ class NodeProcesses:
     def start(self, node: int) -> None:
         with self._lock:
             if not self.cluster.is_running(node):
+                if self.power is not None:
+                    if not self.power.powered(node):
+                        raise RuntimeError(f"n{node} cannot start: its disk has no power")
+                    self.cluster.node_env[node] = self.power.env(node)
                 self.starts[node] += 1
                 self.cluster.start_node(node)
             self.paused.discard(node)
@@ -174,6 +180,20 @@ class NodeProcesses:
         with self._lock:
             self.cluster.resume(node)
             self.paused.discard(node)
+
+    def cut_power(self, nodes: list[int]) -> None:
+        if self.power is None:
+            raise RuntimeError("power cuts need the members' disks (the runner makes them for a power nemesis)")
+        with self._lock:
+            self.power.cut(nodes, self.cluster.kill)
+            self.paused.difference_update(nodes)
+
+    def restore_power(self, nodes: list[int]) -> None:
+        assert self.power is not None
+        with self._lock:
+            self.power.restore(nodes)
+        for node in nodes:
+            self.start(node)
 
     def alive(self, node: int) -> bool:
         return self.cluster.is_running(node)
@@ -298,6 +318,12 @@ class _Control:
     def resume(self, node: int) -> None:
         self.procs.resume(node)
 
+    def cut_power(self, nodes: list[int]) -> None:
+        self.procs.cut_power(nodes)
+
+    def restore_power(self, nodes: list[int]) -> None:
+        self.procs.restore_power(nodes)
+
     def partition(self, grudge: dict[int, set[int]]) -> None:
         self.network.partition(grudge)
 
@@ -337,7 +363,10 @@ def run(config: RunConfig) -> RunResult:
     run_dir = make_run_dir(config)
     data_root = Path(tempfile.mkdtemp(prefix="kvj-data-"))
     nodes = list(range(1, config.nodes + 1))
+    disks = contextlib.ExitStack()
     try:
+        # Power cuts need each member's data dir on its own disk (unmounted before the cleanup below).
+        power = disks.enter_context(PowerSupply(data_root, nodes)) if needs_power(parse_spec(config.nemesis)) else None
         if mode == "netns":
             with netns.NamespaceNetwork(config.nodes) as network:
                 # Every node has its own address, so all can use the same ports.
@@ -346,7 +375,7 @@ def run(config: RunConfig) -> RunResult:
                                        peer_addrs={n: f"{network.ip(n)}:2380" for n in nodes},
                                        netns={n: network.namespace(n) for n in nodes})
                 with network.enter_control():
-                    return _run_with(config, mode, run_dir, NodeProcesses(cluster), network, client_addrs)
+                    return _run_with(config, mode, run_dir, NodeProcesses(cluster, power), network, client_addrs)
         from kvstore.jepsen.proxy import ProxyNetwork
 
         with ProxyNetwork(nodes) as network:
@@ -358,8 +387,9 @@ def run(config: RunConfig) -> RunResult:
             cluster = make_cluster(data_root, config.nodes, config, client_addrs=client_addrs,
                                    peer_addrs={n: network.listen_peer_addr(n) for n in nodes},
                                    node_args=node_args)
-            return _run_with(config, mode, run_dir, NodeProcesses(cluster), network, client_addrs)
+            return _run_with(config, mode, run_dir, NodeProcesses(cluster, power), network, client_addrs)
     finally:
+        disks.close()
         logs = run_dir / "logs"
         logs.mkdir(exist_ok=True)
         for log in data_root.glob("node*.log"):

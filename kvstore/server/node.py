@@ -60,6 +60,8 @@ from kvstore.storage import boot_guard
 from kvstore.storage.raft_log import RaftLog
 from kvstore.storage.snapshot import SnapshotStore
 from kvstore.storage.state_machine import StateMachine
+from kvstore.storage.wal import WalCorruptionError
+from kvstore.storage.wal_repair import repair_hint
 from kvstore.v1 import command_pb2, kv_pb2
 
 from .config import ServerConfig
@@ -148,8 +150,11 @@ class Node:
         self.sm = await self._in_storage(
             functools.partial(StateMachine.open, os.path.join(d, "db"), fsync=not by_boot, boot_guard=by_boot))
         # The state machine first: the entries it has applied are checksummed when read, not at open.
-        self.log = await self._in_storage(RaftLog.open, os.path.join(d, "wal"), self.cfg.wal_segment_bytes,
-                                          self.sm.applied_index)
+        try:
+            self.log = await self._in_storage(RaftLog.open, os.path.join(d, "wal"), self.cfg.wal_segment_bytes,
+                                              self.sm.applied_index)
+        except WalCorruptionError as e:
+            fatal(f"opening the WAL: {e}; {repair_hint(d)}")
         self.snapshots = SnapshotStore(os.path.join(d, "snap"))
         await self._reconcile_storage()
         snap = self.log.snapshot()
