@@ -7,12 +7,13 @@ grows with the client addresses the cluster reports (redirects, MemberList).
 """
 from __future__ import annotations
 
-import time
-from typing import Any
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import grpc
 
+from kvstore.client.breaker import CircuitBreaker
+from kvstore.client.stream import DEFAULT_MAX_IN_FLIGHT, SessionStream
 from kvstore.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2_grpc
 
 __all__ = ["Endpoints", "Connection", "DEFAULT_ENDPOINTS", "normalize", "DEFAULT_CHANNEL_OPTIONS"]
@@ -43,9 +44,9 @@ def normalize(addr: str) -> str:
 
 
 class Connection:
-    """A channel to one member with its stubs' bound methods, looked up by RPC name."""
+    """A channel to one member with its stubs' bound methods, looked up by RPC name, and its session stream."""
 
-    __slots__ = ("addr", "channel", "methods")
+    __slots__ = ("addr", "channel", "methods", "_stream", "max_in_flight")
 
     def __init__(self, addr: str, options: Sequence[tuple[str, Any]]) -> None:
         self.addr = addr
@@ -62,6 +63,20 @@ class Connection:
             "MemberList": cl.MemberList,
             "TransferLeadership": cl.TransferLeadership,
         }
+        self._stream: SessionStream | None = None
+        self.max_in_flight = DEFAULT_MAX_IN_FLIGHT
+
+    def stream(self) -> SessionStream:
+        """The open session stream to this member; a new one when there is none or it broke."""
+        s = self._stream
+        if s is None or s.broken:
+            s = self._stream = SessionStream(self.channel, self.max_in_flight)
+        return s
+
+    def close_stream(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
 
 
 class Endpoints:
@@ -71,7 +86,12 @@ class Endpoints:
     dropped when that member fails. Only touched from the client's event loop.
     """
 
-    def __init__(self, addrs: Iterable[str], options: Sequence[tuple[str, Any]] = DEFAULT_CHANNEL_OPTIONS) -> None:
+    def __init__(
+        self,
+        addrs: Iterable[str],
+        options: Sequence[tuple[str, Any]] = DEFAULT_CHANNEL_OPTIONS,
+        breaker: CircuitBreaker | None = None,
+    ) -> None:
         self._addrs: list[str] = []
         for a in addrs:
             self.learn(a)
@@ -83,7 +103,7 @@ class Endpoints:
         self.leader_id = 0
         self.ids: dict[int, str] = {}  # member id -> client address
         self._start = 0
-        self._penalty: dict[str, float] = {}  # addr -> monotonic time its penalty ends
+        self.breaker = breaker if breaker is not None else CircuitBreaker()
 
     @property
     def addrs(self) -> list[str]:
@@ -144,18 +164,9 @@ class Endpoints:
                 fallback = a
         return fallback if fallback is not None else self.after(addr)
 
-    def penalize(self, addr: str, seconds: float) -> None:
-        """Keep calls away from a member that did not answer, for ``seconds``."""
-        self._penalty[addr] = time.monotonic() + seconds
-
     def penalized(self, addr: str) -> bool:
-        until = self._penalty.get(addr)
-        if until is None:
-            return False
-        if time.monotonic() >= until:
-            del self._penalty[addr]
-            return False
-        return True
+        """Calls skip ``addr`` for now: its circuit is open (it refused, broke or stayed silent)."""
+        return self.breaker.is_open(addr)
 
     def set_leader(self, addr: str, member_id: int = 0) -> None:
         self.leader = addr
@@ -180,4 +191,5 @@ class Endpoints:
     async def close(self) -> None:
         conns, self._conns = self._conns, {}
         for c in conns.values():
+            c.close_stream()
             await c.channel.close()
