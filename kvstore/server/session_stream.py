@@ -130,7 +130,9 @@ class SessionStream:
             timeout = self._default_timeout
             if req.timeout_ms:
                 timeout = min(timeout, req.timeout_ms / 1000)
-            await self._handler(kind, getattr(req, kind), timeout, getattr(resp, kind))
+            out = getattr(resp, kind)
+            out.SetInParent()  # the answer is of this kind even if the handler leaves it empty
+            await self._handler(kind, getattr(req, kind), timeout, out)
         except asyncio.CancelledError:
             raise
         except (RequestFailed, InvalidRequest, StorageInvalidRequest) as e:
