@@ -152,6 +152,8 @@ class FakeNode:
     faults: list[Fault] = field(default_factory=list)
     drop_replies: int = 0  # apply, then answer UNAVAILABLE (reply lost), this many times
     hang: bool = False  # never answer (like a SIGSTOPped process)
+    delay: float = 0.0  # seconds each KV request waits before it is served (or redirected)
+    hang_after_apply: bool = False  # apply writes, then never answer them
     read_op_errors: int = 0  # fail this many reads inside Batches with a per-op UNAVAILABLE
     calls: dict[str, int] = field(default_factory=dict)
     streams_opened: int = 0
@@ -171,6 +173,8 @@ class FakeNode:
         self.requests.append((method, type(req).FromString(req.SerializeToString())))
         if self.hang:
             await asyncio.sleep(3600)
+        if self.delay:
+            await asyncio.sleep(self.delay)
         if self.faults:
             f = self.faults.pop(0)
             await ctx.abort(f.code, f.details, trailing_metadata=f.metadata)
@@ -205,6 +209,8 @@ class FakeNode:
                     trailing_metadata=(("kvstore-not-applied", "1"),),
                 )
             resp = sm.dedup(req.request_id, lambda: self.batch(req))
+        if self.hang_after_apply and method != "Range":
+            await asyncio.sleep(3600)
         if self.drop_replies > 0 and method != "Range":
             self.drop_replies -= 1
             await ctx.abort(grpc.StatusCode.UNAVAILABLE, "connection reset (reply lost)")
