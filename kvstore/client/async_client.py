@@ -52,6 +52,9 @@ log = logging.getLogger("kvstore.client")
 #: Statuses that, with no trailing metadata from a member, mean no member answered.
 _UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
+#: The ``causes`` key saying a call waited for the retry budget.
+BUDGET_CAUSE = "retry budget"
+
 #: How KV calls travel: one session stream per member, or one unary RPC per call.
 TRANSPORTS = ("stream", "unary")
 
@@ -369,6 +372,7 @@ class AsyncClient:
         tried: set[str] = set()
         attempts = 0
         waits = 0
+        leader_before: str | None = None  # the client's leader hint when the last attempt started
         maybe_applied = False
         redirected = False  # the next attempt follows a redirect (not a retry)
         if route is LEADER:
@@ -383,18 +387,22 @@ class AsyncClient:
                 remaining = deadline - loop_time()
                 if remaining <= 0 or not policy.may_attempt(attempts):
                     break
-                if not breaker.allow(addr):
+                if breaker.is_open(addr):
                     # Its circuit is open: skip it without an attempt, as if it had failed.
                     tried.add(addr)
                     causes.setdefault(addr, "circuit open: it refused, broke or stayed silent just before")
                     addr = self._next_addr(route, addr, tried)
                     if addr not in tried:
                         continue
+                elif attempts and not redirected and not budget.try_retry():
+                    # This client has retried too much lately: wait (not fail) until the
+                    # budget allows again or the deadline passes.
+                    causes[BUDGET_CAUSE] = "retries held back: the client's retry budget was spent"
                 else:
-                    if attempts and not redirected and not budget.try_retry():
-                        raise errors.RetryBudgetExhausted(attempts, causes, maybe_applied=maybe_applied)
+                    breaker.allow(addr)  # half-open: this attempt is the probe
                     redirected = False
                     attempts += 1
+                    leader_before = eps.leader
                     if rid is not None:
                         rid.acked_below = session.acked_below
                     conn = eps.conn(addr)
@@ -485,6 +493,13 @@ class AsyncClient:
                 tried.clear()
                 if pause > 0:
                     await asyncio.sleep(pause)
+                if route is LEADER and attempts:
+                    # Another call found the leader meanwhile: going there is following a
+                    # redirect, not a retry (only a change of leader counts, so it cannot storm).
+                    leader = eps.leader
+                    if leader is not None and leader != leader_before and not eps.penalized(leader):
+                        addr = leader
+                        redirected = True
         finally:
             if mutation:
                 session.finish(seq)

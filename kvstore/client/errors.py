@@ -16,7 +16,6 @@ __all__ = [
     "NotLeader",
     "NoLeader",
     "NoEndpointAnswered",
-    "RetryBudgetExhausted",
     "DeadlineExceeded",
     "InvalidArgument",
     "FailedPrecondition",
@@ -105,15 +104,6 @@ class NoEndpointAnswered(Unavailable, _AttemptsSummary):
         super().__init__(
             f"no endpoint answered after {attempts} attempt(s): {self._describe(causes)}"
         )
-
-
-class RetryBudgetExhausted(NoEndpointAnswered):
-    """The call failed and the client's retry budget (see retry_budget.py) allowed no retry now."""
-
-    def __init__(self, attempts: int, causes: Mapping[str, str], *, maybe_applied: bool = False) -> None:
-        super().__init__(attempts, causes, maybe_applied=maybe_applied)
-        self.message = self.args[0] + " (retry budget exhausted: too many retries in the last seconds)"
-        self.args = (self.message,)
 
 
 class DeadlineExceeded(KvstoreError, _AttemptsSummary):

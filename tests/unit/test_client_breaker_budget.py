@@ -51,23 +51,23 @@ def test_jitter_spreads_intervals_within_its_bounds():
     assert b.failure("b") == pytest.approx(1.2)
 
 
-def test_the_budget_allows_a_fraction_of_recent_requests_plus_the_floor():
+def test_the_budget_allows_its_reserve_then_a_fraction_of_requests_plus_the_floor():
     clock = Clock()
     budget = RetryBudget(ratio=0.2, min_per_second=1.0, window=10.0, clock=clock)
+    assert sum(budget.try_retry() for _ in range(50)) == 10  # the reserve: 1/s over 10 s
     for _ in range(100):
         budget.request()
-    allowed = sum(budget.try_retry() for _ in range(100))
-    assert allowed == 30  # 20% of 100 requests + 1/s over 10 s
-    assert budget.refused == 70
+    assert sum(budget.try_retry() for _ in range(50)) == 10  # 20% of 100 requests
+    clock.t += 3.0
+    assert sum(budget.try_retry() for _ in range(50)) == 3  # the floor: 1 per second
+    assert budget.refused == 40 + 40 + 47 and budget.total_retries == 23
 
 
-def test_the_budget_forgets_what_left_the_window():
+def test_the_budget_never_banks_more_than_its_reserve():
     clock = Clock()
-    budget = RetryBudget(ratio=0.0, min_per_second=1.0, window=2.0, clock=clock)
-    assert budget.try_retry() and budget.try_retry() and not budget.try_retry()
-    clock.t += 1.0
-    assert not budget.try_retry()  # both retries still within the last 2 s
-    clock.t += 1.0
-    assert budget.try_retry()  # the first second's retries left the window
+    budget = RetryBudget(ratio=0.5, min_per_second=2.0, window=1.0, clock=clock)
+    for _ in range(1000):
+        budget.request()
     clock.t += 100.0
-    assert budget.retries_in_window() == 0
+    assert budget.balance == 2.0
+    assert sum(budget.try_retry() for _ in range(10)) == 2
