@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 
 from kvstore.client.breaker import CircuitBreaker
-from kvstore.client.stream import DEFAULT_MAX_IN_FLIGHT, SessionStream
+from kvstore.client.stream import SessionStream
 from kvstore.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2_grpc
 
 __all__ = ["Endpoints", "Connection", "DEFAULT_ENDPOINTS", "normalize", "DEFAULT_CHANNEL_OPTIONS"]
@@ -46,9 +46,9 @@ def normalize(addr: str) -> str:
 class Connection:
     """A channel to one member with its stubs' bound methods, looked up by RPC name, and its session stream."""
 
-    __slots__ = ("addr", "channel", "methods", "_stream", "max_in_flight")
+    __slots__ = ("addr", "channel", "methods", "_streams", "_turn")
 
-    def __init__(self, addr: str, options: Sequence[tuple[str, Any]]) -> None:
+    def __init__(self, addr: str, options: Sequence[tuple[str, Any]], streams: int = 1) -> None:
         self.addr = addr
         self.channel = grpc.aio.insecure_channel(addr, options=list(options))
         kv = kv_pb2_grpc.KVStub(self.channel)
@@ -63,20 +63,23 @@ class Connection:
             "MemberList": cl.MemberList,
             "TransferLeadership": cl.TransferLeadership,
         }
-        self._stream: SessionStream | None = None
-        self.max_in_flight = DEFAULT_MAX_IN_FLIGHT
+        self._streams: list[SessionStream | None] = [None] * streams
+        self._turn = 0
 
     def stream(self) -> SessionStream:
-        """The open session stream to this member; a new one when there is none or it broke."""
-        s = self._stream
+        """A session stream to this member (the next in turn); a new one where there is none or it broke."""
+        i = self._turn
+        self._turn = (i + 1) % len(self._streams)
+        s = self._streams[i]
         if s is None or s.broken:
-            s = self._stream = SessionStream(self.channel, self.max_in_flight)
+            s = self._streams[i] = SessionStream(self.channel)
         return s
 
-    def close_stream(self) -> None:
-        if self._stream is not None:
-            self._stream.close()
-            self._stream = None
+    def close_streams(self) -> None:
+        for s in self._streams:
+            if s is not None:
+                s.close()
+        self._streams = [None] * len(self._streams)
 
 
 class Endpoints:
@@ -91,7 +94,11 @@ class Endpoints:
         addrs: Iterable[str],
         options: Sequence[tuple[str, Any]] = DEFAULT_CHANNEL_OPTIONS,
         breaker: CircuitBreaker | None = None,
+        streams_per_member: int = 1,
     ) -> None:
+        if streams_per_member < 1:
+            raise ValueError("streams_per_member must be >= 1")
+        self.streams_per_member = streams_per_member
         self._addrs: list[str] = []
         for a in addrs:
             self.learn(a)
@@ -122,7 +129,7 @@ class Endpoints:
     def conn(self, addr: str) -> Connection:
         c = self._conns.get(addr)
         if c is None:
-            c = self._conns[addr] = Connection(addr, self._options)
+            c = self._conns[addr] = Connection(addr, self._options, self.streams_per_member)
         return c
 
     def first(self) -> str:
@@ -191,5 +198,5 @@ class Endpoints:
     async def close(self) -> None:
         conns, self._conns = self._conns, {}
         for c in conns.values():
-            c.close_stream()
+            c.close_streams()
             await c.channel.close()
