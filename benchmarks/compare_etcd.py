@@ -458,7 +458,7 @@ def main() -> int:
             failover_ratio = ratio(statistics.median(kf), statistics.median(ef))
             console.print(f"failover median ratio (kvstore / etcd): {failover_ratio:.2f}")
             report["failover_s"] = {"etcd": ef, "kvstore": kf}
-        console.print("goals (issue 7):")
+        console.print("goals:")
         for line in goal_lines(rows, rss_ratio, failover_ratio, full_load):
             console.print("  " + line)
     finally:
