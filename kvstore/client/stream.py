@@ -87,6 +87,7 @@ def _identity(b: bytes) -> bytes:
 
 
 def _error(e: kv_pb2.RequestError) -> AttemptFailed:
+    """A member's RequestError as the status and trailing metadata of a unary call."""
     md: dict[str, str] = {}
     if e.not_applied:
         md[MD_NOT_APPLIED] = "1"
@@ -208,9 +209,10 @@ class SessionStream:
                 if resp is grpc.aio.EOF:
                     self._break(grpc.StatusCode.UNAVAILABLE, "the member ended the session stream")
                     return
-                fut = pending.get(resp.id)
-                if fut is not None and not fut.done():
-                    fut.set_result(resp)
+                for answer in resp.answers:
+                    fut = pending.get(answer.id)
+                    if fut is not None and not fut.done():
+                        fut.set_result(answer)
         except asyncio.CancelledError:
             raise
         except grpc.aio.AioRpcError as e:

@@ -11,8 +11,10 @@ everything over one per member. Each stream has three parts:
 - one task per request runs it through the same code as the unary call (and so
   the same proposal batching) and queues its answer;
 - one writer task drains that queue, because grpc.aio allows one write in
-  flight per stream. A slot is released only once its answer is written, so
-  the queue never holds more than ``max_in_flight`` answers.
+  flight per stream; every answer waiting when it is free goes out in one
+  message (a message costs far more than an answer). A slot is released only
+  once its answer is written, so the queue never holds more than
+  ``max_in_flight`` answers.
 
 A client that stops reading (a slow consumer) therefore stalls its own writer,
 then its own reader, and nothing else: other streams have their own tasks.
@@ -45,6 +47,10 @@ log = logging.getLogger("kvstore.kv")
 Handler = Callable[[str, Any, float, Any], Awaitable[None]]
 
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+
+#: Answers waiting together go out in one message up to about this size (a big
+#: range answer still goes alone; the client accepts 64 MiB messages).
+MAX_BATCH_BYTES = 1 << 20
 
 
 def request_error(out: kv_pb2.RequestError, err: BaseException) -> None:
@@ -84,9 +90,10 @@ class SessionStream:
         requests: AsyncIterator[kv_pb2.SessionRequest],
         write: Callable[[kv_pb2.SessionResponse], Awaitable[None]],
     ) -> None:
+        """Serve ``requests`` until the client half-closes; ``write`` sends one message back."""
         loop = asyncio.get_running_loop()
         slots = asyncio.Semaphore(self._max_in_flight)
-        answers: asyncio.Queue[kv_pb2.SessionResponse | None] = asyncio.Queue()
+        answers: asyncio.Queue[kv_pb2.SessionAnswer | None] = asyncio.Queue()
         writer = loop.create_task(self._write_loop(answers, write, slots))
         me = asyncio.current_task()
 
@@ -120,7 +127,7 @@ class SessionStream:
             writer.cancel()
 
     async def _answer(self, req: kv_pb2.SessionRequest, answers: "asyncio.Queue[Any]") -> None:
-        resp = kv_pb2.SessionResponse(id=req.id)
+        resp = kv_pb2.SessionAnswer(id=req.id)
         try:
             kind = req.WhichOneof("request")
             if not req.id:
@@ -146,13 +153,26 @@ class SessionStream:
 
     @staticmethod
     async def _write_loop(
-        answers: "asyncio.Queue[kv_pb2.SessionResponse | None]",
+        answers: "asyncio.Queue[kv_pb2.SessionAnswer | None]",
         write: Callable[[kv_pb2.SessionResponse], Awaitable[None]],
         slots: asyncio.Semaphore,
     ) -> None:
-        while True:
-            resp = await answers.get()
-            if resp is None:
+        done = False
+        while not done:
+            answer = await answers.get()
+            if answer is None:
                 return
-            await write(resp)
-            slots.release()
+            msg = kv_pb2.SessionResponse()
+            batch = msg.answers
+            batch.append(answer)
+            size = answer.ByteSize()
+            while size < MAX_BATCH_BYTES and not answers.empty():
+                answer = answers.get_nowait()
+                if answer is None:
+                    done = True
+                    break
+                batch.append(answer)
+                size += answer.ByteSize()
+            await write(msg)
+            for _ in range(len(batch)):
+                slots.release()

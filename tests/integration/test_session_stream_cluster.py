@@ -24,7 +24,7 @@ def test_malformed_requests_get_their_own_error_while_the_stream_and_member_go_o
     leader = settled(cluster)
     addr = cluster.client_addr(leader)
 
-    async def main() -> dict[int, kv_pb2.SessionResponse]:
+    async def main() -> dict[int, kv_pb2.SessionAnswer]:
         async with grpc.aio.insecure_channel(addr) as ch:
             call = kv_pb2_grpc.KVStub(ch).Session()
             P, R = kv_pb2.PutRequest, kv_pb2.RangeRequest
@@ -50,7 +50,7 @@ def test_malformed_requests_get_their_own_error_while_the_stream_and_member_go_o
                 r = await call.read()
                 if r is grpc.aio.EOF:
                     break
-                got[r.id] = r
+                got.update((a.id, a) for a in r.answers)
             assert await call.code() == grpc.StatusCode.OK
             return got
 

@@ -63,6 +63,39 @@ async def echo(kind: str, req: Any, timeout: float, out: Any) -> None:
         out.kvs.add(key=req.key, value=req.key)
 
 
+async def read_answers(call: Any, n: int) -> list[kv_pb2.SessionAnswer]:
+    """Read messages until ``n`` answers came (answers that complete together share a message)."""
+    out: list[kv_pb2.SessionAnswer] = []
+    while len(out) < n:
+        msg = await call.read()
+        assert msg is not grpc.aio.EOF, f"the stream ended after {len(out)} of {n} answers"
+        out.extend(msg.answers)
+    assert len(out) == n
+    return out
+
+
+def test_answers_completing_together_share_one_message():
+    async def main() -> None:
+        release = asyncio.Event()
+
+        async def held(kind: str, req: Any, timeout: float, out: Any) -> None:
+            await release.wait()
+
+        server, addr, kv = await start_server(held, max_in_flight=64)
+        async with grpc.aio.insecure_channel(addr) as ch:
+            call = kv_pb2_grpc.KVStub(ch).Session()
+            for i in range(1, 51):
+                await call.write(put_frame(i))
+            await wait_until(lambda: kv.streams and kv.streams[0].received == 50, what="50 requests read")
+            release.set()  # all 50 complete in the same loop turn
+            msg = await call.read()
+            assert len(msg.answers) == 50
+            call.cancel()
+        await server.stop(None)
+
+    asyncio.run(main())
+
+
 def put_frame(rid: int, key: bytes = b"k", value: bytes = b"v") -> kv_pb2.SessionRequest:
     return kv_pb2.SessionRequest(id=rid, put=kv_pb2.PutRequest(key=key, value=value))
 
@@ -109,12 +142,9 @@ def test_the_member_stops_reading_at_the_in_flight_bound():
             await asyncio.sleep(0.3)  # would the member read more? it must not
             assert kv.streams[0].received == 8 and started == 8
             release.set()
-            ids = set()
-            for _ in range(40):
-                resp = await call.read()
-                assert resp.WhichOneof("response") == "put"
-                ids.add(resp.id)
-            assert ids == set(range(1, 41))
+            answers = await read_answers(call, 40)
+            assert all(a.WhichOneof("response") == "put" for a in answers)
+            assert {a.id for a in answers} == set(range(1, 41))
             await call.done_writing()
             assert await call.read() is grpc.aio.EOF
         await server.stop(None)
@@ -180,9 +210,8 @@ def test_a_slow_consumer_holds_up_only_its_own_stream():
                 assert r.kvs[0].value == b"small"
             assert time.monotonic() - t0 < 5.0
             # The slow consumer reads at last and gets every answer.
-            for _ in range(200):
-                resp = await slow.read()
-                assert len(resp.range.kvs[0].value) == len(big)
+            for a in await read_answers(slow, 200):
+                assert len(a.range.kvs[0].value) == len(big)
             slow.cancel()
         await server.stop(None)
 
@@ -211,10 +240,7 @@ def test_a_malformed_or_failing_request_gets_its_own_error_and_the_stream_goes_o
             await call.write(put_frame(4, key=b"follower"))
             await call.write(put_frame(5, key=b"bug"))
             await call.write(put_frame(6, value=b"12345"))
-            got = {}
-            for _ in range(6):
-                r = await call.read()
-                got[r.id] = r
+            got = {a.id: a for a in await read_answers(call, 6)}
             await call.done_writing()
             assert await call.read() is grpc.aio.EOF
             assert await call.code() == grpc.StatusCode.OK
