@@ -119,10 +119,14 @@ def test_leader_killed_with_writes_in_flight_applies_each_exactly_once(cluster, 
             in_flight_at_kill = started[0] - len(acked)
             await asyncio.to_thread(cluster.kill, leader)  # SIGKILL with writes in flight on the stream
             n_at_kill = len(acked)
+            deadline = asyncio.get_running_loop().time() + 60
             while len(acked) < n_at_kill + 200:  # writes go on through the election
+                if asyncio.get_running_loop().time() > deadline or all(t.done() for t in tasks):
+                    break
                 await asyncio.sleep(0.05)
             stop.set()
-            await asyncio.gather(*tasks)
+            await asyncio.gather(*tasks)  # a writer's error (none expected) fails the test here
+            assert len(acked) >= n_at_kill + 200, f"writes stalled after the kill: {len(acked) - n_at_kill} acked"
         return acked, in_flight_at_kill
 
     acked, in_flight = asyncio.run(main())
