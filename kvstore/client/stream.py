@@ -172,8 +172,10 @@ class SessionStream:
             return
         if rid > self._written:  # still queued: dropped from the queue's view, so never sent
             del self._pending[rid]
+            why = "the session stream was busy" if self.connected else "the member never answered the stream"
             fut.set_exception(AttemptFailed(
-                grpc.StatusCode.DEADLINE_EXCEEDED, "not sent: the session stream was busy", dict(_NOT_APPLIED)
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"not sent: {why}", dict(_NOT_APPLIED),
+                unreachable=not self.connected,
             ))
         else:
             fut.set_exception(AttemptFailed(
