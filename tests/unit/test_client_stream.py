@@ -3,7 +3,6 @@ a member lost with requests in flight, the circuit breaker and the retry budget.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 
 import pytest

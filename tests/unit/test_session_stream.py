@@ -231,7 +231,7 @@ def test_a_malformed_or_failing_request_gets_its_own_error_and_the_stream_goes_o
                 raise KeyError("a bug")
             await echo(kind, req, timeout, out)
 
-        server, addr, kv = await start_server(picky)
+        server, addr, _ = await start_server(picky)
         async with grpc.aio.insecure_channel(addr) as ch:
             call = kv_pb2_grpc.KVStub(ch).Session()
             await call.write(kv_pb2.SessionRequest(id=1))  # no request at all
@@ -287,7 +287,7 @@ def test_a_broken_stream_fails_sent_requests_as_outcome_unknown_and_queued_ones_
             arrived.set()
             await asyncio.sleep(3600)
 
-        server, addr, kv = await start_server(hang)
+        server, addr, _ = await start_server(hang)
         ch = grpc.aio.insecure_channel(addr)
         s = ClientStream(ch)
         sent = asyncio.ensure_future(s.call("put", kv_pb2.PutRequest(key=b"k", value=b"v"), 30.0))
