@@ -227,8 +227,10 @@ class SessionStream:
         if self.broken:
             return
         self.broken = True
-        if code is grpc.StatusCode.OK:
-            code = grpc.StatusCode.UNAVAILABLE
+        # However gRPC names it (UNAVAILABLE, INTERNAL for an RST_STREAM, UNKNOWN, ...), a stream
+        # that broke is a transport failure: retryable, and the member counts as unreachable.
+        details = f"{code.name}: {details}"
+        code = grpc.StatusCode.UNAVAILABLE
         written = self._written if self.connected else 0
         for rid, fut in list(self._pending.items()):
             if fut.done():

@@ -306,3 +306,27 @@ def test_a_broken_stream_fails_sent_requests_as_outcome_unknown_and_queued_ones_
         await ch.close()
 
     asyncio.run(main())
+
+
+def test_a_stream_the_member_aborts_with_any_status_is_a_retryable_transport_failure():
+    class Aborting(kv_pb2_grpc.KVServicer):
+        async def Session(self, requests, context):  # type: ignore[no-untyped-def]
+            await context.send_initial_metadata(())
+            await requests.__aiter__().__anext__()
+            await context.abort(grpc.StatusCode.INTERNAL, "RST_STREAM")
+
+    async def main() -> None:
+        server = grpc.aio.server()
+        kv_pb2_grpc.add_KVServicer_to_server(Aborting(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            s = ClientStream(ch)
+            with pytest.raises(AttemptFailed) as ei:
+                await s.call("put", kv_pb2.PutRequest(key=b"k", value=b"v"), 5.0)
+        await server.stop(None)
+        e = ei.value
+        assert e.code is grpc.StatusCode.UNAVAILABLE and e.unreachable  # the client's retry takes it from here
+        assert "INTERNAL: RST_STREAM" in e.details and "outcome unknown" in e.details
+
+    asyncio.run(main())
