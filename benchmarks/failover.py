@@ -114,8 +114,9 @@ async def kv_trial(lc: LocalCluster, trace: ClientTrace | None, default_retry: b
         try:
             await kv.put(b"failover", b"x")
             dt = time.monotonic() - t0
-        except Exception:
+        except Exception as e:
             dt = float("inf")
+            print(f"  the probe gave up: {type(e).__name__}: {e}", flush=True)
     lc.kill(lead)  # reap it
     if trace:
         client = sorted([(t, "client: " + m) for t, m in trace.records] + [(killed_wall + dt, "client: put acknowledged")])

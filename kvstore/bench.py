@@ -73,6 +73,7 @@ class LoadSpec:
     nkeys: int = 100_000
     coalesce: bool = True
     timeout: float = 5.0  # per call, retries included
+    transport: str = "stream"  # the client's: one session stream per member, or "unary" RPCs
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
@@ -157,7 +158,9 @@ async def _drive(spec: LoadSpec, nclients: int, slot: int, ready: Any, go: Any, 
     first_error = ""
     nkeys, op = spec.nkeys, spec.op
     loop = asyncio.get_running_loop()
-    async with AsyncClient(list(spec.endpoints), coalesce=spec.coalesce, timeout=spec.timeout) as kv:
+    async with AsyncClient(
+        list(spec.endpoints), coalesce=spec.coalesce, timeout=spec.timeout, transport=spec.transport
+    ) as kv:
         # Find the leader and open a channel to every member a read may go to.
         await kv.put(b"warm", b"x")
         for _ in range(2 * len(spec.endpoints)):
@@ -300,6 +303,7 @@ def run_load(spec: LoadSpec, on_progress: ProgressFn | None = None) -> Stats:
     )
     # The load processes share the cores with the members: what they burn per
     # op is taken from the servers, so it is reported next to the rate.
+    stats.extra["transport"] = spec.transport
     stats.extra["client_cpu_s"] = cpu = sum(r["cpu"] for r in out.values())
     stats.extra["client_cpu_us_per_op"] = cpu / len(lat) * 1e6 if len(lat) else float("nan")
     rpcs = sum(r["rpcs"] for r in out.values())
@@ -353,7 +357,7 @@ def run_points(specs: Sequence[LoadSpec], console: Any = None) -> list[Stats]:
                TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         for spec in specs:
-            label = f"{spec.op:<4} x{spec.clients:<4} {'coalesced' if spec.coalesce else 'unary':<9}"
+            label = f"{spec.op:<4} x{spec.clients:<4} {'coalesced' if spec.coalesce else 'one op':<9} {spec.transport}"
             task = progress.add_task(label, total=spec.secs, rate="")
 
             def tick(elapsed: float, done: int, task: Any = task, secs: float = spec.secs) -> None:
@@ -384,17 +388,20 @@ def _csv_list(value: str, conv: Callable[[str], Any]) -> list[Any]:
 @click.option("--keys", "nkeys", type=int, default=100_000, show_default=True, help="key space (uniform)")
 @click.option("--coalesce/--no-coalesce", default=True, show_default=True,
               help="let the client gather concurrent calls into Batch RPCs")
+@click.option("--transport", type=click.Choice(["stream", "unary"]), default="stream", show_default=True,
+              help="one session stream per member, or one unary RPC per call")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="also write every point as one JSON object per line")
 def bench(endpoints: str, ops: str, clients: str, secs: float, procs: int, value_size: int, nkeys: int,
-          coalesce: bool, json_path: str | None) -> None:
+          coalesce: bool, transport: str, json_path: str | None) -> None:
     """Closed-loop load against a running cluster: ops/s, p50, p99, p99.9 per op and client count."""
     from rich.console import Console
 
     try:
         op_list = _csv_list(ops, str)
         client_list = _csv_list(clients, int)
-        specs = [LoadSpec(tuple(_csv_list(endpoints, str)), op, n, secs, procs, value_size, nkeys, coalesce)
+        specs = [LoadSpec(tuple(_csv_list(endpoints, str)), op, n, secs, procs, value_size, nkeys, coalesce,
+                          transport=transport)
                  for op in op_list for n in client_list]
     except ValueError as e:
         raise click.BadParameter(str(e)) from e

@@ -7,12 +7,13 @@ grows with the client addresses the cluster reports (redirects, MemberList).
 """
 from __future__ import annotations
 
-import time
-from typing import Any
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import grpc
 
+from kvstore.client.breaker import CircuitBreaker
+from kvstore.client.stream import SessionStream
 from kvstore.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2_grpc
 
 __all__ = ["Endpoints", "Connection", "DEFAULT_ENDPOINTS", "normalize", "DEFAULT_CHANNEL_OPTIONS"]
@@ -43,11 +44,11 @@ def normalize(addr: str) -> str:
 
 
 class Connection:
-    """A channel to one member with its stubs' bound methods, looked up by RPC name."""
+    """A channel to one member with its stubs' bound methods, looked up by RPC name, and its session stream."""
 
-    __slots__ = ("addr", "channel", "methods")
+    __slots__ = ("addr", "channel", "methods", "_streams", "_turn")
 
-    def __init__(self, addr: str, options: Sequence[tuple[str, Any]]) -> None:
+    def __init__(self, addr: str, options: Sequence[tuple[str, Any]], streams: int = 1) -> None:
         self.addr = addr
         self.channel = grpc.aio.insecure_channel(addr, options=list(options))
         kv = kv_pb2_grpc.KVStub(self.channel)
@@ -62,6 +63,23 @@ class Connection:
             "MemberList": cl.MemberList,
             "TransferLeadership": cl.TransferLeadership,
         }
+        self._streams: list[SessionStream | None] = [None] * streams
+        self._turn = 0
+
+    def stream(self) -> SessionStream:
+        """A session stream to this member (the next in turn); a new one where there is none or it broke."""
+        i = self._turn
+        self._turn = (i + 1) % len(self._streams)
+        s = self._streams[i]
+        if s is None or s.broken:
+            s = self._streams[i] = SessionStream(self.channel)
+        return s
+
+    def close_streams(self) -> None:
+        for s in self._streams:
+            if s is not None:
+                s.close()
+        self._streams = [None] * len(self._streams)
 
 
 class Endpoints:
@@ -71,7 +89,16 @@ class Endpoints:
     dropped when that member fails. Only touched from the client's event loop.
     """
 
-    def __init__(self, addrs: Iterable[str], options: Sequence[tuple[str, Any]] = DEFAULT_CHANNEL_OPTIONS) -> None:
+    def __init__(
+        self,
+        addrs: Iterable[str],
+        options: Sequence[tuple[str, Any]] = DEFAULT_CHANNEL_OPTIONS,
+        breaker: CircuitBreaker | None = None,
+        streams_per_member: int = 1,
+    ) -> None:
+        if streams_per_member < 1:
+            raise ValueError("streams_per_member must be >= 1")
+        self.streams_per_member = streams_per_member
         self._addrs: list[str] = []
         for a in addrs:
             self.learn(a)
@@ -83,7 +110,7 @@ class Endpoints:
         self.leader_id = 0
         self.ids: dict[int, str] = {}  # member id -> client address
         self._start = 0
-        self._penalty: dict[str, float] = {}  # addr -> monotonic time its penalty ends
+        self.breaker = breaker if breaker is not None else CircuitBreaker()
 
     @property
     def addrs(self) -> list[str]:
@@ -102,7 +129,7 @@ class Endpoints:
     def conn(self, addr: str) -> Connection:
         c = self._conns.get(addr)
         if c is None:
-            c = self._conns[addr] = Connection(addr, self._options)
+            c = self._conns[addr] = Connection(addr, self._options, self.streams_per_member)
         return c
 
     def first(self) -> str:
@@ -144,18 +171,9 @@ class Endpoints:
                 fallback = a
         return fallback if fallback is not None else self.after(addr)
 
-    def penalize(self, addr: str, seconds: float) -> None:
-        """Keep calls away from a member that did not answer, for ``seconds``."""
-        self._penalty[addr] = time.monotonic() + seconds
-
     def penalized(self, addr: str) -> bool:
-        until = self._penalty.get(addr)
-        if until is None:
-            return False
-        if time.monotonic() >= until:
-            del self._penalty[addr]
-            return False
-        return True
+        """Calls skip ``addr`` for now: its circuit is open (it refused, broke or stayed silent)."""
+        return self.breaker.is_open(addr)
 
     def set_leader(self, addr: str, member_id: int = 0) -> None:
         self.leader = addr
@@ -180,4 +198,5 @@ class Endpoints:
     async def close(self) -> None:
         conns, self._conns = self._conns, {}
         for c in conns.values():
+            c.close_streams()
             await c.channel.close()

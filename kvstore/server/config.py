@@ -86,6 +86,8 @@ OPTIONS: list[Option] = [
     Option("--max-request-bytes", int, 3 * MiB // 2, "largest client request accepted"),
     Option("--max-txn-ops", int, 128, "most operations in one txn branch (and compares)"),
     Option("--max-batch-ops", int, 1024, "most operations in one Batch request"),
+    Option("--max-stream-in-flight", int, 1024,
+           "most requests unanswered on one client session stream; at the bound the member stops reading it"),
     Option("--request-timeout-ms", int, 10000, "how long a request may wait for commit when the client sets no deadline"),
     # ops
     Option("--log-level", str, "info", "debug, info, warning or error"),
@@ -133,6 +135,7 @@ class ServerConfig:
     max_request_bytes: int = 3 * MiB // 2
     max_txn_ops: int = 128
     max_batch_ops: int = 1024
+    max_stream_in_flight: int = 1024
     request_timeout_ms: int = 10000
     log_level: str = "info"
     testing_unsafe_local_reads: bool = False
@@ -212,6 +215,8 @@ def make_config(values: dict[str, Any]) -> ServerConfig:
     if cfg.state_machine_sync not in STATE_MACHINE_SYNC_MODES:
         raise ValueError(f"--state-machine-sync must be one of {', '.join(STATE_MACHINE_SYNC_MODES)}, "
                          f"not {cfg.state_machine_sync!r}")
+    if cfg.max_stream_in_flight < 1:
+        raise ValueError(f"--max-stream-in-flight must be >= 1, not {cfg.max_stream_in_flight}")
     from kvstore.storage.keys import MAX_KEY_BYTES
 
     if not 0 < cfg.max_key_bytes <= MAX_KEY_BYTES:

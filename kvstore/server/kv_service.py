@@ -23,6 +23,7 @@ from kvstore.v1 import command_pb2, kv_pb2, kv_pb2_grpc
 from .errors import RequestFailed, invalid_argument
 from .limits import InvalidRequest, Limits, is_mutation
 from .node import Node
+from .session_stream import SessionStream
 
 log = logging.getLogger("kvstore.kv")
 
@@ -53,6 +54,13 @@ class KVService(kv_pb2_grpc.KVServicer):
         self.limits = limits
         self.default_timeout = node.cfg.request_timeout_ms / 1000
         self._cluster_id = node.cfg.cluster_id
+        self._by_kind = {
+            "range": self._range,
+            "put": self._put,
+            "delete_range": lambda r, t, out: self._one_write(r, "delete_range", t, out),
+            "txn": lambda r, t, out: self._one_write(r, "txn", t, out),
+            "batch": self._batch,
+        }
 
     def _timeout(self, context: grpc.aio.ServicerContext) -> float:
         remaining = context.time_remaining()
@@ -68,19 +76,24 @@ class KVService(kv_pb2_grpc.KVServicer):
 
     @handles_errors
     async def Range(self, request: kv_pb2.RangeRequest, context) -> kv_pb2.RangeResponse:
+        resp = kv_pb2.RangeResponse()
+        await self._range(request, self._timeout(context), resp)
+        return resp
+
+    async def _range(self, request: kv_pb2.RangeRequest, timeout: float, resp: kv_pb2.RangeResponse) -> None:
         self.limits.check_request_size(request)
         self._check_op(kv_pb2.RequestOp(request_range=request))
         if request.serializable:
             self.node.check_serving()
         else:
-            await self.node.read_barrier(self._timeout(context))
-        return await self.node.range(request)
+            await self.node.read_barrier(timeout)
+        await self.node.range_many([request], [resp])  # validated just above
 
     # ------------------------------------------------------------------ writes
 
-    async def _write(self, op: kv_pb2.RequestOp, request_id, context) -> command_pb2.CommandResult | None:
+    async def _write(self, op: kv_pb2.RequestOp, request_id, timeout: float) -> command_pb2.CommandResult | None:
         self._check_op(op)
-        result = await self.node.propose([op], request_id, self._timeout(context))
+        result = await self.node.propose([op], request_id, timeout)
         if result is None:  # --testing-ack-before-commit: an answer before commit (UNSAFE)
             return None
         if isinstance(result, ApplyError):
@@ -100,19 +113,27 @@ class KVService(kv_pb2_grpc.KVServicer):
         header.raft_term = self.node.term
         header.revision = revision
 
-    async def _unary_write(self, request, field: str, empty, context):
-        """Put, DeleteRange and Txn: one op in one Command; the RequestId travels once, in the Command."""
+    async def _one_write(self, request, field: str, timeout: float, resp) -> None:
+        """DeleteRange and Txn: one op in one Command; the RequestId travels once, in the Command."""
         self.limits.check_request_size(request)
         op = kv_pb2.RequestOp(**{f"request_{field}": request})
         getattr(op, f"request_{field}").ClearField("request_id")
-        result = await self._write(op, _request_id(request), context)
-        resp = empty() if result is None else getattr(result.responses[0], f"response_{field}")
+        result = await self._write(op, _request_id(request), timeout)
+        if result is None:  # --testing-ack-before-commit: claim success (UNSAFE)
+            if field == "txn":
+                resp.succeeded = True
+        else:
+            resp.CopyFrom(getattr(result.responses[0], f"response_{field}"))
         self._finish(resp, result)
-        return resp
 
     @handles_errors
     async def Put(self, request: kv_pb2.PutRequest, context) -> kv_pb2.PutResponse:
-        """_unary_write, inlined for the request nearly every write load is made of."""
+        resp = kv_pb2.PutResponse()
+        await self._put(request, self._timeout(context), resp)
+        return resp
+
+    async def _put(self, request: kv_pb2.PutRequest, timeout: float, resp: kv_pb2.PutResponse) -> None:
+        """The request nearly every write load is made of, checked and proposed without detours."""
         self.limits.check_put_request(request)
         op = kv_pb2.RequestOp()
         put = op.request_put
@@ -120,30 +141,37 @@ class KVService(kv_pb2_grpc.KVServicer):
         put.ClearField("request_id")
         storage_check_op(op)
         rid = request.request_id if request.HasField("request_id") else None
-        result = await self.node.propose([op], rid, self._timeout(context))
+        result = await self.node.propose([op], rid, timeout)
         if result is None:  # --testing-ack-before-commit: an answer before commit (UNSAFE)
-            resp = kv_pb2.PutResponse()
             resp.header.CopyFrom(self.node.header())
-            return resp
+            return
         if isinstance(result, ApplyError):
             raise apply_error(result)
-        resp = kv_pb2.PutResponse() if type(result) is PlainPuts else result.responses[0].response_put
+        if type(result) is not PlainPuts:
+            resp.CopyFrom(result.responses[0].response_put)
         self._write_header(resp.header, result.revision)
-        return resp
 
     @handles_errors
     async def DeleteRange(self, request: kv_pb2.DeleteRangeRequest, context) -> kv_pb2.DeleteRangeResponse:
-        return await self._unary_write(request, "delete_range", kv_pb2.DeleteRangeResponse, context)
+        resp = kv_pb2.DeleteRangeResponse()
+        await self._one_write(request, "delete_range", self._timeout(context), resp)
+        return resp
 
     @handles_errors
     async def Txn(self, request: kv_pb2.TxnRequest, context) -> kv_pb2.TxnResponse:
-        # result is None only in --testing-ack-before-commit mode: claim success.
-        return await self._unary_write(request, "txn", lambda: kv_pb2.TxnResponse(succeeded=True), context)
+        resp = kv_pb2.TxnResponse()
+        await self._one_write(request, "txn", self._timeout(context), resp)
+        return resp
 
     # ------------------------------------------------------------------ batch
 
     @handles_errors
     async def Batch(self, request: kv_pb2.BatchRequest, context) -> kv_pb2.BatchResponse:
+        resp = kv_pb2.BatchResponse()
+        await self._batch(request, self._timeout(context), resp)
+        return resp
+
+    async def _batch(self, request: kv_pb2.BatchRequest, timeout: float, resp: kv_pb2.BatchResponse) -> None:
         """Independent ops: each valid one proceeds, each invalid one gets its own OpError.
 
         The mutations go out as one Command (one log entry, one RequestId);
@@ -154,7 +182,6 @@ class KVService(kv_pb2_grpc.KVServicer):
         self.limits.check_request_size(request)
         self.limits.check_batch_size(request)
         ops = request.ops
-        resp = kv_pb2.BatchResponse()
         slots = [resp.results.add() for _ in range(len(ops))]  # one per op, in order
         writes: list[int] = []
         reads: list[int] = []
@@ -189,7 +216,6 @@ class KVService(kv_pb2_grpc.KVServicer):
         else:
             self.node.check_serving()
 
-        timeout = self._timeout(context)
         write_task = None
         if writes:
             rid = request.request_id if request.HasField("request_id") else None
@@ -230,7 +256,23 @@ class KVService(kv_pb2_grpc.KVServicer):
         resp.header.CopyFrom(self.node.header())
         if revision is not None:
             resp.header.revision = max(resp.header.revision, revision)
-        return resp
+
+    # ------------------------------------------------------------------ session stream
+
+    async def Session(self, request_iterator, context) -> None:
+        """Every call above, many in flight on one stream (see session_stream.py)."""
+        stream = SessionStream(
+            self._session_request, max_in_flight=self.node.cfg.max_stream_in_flight,
+            default_timeout=self.default_timeout,
+        )
+        # Headers at once: the client writes nothing until it has them, so a stream that
+        # never connected leaves its requests certainly unapplied.
+        await context.send_initial_metadata(())
+        await stream.run(request_iterator, context.write)
+
+    def _session_request(self, kind: str, request, timeout: float, resp):
+        """One session request, by its SessionRequest field: the unary call's code, answering into ``resp``."""
+        return self._by_kind[kind](request, timeout, resp)
 
 
 def _set_op_error(slot: kv_pb2.BatchResult, code: grpc.StatusCode, message: str) -> None:

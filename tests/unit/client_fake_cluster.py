@@ -6,7 +6,9 @@ instant). It follows the server contracts the client relies on — redirects
 with leader metadata, "no leader", ``kvstore-not-applied``, exactly-once by
 (client_id, seq), per-op Batch errors, limits as INVALID_ARGUMENT — and lets a
 test break things: fail the next calls, lose replies after applying, hang, or
-go down entirely. Servers run on their own event-loop thread so both the
+go down entirely. The session stream is the real server's stream code
+(``SessionStream``) over the same handlers, so every fault applies per request
+on a stream too. Servers run on their own event-loop thread so both the
 blocking and the asyncio client can be tested against them.
 """
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any
 
 import grpc
 
+from kvstore.server.errors import RequestFailed
+from kvstore.server.session_stream import SessionStream
 from kvstore.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2, kv_pb2_grpc
 
 MUTATIONS = {"Put", "DeleteRange", "Txn"}
@@ -148,8 +152,12 @@ class FakeNode:
     faults: list[Fault] = field(default_factory=list)
     drop_replies: int = 0  # apply, then answer UNAVAILABLE (reply lost), this many times
     hang: bool = False  # never answer (like a SIGSTOPped process)
+    delay: float = 0.0  # seconds each KV request waits before it is served (or redirected)
+    hang_after_apply: bool = False  # apply writes, then never answer them
     read_op_errors: int = 0  # fail this many reads inside Batches with a per-op UNAVAILABLE
     calls: dict[str, int] = field(default_factory=dict)
+    streams_opened: int = 0
+    session_streams: list[Any] = field(default_factory=list)
     requests: list[tuple[str, Any]] = field(default_factory=list)
 
     @property
@@ -165,6 +173,8 @@ class FakeNode:
         self.requests.append((method, type(req).FromString(req.SerializeToString())))
         if self.hang:
             await asyncio.sleep(3600)
+        if self.delay:
+            await asyncio.sleep(self.delay)
         if self.faults:
             f = self.faults.pop(0)
             await ctx.abort(f.code, f.details, trailing_metadata=f.metadata)
@@ -199,6 +209,8 @@ class FakeNode:
                     trailing_metadata=(("kvstore-not-applied", "1"),),
                 )
             resp = sm.dedup(req.request_id, lambda: self.batch(req))
+        if self.hang_after_apply and method != "Range":
+            await asyncio.sleep(3600)
         if self.drop_replies > 0 and method != "Range":
             self.drop_replies -= 1
             await ctx.abort(grpc.StatusCode.UNAVAILABLE, "connection reset (reply lost)")
@@ -244,6 +256,34 @@ class _KV(kv_pb2_grpc.KVServicer):
         return await self.node.handle("Batch", req, ctx)
 
 
+    async def Session(self, requests, ctx):  # type: ignore[no-untyped-def]
+        """The real server's stream code (SessionStream) over this fake's handlers."""
+        node = self.node
+        node.streams_opened += 1
+        stream = SessionStream(self._stream_request, max_in_flight=node.cluster.max_stream_in_flight,
+                               default_timeout=10.0)
+        node.session_streams.append(stream)
+        await ctx.send_initial_metadata(())
+        await stream.run(requests, ctx.write)
+
+    async def _stream_request(self, kind: str, req: Any, timeout: float, out: Any) -> None:
+        out.CopyFrom(await self.node.handle(STREAM_METHODS[kind], req, _StreamContext()))
+
+
+STREAM_METHODS = {"range": "Range", "put": "Put", "delete_range": "DeleteRange", "txn": "Txn", "batch": "Batch"}
+
+
+class _StreamContext:
+    """What a handler's ``ctx.abort`` becomes on a session stream: the error of that one request."""
+
+    async def abort(self, code: grpc.StatusCode, details: str, trailing_metadata=()) -> None:  # type: ignore[no-untyped-def]
+        md = tuple(trailing_metadata or ())
+        raise RequestFailed(
+            code, details, not_applied=("kvstore-not-applied", "1") in md,
+            metadata=tuple(kv for kv in md if kv[0] != "kvstore-not-applied"),
+        )
+
+
 class _Cluster(cluster_pb2_grpc.ClusterServicer):
     def __init__(self, node: FakeNode) -> None:
         self.node = node
@@ -284,8 +324,11 @@ class _Cluster(cluster_pb2_grpc.ClusterServicer):
 class FakeCluster:
     """N fake members on their own loop thread. Use as a context manager."""
 
-    def __init__(self, n: int = 3, leader: int | None = 1, max_batch_ops: int = 1000) -> None:
+    def __init__(
+        self, n: int = 3, leader: int | None = 1, max_batch_ops: int = 1000, max_stream_in_flight: int = 1024
+    ) -> None:
         self.sm = StateMachine()
+        self.max_stream_in_flight = max_stream_in_flight
         self.nodes = [FakeNode(i + 1, self) for i in range(n)]
         self.leader_id = leader
         self.max_batch_ops = max_batch_ops
