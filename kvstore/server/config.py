@@ -166,9 +166,13 @@ def build_parser(prog: str = "kvstore serve") -> argparse.ArgumentParser:
         if opt.type is bool:
             p.add_argument(opt.flag, dest=opt.dest, action="store_true", default=None, help=opt.help)
         else:
-            p.add_argument(opt.flag, dest=opt.dest, type=opt.type, default=None,
-                           help=f"{opt.help} (default: {opt.default!r})")
+            p.add_argument(opt.flag, dest=opt.dest, type=opt.type, default=None, help=help_with_default(opt))
     return p
+
+
+def help_with_default(opt: Option) -> str:
+    """The flag's help naming its default once: a help that describes a derived default keeps its own."""
+    return opt.help if "(default:" in opt.help else f"{opt.help} (default: {opt.default!r})"
 
 
 def parse_args(argv: list[str] | None = None, prog: str = "kvstore serve") -> ServerConfig:
