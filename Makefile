@@ -70,7 +70,7 @@ soak: build
 	$(PY) -m tests.sim --seeds 100000 --jobs 2
 	$(PY) -m pytest tests -q -m slow
 
-bench: build
+bench: build system-deps
 	$(PY) benchmarks/compare_etcd.py
 
 clean:
