@@ -168,6 +168,11 @@ def cluster_up(nodes: int, data_dir: str, base_client_port: int, base_peer_port:
         fail("--nodes must be >= 1")
     extra = [a for arg in node_args for a in shlex.split(arg)]
     lc = LocalCluster(data_dir, nodes, base_client_port, base_peer_port, extra_args=extra)
+    busy = sorted(lc.data_dirs_in_use().items())
+    if busy:
+        i, pid = busy[0]
+        fail(f"data dir {lc.base_dir} is in use by pid {pid} (member {i}'s node: is another "
+             "`kvstore cluster up` running on it?)")
     existing = [i for i in lc.ids if os.path.isdir(lc.data_dir(i))]
     stopping = []
 

@@ -24,6 +24,7 @@ import time
 
 import grpc
 
+from kvstore.storage.data_dir_lock import data_dir_holder
 from kvstore.v1 import cluster_pb2, cluster_pb2_grpc
 
 from kvstore.server.config import DEFAULT_BASE_CLIENT_PORT, DEFAULT_BASE_PEER_PORT, PORT_STRIDE, format_members
@@ -162,6 +163,11 @@ class LocalCluster:
     def pid(self, i: int) -> int | None:
         p = self.procs.get(i)
         return p.pid if p is not None else None
+
+    def data_dirs_in_use(self) -> dict[int, int]:
+        """Members whose data dir another live process holds: member -> its pid (0: not yet known)."""
+        held = {i: data_dir_holder(self.data_dir(i)) for i in self.ids}
+        return {i: pid for i, pid in held.items() if pid is not None}
 
     def running(self) -> list[int]:
         return [i for i in self.ids if self.is_running(i)]

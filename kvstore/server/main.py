@@ -14,6 +14,7 @@ import sys
 
 import grpc
 
+from kvstore.storage.data_dir_lock import DataDirInUse, lock_data_dir
 from kvstore.v1 import cluster_pb2_grpc, kv_pb2_grpc
 
 from .cluster_service import ClusterService
@@ -88,6 +89,12 @@ def setup_logging(cfg: ServerConfig) -> None:
 
 def run(cfg: ServerConfig) -> None:
     setup_logging(cfg)
+    try:
+        lock_data_dir(cfg.data_dir)  # held until the process exits
+    except DataDirInUse as e:
+        sys.exit(f"error: {e}")
+    except OSError as e:
+        sys.exit(f"error: cannot lock data dir {cfg.data_dir}: {e.strerror or e}")
     try:
         import uvloop
     except ImportError:
