@@ -14,6 +14,7 @@ traceback.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from kvstore.foreground import in_own_foreground
 from kvstore.server.config import DEFAULT_BASE_CLIENT_PORT, DEFAULT_BASE_PEER_PORT, default_client_addr
 
 if TYPE_CHECKING:
@@ -160,6 +162,7 @@ def cluster() -> None:
 @click.option("--base-client-port", default=DEFAULT_BASE_CLIENT_PORT, show_default=True)
 @click.option("--base-peer-port", default=DEFAULT_BASE_PEER_PORT, show_default=True)
 @click.option("--node-arg", "node_args", multiple=True, help="extra flag passed to every node (repeatable)")
+@in_own_foreground
 def cluster_up(nodes: int, data_dir: str, base_client_port: int, base_peer_port: int, node_args) -> None:
     """Start a local cluster, wait for a leader, show live status; Ctrl-C stops it cleanly."""
     from kvstore.launcher import LocalCluster, NodeFailedToStart
@@ -179,8 +182,8 @@ def cluster_up(nodes: int, data_dir: str, base_client_port: int, base_peer_port:
     def on_signal(signum, frame):
         stopping.append(signum)
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
     verb = "restarting on existing data in" if existing else "starting a new cluster in"
     console.print(f"[bold]kvstore[/]: {verb} {lc.base_dir} ({nodes} members)")
     lc.start()
@@ -209,9 +212,11 @@ def cluster_up(nodes: int, data_dir: str, base_client_port: int, base_peer_port:
         sys.exit(1)
     finally:
         if lc.running():
-            console.print("stopping members (leadership handed over first)...")
+            with contextlib.suppress(OSError):  # stdout may be gone (a closed pipe): stop them anyway
+                console.print("stopping members (leadership handed over first)...")
             lc.stop()
-            console.print("stopped; data kept in " + lc.base_dir)
+            with contextlib.suppress(OSError):
+                console.print("stopped; data kept in " + lc.base_dir)
 
 
 def status_table(lc) -> Table:
