@@ -5,6 +5,9 @@ install kvstore-0.1.0.tar.gz` does) failed. Here `python -m build` makes the
 sdist and then the wheel from that sdist (with this venv's build tools,
 --no-isolation, to keep it affordable); the wheel goes into a fresh venv,
 whose `kvstore` starts a local cluster and puts a key through it.
+
+Slow (make soak): ~25 s of CPU, mostly compiling the WAL module, and 100 s
+to over 200 s of wall time on a loaded 2-core machine.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ def run(*cmd: str, cwd: str, timeout: float = 300) -> subprocess.CompletedProces
     return r
 
 
+@pytest.mark.slow
 def test_sdist_builds_a_wheel_that_installs_and_runs_a_cluster(tmp_path):
     dist = tmp_path / "dist"
     run(sys.executable, "-m", "build", "--no-isolation", "--outdir", str(dist), ROOT, cwd=ROOT)
