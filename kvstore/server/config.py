@@ -40,6 +40,7 @@ DEFAULT_INITIAL_CLUSTER_CLIENTS = format_members({i: default_client_addr(i) for 
 
 MiB = 1 << 20
 STATE_MACHINE_SYNC_MODES = ("boot", "commit")
+LOG_FORMATS = ("text", "json")  # see logs.py
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,7 @@ OPTIONS: list[Option] = [
     Option("--request-timeout-ms", int, 10000, "how long a request may wait for commit when the client sets no deadline"),
     # ops
     Option("--log-level", str, "info", "debug, info, warning or error"),
+    Option("--log-format", str, "text", "text, or json: one object per line (ts, level, member, term, event, msg)"),
     # test-only modes that deliberately break guarantees (the Jepsen harness's teeth tests)
     Option("--testing-unsafe-local-reads", bool, False,
            "TESTING ONLY, UNSAFE: every member answers linearizable reads locally without ReadIndex"),
@@ -135,6 +137,7 @@ class ServerConfig:
     max_batch_ops: int = 1024
     request_timeout_ms: int = 10000
     log_level: str = "info"
+    log_format: str = "text"
     testing_unsafe_local_reads: bool = False
     testing_ack_before_commit: bool = False
 
@@ -216,6 +219,8 @@ def make_config(values: dict[str, Any]) -> ServerConfig:
     if cfg.state_machine_sync not in STATE_MACHINE_SYNC_MODES:
         raise ValueError(f"--state-machine-sync must be one of {', '.join(STATE_MACHINE_SYNC_MODES)}, "
                          f"not {cfg.state_machine_sync!r}")
+    if cfg.log_format not in LOG_FORMATS:
+        raise ValueError(f"--log-format must be one of {', '.join(LOG_FORMATS)}, not {cfg.log_format!r}")
     from kvstore.storage.keys import MAX_KEY_BYTES
 
     if not 0 < cfg.max_key_bytes <= MAX_KEY_BYTES:

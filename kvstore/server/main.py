@@ -21,6 +21,7 @@ from .cluster_service import ClusterService
 from .config import ServerConfig, parse_args
 from .kv_service import KVService
 from .limits import Limits
+from .logs import log_term_from, setup_logging
 from .node import Node
 from .peer_server import PeerServer
 
@@ -36,6 +37,7 @@ def client_server_options(cfg: ServerConfig) -> list[tuple[str, int]]:
 
 async def serve(cfg: ServerConfig) -> None:
     node = Node(cfg)
+    log_term_from(lambda: node.term)
     await node.start()
 
     peer_server = PeerServer(node)
@@ -79,16 +81,8 @@ async def cannot_listen(node: Node, what: str, addr: str, why: str) -> None:
     raise SystemExit(1)
 
 
-def setup_logging(cfg: ServerConfig) -> None:
-    logging.basicConfig(
-        level=getattr(logging, cfg.log_level.upper(), logging.INFO),
-        format=f"%(asctime)s {cfg.name} %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
 def run(cfg: ServerConfig) -> None:
-    setup_logging(cfg)
+    setup_logging(cfg.log_format, cfg.log_level, cfg.name, cfg.id)
     try:
         lock_data_dir(cfg.data_dir)  # held until the process exits
     except DataDirInUse as e:
