@@ -31,7 +31,8 @@ build: venv
 #   e2fsprogs           ext4 images on loop devices (the power nemesis)
 #   prometheus          promtool and a real Prometheus for the alert tests
 #   etcd-server etcd-client   the side-by-side benchmarks
-APT_PACKAGES := iptables iproute2 strace fiu-utils faketime e2fsprogs prometheus etcd-server etcd-client
+#   tmux                a real terminal for the Ctrl-C test of `make run`
+APT_PACKAGES := iptables iproute2 strace fiu-utils faketime e2fsprogs prometheus etcd-server etcd-client tmux
 system-deps:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ]; then \
@@ -42,8 +43,9 @@ system-deps:
 		echo "warning: not root, cannot install $$missing; the tests that need them skip"; \
 	fi
 
+# RUN_ARGS: flags for `kvstore cluster up`, e.g. make run RUN_ARGS="--dir /tmp/kv --nodes 5"
 run: build
-	$(VENV)/bin/kvstore cluster up
+	$(VENV)/bin/kvstore cluster up $(RUN_ARGS)
 
 # ruff (pyproject's [tool.ruff]) on the whole tree, mypy (check_untyped_defs) on the package.
 lint: build
@@ -70,7 +72,7 @@ soak: build
 	$(PY) -m tests.sim --seeds 100000 --jobs 2
 	$(PY) -m pytest tests -q -m slow
 
-bench: build
+bench: build system-deps
 	$(PY) benchmarks/compare_etcd.py
 
 clean:

@@ -377,6 +377,15 @@ def main() -> int:
     ap.add_argument("--workdir", default=None, help="data dirs (default: a temp dir, removed afterwards)")
     ap.add_argument("--json", dest="json_path", default=None, help="write every figure here as JSON")
     a = ap.parse_args()
+    missing = [tool for tool in ("etcd", "etcdctl") if shutil.which(tool) is None]
+    if missing:
+        print(f"compare_etcd: {' and '.join(missing)} not found: install Debian's etcd-server and etcd-client "
+              "(`make system-deps` does, as root)", file=sys.stderr)
+        return 2
+    if not (SHARED_BENCH / "etcd_cluster.sh").is_file():
+        print(f"compare_etcd: {SHARED_BENCH}/etcd_cluster.sh not found (the shared bench scripts sit beside "
+              "the checkout)", file=sys.stderr)
+        return 2
 
     ops = [o.strip() for o in a.ops.split(",") if o.strip()]
     clients = [int(c) for c in a.clients.split(",") if c.strip()]

@@ -14,6 +14,7 @@ traceback.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
@@ -25,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from kvstore import write_out as wo
+from kvstore.foreground import in_own_foreground
 from kvstore.server.config import DEFAULT_BASE_CLIENT_PORT, DEFAULT_BASE_PEER_PORT, default_client_addr
 
 if TYPE_CHECKING:
@@ -90,6 +93,11 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
+
+
+write_out_option = click.option(
+    "-w", "--write-out", type=click.Choice(wo.FORMATS), default="simple", show_default=True,
+    help="output format: json is one document, shaped like etcdctl's (keys and values base64)")
 
 
 def show(b: bytes) -> str:
@@ -160,6 +168,7 @@ def cluster() -> None:
 @click.option("--base-client-port", default=DEFAULT_BASE_CLIENT_PORT, show_default=True)
 @click.option("--base-peer-port", default=DEFAULT_BASE_PEER_PORT, show_default=True)
 @click.option("--node-arg", "node_args", multiple=True, help="extra flag passed to every node (repeatable)")
+@in_own_foreground
 def cluster_up(nodes: int, data_dir: str, base_client_port: int, base_peer_port: int, node_args) -> None:
     """Start a local cluster, wait for a leader, show live status; Ctrl-C stops it cleanly."""
     from kvstore.launcher import LocalCluster, NodeFailedToStart
@@ -168,14 +177,19 @@ def cluster_up(nodes: int, data_dir: str, base_client_port: int, base_peer_port:
         fail("--nodes must be >= 1")
     extra = [a for arg in node_args for a in shlex.split(arg)]
     lc = LocalCluster(data_dir, nodes, base_client_port, base_peer_port, extra_args=extra)
+    busy = sorted(lc.data_dirs_in_use().items())
+    if busy:
+        i, pid = busy[0]
+        fail(f"data dir {lc.base_dir} is in use by pid {pid} (member {i}'s node: is another "
+             "`kvstore cluster up` running on it?)")
     existing = [i for i in lc.ids if os.path.isdir(lc.data_dir(i))]
     stopping = []
 
     def on_signal(signum, frame):
         stopping.append(signum)
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
     verb = "restarting on existing data in" if existing else "starting a new cluster in"
     console.print(f"[bold]kvstore[/]: {verb} {lc.base_dir} ({nodes} members)")
     lc.start()
@@ -204,9 +218,11 @@ def cluster_up(nodes: int, data_dir: str, base_client_port: int, base_peer_port:
         sys.exit(1)
     finally:
         if lc.running():
-            console.print("stopping members (leadership handed over first)...")
+            with contextlib.suppress(OSError):  # stdout may be gone (a closed pipe): stop them anyway
+                console.print("stopping members (leadership handed over first)...")
             lc.stop()
-            console.print("stopped; data kept in " + lc.base_dir)
+            with contextlib.suppress(OSError):
+                console.print("stopped; data kept in " + lc.base_dir)
 
 
 def status_table(lc) -> Table:
@@ -271,16 +287,24 @@ def put(ctx, key: str, value: str, prev_kv: bool) -> None:
 @click.argument("key")
 @click.option("--serializable", is_flag=True, help="read locally from any member (may be stale)")
 @click.option("--prefix", is_flag=True, help="every key starting with KEY")
+@write_out_option
 @click.pass_context
 @client_errors
-def get(ctx, key: str, serializable: bool, prefix: bool) -> None:
-    """Print the value of KEY (exit 1 if missing)."""
+def get(ctx, key: str, serializable: bool, prefix: bool, write_out: str) -> None:
+    """Print the value of KEY (exit 1 if missing; -w json prints a document with count 0 instead)."""
     with make_client(ctx) as c:
         if prefix:
-            for kv in c.range(key, prefix=True, serializable=serializable):
+            rr = c.range(key, prefix=True, serializable=serializable)
+            if write_out == "json":
+                click.echo(wo.dumps(wo.kvs_doc(rr.revision, rr.kvs, count=rr.count, more=rr.more)))
+                return
+            for kv in rr:
                 console.print(f"{show(kv.key)}\t{show(kv.value)}", highlight=False)
             return
         r = c.get(key, serializable=serializable)
+    if write_out == "json":
+        click.echo(wo.dumps(wo.kvs_doc(r.revision, [r.kv] if r.kv is not None else [])))
+        return
     if r.value is None:
         fail(f"key {key!r} not found")
     console.print(show(r.value), highlight=False, soft_wrap=True)
@@ -307,15 +331,19 @@ def delete(ctx, key: str, end: str | None, prefix: bool) -> None:
 @click.option("--keys-only", is_flag=True)
 @click.option("--count-only", is_flag=True)
 @click.option("--serializable", is_flag=True, help="read locally from any member (may be stale)")
+@write_out_option
 @click.pass_context
 @client_errors
-def range_(ctx, start, end, prefix, limit, keys_only, count_only, serializable) -> None:
+def range_(ctx, start, end, prefix, limit, keys_only, count_only, serializable, write_out: str) -> None:
     """List keys in [START, END) (or with prefix START); END "\\0" means every key >= START."""
     if end == "\\0":
         end = "\0"
     with make_client(ctx) as c:
         r = c.range(start, end, prefix=prefix, limit=limit, keys_only=keys_only, count_only=count_only,
                     serializable=serializable)
+    if write_out == "json":
+        click.echo(wo.dumps(wo.kvs_doc(r.revision, r.kvs, count=r.count, more=r.more, keys_only=keys_only)))
+        return
     if count_only:
         console.print(str(r.count))
         return
@@ -382,9 +410,10 @@ def txn(ctx, compares, then_ops, else_ops) -> None:
 
 
 @main.command()
+@write_out_option
 @click.pass_context
 @client_errors
-def status(ctx) -> None:
+def status(ctx, write_out: str) -> None:
     """A table of members: role, term, leader, indexes, sizes."""
     from kvstore.client import Client
 
@@ -392,6 +421,11 @@ def status(ctx) -> None:
 
     with Client(ctx.obj["endpoints"], timeout=ctx.obj["timeout"]) as c:
         sts = c.status_all(timeout=min(ctx.obj["timeout"], 2.0))
+    if write_out == "json":
+        click.echo(wo.dumps(wo.status_doc(sts)))
+        if all(isinstance(st, Exception) for st in sts.values()):
+            sys.exit(1)
+        return
     t = Table()
     for col in ("member", "endpoint", "role", "term", "leader", "commit", "applied", "snapshot", "revision",
                 "wal", "db"):
@@ -412,12 +446,16 @@ def status(ctx) -> None:
 
 
 @main.command()
+@write_out_option
 @click.pass_context
 @client_errors
-def members(ctx) -> None:
+def members(ctx, write_out: str) -> None:
     """List the members of the cluster."""
     with make_client(ctx) as c:
         ms = c.members()
+    if write_out == "json":
+        click.echo(wo.dumps(wo.members_doc(ms)))
+        return
     for m in ms:
         console.print(f"{m.id}\t{m.name}\tclient={','.join(m.client_urls)}\tpeer={','.join(m.peer_urls)}",
                       highlight=False)

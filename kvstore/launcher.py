@@ -13,18 +13,26 @@ namespaces, pass `netns={i: "ns-name"}` (the command is prefixed with
 IP; `listen_hosts` makes a member bind one IP (or 0.0.0.0) while advertising
 another. `prefix` runs a member's node under another command (the fail-stop
 tests use `strace -e inject=...` to fail its fsyncs).
+
+Nodes die with the process that launched them (PR_SET_PDEATHSIG), so a
+launcher killed without its cleanup (SIGKILL, a lost terminal) leaves no
+orphans holding the ports and data dirs.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
+from kvstore.storage.data_dir_lock import data_dir_holder
 from kvstore.v1 import cluster_pb2, cluster_pb2_grpc
 
 from kvstore.server.config import DEFAULT_BASE_CLIENT_PORT, DEFAULT_BASE_PEER_PORT, PORT_STRIDE, format_members
@@ -48,6 +56,41 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
 
 class NodeFailedToStart(RuntimeError):
     pass
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# Test-only switch: start nodes without the death signal (shows the tests catch orphans).
+TESTING_NO_PDEATHSIG = os.environ.get("KVSTORE_TESTING_NO_PDEATHSIG") == "1"
+
+
+def _die_with_this_process() -> Callable[[], None]:
+    """A preexec_fn: the child gets SIGKILL when the thread that forked it ends.
+
+    Linux ties PR_SET_PDEATHSIG to the forking thread, not the process, so
+    every node is forked from the one thread of _spawner(), which lives as long
+    as the process. SIGKILL, not SIGTERM: it also ends a paused (SIGSTOPped)
+    node, and a node is built to survive kill -9.
+    """
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: the child only calls it
+    parent = os.getpid()
+
+    def in_child() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the launcher died before the prctl took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return in_child
+
+
+_spawn_thread: ThreadPoolExecutor | None = None
+
+
+def _spawner() -> ThreadPoolExecutor:
+    """The one long-lived thread every node is forked from (see _die_with_this_process)."""
+    global _spawn_thread
+    if _spawn_thread is None:
+        _spawn_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="launcher-spawn")
+    return _spawn_thread
 
 
 class LocalCluster:
@@ -153,10 +196,13 @@ class LocalCluster:
         env["PYTHONPATH"] = _PACKAGE_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         logf = open(self.log_path(i), "ab")
         try:
-            self.procs[i] = subprocess.Popen(
+            preexec = None if TESTING_NO_PDEATHSIG or sys.platform != "linux" else _die_with_this_process()
+            self.procs[i] = _spawner().submit(
+                subprocess.Popen,
                 self.command(i), stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                 env=env, start_new_session=True,  # Ctrl-C in a terminal reaches us, not the nodes
-            )
+                preexec_fn=preexec,
+            ).result()
         finally:
             logf.close()
         self._paused.discard(i)
@@ -168,6 +214,11 @@ class LocalCluster:
     def pid(self, i: int) -> int | None:
         p = self.procs.get(i)
         return p.pid if p is not None else None
+
+    def data_dirs_in_use(self) -> dict[int, int]:
+        """Members whose data dir another live process holds: member -> its pid (0: not yet known)."""
+        held = {i: data_dir_holder(self.data_dir(i)) for i in self.ids}
+        return {i: pid for i, pid in held.items() if pid is not None}
 
     def running(self) -> list[int]:
         return [i for i in self.ids if self.is_running(i)]

@@ -40,6 +40,7 @@ DEFAULT_INITIAL_CLUSTER_CLIENTS = format_members({i: default_client_addr(i) for 
 
 MiB = 1 << 20
 STATE_MACHINE_SYNC_MODES = ("boot", "commit")
+LOG_FORMATS = ("text", "json")  # see logs.py
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ OPTIONS: list[Option] = [
     Option("--request-timeout-ms", int, 10000, "how long a request may wait for commit when the client sets no deadline"),
     # ops
     Option("--log-level", str, "info", "debug, info, warning or error"),
+    Option("--log-format", str, "text", "text, or json: one object per line (ts, level, member, term, event, msg)"),
     # test-only modes that deliberately break guarantees (the Jepsen harness's teeth tests)
     Option("--testing-unsafe-local-reads", bool, False,
            "TESTING ONLY, UNSAFE: every member answers linearizable reads locally without ReadIndex"),
@@ -138,6 +140,7 @@ class ServerConfig:
     max_stream_in_flight: int = 1024
     request_timeout_ms: int = 10000
     log_level: str = "info"
+    log_format: str = "text"
     testing_unsafe_local_reads: bool = False
     testing_ack_before_commit: bool = False
 
@@ -169,9 +172,13 @@ def build_parser(prog: str = "kvstore serve") -> argparse.ArgumentParser:
         if opt.type is bool:
             p.add_argument(opt.flag, dest=opt.dest, action="store_true", default=None, help=opt.help)
         else:
-            p.add_argument(opt.flag, dest=opt.dest, type=opt.type, default=None,
-                           help=f"{opt.help} (default: {opt.default!r})")
+            p.add_argument(opt.flag, dest=opt.dest, type=opt.type, default=None, help=help_with_default(opt))
     return p
+
+
+def help_with_default(opt: Option) -> str:
+    """The flag's help naming its default once: a help that describes a derived default keeps its own."""
+    return opt.help if "(default:" in opt.help else f"{opt.help} (default: {opt.default!r})"
 
 
 def parse_args(argv: list[str] | None = None, prog: str = "kvstore serve") -> ServerConfig:
@@ -217,6 +224,8 @@ def make_config(values: dict[str, Any]) -> ServerConfig:
                          f"not {cfg.state_machine_sync!r}")
     if cfg.max_stream_in_flight < 1:
         raise ValueError(f"--max-stream-in-flight must be >= 1, not {cfg.max_stream_in_flight}")
+    if cfg.log_format not in LOG_FORMATS:
+        raise ValueError(f"--log-format must be one of {', '.join(LOG_FORMATS)}, not {cfg.log_format!r}")
     from kvstore.storage.keys import MAX_KEY_BYTES
 
     if not 0 < cfg.max_key_bytes <= MAX_KEY_BYTES:

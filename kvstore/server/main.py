@@ -14,12 +14,14 @@ import sys
 
 import grpc
 
+from kvstore.storage.data_dir_lock import DataDirInUse, lock_data_dir
 from kvstore.v1 import cluster_pb2_grpc, kv_pb2_grpc
 
 from .cluster_service import ClusterService
 from .config import ServerConfig, parse_args
 from .kv_service import KVService
 from .limits import Limits
+from .logs import log_term_from, setup_logging
 from .node import Node
 from .peer_server import PeerServer
 from .supervisor import fatal
@@ -36,6 +38,7 @@ def client_server_options(cfg: ServerConfig) -> list[tuple[str, int]]:
 
 async def serve(cfg: ServerConfig) -> None:
     node = Node(cfg)
+    log_term_from(lambda: node.term)
     try:
         await node.start()
     except Exception as e:  # storage that cannot be opened or does not add up: one line, not a traceback
@@ -82,16 +85,14 @@ async def cannot_listen(node: Node, what: str, addr: str, why: str) -> None:
     raise SystemExit(1)
 
 
-def setup_logging(cfg: ServerConfig) -> None:
-    logging.basicConfig(
-        level=getattr(logging, cfg.log_level.upper(), logging.INFO),
-        format=f"%(asctime)s {cfg.name} %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
 def run(cfg: ServerConfig) -> None:
-    setup_logging(cfg)
+    setup_logging(cfg.log_format, cfg.log_level, cfg.name, cfg.id)
+    try:
+        lock_data_dir(cfg.data_dir)  # held until the process exits
+    except DataDirInUse as e:
+        sys.exit(f"error: {e}")
+    except OSError as e:
+        sys.exit(f"error: cannot lock data dir {cfg.data_dir}: {e.strerror or e}")
     try:
         import uvloop
     except ImportError:

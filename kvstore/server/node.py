@@ -68,6 +68,7 @@ from .config import ServerConfig
 from .errors import (
     RequestFailed, leadership_lost, not_applied, shutting_down, stopped_while_pending,
 )
+from .logs import event
 from .proposals import Proposals
 from .read_index import ReadIndex
 from .redirect import no_leader, not_leader
@@ -81,6 +82,7 @@ APPLY_BACKLOG_MAX_BYTES = 64 << 20  # committed but not yet applied, before the 
 # _apply_inline): on the apply thread, each py-lmdb call gives up the GIL and must win it back
 # from the loop, and the hop there and back costs more than applying a few entries.
 INLINE_APPLY_MAX_BYTES = 256 << 10
+SLOW_FSYNC_S = 1.0  # a WAL write + fdatasync slower than this is logged (etcd's "slow fdatasync")
 
 ROLE_NAMES = {
     StateRole.LEADER: "leader",
@@ -325,10 +327,10 @@ class Node:
                 self.proposals.fail(pid, err)
 
     async def _handle_ready(self, rd) -> None:
+        if rd.hard_state is not None:  # the term first: a leader change is logged with its term
+            self._on_hard_state(rd.hard_state)
         if rd.soft_state is not None:
             self._on_soft_state(rd.soft_state.leader_id, rd.soft_state.role)
-        if rd.hard_state is not None:
-            self._on_hard_state(rd.hard_state)
         for rs in rd.read_states:
             self.read_index.on_read_state(rs.index, rs.ctx)
 
@@ -368,15 +370,22 @@ class Node:
             self._unsynced_hard_state = rd.hard_state
         if rd.entries or rd.must_sync:
             hs, self._unsynced_hard_state = self._unsynced_hard_state, None
+            t0 = time.monotonic()
             if self.is_leader:
                 await self._in_storage(self.log.append, rd.entries, hs)
             else:
                 self.log.append(rd.entries, hs)
+            took = time.monotonic() - t0
+            if took > SLOW_FSYNC_S:
+                log.warning("slow fdatasync: the WAL write of %d entries took %.3fs (expected under %.0fs)",
+                            len(rd.entries), took, SLOW_FSYNC_S,
+                            extra=event("slow-fdatasync", took_s=round(took, 3), expected_s=SLOW_FSYNC_S))
 
     def _on_soft_state(self, leader_id: int, role: StateRole) -> None:
         was_leader = self.role == StateRole.LEADER
         if leader_id != self.leader_id or role != self.role:
-            log.info("member %d is now %s; leader is %s", self.id, ROLE_NAMES[role], leader_id or "unknown")
+            log.info("member %d is now %s; leader is %s", self.id, ROLE_NAMES[role], leader_id or "unknown",
+                     extra=event("leader-changed", role=ROLE_NAMES[role], leader=leader_id))
             self._leader_changed.set()
             self._leader_changed = asyncio.Event()
         self.leader_id, self.role = leader_id, role
@@ -394,7 +403,8 @@ class Node:
     async def _install_snapshot(self, snap) -> None:
         meta = snap.metadata
         path = self._snapshot_path(meta.index)
-        log.info("installing snapshot at index %d term %d", meta.index, meta.term)
+        log.info("installing snapshot at index %d term %d", meta.index, meta.term,
+                 extra=event("snapshot-install", index=meta.index, snapshot_term=meta.term))
         await self._drain_apply()  # earlier entries first, and nothing may write the old environment
         self._sm_readable.clear()  # range() must not run while the LMDB environment is swapped
         try:
@@ -521,11 +531,13 @@ class Node:
         meta = SnapshotMetadata(index=index, term=term, conf_state=ConfState(voters=list(self.member_ids)))
         await self._in_storage(self.log.set_snapshot, meta)
         self.snapshot_index = index
+        log.info("snapshot saved at index %d", index, extra=event("snapshot-saved", index=index))
         compact_to = index - self.cfg.snapshot_catchup_entries
         if compact_to > self.log.first_index():
             await self._in_storage(self.sm.sync)  # the WAL below compact_to is about to go
             await self._in_storage(self.log.compact, compact_to)
-        log.info("snapshot at index %d; log compacted to %d", index, max(compact_to, 0))
+            log.info("log compacted: entries before %d dropped", compact_to,
+                     extra=event("log-compacted", compact_index=compact_to))
 
     def _snapshot_path(self, index: int) -> str:
         for i, _term, _voters, path in self.snapshots.list():

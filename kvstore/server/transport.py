@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from typing import BinaryIO
 from collections.abc import Callable
 
@@ -30,6 +31,7 @@ from kvstore.raft.types import Message, MessageType
 from kvstore.v1 import raft_pb2
 
 from . import peer_wire as wire
+from .logs import event
 from .raft_codec import message_size, message_to_pb
 
 log = logging.getLogger("kvstore.transport")
@@ -82,6 +84,7 @@ class Peer:
 
     async def run(self) -> None:
         backoff = BACKOFF_MIN_S
+        lost = 0.0  # when the connection last broke, while it stays down
         while True:
             writer = None
             try:
@@ -90,7 +93,13 @@ class Peer:
                 wire.tune_socket(writer.get_extra_info("socket"))
                 writer.write(wire.hello(wire.STREAM, self.transport.cluster_id, self.transport.member_id))
                 self.writer = writer
-                log.info("connection to member %d at %s is up", self.id, self.addr)
+                if lost:
+                    log.info("peer member %d at %s became active again (was unreachable %.1fs)", self.id,
+                             self.addr, time.monotonic() - lost,
+                             extra=event("peer-regained", peer=self.id, down_s=round(time.monotonic() - lost, 1)))
+                else:
+                    log.info("connection to member %d at %s is up", self.id, self.addr)
+                lost = 0.0
                 backoff = BACKOFF_MIN_S
                 await reader.read(1)  # returns only when the connection ends
                 raise ConnectionError("closed by the peer")
@@ -98,7 +107,9 @@ class Peer:
                 raise
             except Exception as e:  # OSError, TimeoutError, ConnectionError
                 if self.writer is not None:
-                    log.warning("connection to member %d at %s broke: %s", self.id, self.addr, _short(e))
+                    lost = time.monotonic()
+                    log.warning("peer member %d at %s became inactive: connection broke: %s", self.id, self.addr,
+                                _short(e), extra=event("peer-lost", peer=self.id, error=_short(e)))
             finally:
                 self.writer = None  # from now on send() drops this peer's messages
                 if writer is not None:
