@@ -152,11 +152,7 @@ class Node:
         self.sm = await self._in_storage(
             functools.partial(StateMachine.open, os.path.join(d, "db"), fsync=not by_boot, boot_guard=by_boot))
         # The state machine first: the entries it has applied are checksummed when read, not at open.
-        try:
-            self.log = await self._in_storage(RaftLog.open, os.path.join(d, "wal"), self.cfg.wal_segment_bytes,
-                                              self.sm.applied_index)
-        except WalCorruptionError as e:
-            fatal(f"opening the WAL: {e}; {repair_hint(d)}")
+        self.log = await self._in_storage(self._open_log, self.sm.applied_index)
         self.snapshots = SnapshotStore(os.path.join(d, "snap"))
         await self._reconcile_storage()
         snap = self.log.snapshot()
@@ -544,6 +540,13 @@ class Node:
             if i == index:
                 return path
         raise FileNotFoundError(f"snapshot {index} was announced but is not in {self.snapshots.dir}")
+
+    def _open_log(self, applied_index: int) -> RaftLog:
+        """Open the WAL; a torn write it refuses ends the process with the repair command."""
+        try:
+            return RaftLog.open(os.path.join(self.cfg.data_dir, "wal"), self.cfg.wal_segment_bytes, applied_index)
+        except WalCorruptionError as e:
+            fatal(f"opening the WAL: {e}; {repair_hint(self.cfg.data_dir)}")
 
     async def _in_storage(self, fn, *args) -> Any:
         """Run a storage call on the storage thread; if it raises, the process ends (fail-stop)."""
