@@ -20,18 +20,17 @@ orphans holding the ports and data dirs.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
+from kvstore.server.parent_death import DIE_WITH_PARENT_ENV
 from kvstore.storage.data_dir_lock import data_dir_holder
 from kvstore.v1 import cluster_pb2, cluster_pb2_grpc
 
@@ -58,35 +57,23 @@ class NodeFailedToStart(RuntimeError):
     pass
 
 
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # Test-only switch: start nodes without the death signal (shows the tests catch orphans).
 TESTING_NO_PDEATHSIG = os.environ.get("KVSTORE_TESTING_NO_PDEATHSIG") == "1"
-
-
-def _die_with_this_process() -> Callable[[], None]:
-    """A preexec_fn: the child gets SIGKILL when the thread that forked it ends.
-
-    Linux ties PR_SET_PDEATHSIG to the forking thread, not the process, so
-    every node is forked from the one thread of _spawner(), which lives as long
-    as the process. SIGKILL, not SIGTERM: it also ends a paused (SIGSTOPped)
-    node, and a node is built to survive kill -9.
-    """
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: the child only calls it
-    parent = os.getpid()
-
-    def in_child() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:  # the launcher died before the prctl took effect
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return in_child
 
 
 _spawn_thread: ThreadPoolExecutor | None = None
 
 
 def _spawner() -> ThreadPoolExecutor:
-    """The one long-lived thread every node is forked from (see _die_with_this_process)."""
+    """The one long-lived thread every node is forked from.
+
+    A node asks for SIGKILL when its parent goes (PR_SET_PDEATHSIG, see
+    kvstore/server/parent_death.py), and Linux ties that signal to the thread
+    that forked the child, not the process: so every node is forked from this
+    one thread, which lives as long as the process. No preexec_fn: running
+    Python between fork and exec in a threaded process (gRPC's threads) can
+    crash the child.
+    """
     global _spawn_thread
     if _spawn_thread is None:
         _spawn_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="launcher-spawn")
@@ -196,12 +183,12 @@ class LocalCluster:
         env["PYTHONPATH"] = _PACKAGE_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         logf = open(self.log_path(i), "ab")
         try:
-            preexec = None if TESTING_NO_PDEATHSIG or sys.platform != "linux" else _die_with_this_process()
+            if not TESTING_NO_PDEATHSIG and i not in self.prefix:  # under a prefix, the parent is that command
+                env[DIE_WITH_PARENT_ENV] = str(os.getpid())
             self.procs[i] = _spawner().submit(
                 subprocess.Popen,
                 self.command(i), stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                 env=env, start_new_session=True,  # Ctrl-C in a terminal reaches us, not the nodes
-                preexec_fn=preexec,
             ).result()
         finally:
             logf.close()

@@ -23,6 +23,7 @@ from .kv_service import KVService
 from .limits import Limits
 from .logs import log_term_from, setup_logging
 from .node import Node
+from .parent_death import die_with_parent
 from .peer_server import PeerServer
 from .supervisor import fatal
 
@@ -86,6 +87,7 @@ async def cannot_listen(node: Node, what: str, addr: str, why: str) -> None:
 
 
 def run(cfg: ServerConfig) -> None:
+    die_with_parent()
     setup_logging(cfg.log_format, cfg.log_level, cfg.name, cfg.id)
     try:
         lock_data_dir(cfg.data_dir)  # held until the process exits
