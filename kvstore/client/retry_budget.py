@@ -20,7 +20,7 @@ another call goes there at once: that is a redirect, not a retry.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 __all__ = ["RetryBudget"]
 

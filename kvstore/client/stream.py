@@ -136,7 +136,7 @@ class SessionStream:
         if slots.locked():  # backpressure: the stream is at its bound
             try:
                 await asyncio.wait_for(slots.acquire(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise AttemptFailed(
                     grpc.StatusCode.DEADLINE_EXCEEDED, "session stream stayed at its in-flight bound",
                     dict(_NOT_APPLIED),
@@ -211,6 +211,7 @@ class SessionStream:
                 if resp is grpc.aio.EOF:
                     self._break(grpc.StatusCode.UNAVAILABLE, "the member ended the session stream")
                     return
+                assert isinstance(resp, kv_pb2.SessionResponse)
                 for answer in resp.answers:
                     fut = pending.get(answer.id)
                     if fut is not None and not fut.done():

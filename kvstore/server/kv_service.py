@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 
@@ -54,7 +56,7 @@ class KVService(kv_pb2_grpc.KVServicer):
         self.limits = limits
         self.default_timeout = node.cfg.request_timeout_ms / 1000
         self._cluster_id = node.cfg.cluster_id
-        self._by_kind = {
+        self._by_kind: dict[str, Callable[[Any, float, Any], Awaitable[None]]] = {
             "range": self._range,
             "put": self._put,
             "delete_range": lambda r, t, out: self._one_write(r, "delete_range", t, out),
@@ -270,7 +272,7 @@ class KVService(kv_pb2_grpc.KVServicer):
         await context.send_initial_metadata(())
         await stream.run(request_iterator, context.write)
 
-    def _session_request(self, kind: str, request, timeout: float, resp):
+    def _session_request(self, kind: str, request: Any, timeout: float, resp: Any) -> Awaitable[None]:
         """One session request, by its SessionRequest field: the unary call's code, answering into ``resp``."""
         return self._by_kind[kind](request, timeout, resp)
 

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
@@ -97,7 +98,7 @@ class SessionStream:
         writer = loop.create_task(self._write_loop(answers, write, slots))
         me = asyncio.current_task()
 
-        def writer_done(t: "asyncio.Task[None]") -> None:
+        def writer_done(t: asyncio.Task[None]) -> None:
             if me is not None and not t.cancelled() and t.exception() is not None:
                 me.cancel()  # the stream is broken: stop reading too
 
@@ -126,7 +127,7 @@ class SessionStream:
                 t.cancel()
             writer.cancel()
 
-    async def _answer(self, req: kv_pb2.SessionRequest, answers: "asyncio.Queue[Any]") -> None:
+    async def _answer(self, req: kv_pb2.SessionRequest, answers: asyncio.Queue[Any]) -> None:
         resp = kv_pb2.SessionAnswer(id=req.id)
         try:
             kind = req.WhichOneof("request")
@@ -153,7 +154,7 @@ class SessionStream:
 
     @staticmethod
     async def _write_loop(
-        answers: "asyncio.Queue[kv_pb2.SessionAnswer | None]",
+        answers: asyncio.Queue[kv_pb2.SessionAnswer | None],
         write: Callable[[kv_pb2.SessionResponse], Awaitable[None]],
         slots: asyncio.Semaphore,
     ) -> None:
