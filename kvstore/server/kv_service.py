@@ -272,7 +272,7 @@ class KVService(kv_pb2_grpc.KVServicer):
         await context.send_initial_metadata(())
         await stream.run(request_iterator, context.write)
 
-    def _session_request(self, kind: str, request, timeout: float, resp):
+    def _session_request(self, kind: str, request: Any, timeout: float, resp: Any) -> Awaitable[None]:
         """One session request, by its SessionRequest field: the unary call's code, answering into ``resp``."""
         return self._by_kind[kind](request, timeout, resp)
 
