@@ -22,7 +22,6 @@ from .kv_service import KVService
 from .limits import Limits
 from .node import Node
 from .peer_server import PeerServer
-from .supervisor import fatal
 
 log = logging.getLogger("kvstore.server")
 
@@ -36,10 +35,7 @@ def client_server_options(cfg: ServerConfig) -> list[tuple[str, int]]:
 
 async def serve(cfg: ServerConfig) -> None:
     node = Node(cfg)
-    try:
-        await node.start()
-    except Exception as e:  # storage that cannot be opened or does not add up: one line, not a traceback
-        fatal(f"starting member {cfg.id} on {cfg.data_dir}", e)
+    await node.start()
 
     peer_server = PeerServer(node)
     host, _, port = cfg.listen_peer_addr.rpartition(":")
