@@ -11,8 +11,7 @@ Addresses: by default the local-cluster convention (member i serves clients on
 namespaces, pass `netns={i: "ns-name"}` (the command is prefixed with
 `ip netns exec NS`) and explicit `client_addrs`/`peer_addrs` with each member's
 IP; `listen_hosts` makes a member bind one IP (or 0.0.0.0) while advertising
-another. `prefix` runs a member's node under another command (the fail-stop
-tests use `strace -e inject=...` to fail its fsyncs).
+another.
 
 Nodes die with the process that launched them (PR_SET_PDEATHSIG), so a
 launcher killed without its cleanup (SIGKILL, a lost terminal) leaves no
@@ -109,7 +108,9 @@ class LocalCluster:
         self.netns = netns or {}
         self.extra_args = list(extra_args)
         self.node_args = node_args or {}
-        self.prefix = prefix or {}  # member -> a command its node runs under (e.g. strace); read at each start
+        # member -> a command its node runs under, read at each start (the fail-stop tests run a
+        # member under `strace -e inject=...` to fail its fsyncs)
+        self.prefix = prefix or {}
         self.python = python
         self.env = env
         self.node_env: dict[int, dict[str, str]] = {}  # per member, over `env` (e.g. its boot id)

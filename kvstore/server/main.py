@@ -25,7 +25,6 @@ from .logs import log_term_from, setup_logging
 from .node import Node
 from .parent_death import die_with_parent
 from .peer_server import PeerServer
-from .supervisor import fatal
 
 log = logging.getLogger("kvstore.server")
 
@@ -40,10 +39,7 @@ def client_server_options(cfg: ServerConfig) -> list[tuple[str, int]]:
 async def serve(cfg: ServerConfig) -> None:
     node = Node(cfg)
     log_term_from(lambda: node.term)
-    try:
-        await node.start()
-    except Exception as e:  # storage that cannot be opened or does not add up: one line, not a traceback
-        fatal(f"starting member {cfg.id} on {cfg.data_dir}", e)
+    await node.start()
 
     peer_server = PeerServer(node)
     host, _, port = cfg.listen_peer_addr.rpartition(":")

@@ -138,6 +138,13 @@ class Node:
     # ------------------------------------------------------------------ start / stop
 
     async def start(self) -> None:
+        """Open storage, repair it, start the core and the loops; a failure is one FATAL line, not a traceback."""
+        try:
+            await self._open_and_start()
+        except Exception as e:  # storage that cannot be opened or does not add up
+            fatal(f"starting member {self.id} on {self.cfg.data_dir}", e)
+
+    async def _open_and_start(self) -> None:
         d = self.cfg.data_dir
         os.makedirs(d, exist_ok=True)
         # A fatal error from here on means LMDB may hold what never reached the disk: the next start

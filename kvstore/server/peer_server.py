@@ -20,8 +20,8 @@ from kvstore.v1 import raft_pb2
 
 from . import peer_wire as wire
 from .node import Node
-from .supervisor import fatal
 from .raft_codec import message_from_pb
+from .supervisor import fatal
 
 log = logging.getLogger("kvstore.peer")
 

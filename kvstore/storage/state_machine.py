@@ -67,8 +67,8 @@ from . import keys, validation
 from .durable_files import fsync_dir, fsync_file
 from .errors import ApplyError, ErrorCode, InvalidRequest
 from .plain_puts import PlainPuts
-from .storage_fault import failing_as
 from .sessions import DEFAULT_MAX_PENDING, DEFAULT_SESSION_TTL_MS, SessionTable, Verdict
+from .storage_fault import failing_as
 from .txn import compare_holds
 
 __all__ = ["StateMachine", "ApplyError", "ErrorCode", "SnapshotImageError"]
