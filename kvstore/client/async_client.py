@@ -111,6 +111,7 @@ class AsyncClient:
             Coalescer(
                 self._call, max_ops=max_batch_ops, max_bytes=max_batch_bytes, timeout=timeout,
                 retryable=lambda code: self.retry.is_retryable(errors.status_code(code)),
+                session_expired=self._session_expired,
             )
             if coalesce
             else None
@@ -355,6 +356,8 @@ class AsyncClient:
         else:
             addr = route
         try:
+            if seq > 1:
+                await session.wait_opened(seq)
             while True:
                 remaining = deadline - loop_time()
                 if remaining <= 0 or not policy.may_attempt(attempts):
@@ -362,6 +365,8 @@ class AsyncClient:
                 attempts += 1
                 if rid is not None:
                     rid.acked_below = session.acked_below
+                    if seq == 1:
+                        rid.opens_session = session.opens(seq, maybe_applied)
                 rpc = eps.conn(addr).methods[method]
                 if route is ANY:
                     balancer.started(addr)
@@ -409,7 +414,11 @@ class AsyncClient:
                         if addr not in tried:
                             continue
                 elif not policy.is_retryable(code):
-                    raise errors.from_status(code, details, addr)
+                    err = errors.from_status(code, details, addr)
+                    if isinstance(err, errors.SessionExpired):
+                        err.maybe_applied = maybe_applied  # this attempt was refused, an earlier one may not be
+                        self._session_expired(session.client_id)
+                    raise err
                 else:
                     if mutation and md.get(MD_NOT_APPLIED) != "1":
                         maybe_applied = True
@@ -441,6 +450,13 @@ class AsyncClient:
         if not policy.may_attempt(attempts) and deadline - loop_time() > 0:
             raise errors.NoEndpointAnswered(attempts, causes, maybe_applied=maybe_applied)
         raise errors.DeadlineExceeded(attempts, causes, timeout=total, maybe_applied=maybe_applied)
+
+    def _session_expired(self, client_id: int) -> None:
+        """The cluster refused a request of session ``client_id`` as expired: later calls
+        go out under a new session (calls already under way finish on the old one)."""
+        if self.session.client_id == client_id:
+            log.info("session %d expired on the cluster; starting a new session", client_id)
+            self.session = Session()
 
     def _refresh_members_soon(self) -> None:
         """After a redirect, re-read the member list in the background (at most once a second)."""

@@ -16,6 +16,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvstore.storage.sessions import DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_TTL_MS
+
 # The default local cluster (what `Client()` with no endpoints talks to).
 DEFAULT_NODES = 3
 DEFAULT_BASE_CLIENT_PORT = 2379
@@ -87,6 +89,12 @@ OPTIONS: list[Option] = [
     Option("--max-txn-ops", int, 128, "most operations in one txn branch (and compares)"),
     Option("--max-batch-ops", int, 1024, "most operations in one Batch request"),
     Option("--request-timeout-ms", int, 10000, "how long a request may wait for commit when the client sets no deadline"),
+    # exactly-once sessions: the same on every member (the state machine decides by them)
+    Option("--session-ttl-ms", int, DEFAULT_SESSION_TTL_MS,
+           "a client session idle this long (in log time, which follows the leaders' monotonic clocks) "
+           "is dropped; its later requests are refused, never applied twice"),
+    Option("--max-sessions", int, DEFAULT_MAX_SESSIONS,
+           "most client sessions kept; one more evicts the least recently used (refused likewise)"),
     # ops
     Option("--log-level", str, "info", "debug, info, warning or error"),
     # test-only modes that deliberately break guarantees (the Jepsen harness's teeth tests)
@@ -134,6 +142,8 @@ class ServerConfig:
     max_txn_ops: int = 128
     max_batch_ops: int = 1024
     request_timeout_ms: int = 10000
+    session_ttl_ms: int = DEFAULT_SESSION_TTL_MS
+    max_sessions: int = DEFAULT_MAX_SESSIONS
     log_level: str = "info"
     testing_unsafe_local_reads: bool = False
     testing_ack_before_commit: bool = False
@@ -209,6 +219,8 @@ def make_config(values: dict[str, Any]) -> ServerConfig:
         raise ValueError("need --tick-ms > 0 and --election-ticks > --heartbeat-ticks > 0")
     if cfg.snapshot_count <= 0 or cfg.snapshot_catchup_entries < 0:
         raise ValueError("need --snapshot-count > 0 and --snapshot-catchup-entries >= 0")
+    if cfg.session_ttl_ms <= 0 or cfg.max_sessions <= 0:
+        raise ValueError("need --session-ttl-ms > 0 and --max-sessions > 0")
     if cfg.state_machine_sync not in STATE_MACHINE_SYNC_MODES:
         raise ValueError(f"--state-machine-sync must be one of {', '.join(STATE_MACHINE_SYNC_MODES)}, "
                          f"not {cfg.state_machine_sync!r}")

@@ -145,7 +145,8 @@ class Node:
         # applied batch ('commit') cost ~20% of a write's CPU on every member.
         by_boot = self.cfg.state_machine_sync == "boot"  # see StateMachine.open and boot_guard.py
         self.sm = await self._in_storage(
-            functools.partial(StateMachine.open, os.path.join(d, "db"), fsync=not by_boot, boot_guard=by_boot))
+            functools.partial(StateMachine.open, os.path.join(d, "db"), fsync=not by_boot, boot_guard=by_boot,
+                              session_ttl_ms=self.cfg.session_ttl_ms, max_sessions=self.cfg.max_sessions))
         # The state machine first: the entries it has applied are checksummed when read, not at open.
         self.log = await self._in_storage(RaftLog.open, os.path.join(d, "wal"), self.cfg.wal_segment_bytes,
                                           self.sm.applied_index)
@@ -567,7 +568,8 @@ class Node:
         """Propose mutations; return the state machine's CommandResult (or its ApplyError)."""
         self.check_leader()
         pid = self.proposals.next_id()
-        cmd = command_pb2.Command(ops=ops, proposed_at_ms=int(time.time() * 1000), proposal_id=pid)
+        # CLOCK_MONOTONIC, never the wall clock: it drives session expiry (log_clock.py).
+        cmd = command_pb2.Command(ops=ops, leader_clock_ms=time.monotonic_ns() // 1_000_000, proposal_id=pid)
         key = (0, 0)
         if request_id is not None:
             cmd.request_id.CopyFrom(request_id)

@@ -67,18 +67,19 @@ from . import keys, validation
 from .durable_files import fsync_dir
 from .errors import ApplyError, ErrorCode, InvalidRequest
 from .plain_puts import PlainPuts
-from .sessions import DEFAULT_MAX_PENDING, DEFAULT_SESSION_TTL_MS, SessionTable, Verdict
+from .log_clock import LogClock
+from .sessions import DEFAULT_MAX_PENDING, DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_TTL_MS, SessionTable, Verdict
 from .txn import compare_holds
 
 __all__ = ["StateMachine", "ApplyError", "ErrorCode", "SnapshotImageError"]
 
 _META_KEY = b"state"
-_META = struct.Struct(">QQqQ")  # applied_index, applied_term, revision, log_time_ms
+_META = struct.Struct(">QQqQQQ")  # applied_index, applied_term, revision, then the LogClock
 _RECORD_HEADER = keys.RECORD_HEADER  # packed inline on the put path
 
 
-def _read_meta(txn: lmdb.Transaction[bytes], meta_db: lmdb._Database) -> tuple[int, int, int, int]:
-    """(applied_index, applied_term, revision, log_time_ms): written with the store, never deleted."""
+def _read_meta(txn: lmdb.Transaction[bytes], meta_db: lmdb._Database) -> tuple[int, ...]:
+    """(applied_index, applied_term, revision, *LogClock): written with the store, never deleted."""
     raw = txn.get(_META_KEY, db=meta_db)
     if raw is None:
         raise lmdb.CorruptedError(f"state machine metadata record {_META_KEY!r} is missing")
@@ -134,7 +135,7 @@ def read_image_meta(image_path: str) -> tuple[int, int, int]:
             raw = txn.get(_META_KEY, db=meta_db)
         if raw is None:
             raise SnapshotImageError(f"{image_path}: no state machine metadata")
-        index, term, revision, _ = _META.unpack(raw)
+        index, term, revision = _META.unpack(raw)[:3]
         return index, term, revision
     finally:
         env.close()
@@ -143,14 +144,19 @@ def read_image_meta(image_path: str) -> tuple[int, int, int]:
 class StateMachine:
     """Applies committed commands to LMDB; see the module docstring for the rules."""
 
-    def __init__(self, root: str, map_size: int, *, fsync: bool, session_ttl_ms: int, max_pending: int):
+    def __init__(
+        self, root: str, map_size: int, *, fsync: bool, session_ttl_ms: int, max_pending: int, max_sessions: int
+    ):
         self._root = root
         self._map_size = map_size
         self._fsync = fsync
         self._ttl_ms = session_ttl_ms
         self._max_pending = max_pending
+        self._max_sessions = max_sessions
         # Test switches: never set outside tests.
         self.testing_disable_dedup = False
+        # Log time = the largest leader_clock_ms seen, as when it was the leader's wall clock.
+        self.testing_log_time_from_absolute_stamps = False
         self.testing_install_hook: Callable[[str], None] | None = None
         self._env: lmdb.Environment  # opened by _open_current
         self._closed = False
@@ -167,6 +173,7 @@ class StateMachine:
         boot_guard: bool = False,
         session_ttl_ms: int = DEFAULT_SESSION_TTL_MS,
         max_pending: int = DEFAULT_MAX_PENDING,
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
     ) -> StateMachine:
         """Open (creating if needed) the state machine stored under `path`.
 
@@ -199,7 +206,10 @@ class StateMachine:
             _open_env(first, map_size, True).close()
             _point_current(path, os.path.basename(first))
         _remove_stale_generations(path)
-        sm = cls(path, map_size, fsync=fsync, session_ttl_ms=session_ttl_ms, max_pending=max_pending)
+        sm = cls(
+            path, map_size, fsync=fsync, session_ttl_ms=session_ttl_ms, max_pending=max_pending,
+            max_sessions=max_sessions,
+        )
         sm._boot_guarded = guard.armed(path)  # also one left in this boot by an unsynced run: close() clears it
         return sm
 
@@ -209,7 +219,7 @@ class StateMachine:
             dbs = {name: env.open_db(name, txn=txn) for name in _DB_NAMES}
             raw = txn.get(_META_KEY, db=dbs[b"meta"])
             if raw is None:
-                raw = _META.pack(0, 0, 0, 0)
+                raw = _META.pack(0, 0, 0, *LogClock())
                 txn.put(_META_KEY, raw, db=dbs[b"meta"])
         self._env = env
         self._psize = env.stat()["psize"]
@@ -218,9 +228,11 @@ class StateMachine:
         self._meta = dbs[b"meta"]
         self._sessions = SessionTable(
             dbs[b"sessions"], dbs[b"answers"], dbs[b"expiry"],
-            ttl_ms=self._ttl_ms, max_pending=self._max_pending,
+            ttl_ms=self._ttl_ms, max_pending=self._max_pending, max_sessions=self._max_sessions,
         )
-        self._applied_index, self._applied_term, self._revision, self._log_time = _META.unpack(raw)
+        index, term, revision, *clock = _META.unpack(raw)
+        self._applied_index, self._applied_term, self._revision = index, term, revision
+        self._clock = LogClock(*clock)
 
     # ---- state -------------------------------------------------------------
 
@@ -243,8 +255,8 @@ class StateMachine:
 
     @property
     def log_time_ms(self) -> int:
-        """The largest proposed_at_ms applied so far (session expiry clock)."""
-        return self._log_time
+        """The session expiry clock after the last applied entry (see log_clock.py)."""
+        return self._clock.log_time_ms
 
     # ---- apply -------------------------------------------------------------
 
@@ -267,7 +279,7 @@ class StateMachine:
         results: list[command_pb2.CommandResult | ApplyError | None] = []
         applied_index, applied_term = self._applied_index, self._applied_term
         ex = _Executor(self._kv, self._revision)
-        log_time = self._log_time
+        clock = self._clock
         parse = command_pb2.Command.FromString
         with self._env.begin(write=True, db=self._kv) as txn:  # kv: the default db (positional calls are cheaper)
             ex.txn = txn
@@ -291,20 +303,21 @@ class StateMachine:
                     if origins is not None:
                         origins.append(None)  # no Command, so nobody to answer
                     continue
-                if cmd.proposed_at_ms > log_time:
-                    log_time = cmd.proposed_at_ms
+                clock = clock.advance(term, cmd.leader_clock_ms)
+                if self.testing_log_time_from_absolute_stamps:
+                    clock = LogClock(max(clock.log_time_ms, cmd.leader_clock_ms), term, cmd.leader_clock_ms)
                 rid = cmd.request_id
-                results.append(self._apply_command(sessions, ex, cmd, rid, log_time))
+                results.append(self._apply_command(sessions, ex, cmd, rid, clock.log_time_ms))
                 if origins is not None:
                     origins.append((cmd.proposal_id, (rid.client_id, rid.seq)))
             sessions.flush()
             if applied_index != self._applied_index:
-                txn.put(_META_KEY, _META.pack(applied_index, applied_term, ex.revision, log_time), db=self._meta)
+                txn.put(_META_KEY, _META.pack(applied_index, applied_term, ex.revision, *clock), db=self._meta)
             if before_commit is not None:
                 before_commit(results)
         # Only after the commit succeeded does the in-memory view move on.
         self._applied_index, self._applied_term = applied_index, applied_term
-        self._revision, self._log_time = ex.revision, log_time
+        self._revision, self._clock = ex.revision, clock
         return results
 
     def _reserve_disk(self, batch_bytes: int) -> None:
@@ -441,7 +454,7 @@ class StateMachine:
         so the image is exactly the state at that applied index.
         """
         with self._env.begin() as txn:
-            index, term, _, _ = _read_meta(txn, self._meta)
+            index, term = _read_meta(txn, self._meta)[:2]
             self._env.copyfd(fd, compact=True, txn=txn)
         return index, term
 
