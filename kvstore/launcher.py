@@ -66,6 +66,7 @@ class LocalCluster:
         node_args: dict[int, list[str]] | None = None,
         python: str = sys.executable,
         env: dict[str, str] | None = None,
+        node_env: dict[int, dict[str, str]] | None = None,
     ) -> None:
         self.base_dir = os.path.abspath(base_dir)
         self.ids = list(range(1, nodes + 1))
@@ -79,6 +80,7 @@ class LocalCluster:
         self.node_args = node_args or {}
         self.python = python
         self.env = env
+        self.node_env = node_env or {}  # per member, on top of env
         self.procs: dict[int, subprocess.Popen] = {}
         self._paused: set[int] = set()
         self._channels: dict[int, grpc.Channel] = {}
@@ -143,7 +145,7 @@ class LocalCluster:
 
     def start_node(self, i: int) -> None:
         os.makedirs(self.base_dir, exist_ok=True)
-        env = dict(os.environ if self.env is None else self.env)
+        env = dict(os.environ if self.env is None else self.env) | self.node_env.get(i, {})
         env["PYTHONPATH"] = _PACKAGE_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         logf = open(self.log_path(i), "ab")
         try:

@@ -63,6 +63,11 @@ class _LostReply(Exception):
     """Raised in place of a reply discarded by the test fault hook."""
 
 
+def _never_sent(code: grpc.StatusCode, details: str) -> bool:
+    """gRPC failed the call before sending it: no connection to the member could be made."""
+    return code is grpc.StatusCode.UNAVAILABLE and details.startswith("failed to connect to all addresses")
+
+
 def _metadata(err: grpc.aio.AioRpcError) -> dict[str, str]:
     md = err.trailing_metadata()
     if not md:
@@ -349,6 +354,7 @@ class AsyncClient:
         attempts = 0
         waits = 0
         maybe_applied = False
+        may_have_arrived = False  # as maybe_applied, but a call gRPC never sent does not count
         if route is LEADER:
             addr = eps.first()
         elif route is ANY:
@@ -366,7 +372,7 @@ class AsyncClient:
                 if rid is not None:
                     rid.acked_below = session.acked_below
                     if seq == 1:
-                        rid.opens_session = session.opens(seq, maybe_applied)
+                        rid.opens_session = session.opens(seq, may_have_arrived)
                 rpc = eps.conn(addr).methods[method]
                 if route is ANY:
                     balancer.started(addr)
@@ -422,6 +428,7 @@ class AsyncClient:
                 else:
                     if mutation and md.get(MD_NOT_APPLIED) != "1":
                         maybe_applied = True
+                        may_have_arrived = may_have_arrived or not _never_sent(code, details)
                     if code is grpc.StatusCode.DEADLINE_EXCEEDED and not md:
                         # The member said nothing for a whole attempt (paused,
                         # partitioned): keep every call away from it for as

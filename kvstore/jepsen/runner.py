@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from kvstore.jepsen import net as netns
+from kvstore.jepsen.clock import NodeClocks, uses_clock
 from kvstore.jepsen.history import FAIL, INFO, INVOKE, OK
 from kvstore.jepsen.nemesis import Nemesis, parse_spec
 from kvstore.jepsen.recorder import Recorder
@@ -142,10 +143,11 @@ class NodeProcesses:
     idempotent kill / restart / pause / resume, and "everything back up" at heal.
     """
 
-    def __init__(self, cluster: Any) -> None:
+    def __init__(self, cluster: Any, clocks: NodeClocks | None = None) -> None:
         self.cluster = cluster
         self.paused: set[int] = set()
         self.starts: Counter[int] = Counter()
+        self.clocks = clocks  # each node's wall-clock offset, when they run under libfaketime
         self._lock = threading.Lock()
 
     @property
@@ -197,13 +199,14 @@ class NodeProcesses:
 
 def make_cluster(base_dir: Path, nodes: int, config: RunConfig, *, client_addrs: dict[int, str],
                  peer_addrs: dict[int, str], netns: dict[int, str] | None = None,
-                 node_args: dict[int, list[str]] | None = None) -> Any:
+                 node_args: dict[int, list[str]] | None = None,
+                 node_env: dict[int, dict[str, str]] | None = None) -> Any:
     from kvstore.launcher import LocalCluster
 
     extra = ["--tick-ms", str(config.tick_ms), "--election-ticks", str(config.election_ticks),
              *config.server_args]
     return LocalCluster(str(base_dir), nodes, extra_args=extra, client_addrs=client_addrs,
-                        peer_addrs=peer_addrs, netns=netns, node_args=node_args)
+                        peer_addrs=peer_addrs, netns=netns, node_args=node_args, node_env=node_env)
 
 
 # -------------------------------------------------------------- leader watch
@@ -304,6 +307,11 @@ class _Control:
     def heal_network(self) -> None:
         self.network.heal()
 
+    def skew_clock(self, node: int, seconds: int) -> None:
+        if self.procs.clocks is None:
+            raise RuntimeError("the nodes were not started under libfaketime")
+        self.procs.clocks.set(node, seconds)
+
 
 def choose_network(requested: str) -> str:
     if requested == "auto":
@@ -337,6 +345,8 @@ def run(config: RunConfig) -> RunResult:
     run_dir = make_run_dir(config)
     data_root = Path(tempfile.mkdtemp(prefix="kvj-data-"))
     nodes = list(range(1, config.nodes + 1))
+    clocks = NodeClocks(data_root / "clocks", nodes) if uses_clock(config.nemesis) else None
+    node_env = {n: clocks.env(n) for n in nodes} if clocks else None
     try:
         if mode == "netns":
             with netns.NamespaceNetwork(config.nodes) as network:
@@ -344,9 +354,10 @@ def run(config: RunConfig) -> RunResult:
                 client_addrs = {n: f"{network.ip(n)}:2379" for n in nodes}
                 cluster = make_cluster(data_root, config.nodes, config, client_addrs=client_addrs,
                                        peer_addrs={n: f"{network.ip(n)}:2380" for n in nodes},
-                                       netns={n: network.namespace(n) for n in nodes})
+                                       netns={n: network.namespace(n) for n in nodes}, node_env=node_env)
                 with network.enter_control():
-                    return _run_with(config, mode, run_dir, NodeProcesses(cluster), network, client_addrs)
+                    return _run_with(config, mode, run_dir, NodeProcesses(cluster, clocks), network,
+                                     client_addrs)
         from kvstore.jepsen.proxy import ProxyNetwork
 
         with ProxyNetwork(nodes) as network:
@@ -357,8 +368,8 @@ def run(config: RunConfig) -> RunResult:
                 f"{m}={a}" for m, a in sorted(network.peer_addrs_for(n).items()))] for n in nodes}
             cluster = make_cluster(data_root, config.nodes, config, client_addrs=client_addrs,
                                    peer_addrs={n: network.listen_peer_addr(n) for n in nodes},
-                                   node_args=node_args)
-            return _run_with(config, mode, run_dir, NodeProcesses(cluster), network, client_addrs)
+                                   node_args=node_args, node_env=node_env)
+            return _run_with(config, mode, run_dir, NodeProcesses(cluster, clocks), network, client_addrs)
     finally:
         logs = run_dir / "logs"
         logs.mkdir(exist_ok=True)

@@ -1,0 +1,117 @@
+"""The ``clock`` nemesis: one member's wall clock jumps an hour ahead or behind.
+
+Every node of a run that uses it starts under libfaketime (Debian's
+``libfaketime``), each with its own timestamp file. Writing ``+3600`` into a
+node's file moves that node's CLOCK_REALTIME (time(), gettimeofday(),
+clock_gettime(CLOCK_REALTIME)) an hour ahead within a second
+(FAKETIME_CACHE_DURATION), while the process keeps running; ``+0`` puts it
+back. CLOCK_MONOTONIC is left alone (FAKETIME_DONT_FAKE_MONOTONIC), as a
+settimeofday or an NTP step would leave it: this is a wall-clock fault, not a
+process that skips ahead in time (that is ``pause``).
+
+What must hold under it: no write applied twice (session expiry follows log
+time, not a wall clock), no stale read, and no election storm (elections run
+on ticks of the monotonic clock).
+
+Packages: ``clock`` takes turns over the four below; ``clock-leader-ahead``,
+``clock-leader-behind``, ``clock-random-ahead``, ``clock-random-behind`` (one
+hour; the skew ends when the window heals).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from kvstore.jepsen.nemesis import ClusterControl, Injected, Package, Rotate
+
+SKEW_SECONDS = 3600
+LIBFAKETIME_PATHS = (
+    "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1",
+    "/usr/lib/aarch64-linux-gnu/faketime/libfaketimeMT.so.1",
+    "/usr/lib/faketime/libfaketimeMT.so.1",
+    "/usr/local/lib/faketime/libfaketimeMT.so.1",
+)
+
+
+def libfaketime() -> str | None:
+    """The multi-threaded libfaketime library (nodes run gRPC threads), or None."""
+    return next((p for p in LIBFAKETIME_PATHS if os.path.exists(p)), None)
+
+
+def uses_clock(spec: str) -> bool:
+    """Whether a nemesis spec has a clock package (its nodes must start under libfaketime)."""
+    return any(p.strip().lower().startswith("clock") for w in spec.split(",") for p in w.split("+"))
+
+
+class NodeClocks:
+    """Each node's wall-clock offset, as the timestamp file its libfaketime reads."""
+
+    def __init__(self, directory: Path, nodes: list[int]) -> None:
+        lib = libfaketime()
+        if lib is None:
+            raise RuntimeError("the clock nemesis needs libfaketime (Debian package libfaketime); "
+                               f"looked for {', '.join(LIBFAKETIME_PATHS)}")
+        self.lib = lib
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.offsets: dict[int, int] = {}
+        for node in nodes:
+            self.set(node, 0)
+
+    def path(self, node: int) -> Path:
+        return self.directory / f"node{node}.faketime"
+
+    def env(self, node: int) -> dict[str, str]:
+        """What node `node` must be started with."""
+        return {
+            "LD_PRELOAD": self.lib,
+            "FAKETIME_TIMESTAMP_FILE": str(self.path(node)),
+            "FAKETIME_CACHE_DURATION": "1",  # a new offset is read within a second
+            "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+        }
+
+    def set(self, node: int, seconds: int) -> None:
+        """Node `node`'s wall clock reads `seconds` off from now on (within a second)."""
+        tmp = self.path(node).with_suffix(".tmp")
+        tmp.write_text(f"{seconds:+d}\n")
+        os.replace(tmp, self.path(node))  # libfaketime never reads a half-written file
+        self.offsets[node] = seconds
+
+
+class ClockSkew(Package):
+    """Moves one node's wall clock `seconds` (the leader's, or a random node's); back at heal."""
+
+    kind = "clock"
+
+    def __init__(self, target: str, seconds: int) -> None:
+        if target not in ("leader", "random"):
+            raise ValueError(f"unknown clock target {target!r}")
+        self.target = target
+        self.seconds = seconds
+        self.name = f"clock-{target}-{'ahead' if seconds > 0 else 'behind'}"
+
+    def inject(self, ctl: ClusterControl, rng: random.Random) -> Injected:
+        skew = getattr(ctl, "skew_clock", None)
+        if skew is None:
+            raise RuntimeError("this cluster was not started for the clock nemesis")
+        leader = ctl.leader()
+        if self.target == "leader" and leader is not None:
+            node, who = leader, f"leader n{leader}"
+        else:
+            node = rng.choice(ctl.nodes)
+            who = f"n{node}" + (" (no leader known)" if self.target == "leader" else "")
+        skew(node, self.seconds)
+        return Injected("clock", f"{who} wall clock {self.seconds:+d} s", [node],
+                        lambda: skew(node, 0), {"seconds": self.seconds})
+
+
+def make_clock_package(name: str) -> Package:
+    """``clock`` or ``clock-{leader,random}-{ahead,behind}``."""
+    if name == "clock":
+        return Rotate(name, [ClockSkew("leader", SKEW_SECONDS), ClockSkew("random", -SKEW_SECONDS),
+                             ClockSkew("leader", -SKEW_SECONDS), ClockSkew("random", SKEW_SECONDS)])
+    parts = name.split("-")
+    if len(parts) == 3 and parts[1] in ("leader", "random") and parts[2] in ("ahead", "behind"):
+        return ClockSkew(parts[1], SKEW_SECONDS if parts[2] == "ahead" else -SKEW_SECONDS)
+    raise ValueError(f"unknown nemesis {name!r}: use clock or clock-{{leader,random}}-{{ahead,behind}}")
