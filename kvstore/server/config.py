@@ -102,6 +102,9 @@ OPTIONS: list[Option] = [
            "TESTING ONLY, UNSAFE: every member answers linearizable reads locally without ReadIndex"),
     Option("--testing-ack-before-commit", bool, False,
            "TESTING ONLY, UNSAFE: the leader acknowledges a write as soon as it is proposed"),
+    Option("--testing-wall-clock-sessions", bool, False,
+           "TESTING ONLY, UNSAFE: session expiry follows the leader's wall clock (one leader's clock "
+           "jump expires every session)"),
 ]
 
 
@@ -147,6 +150,7 @@ class ServerConfig:
     log_level: str = "info"
     testing_unsafe_local_reads: bool = False
     testing_ack_before_commit: bool = False
+    testing_wall_clock_sessions: bool = False
 
     @property
     def member_ids(self) -> list[int]:

@@ -147,6 +147,7 @@ class Node:
         self.sm = await self._in_storage(
             functools.partial(StateMachine.open, os.path.join(d, "db"), fsync=not by_boot, boot_guard=by_boot,
                               session_ttl_ms=self.cfg.session_ttl_ms, max_sessions=self.cfg.max_sessions))
+        self.sm.testing_log_time_from_absolute_stamps = self.cfg.testing_wall_clock_sessions
         # The state machine first: the entries it has applied are checksummed when read, not at open.
         self.log = await self._in_storage(RaftLog.open, os.path.join(d, "wal"), self.cfg.wal_segment_bytes,
                                           self.sm.applied_index)
@@ -569,7 +570,8 @@ class Node:
         self.check_leader()
         pid = self.proposals.next_id()
         # CLOCK_MONOTONIC, never the wall clock: it drives session expiry (log_clock.py).
-        cmd = command_pb2.Command(ops=ops, leader_clock_ms=time.monotonic_ns() // 1_000_000, proposal_id=pid)
+        stamp = time.time_ns() if self.cfg.testing_wall_clock_sessions else time.monotonic_ns()
+        cmd = command_pb2.Command(ops=ops, leader_clock_ms=stamp // 1_000_000, proposal_id=pid)
         key = (0, 0)
         if request_id is not None:
             cmd.request_id.CopyFrom(request_id)
