@@ -241,8 +241,8 @@ class SessionBatch:
                     return Verdict.REJECT, self._expired(cid, seq)
                 s = [now_ms, 0, 0]
                 self._count += 1
-                if self._count > self._t.max_sessions:
-                    self._evict_lru(cid)
+                while self._count > self._t.max_sessions and self._evict_lru(cid):
+                    pass  # one at a time; more only if the limit was lowered since
             else:
                 s = list(_SESSION.unpack(raw))
                 txn.delete(_PAIR.pack(s[0], cid), db=self._t._expiry)
@@ -282,8 +282,9 @@ class SessionBatch:
             f"start a new session (new client_id)",
         )
 
-    def _evict_lru(self, keep: int) -> None:
-        """Drop the session with the smallest (last_seen, client_id), other than `keep`."""
+    def _evict_lru(self, keep: int) -> bool:
+        """Drop the session with the smallest (last_seen, client_id), other than `keep`;
+        False if there is none."""
         stored = None
         cur = self._txn.cursor(db=self._t._expiry)
         if cur.first():
@@ -297,6 +298,9 @@ class SessionBatch:
             cur.delete()
             self._drop_session(stored[1])
             self._oldest_stored = None  # read again when next needed
+        else:
+            return False
+        return True
 
     def record(
         self, rid: kv_pb2.RequestId, answer: command_pb2.CommandResult | ApplyError, puts_only: bool = False

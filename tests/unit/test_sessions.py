@@ -194,3 +194,16 @@ def test_eviction_in_one_batch_is_eviction_one_by_one(tmp_path):
     # 7 evicts 8 (a tie at log time 0), 6 evicts 7, 9 is touched, 5 evicts 6
     assert [refused(a) for a in answers] == [False, False, False, True, False, False, False, True, True]
     assert set(sessions) == {9, 5}
+
+
+def test_a_lowered_limit_takes_effect_at_the_next_new_session(tmp_path):
+    path = str(tmp_path / "sm")
+    sm = StateMachine.open(path, 64 << 20, fsync=False, session_ttl_ms=TTL_MS, max_sessions=3)
+    c = Cluster(sm)
+    for client in (1, 2, 3):
+        c.propose(b"k", client=client, seq=1, acked=1, opens=True)
+    sm.close()
+    c.sm = sm = StateMachine.open(path, 64 << 20, fsync=False, session_ttl_ms=TTL_MS, max_sessions=1)
+    c.propose(b"k", client=4, seq=1, acked=1, opens=True)
+    assert set(sm.dump_sessions()) == {4}
+    sm.close()

@@ -91,10 +91,10 @@ class Model:
         if s is None:
             if not (rid.opens_session and rid.seq == 1):
                 return ("error", ErrorCode.FAILED_PRECONDITION)  # session expired (or evicted)
-            lru = min(((v[0], c) for c, v in self.sessions.items()), default=None)
-            s = self.sessions[rid.client_id] = [now, 0, {}]
-            if len(self.sessions) > MAX_SESSIONS:
-                del self.sessions[lru[1]]
+            s = [now, 0, {}]
+            while len(self.sessions) >= MAX_SESSIONS:  # evict the least recently used
+                del self.sessions[min((v[0], c) for c, v in self.sessions.items())[1]]
+            self.sessions[rid.client_id] = s
         s[0] = now
         if rid.acked_below > s[1]:
             s[1] = rid.acked_below
