@@ -75,15 +75,17 @@ __all__ = ["StateMachine", "ApplyError", "ErrorCode", "SnapshotImageError"]
 
 _META_KEY = b"state"
 _META = struct.Struct(">QQqQQQ")  # applied_index, applied_term, revision, then the LogClock
+_META_HEAD = struct.Struct(">QQq")  # the first three: read by every layout
+_LEGACY_LOG_TIME = struct.Struct(">Q")  # after the head in the layout before the LogClock
 _RECORD_HEADER = keys.RECORD_HEADER  # packed inline on the put path
 
 
-def _read_meta(txn: lmdb.Transaction[bytes], meta_db: lmdb._Database) -> tuple[int, ...]:
-    """(applied_index, applied_term, revision, *LogClock): written with the store, never deleted."""
+def _read_meta(txn: lmdb.Transaction[bytes], meta_db: lmdb._Database) -> tuple[int, int, int]:
+    """(applied_index, applied_term, revision): written with the store, never deleted."""
     raw = txn.get(_META_KEY, db=meta_db)
     if raw is None:
         raise lmdb.CorruptedError(f"state machine metadata record {_META_KEY!r} is missing")
-    return _META.unpack(raw)
+    return _META_HEAD.unpack_from(raw)
 _DB_NAMES = (b"kv", b"meta", b"sessions", b"answers", b"expiry")
 _CURRENT = "current"
 _GEN_PREFIX = "gen-"
@@ -135,7 +137,7 @@ def read_image_meta(image_path: str) -> tuple[int, int, int]:
             raw = txn.get(_META_KEY, db=meta_db)
         if raw is None:
             raise SnapshotImageError(f"{image_path}: no state machine metadata")
-        index, term, revision = _META.unpack(raw)[:3]
+        index, term, revision = _META_HEAD.unpack_from(raw)
         return index, term, revision
     finally:
         env.close()
@@ -230,9 +232,11 @@ class StateMachine:
             dbs[b"sessions"], dbs[b"answers"], dbs[b"expiry"],
             ttl_ms=self._ttl_ms, max_pending=self._max_pending, max_sessions=self._max_sessions,
         )
-        index, term, revision, *clock = _META.unpack(raw)
-        self._applied_index, self._applied_term, self._revision = index, term, revision
-        self._clock = LogClock(*clock)
+        self._applied_index, self._applied_term, self._revision = _META_HEAD.unpack_from(raw)
+        if len(raw) == _META.size:
+            self._clock = LogClock(*_META.unpack(raw)[3:])
+        else:  # written before the log clock: its log time was the largest wall-clock stamp
+            self._clock = LogClock(_LEGACY_LOG_TIME.unpack_from(raw, _META_HEAD.size)[0])
 
     # ---- state -------------------------------------------------------------
 

@@ -207,3 +207,23 @@ def test_a_lowered_limit_takes_effect_at_the_next_new_session(tmp_path):
     c.propose(b"k", client=4, seq=1, acked=1, opens=True)
     assert set(sm.dump_sessions()) == {4}
     sm.close()
+
+
+def test_a_state_machine_written_before_the_log_clock_opens_with_its_log_time(tmp_path):
+    """Its metadata is (index, term, revision, log time); sessions keep their ages."""
+    import struct
+
+    import lmdb
+
+    path = str(tmp_path / "sm")
+    sm = StateMachine.open(path, 64 << 20, fsync=False, session_ttl_ms=TTL_MS)
+    Cluster(sm).propose(b"a")
+    sm.close()
+    env = lmdb.open(str(tmp_path / "sm" / "current"), max_dbs=8)
+    meta = env.open_db(b"meta")
+    with env.begin(write=True) as txn:
+        txn.put(b"state", struct.pack(">QQqQ", 1, 1, 1, 1_700_000_000_000), db=meta)
+    env.close()
+    sm = StateMachine.open(path, 64 << 20, fsync=False, session_ttl_ms=TTL_MS)
+    assert (sm.applied_index, sm.revision, sm.log_time_ms) == (1, 1, 1_700_000_000_000)
+    sm.close()
