@@ -6,10 +6,11 @@ the first result instead of applying it twice. ``acked_below`` tells the server
 which answers it may forget: every seq below it has been delivered (or given
 up on). With many requests in flight it is the lowest seq still outstanding.
 
-Seq 1 opens the session on the cluster (RequestId.opens_session), and only an
-attempt of it that no earlier attempt may have been applied before carries the
-flag. Requests after it wait until seq 1 is over, so no other request can
-reach the cluster before the session exists. A cluster that no longer holds
+Seq 1 opens the session on the cluster (RequestId.opens_session). Its attempts
+carry the flag only while no earlier attempt may have reached the cluster, so
+at most one entry per client_id can ever create the session. Requests after
+it wait until seq 1 is over, so none reaches the cluster before the session
+exists. A cluster that no longer holds
 the session (it expired or was evicted) refuses every later request with
 "session expired" (client.errors.SessionExpired) rather than risk applying a
 retry twice; the client then starts a new session for what comes next.
