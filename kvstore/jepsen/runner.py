@@ -147,7 +147,7 @@ class NodeProcesses:
         self.cluster = cluster
         self.paused: set[int] = set()
         self.starts: Counter[int] = Counter()
-        self.clocks = clocks  # each node's wall-clock offset, when they run under libfaketime
+        self.clocks = clocks  # each node's wall-clock offset, when they run with the clock shim
         self._lock = threading.Lock()
 
     @property
@@ -309,7 +309,7 @@ class _Control:
 
     def skew_clock(self, node: int, seconds: int) -> None:
         if self.procs.clocks is None:
-            raise RuntimeError("the nodes were not started under libfaketime")
+            raise RuntimeError("the nodes were not started with the clock shim")
         self.procs.clocks.set(node, seconds)
 
 
