@@ -169,10 +169,10 @@ class Coalescer:
                 left = (p.timeout or self._timeout) - (asyncio.get_running_loop().time() - started)
                 self._spawn(self._retry_read(route, op.request_range, f, left))
             else:
-                err = errors.from_status(errors.status_code(code), r.error.message)
-                if isinstance(err, errors.SessionExpired):
+                refused = errors.from_status(errors.status_code(code), r.error.message)
+                if isinstance(refused, errors.SessionExpired):
                     self._session_expired(p.req.request_id.client_id)
-                f.set_exception(err)
+                f.set_exception(refused)
 
     async def _retry_read(
         self, route: str, req: kv_pb2.RangeRequest, fut: asyncio.Future[Any], timeout: float

@@ -30,7 +30,7 @@ class LogClock(NamedTuple):
     term: int = 0  # term of the last stamped entry (0: none yet)
     mark: int = 0  # that entry's leader_clock_ms
 
-    def advance(self, term: int, stamp: int) -> "LogClock":
+    def advance(self, term: int, stamp: int) -> LogClock:
         """The clock after an entry of `term` stamped `stamp` (0: not stamped)."""
         if not stamp:
             return self

@@ -16,7 +16,7 @@ import pytest
 
 from kvstore.client import Client, errors
 from kvstore.jepsen.clock import NodeClocks, compiler
-from kvstore.server.local_cluster import LocalCluster
+from kvstore.launcher import LocalCluster
 from server_cluster import settled
 
 pytestmark = pytest.mark.timeout(120)
