@@ -345,9 +345,9 @@ def run(config: RunConfig) -> RunResult:
     run_dir = make_run_dir(config)
     data_root = Path(tempfile.mkdtemp(prefix="kvj-data-"))
     nodes = list(range(1, config.nodes + 1))
-    clocks = NodeClocks(data_root / "clocks", nodes) if uses_clock(config.nemesis) else None
-    node_env = {n: clocks.env(n) for n in nodes} if clocks else None
     try:
+        clocks = NodeClocks(data_root / "clocks", nodes) if uses_clock(config.nemesis) else None
+        node_env = {n: clocks.env(n) for n in nodes} if clocks else None
         if mode == "netns":
             with netns.NamespaceNetwork(config.nodes) as network:
                 # Every node has its own address, so all can use the same ports.
