@@ -46,12 +46,14 @@ def make_entries(n_entries: int, ops_per_entry: int, sessions: bool, rng: random
             kv_pb2.RequestOp(request_put=kv_pb2.PutRequest(key=b"key/%08d" % rng.randrange(KEYSPACE), value=value))
             for _ in range(ops_per_entry)
         ]
-        cmd = command_pb2.Command(proposed_at_ms=1_000_000 + i, ops=ops)
+        cmd = command_pb2.Command(leader_clock_ms=1_000_000 + i, ops=ops)
         if sessions:
             c = i % clients
             seqs[c] += 1
             cmd.request_id.CopyFrom(
-                kv_pb2.RequestId(client_id=c + 1, seq=seqs[c], acked_below=max(1, seqs[c] - 8))
+                kv_pb2.RequestId(
+                    client_id=c + 1, seq=seqs[c], acked_below=max(1, seqs[c] - 8), opens_session=seqs[c] == 1
+                )
             )
         out.append(cmd.SerializeToString())
     return out

@@ -53,7 +53,8 @@ def line(name: str, lat: list[float]) -> str:
 
 def _put_req(session: Session, key: bytes) -> tuple[kv_pb2.PutRequest, int]:
     seq = session.begin()
-    rid = kv_pb2.RequestId(client_id=session.client_id, seq=seq, acked_below=session.acked_below)
+    rid = kv_pb2.RequestId(client_id=session.client_id, seq=seq, acked_below=session.acked_below,
+                           opens_session=session.opens(seq, maybe_applied=False))
     return kv_pb2.PutRequest(key=key, value=VALUE, request_id=rid), seq
 
 

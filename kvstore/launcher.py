@@ -97,6 +97,7 @@ class LocalCluster:
         prefix: dict[int, list[str]] | None = None,
         python: str = sys.executable,
         env: dict[str, str] | None = None,
+        node_env: dict[int, dict[str, str]] | None = None,
     ) -> None:
         self.base_dir = os.path.abspath(base_dir)
         self.ids = list(range(1, nodes + 1))
@@ -113,7 +114,7 @@ class LocalCluster:
         self.prefix = prefix or {}
         self.python = python
         self.env = env
-        self.node_env: dict[int, dict[str, str]] = {}  # per member, over `env` (e.g. its boot id)
+        self.node_env = node_env or {}  # per member, over `env` (e.g. its boot id, its clock shim)
         self.procs: dict[int, subprocess.Popen] = {}
         self._paused: set[int] = set()
         self._channels: dict[int, grpc.Channel] = {}

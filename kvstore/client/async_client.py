@@ -74,6 +74,11 @@ class _LostReply(Exception):
     """Raised in place of a reply discarded by the test fault hook."""
 
 
+def _never_sent(code: grpc.StatusCode, details: str) -> bool:
+    """gRPC failed the call before sending it: no connection to the member could be made."""
+    return code is grpc.StatusCode.UNAVAILABLE and details.startswith("failed to connect to all addresses")
+
+
 def _metadata(err: grpc.aio.AioRpcError) -> dict[str, str]:
     md = err.trailing_metadata()
     if not md:
@@ -139,6 +144,7 @@ class AsyncClient:
             Coalescer(
                 self._call, max_ops=max_batch_ops, max_bytes=max_batch_bytes, timeout=timeout,
                 retryable=lambda code: self.retry.is_retryable(errors.status_code(code)),
+                session_expired=self._session_expired,
             )
             if coalesce
             else None
@@ -383,6 +389,7 @@ class AsyncClient:
         leader_before: str | None = None  # the client's leader hint when the last attempt started
         maybe_applied = False
         redirected = False  # the next attempt follows a redirect (not a retry)
+        may_have_arrived = False  # as maybe_applied, but a call gRPC never sent does not count
         if route is LEADER:
             addr = eps.first()
         elif route is ANY:
@@ -391,6 +398,8 @@ class AsyncClient:
             addr = route
         budget.request()
         try:
+            if seq > 1:
+                await session.wait_opened(seq)
             while True:
                 remaining = deadline - loop_time()
                 if remaining <= 0 or not policy.may_attempt(attempts):
@@ -413,6 +422,8 @@ class AsyncClient:
                     leader_before = eps.leader
                     if rid is not None:
                         rid.acked_below = session.acked_below
+                        if seq == 1:
+                            rid.opens_session = session.opens(seq, may_have_arrived)
                     conn = eps.conn(addr)
                     kind = streamed.get(method)
                     # The call's deadline cuts this attempt short: its timing out says nothing about the member.
@@ -482,10 +493,15 @@ class AsyncClient:
                             if addr not in tried:
                                 continue
                     elif not policy.is_retryable(code):
-                        raise errors.from_status(code, details, addr)
+                        err = errors.from_status(code, details, addr)
+                        if isinstance(err, errors.SessionExpired):
+                            err.maybe_applied = maybe_applied  # this attempt was refused, an earlier one may not be
+                            self._session_expired(session.client_id)
+                        raise err
                     else:
                         if mutation and md.get(MD_NOT_APPLIED) != "1":
                             maybe_applied = True
+                            may_have_arrived = may_have_arrived or not _never_sent(code, details)
                         if route is LEADER:
                             eps.forget_leader(addr)
                         addr = self._next_addr(route, addr, tried)
@@ -524,6 +540,13 @@ class AsyncClient:
             untried = [a for a in eps.addrs if a not in tried and not eps.penalized(a)]
             return self._balancer.pick(untried or eps.addrs)
         return addr
+
+    def _session_expired(self, client_id: int) -> None:
+        """The cluster refused a request of session ``client_id`` as expired: later calls
+        go out under a new session (calls already under way finish on the old one)."""
+        if self.session.client_id == client_id:
+            log.info("session %d expired on the cluster; starting a new session", client_id)
+            self.session = Session()
 
     def _refresh_members_soon(self) -> None:
         """After a redirect, re-read the member list in the background (at most once a second)."""

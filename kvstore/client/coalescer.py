@@ -71,12 +71,14 @@ class Coalescer:
         max_bytes: int = 1 << 20,
         timeout: float = 5.0,
         retryable: Callable[[int], bool] = lambda code: False,
+        session_expired: Callable[[int], None] = lambda client_id: None,
     ) -> None:
         if max_ops < 1 or max_bytes < 1:
             raise ValueError("max_ops and max_bytes must be >= 1")
         self._send = send
         self._timeout = timeout
         self._retryable = retryable
+        self._session_expired = session_expired  # told the client_id whose session the cluster refused
         self.max_ops = max_ops
         self.max_bytes = max_bytes
         self._pending: dict[str, _Pending] = {}
@@ -167,7 +169,10 @@ class Coalescer:
                 left = (p.timeout or self._timeout) - (asyncio.get_running_loop().time() - started)
                 self._spawn(self._retry_read(route, op.request_range, f, left))
             else:
-                f.set_exception(errors.from_status(errors.status_code(code), r.error.message))
+                refused = errors.from_status(errors.status_code(code), r.error.message)
+                if isinstance(refused, errors.SessionExpired):
+                    self._session_expired(p.req.request_id.client_id)
+                f.set_exception(refused)
 
     async def _retry_read(
         self, route: str, req: kv_pb2.RangeRequest, fut: asyncio.Future[Any], timeout: float

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 
 import grpc
 
+from kvstore.storage.errors import SESSION_EXPIRED
+
 __all__ = [
     "KvstoreError",
     "Unavailable",
@@ -19,6 +21,7 @@ __all__ = [
     "DeadlineExceeded",
     "InvalidArgument",
     "FailedPrecondition",
+    "SessionExpired",
     "ResourceExhausted",
     "Cancelled",
     "InternalError",
@@ -132,6 +135,19 @@ class FailedPrecondition(KvstoreError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class SessionExpired(FailedPrecondition):
+    """The cluster no longer holds this client's session (it expired or was evicted),
+    so it refused the request rather than risk applying a retry twice.
+
+    The refused attempt was applied nowhere, but an earlier attempt of the same
+    call may have been (``maybe_applied``): the outcome of such a call is
+    unknown. Retrying cannot help; the client has already moved on to a new
+    session, so the caller may issue new calls at once.
+    """
+
+    maybe_applied: bool = True
+
+
 class ResourceExhausted(KvstoreError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -172,6 +188,8 @@ def from_status(code: grpc.StatusCode, message: str, endpoint: str | None = None
     """Map a final (not retried) gRPC status to its typed error."""
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
         return DeadlineExceeded(1, {endpoint or "?": message}, timeout=0.0)
+    if code is grpc.StatusCode.FAILED_PRECONDITION and message.startswith(SESSION_EXPIRED):
+        return SessionExpired(message, endpoint=endpoint)
     cls = _BY_CODE.get(code)
     if cls is None:
         return InternalError(f"{code.name}: {message}", code=code, endpoint=endpoint)

@@ -27,7 +27,8 @@ def jepsen() -> None:
 @click.option("--nemesis", default="partition", show_default=True,
               help="comma-separated fault windows taking turns; '+' joins faults in one window. "
                    "partition[-halves|-leader|-ring|-bridge], kill[-random|-leader], "
-                   "pause[-random|-leader], power[-random|-leader|-all] (root: loop-mounted ext4), none")
+                   "pause[-random|-leader], power[-random|-leader|-all] (root: loop-mounted ext4), "
+                   "clock[-{leader,random}-{ahead,behind}], none")
 @click.option("--workload", type=click.Choice(["register", "set", "bank"]), default="register",
               show_default=True)
 @click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False),

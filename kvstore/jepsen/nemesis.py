@@ -18,6 +18,7 @@ Packages (names for ``--nemesis``):
   is restarted when the window ends (its disk survives, as after a crash).
 - ``pause``: alternates ``pause-random`` and ``pause-leader``: SIGSTOP, SIGCONT at heal.
 - ``power``, ``power-all``: power cuts (unsynced writes lost), see :mod:`kvstore.jepsen.power`.
+- ``clock``: one node's wall clock an hour ahead or behind (see :mod:`kvstore.jepsen.clock`).
 
 Grudges are always symmetric: with TCP a one-sided drop cuts both directions
 anyway, and a symmetric one says what the partition really is.
@@ -213,8 +214,12 @@ def make_package(name: str) -> Package:
             return Rotate(name, [ProcessFault(kind, "random"), ProcessFault(kind, "leader")])
         if name in (f"{kind}-random", f"{kind}-leader"):
             return ProcessFault(kind, name.split("-", 1)[1])
+    if name.startswith("clock"):
+        from kvstore.jepsen.clock import make_clock_package
+
+        return make_clock_package(name)
     raise ValueError(f"unknown nemesis {name!r}: use partition[-halves|-leader|-ring|-bridge], "
-                     "kill[-random|-leader], pause[-random|-leader], power[-random|-leader|-all], "
+                     "kill[-random|-leader], pause[-random|-leader], power[-random|-leader|-all], clock, "
                      "joined with , or +")
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from kvstore.jepsen import net as netns
+from kvstore.jepsen.clock import NodeClocks, uses_clock
 from kvstore.jepsen.history import FAIL, INFO, INVOKE, OK
 from kvstore.jepsen.nemesis import Nemesis, parse_spec
 from kvstore.jepsen.power import PowerSupply, needs_power
@@ -143,11 +144,12 @@ class NodeProcesses:
     idempotent kill / restart / pause / resume, and "everything back up" at heal.
     """
 
-    def __init__(self, cluster: Any, power: PowerSupply | None = None) -> None:
+    def __init__(self, cluster: Any, power: PowerSupply | None = None, clocks: NodeClocks | None = None) -> None:
         self.cluster = cluster
         self.power = power  # each member's disk and boot id, when the nemesis cuts power
         self.paused: set[int] = set()
         self.starts: Counter[int] = Counter()
+        self.clocks = clocks  # each node's wall-clock offset, when they run with the clock shim
         self._lock = threading.Lock()
 
     @property
@@ -160,7 +162,7 @@ class NodeProcesses:
                 if self.power is not None:
                     if not self.power.powered(node):
                         return  # a machine without power does not boot: restore_power starts it
-                    self.cluster.node_env[node] = self.power.env(node)
+                    self.cluster.node_env[node] = {**self.cluster.node_env.get(node, {}), **self.power.env(node)}
                 self.starts[node] += 1
                 self.cluster.start_node(node)
             self.paused.discard(node)
@@ -217,13 +219,14 @@ class NodeProcesses:
 
 def make_cluster(base_dir: Path, nodes: int, config: RunConfig, *, client_addrs: dict[int, str],
                  peer_addrs: dict[int, str], netns: dict[int, str] | None = None,
-                 node_args: dict[int, list[str]] | None = None) -> Any:
+                 node_args: dict[int, list[str]] | None = None,
+                 node_env: dict[int, dict[str, str]] | None = None) -> Any:
     from kvstore.launcher import LocalCluster
 
     extra = ["--tick-ms", str(config.tick_ms), "--election-ticks", str(config.election_ticks),
              *config.server_args]
     return LocalCluster(str(base_dir), nodes, extra_args=extra, client_addrs=client_addrs,
-                        peer_addrs=peer_addrs, netns=netns, node_args=node_args)
+                        peer_addrs=peer_addrs, netns=netns, node_args=node_args, node_env=node_env)
 
 
 # -------------------------------------------------------------- leader watch
@@ -330,6 +333,11 @@ class _Control:
     def heal_network(self) -> None:
         self.network.heal()
 
+    def skew_clock(self, node: int, seconds: int) -> None:
+        if self.procs.clocks is None:
+            raise RuntimeError("the nodes were not started with the clock shim")
+        self.procs.clocks.set(node, seconds)
+
 
 def choose_network(requested: str) -> str:
     if requested == "auto":
@@ -367,15 +375,18 @@ def run(config: RunConfig) -> RunResult:
     try:
         # Power cuts need each member's data dir on its own disk (unmounted before the cleanup below).
         power = disks.enter_context(PowerSupply(data_root, nodes)) if needs_power(parse_spec(config.nemesis)) else None
+        clocks = NodeClocks(data_root / "clocks", nodes) if uses_clock(config.nemesis) else None
+        node_env = {n: clocks.env(n) for n in nodes} if clocks else None
         if mode == "netns":
             with netns.NamespaceNetwork(config.nodes) as network:
                 # Every node has its own address, so all can use the same ports.
                 client_addrs = {n: f"{network.ip(n)}:2379" for n in nodes}
                 cluster = make_cluster(data_root, config.nodes, config, client_addrs=client_addrs,
                                        peer_addrs={n: f"{network.ip(n)}:2380" for n in nodes},
-                                       netns={n: network.namespace(n) for n in nodes})
+                                       netns={n: network.namespace(n) for n in nodes}, node_env=node_env)
                 with network.enter_control():
-                    return _run_with(config, mode, run_dir, NodeProcesses(cluster, power), network, client_addrs)
+                    return _run_with(config, mode, run_dir, NodeProcesses(cluster, power, clocks), network,
+                                     client_addrs)
         from kvstore.jepsen.proxy import ProxyNetwork
 
         with ProxyNetwork(nodes) as network:
@@ -386,8 +397,8 @@ def run(config: RunConfig) -> RunResult:
                 f"{m}={a}" for m, a in sorted(network.peer_addrs_for(n).items()))] for n in nodes}
             cluster = make_cluster(data_root, config.nodes, config, client_addrs=client_addrs,
                                    peer_addrs={n: network.listen_peer_addr(n) for n in nodes},
-                                   node_args=node_args)
-            return _run_with(config, mode, run_dir, NodeProcesses(cluster, power), network, client_addrs)
+                                   node_args=node_args, node_env=node_env)
+            return _run_with(config, mode, run_dir, NodeProcesses(cluster, power, clocks), network, client_addrs)
     finally:
         disks.close()
         logs = run_dir / "logs"

@@ -16,6 +16,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvstore.storage.sessions import DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_TTL_MS
+
 # The default local cluster (what `Client()` with no endpoints talks to).
 DEFAULT_NODES = 3
 DEFAULT_BASE_CLIENT_PORT = 2379
@@ -90,6 +92,12 @@ OPTIONS: list[Option] = [
     Option("--max-stream-in-flight", int, 1024,
            "most requests unanswered on one client session stream; at the bound the member stops reading it"),
     Option("--request-timeout-ms", int, 10000, "how long a request may wait for commit when the client sets no deadline"),
+    # exactly-once sessions: the same on every member (the state machine decides by them)
+    Option("--session-ttl-ms", int, DEFAULT_SESSION_TTL_MS,
+           "a client session idle this long (in log time, which follows the leaders' monotonic clocks) "
+           "is dropped; its later requests are refused, never applied twice"),
+    Option("--max-sessions", int, DEFAULT_MAX_SESSIONS,
+           "most client sessions kept; one more evicts the least recently used (refused likewise)"),
     # ops
     Option("--log-level", str, "info", "debug, info, warning or error"),
     Option("--log-format", str, "text", "text, or json: one object per line (ts, level, member, term, event, msg)"),
@@ -98,6 +106,9 @@ OPTIONS: list[Option] = [
            "TESTING ONLY, UNSAFE: every member answers linearizable reads locally without ReadIndex"),
     Option("--testing-ack-before-commit", bool, False,
            "TESTING ONLY, UNSAFE: the leader acknowledges a write as soon as it is proposed"),
+    Option("--testing-wall-clock-sessions", bool, False,
+           "TESTING ONLY, UNSAFE: session expiry follows the leader's wall clock (one leader's clock "
+           "jump expires every session)"),
 ]
 
 
@@ -139,10 +150,13 @@ class ServerConfig:
     max_batch_ops: int = 1024
     max_stream_in_flight: int = 1024
     request_timeout_ms: int = 10000
+    session_ttl_ms: int = DEFAULT_SESSION_TTL_MS
+    max_sessions: int = DEFAULT_MAX_SESSIONS
     log_level: str = "info"
     log_format: str = "text"
     testing_unsafe_local_reads: bool = False
     testing_ack_before_commit: bool = False
+    testing_wall_clock_sessions: bool = False
 
     @property
     def member_ids(self) -> list[int]:
@@ -219,6 +233,8 @@ def make_config(values: dict[str, Any]) -> ServerConfig:
         raise ValueError("need --tick-ms > 0 and --election-ticks > --heartbeat-ticks > 0")
     if cfg.snapshot_count <= 0 or cfg.snapshot_catchup_entries < 0:
         raise ValueError("need --snapshot-count > 0 and --snapshot-catchup-entries >= 0")
+    if cfg.session_ttl_ms <= 0 or cfg.max_sessions <= 0:
+        raise ValueError("need --session-ttl-ms > 0 and --max-sessions > 0")
     if cfg.state_machine_sync not in STATE_MACHINE_SYNC_MODES:
         raise ValueError(f"--state-machine-sync must be one of {', '.join(STATE_MACHINE_SYNC_MODES)}, "
                          f"not {cfg.state_machine_sync!r}")

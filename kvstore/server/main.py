@@ -62,6 +62,8 @@ async def serve(cfg: ServerConfig) -> None:
              cfg.id, cfg.listen_client_addr, cfg.listen_peer_addr, cfg.data_dir)
     if cfg.testing_unsafe_local_reads or cfg.testing_ack_before_commit:
         log.warning("TESTING MODE: linearizability is deliberately broken (unsafe flags set)")
+    if cfg.testing_wall_clock_sessions:
+        log.warning("TESTING MODE: session expiry follows the leader's wall clock (unsafe flag set)")
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -157,7 +157,9 @@ class Node:
         # applied batch ('commit') cost ~20% of a write's CPU on every member.
         by_boot = self.cfg.state_machine_sync == "boot"  # see StateMachine.open and boot_guard.py
         self.sm = await self._in_storage(
-            functools.partial(StateMachine.open, os.path.join(d, "db"), fsync=not by_boot, boot_guard=by_boot))
+            functools.partial(StateMachine.open, os.path.join(d, "db"), fsync=not by_boot, boot_guard=by_boot,
+                              session_ttl_ms=self.cfg.session_ttl_ms, max_sessions=self.cfg.max_sessions))
+        self.sm.testing_log_time_from_absolute_stamps = self.cfg.testing_wall_clock_sessions
         # The state machine first: the entries it has applied are checksummed when read, not at open.
         self.log = await self._in_storage(self._open_log, self.sm.applied_index)
         self.snapshots = SnapshotStore(os.path.join(d, "snap"))
@@ -631,7 +633,9 @@ class Node:
         """Propose mutations; return the state machine's CommandResult (or its ApplyError)."""
         self.check_leader()
         pid = self.proposals.next_id()
-        cmd = command_pb2.Command(ops=ops, proposed_at_ms=int(time.time() * 1000), proposal_id=pid)
+        # CLOCK_MONOTONIC, never the wall clock: it drives session expiry (log_clock.py).
+        stamp = time.time_ns() if self.cfg.testing_wall_clock_sessions else time.monotonic_ns()
+        cmd = command_pb2.Command(ops=ops, leader_clock_ms=stamp // 1_000_000, proposal_id=pid)
         key = (0, 0)
         if request_id is not None:
             cmd.request_id.CopyFrom(request_id)

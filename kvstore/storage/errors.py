@@ -22,6 +22,11 @@ class ErrorCode(enum.IntEnum):
     FAILED_PRECONDITION = 9  # retry of a request whose answer was forgotten
 
 
+#: How every refusal of a request whose session the cluster no longer holds begins
+#: (FAILED_PRECONDITION); the client library types it as SessionExpired by it.
+SESSION_EXPIRED = "session expired"
+
+
 @dataclass(frozen=True, slots=True)
 class ApplyError:
     """A command rejected as a whole, deterministically, by every replica."""

@@ -10,23 +10,25 @@ the effects do.
 Rules (identical on every replica, so all reach the same verdict):
 
 * client_id 0: no exactly-once; the command is applied and nothing recorded.
-* Log time is the largest Command.proposed_at_ms seen (the leader's clock,
-  made monotonic here). A session whose last activity is more than `ttl_ms`
-  of log time behind a command is dropped before that command is handled.
-  The ttl must be the same on every member of a cluster.
+* Log time (log_clock.py) follows the leaders' monotonic clocks, never a
+  wall clock. A session whose last activity is more than `ttl_ms` of log
+  time behind a command is dropped before that command is handled. The ttl
+  must be the same on every member of a cluster.
+* Only a request with RequestId.opens_session and seq 1 creates a session
+  (the client sets the flag while no earlier attempt of seq 1 may have been
+  applied, so at most one entry per client_id can ever carry it into the
+  state machine). Every other request of a client_id without a session is
+  refused with FAILED_PRECONDITION "session expired: ...": its session
+  expired or was evicted, and the request may be the retry of one applied
+  under it, so applying it could apply it twice. The refusal is
+  deterministic, so it was applied nowhere; the client starts a new session.
+* At most `max_sessions` sessions are kept: creating one more evicts the least
+  recently used other session (smallest (last_seen, client_id)), whose later
+  requests are then refused as above.
 * A retry of a seq whose answer is still stored gets that answer back.
 * A seq below acked_below whose answer is gone is rejected
   (FAILED_PRECONDITION): its outcome cannot be told any more, so applying it
   would risk a double apply. A client never does this unless it is confused.
-* An unknown client_id whose acked_below > 1 has had answers before, so its
-  session expired (or was never seen by this cluster): rejected with
-  FAILED_PRECONDITION, and the client must start a new session (new
-  client_id). Because the rejection is deterministic, the rejected command was
-  not applied anywhere and the client may safely resend it under the new id.
-  The one case this cannot catch is a retry of a session's *first* requests
-  (acked_below <= 1) arriving after the session expired; clients must
-  therefore stop retrying a request well within ttl_ms (the client library's
-  retry deadline is shorter than the ttl).
 * At most `max_pending` answers are kept per client (seqs not yet acked);
   a new seq beyond that is rejected with RESOURCE_EXHAUSTED.
 
@@ -41,11 +43,12 @@ import struct
 
 from kvstore.v1 import command_pb2, kv_pb2
 
-from .errors import ApplyError, ErrorCode
+from .errors import SESSION_EXPIRED, ApplyError, ErrorCode
 from .plain_puts import PlainPuts
 
 DEFAULT_SESSION_TTL_MS = 10 * 60 * 1000
 DEFAULT_MAX_PENDING = 10_000
+DEFAULT_MAX_SESSIONS = 100_000
 
 _SESSION = struct.Struct(">QQQ")  # last_seen_ms, acked_below, pending
 _PAIR = struct.Struct(">QQ")  # (client_id, seq) or (last_seen_ms, client_id)
@@ -99,12 +102,20 @@ class Verdict(enum.Enum):
 class SessionTable:
     """Session bookkeeping inside a caller's LMDB write transaction (see batch())."""
 
-    def __init__(self, sessions_db, answers_db, expiry_db, *, ttl_ms: int, max_pending: int):
+    def __init__(
+        self, sessions_db, answers_db, expiry_db, *, ttl_ms: int, max_pending: int, max_sessions: int
+    ) -> None:
+        if max_sessions < 1:
+            raise ValueError("max_sessions must be >= 1")
         self._sessions = sessions_db
         self._answers = answers_db
         self._expiry = expiry_db
         self.ttl_ms = ttl_ms
         self.max_pending = max_pending
+        self.max_sessions = max_sessions
+        # Test switch, never set outside tests: an unknown client with acked_below <= 1 gets a
+        # new session without opens_session (the rule that let a retry apply twice).
+        self.testing_open_implicitly = False
         # client_id -> an upper bound of the seqs whose answers are stored. A
         # request above it cannot be a retry, so its answer lookup is skipped
         # (every py-lmdb call drops and retakes the GIL, which is what a call
@@ -143,14 +154,17 @@ class SessionBatch:
 
     * when a session is first touched, its expiry entry is deleted, so the
       expiry index holds only sessions not in `_live`; expire() looks at both;
-    * a session dropped by expire() has its row deleted at once, so a later
-      command of the same client in this batch finds no session.
+    * a session dropped by expire() or evicted has its row deleted at once, so
+      a later command of the same client in this batch finds no session;
+    * eviction picks the least recently used session over both the expiry
+      index and `_live` (see _evict_lru).
     """
 
     def __init__(self, table: SessionTable, txn):
         self._t = table
         self._txn = txn
         self._live: dict[int, list[int]] = {}
+        self._count = txn.stat(table._sessions)["entries"]  # sessions held, kept up to date below
         # Lower bounds, so expire() rarely touches LMDB: the oldest last_seen in
         # the expiry index (None: not read yet; -1: empty) and in _live.
         self._oldest_stored: int | None = None
@@ -189,6 +203,7 @@ class SessionBatch:
         self._oldest_stored = oldest
 
     def _drop_session(self, cid: int) -> None:
+        self._count -= 1
         self._txn.delete(_CLIENT.pack(cid), db=self._t._sessions)
         self._drop_answers(cid, 0, 1 << 64)
         self._t._seq_bound.pop(cid, None)
@@ -220,14 +235,14 @@ class SessionBatch:
             txn = self._txn
             raw = txn.get(_CLIENT.pack(cid), db=self._t._sessions)
             if raw is None:
-                if acked_below > 1:
-                    return Verdict.REJECT, ApplyError(
-                        ErrorCode.FAILED_PRECONDITION,
-                        f"session of client {cid} expired or is unknown (acked_below="
-                        f"{acked_below}): its earlier answers are gone; start a new "
-                        f"session with a new client_id",
-                    )
+                if not (rid.opens_session and seq == 1) and not (
+                    self._t.testing_open_implicitly and acked_below <= 1
+                ):
+                    return Verdict.REJECT, self._expired(cid, seq)
                 s = [now_ms, 0, 0]
+                self._count += 1
+                while self._count > self._t.max_sessions and self._evict_lru(cid):
+                    pass  # one at a time; more only if the limit was lowered since
             else:
                 s = list(_SESSION.unpack(raw))
                 txn.delete(_PAIR.pack(s[0], cid), db=self._t._expiry)
@@ -256,6 +271,36 @@ class SessionBatch:
                 f"{self._t.max_pending} (advance acked_below)",
             )
         return Verdict.APPLY, None
+
+    def _expired(self, cid: int, seq: int) -> ApplyError:
+        t = self._t
+        return ApplyError(
+            ErrorCode.FAILED_PRECONDITION,
+            f"{SESSION_EXPIRED}: client {cid} has no session (idle for over {t.ttl_ms} ms of log "
+            f"time, or evicted as the least recently used of {t.max_sessions}); seq {seq} is "
+            f"refused, not applied, as it may retry a request applied under that session; "
+            f"start a new session (new client_id)",
+        )
+
+    def _evict_lru(self, keep: int) -> bool:
+        """Drop the session with the smallest (last_seen, client_id), other than `keep`;
+        False if there is none."""
+        stored = None
+        cur = self._txn.cursor(db=self._t._expiry)
+        if cur.first():
+            stored = _PAIR.unpack(cur.key())  # the expiry index holds no session of _live
+        live = min(((s[0], c) for c, s in self._live.items() if c != keep), default=None)
+        if live is not None and (stored is None or live < stored):
+            del self._live[live[1]]
+            self._drop_session(live[1])
+            self._oldest_live = min((s[0] for s in self._live.values()), default=1 << 64)
+        elif stored is not None:
+            cur.delete()
+            self._drop_session(stored[1])
+            self._oldest_stored = None  # read again when next needed
+        else:
+            return False
+        return True
 
     def record(
         self, rid: kv_pb2.RequestId, answer: command_pb2.CommandResult | ApplyError, puts_only: bool = False

@@ -67,23 +67,26 @@ from . import keys, validation
 from .durable_files import fsync_dir, fsync_file
 from .errors import ApplyError, ErrorCode, InvalidRequest
 from .plain_puts import PlainPuts
-from .sessions import DEFAULT_MAX_PENDING, DEFAULT_SESSION_TTL_MS, SessionTable, Verdict
+from .log_clock import LogClock
+from .sessions import DEFAULT_MAX_PENDING, DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_TTL_MS, SessionTable, Verdict
 from .storage_fault import failing_as
 from .txn import compare_holds
 
 __all__ = ["StateMachine", "ApplyError", "ErrorCode", "SnapshotImageError"]
 
 _META_KEY = b"state"
-_META = struct.Struct(">QQqQ")  # applied_index, applied_term, revision, log_time_ms
+_META = struct.Struct(">QQqQQQ")  # applied_index, applied_term, revision, then the LogClock
+_META_HEAD = struct.Struct(">QQq")  # the first three: read by every layout
+_LEGACY_LOG_TIME = struct.Struct(">Q")  # after the head in the layout before the LogClock
 _RECORD_HEADER = keys.RECORD_HEADER  # packed inline on the put path
 
 
-def _read_meta(txn: lmdb.Transaction[bytes], meta_db: lmdb._Database) -> tuple[int, int, int, int]:
-    """(applied_index, applied_term, revision, log_time_ms): written with the store, never deleted."""
+def _read_meta(txn: lmdb.Transaction[bytes], meta_db: lmdb._Database) -> tuple[int, int, int]:
+    """(applied_index, applied_term, revision): written with the store, never deleted."""
     raw = txn.get(_META_KEY, db=meta_db)
     if raw is None:
         raise lmdb.CorruptedError(f"state machine metadata record {_META_KEY!r} is missing")
-    return _META.unpack(raw)
+    return _META_HEAD.unpack_from(raw)
 _DB_NAMES = (b"kv", b"meta", b"sessions", b"answers", b"expiry")
 _CURRENT = "current"
 _GEN_PREFIX = "gen-"
@@ -135,7 +138,7 @@ def read_image_meta(image_path: str) -> tuple[int, int, int]:
             raw = txn.get(_META_KEY, db=meta_db)
         if raw is None:
             raise SnapshotImageError(f"{image_path}: no state machine metadata")
-        index, term, revision, _ = _META.unpack(raw)
+        index, term, revision = _META_HEAD.unpack_from(raw)
         return index, term, revision
     finally:
         env.close()
@@ -144,14 +147,19 @@ def read_image_meta(image_path: str) -> tuple[int, int, int]:
 class StateMachine:
     """Applies committed commands to LMDB; see the module docstring for the rules."""
 
-    def __init__(self, root: str, map_size: int, *, fsync: bool, session_ttl_ms: int, max_pending: int):
+    def __init__(
+        self, root: str, map_size: int, *, fsync: bool, session_ttl_ms: int, max_pending: int, max_sessions: int
+    ):
         self._root = root
         self._map_size = map_size
         self._fsync = fsync
         self._ttl_ms = session_ttl_ms
         self._max_pending = max_pending
+        self._max_sessions = max_sessions
         # Test switches: never set outside tests.
         self.testing_disable_dedup = False
+        # Log time = the largest leader_clock_ms seen, as when it was the leader's wall clock.
+        self.testing_log_time_from_absolute_stamps = False
         self.testing_install_hook: Callable[[str], None] | None = None
         self._env: lmdb.Environment  # opened by _open_current
         self._closed = False
@@ -168,6 +176,7 @@ class StateMachine:
         boot_guard: bool = False,
         session_ttl_ms: int = DEFAULT_SESSION_TTL_MS,
         max_pending: int = DEFAULT_MAX_PENDING,
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
     ) -> StateMachine:
         """Open (creating if needed) the state machine stored under `path`.
 
@@ -200,7 +209,10 @@ class StateMachine:
             _open_env(first, map_size, True).close()
             _point_current(path, os.path.basename(first))
         _remove_stale_generations(path)
-        sm = cls(path, map_size, fsync=fsync, session_ttl_ms=session_ttl_ms, max_pending=max_pending)
+        sm = cls(
+            path, map_size, fsync=fsync, session_ttl_ms=session_ttl_ms, max_pending=max_pending,
+            max_sessions=max_sessions,
+        )
         sm._boot_guarded = guard.armed(path)  # also one left in this boot by an unsynced run: close() clears it
         return sm
 
@@ -210,7 +222,7 @@ class StateMachine:
             dbs = {name: env.open_db(name, txn=txn) for name in _DB_NAMES}
             raw = txn.get(_META_KEY, db=dbs[b"meta"])
             if raw is None:
-                raw = _META.pack(0, 0, 0, 0)
+                raw = _META.pack(0, 0, 0, *LogClock())
                 txn.put(_META_KEY, raw, db=dbs[b"meta"])
         self._env = env
         self._psize = env.stat()["psize"]
@@ -219,9 +231,13 @@ class StateMachine:
         self._meta = dbs[b"meta"]
         self._sessions = SessionTable(
             dbs[b"sessions"], dbs[b"answers"], dbs[b"expiry"],
-            ttl_ms=self._ttl_ms, max_pending=self._max_pending,
+            ttl_ms=self._ttl_ms, max_pending=self._max_pending, max_sessions=self._max_sessions,
         )
-        self._applied_index, self._applied_term, self._revision, self._log_time = _META.unpack(raw)
+        self._applied_index, self._applied_term, self._revision = _META_HEAD.unpack_from(raw)
+        if len(raw) == _META.size:
+            self._clock = LogClock(*_META.unpack(raw)[3:])
+        else:  # written before the log clock: its log time was the largest wall-clock stamp
+            self._clock = LogClock(_LEGACY_LOG_TIME.unpack_from(raw, _META_HEAD.size)[0])
 
     # ---- state -------------------------------------------------------------
 
@@ -244,8 +260,8 @@ class StateMachine:
 
     @property
     def log_time_ms(self) -> int:
-        """The largest proposed_at_ms applied so far (session expiry clock)."""
-        return self._log_time
+        """The session expiry clock after the last applied entry (see log_clock.py)."""
+        return self._clock.log_time_ms
 
     # ---- apply -------------------------------------------------------------
 
@@ -268,7 +284,7 @@ class StateMachine:
         results: list[command_pb2.CommandResult | ApplyError | None] = []
         applied_index, applied_term = self._applied_index, self._applied_term
         ex = _Executor(self._kv, self._revision)
-        log_time = self._log_time
+        clock = self._clock
         parse = command_pb2.Command.FromString
         # kv: the default db (positional calls are cheaper); a failed write or commit names the file
         with failing_as("LMDB commit", self.data_path), self._env.begin(write=True, db=self._kv) as txn:
@@ -293,20 +309,21 @@ class StateMachine:
                     if origins is not None:
                         origins.append(None)  # no Command, so nobody to answer
                     continue
-                if cmd.proposed_at_ms > log_time:
-                    log_time = cmd.proposed_at_ms
+                clock = clock.advance(term, cmd.leader_clock_ms)
+                if self.testing_log_time_from_absolute_stamps:
+                    clock = LogClock(max(clock.log_time_ms, cmd.leader_clock_ms), term, cmd.leader_clock_ms)
                 rid = cmd.request_id
-                results.append(self._apply_command(sessions, ex, cmd, rid, log_time))
+                results.append(self._apply_command(sessions, ex, cmd, rid, clock.log_time_ms))
                 if origins is not None:
                     origins.append((cmd.proposal_id, (rid.client_id, rid.seq)))
             sessions.flush()
             if applied_index != self._applied_index:
-                txn.put(_META_KEY, _META.pack(applied_index, applied_term, ex.revision, log_time), db=self._meta)
+                txn.put(_META_KEY, _META.pack(applied_index, applied_term, ex.revision, *clock), db=self._meta)
             if before_commit is not None:
                 before_commit(results)
         # Only after the commit succeeded does the in-memory view move on.
         self._applied_index, self._applied_term = applied_index, applied_term
-        self._revision, self._log_time = ex.revision, log_time
+        self._revision, self._clock = ex.revision, clock
         return results
 
     def _reserve_disk(self, batch_bytes: int) -> None:
@@ -451,7 +468,7 @@ class StateMachine:
         so the image is exactly the state at that applied index.
         """
         with self._env.begin() as txn:
-            index, term, _, _ = _read_meta(txn, self._meta)
+            index, term = _read_meta(txn, self._meta)[:2]
             self._env.copyfd(fd, compact=True, txn=txn)
         return index, term
 

@@ -78,6 +78,20 @@ def test_register_under_each_nemesis_is_linearizable(tmp_path: Path, nemesis: st
     assert summary["ops"]["ok"] > 200
 
 
+def test_register_under_clock_skew_is_linearizable_without_an_election_storm(tmp_path: Path) -> None:
+    """One member's wall clock an hour ahead or behind, in turns (the leader's in two of
+    four windows): still linearizable, and at most one leader change per window."""
+    code, summary, run_dir = jepsen_run(tmp_path, "clock", "--time", "20", "--nemesis", "clock",
+                                        "--workload", "register", *FAST)
+    assert_complete_run_dir(run_dir, summary)
+    assert code == 0 and summary["valid"], summary["verdict"]
+    faults = summary["faults"]
+    assert summary["faults_by_kind"].get("clock", 0) >= 2 and all(f["end"] is not None for f in faults)
+    assert {f["detail"]["seconds"] for f in faults} <= {3600, -3600}
+    assert summary["leader_changes"] <= len(faults), summary["leaders"]
+    assert summary["ops"]["ok"] > 200
+
+
 def test_teeth_unsafe_local_reads_are_caught(tmp_path: Path) -> None:
     """With ``--testing-unsafe-local-reads`` every member answers reads from its own
     state. Isolating the leader leaves it serving reads from a frozen copy

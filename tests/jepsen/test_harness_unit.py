@@ -62,6 +62,38 @@ def test_parse_spec() -> None:
         nem.parse_spec("flood")
 
 
+def test_clock_packages_skew_the_chosen_node_and_put_it_back(tmp_path: Path) -> None:
+    from kvstore.jepsen.clock import NodeClocks, compiler, uses_clock
+
+    windows = nem.parse_spec("clock,partition+clock-random-behind")
+    assert [[p.name for p in w] for w in windows] == [["clock"], ["partition", "clock-random-behind"]]
+    assert uses_clock("kill,partition+clock-leader-ahead") and not uses_clock("kill,pause")
+    with pytest.raises(ValueError, match="unknown nemesis 'clock-sideways'"):
+        nem.parse_spec("clock-sideways")
+    if compiler() is None:
+        pytest.skip("no C compiler to build the clock shim")
+    clocks = NodeClocks(tmp_path, [1, 2, 3])
+    assert clocks.env(2)["KVSTORE_CLOCK_SKEW_FILE"] == str(tmp_path / "node2.skew")
+    assert Path(clocks.env(2)["LD_PRELOAD"]).exists()
+
+    class ClockControl(FakeControl):
+        def skew_clock(self, node: int, seconds: int) -> None:
+            clocks.set(node, seconds)
+
+    ctl, rotation = ClockControl(), windows[0][0]
+    first = rotation.inject(ctl, random.Random(1))  # the leader (n2) an hour ahead
+    assert first.nodes == [2] and "leader n2" in first.description
+    assert (tmp_path / "node2.skew").read_text() == "+3600\n"
+    first.undo()
+    assert (tmp_path / "node2.skew").read_text() == "+0\n"
+    second = rotation.inject(ctl, random.Random(1))  # a random node an hour behind
+    assert clocks.offsets[second.nodes[0]] == -3600
+    second.undo()
+    assert set(clocks.offsets.values()) == {0}
+    with pytest.raises(RuntimeError, match="not started for the clock nemesis"):
+        rotation.inject(FakeControl(), random.Random(1))
+
+
 class FakeControl:
     def __init__(self) -> None:
         self.nodes = [1, 2, 3]

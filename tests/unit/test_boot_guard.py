@@ -18,7 +18,7 @@ from kvstore.v1 import command_pb2, kv_pb2
 
 def put(index: int, key: bytes) -> tuple[int, int, bytes]:
     op = kv_pb2.RequestOp(request_put=kv_pb2.PutRequest(key=key, value=b"v"))
-    return index, 1, command_pb2.Command(proposed_at_ms=1_000, ops=[op]).SerializeToString()
+    return index, 1, command_pb2.Command(leader_clock_ms=1_000, ops=[op]).SerializeToString()
 
 
 def open_guarded(path: str) -> StateMachine:

@@ -96,7 +96,8 @@ def test_a_call_cancelled_by_a_stopping_member_is_retried_with_the_same_request_
             c.put("k", "v")
         puts = [r for n in fc.nodes for m, r in n.requests if m == "Put"]
         assert len(puts) >= 2  # the cancelled one, then the retry (through redirects) that applied
-        assert len({p.request_id.SerializeToString() for p in puts}) == 1  # deduplicated if the first had applied
+        assert len({(p.request_id.client_id, p.request_id.seq) for p in puts}) == 1  # deduplicated if the first had applied
+        assert puts[0].request_id.opens_session and not puts[-1].request_id.opens_session  # the first may have applied
 
 
 def test_no_retry_makes_one_attempt():

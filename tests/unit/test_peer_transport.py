@@ -178,7 +178,7 @@ def _image(tmp_path, entries: int) -> tuple[SnapshotStore, int, int]:
     sm = StateMachine.open(str(tmp_path / "sm"), 256 << 20, fsync=False)
     ops = [kv_pb2.RequestOp(request_put=kv_pb2.PutRequest(key=b"k%06d" % i, value=os.urandom(2000)))
            for i in range(entries)]
-    sm.apply([(i + 1, 2, command_pb2.Command(ops=[op], proposed_at_ms=1).SerializeToString())
+    sm.apply([(i + 1, 2, command_pb2.Command(ops=[op], leader_clock_ms=1).SerializeToString())
               for i, op in enumerate(ops)])
     store = SnapshotStore(str(tmp_path / "leader-snap"))
     index, term, _ = store.create(sm, [1, 2, 3])

@@ -19,7 +19,7 @@ def put(k, v):
 
 def cmd(*ops, client=0, seq=0, at=1_000):
     return command_pb2.Command(
-        request_id=kv_pb2.RequestId(client_id=client, seq=seq), proposed_at_ms=at, ops=ops
+        request_id=kv_pb2.RequestId(client_id=client, seq=seq, opens_session=seq == 1), leader_clock_ms=at, ops=ops
     ).SerializeToString()
 
 
@@ -31,7 +31,9 @@ def fill(sm: StateMachine, start: int, n: int, term: int = 2) -> None:
     entries = []
     for i in range(n):
         idx = start + i
-        entries.append((idx, term, cmd(put(b"k%03d" % (idx % 40), b"v%d" % idx), client=1 + idx % 3, seq=idx, at=1_000 + idx)))
+        entries.append((idx, term, cmd(
+            put(b"k%03d" % (idx % 40), b"v%d" % idx), client=1 + idx % 3, seq=(idx - 1) // 3 + 1, at=1_000 + idx
+        )))
     sm.apply(entries)
 
 
@@ -65,8 +67,9 @@ def test_round_trip_restores_everything(tmp_path, source):
     first = source.apply([(101, 2, cmd(put(b"x", b"1"), client=9, seq=1))])[0]
     retry = fresh.apply([(101, 2, cmd(put(b"x", b"1"), client=9, seq=1))])[0]
     assert retry == first
-    old = fresh.apply([(102, 2, cmd(put(b"k010", b"v10"), client=2, seq=98, at=1_200))])[0]
-    assert old == source.apply([(102, 2, cmd(put(b"k010", b"v10"), client=2, seq=98, at=1_200))])[0]
+    old = fresh.apply([(102, 2, cmd(put(b"k017", b"v97"), client=2, seq=33, at=1_200))])[0]  # index 97's
+    assert isinstance(old, command_pb2.CommandResult) and fresh.get(b"k017").mod_revision < 100
+    assert old == source.apply([(102, 2, cmd(put(b"k017", b"v97"), client=2, seq=33, at=1_200))])[0]
     assert state(fresh) == state(source)
     fresh.close()
     reopened = open_sm(tmp_path / "wiped")

@@ -34,10 +34,13 @@ def txn(compare=(), success=(), failure=()):
     return kv_pb2.RequestOp(request_txn=kv_pb2.TxnRequest(compare=compare, success=success, failure=failure))
 
 
-def cmd(*ops, client=0, seq=0, acked=0, at=1_000):
+def cmd(*ops, client=0, seq=0, acked=0, at=1_000, opens=None):
+    """A command as a leader stamps it; seq 1 opens its session unless opens=False (a retry)."""
     return command_pb2.Command(
-        request_id=kv_pb2.RequestId(client_id=client, seq=seq, acked_below=acked),
-        proposed_at_ms=at, ops=ops,
+        request_id=kv_pb2.RequestId(
+            client_id=client, seq=seq, acked_below=acked, opens_session=seq == 1 if opens is None else opens
+        ),
+        leader_clock_ms=at, ops=ops,
     ).SerializeToString()
 
 
@@ -189,17 +192,17 @@ def test_too_many_unacknowledged_answers(sm, log):
 
 
 def test_sessions_expire_by_log_time(sm, log):
-    log(cmd(put(b"a"), client=1, seq=1, at=1_000))
+    log(cmd(put(b"a"), client=1, seq=1, at=1_000))  # the leader's first stamp: log time 0
     log(cmd(put(b"b"), client=2, seq=1, at=11_000))  # exactly ttl later: still alive
-    assert set(sm.dump_sessions()) == {1, 2}
+    assert set(sm.dump_sessions()) == {1, 2} and sm.log_time_ms == 10_000
     log(cmd(put(b"b"), at=11_001))  # any command advances log time
     assert set(sm.dump_sessions()) == {2}
-    # a clock going backwards on a new leader does not revive anything
+    # a stamp going backwards does not move log time back or revive anything
     log(cmd(put(b"c"), at=500))
-    assert sm.log_time_ms == 11_001
-    # the expired client comes back with acked_below > 1: refused, not re-applied
+    assert sm.log_time_ms == 10_001
+    # the expired client comes back: refused, not re-applied
     err = log(cmd(put(b"a"), client=1, seq=2, acked=2, at=11_002))
-    assert err.code is ErrorCode.FAILED_PRECONDITION and "new client_id" in err.message
+    assert err.code is ErrorCode.FAILED_PRECONDITION and err.message.startswith("session expired")
     assert sm.get(b"a").version == 1 and 1 not in sm.dump_sessions()
 
 
@@ -247,7 +250,7 @@ def test_one_batch_drops_acknowledged_answers_like_one_by_one(tmp_path):
     one, batch = _apply_both_ways(tmp_path, datas)
     assert one == batch
     last_seen, acked, answers = batch[3][9]
-    assert (last_seen, acked, set(answers)) == (2_000, 200, {200})
+    assert (last_seen, acked, set(answers)) == (2_000 - 1_001, 200, {200})  # log time 0 at the first stamp
 
 
 def test_invalid_command_applies_nothing(sm, log):
@@ -310,7 +313,9 @@ def test_retry_after_reopen_gets_the_stored_answer(tmp_path):
     sm = StateMachine.open(path, 64 << 20, fsync=False, session_ttl_ms=10_000, max_pending=3)
     log = Log(sm)
     first = {(c, q): log(cmd(put(b"k%d" % c), client=c, seq=q, at=1_000 + q)) for c in (4, 5) for q in (1, 2, 3)}
+    log(cmd(put(b"z"), client=6, seq=1, at=1_009))
     log(cmd(put(b"z"), client=6, seq=9, at=1_010))
+    assert set(sm.dump_sessions()[6][2]) == {1, 9}
     sm.close()
     sm = StateMachine.open(path, 64 << 20, fsync=False, session_ttl_ms=10_000, max_pending=3)
     log = Log(sm)

@@ -3,7 +3,8 @@
 Hypothesis draws sequences of commands (puts, deletes, ranges with
 limit/keys_only/count_only, txns with compares and nested txns, batches,
 invalid ops), retries of earlier commands with the same client id and seq,
-acked_below advances, log-time jumps past the session ttl, leader no-ops,
+acked_below advances, log-time jumps past the session ttl, leaders whose
+clocks read an hour apart, more sessions than the table keeps, leader no-ops,
 garbage entries and replays of old indexes. Each step goes to the real
 StateMachine and to `Model`, an independent re-statement of the rules; after
 every step the answers, the whole key space, the revision, the applied index
@@ -29,6 +30,8 @@ from kvstore.v1 import command_pb2, kv_pb2
 
 TTL_MS = 10_000
 MAX_PENDING = 3
+MAX_SESSIONS = 3
+HOUR_MS = 3_600_000
 KEYS = [b"a", b"a\x00", b"b", b"c", b"d"]
 ENDS = [b"", b"", b"\x00", b"b", b"c", b"e", b"a"]
 VALUES = [b"", b"x", b"y", b"zz"]
@@ -45,12 +48,12 @@ class Model:
         self.kv: dict[bytes, tuple[int, int, int, bytes]] = {}
         self.rev = 0
         self.applied = 0
-        self.log_time = 0
+        self.clock = (0, 0, 0)  # log time, term and leader_clock_ms of the last stamped entry
         # client_id -> [last_seen, acked_below, {seq: answer}]
         self.sessions: dict[int, list] = {}
 
     # -- entries
-    def apply(self, index: int, data: bytes):
+    def apply(self, index: int, term: int, data: bytes):
         if index <= self.applied:
             return None
         self.applied = index
@@ -60,8 +63,13 @@ class Model:
             cmd = command_pb2.Command.FromString(data)
         except Exception:
             return ("error", ErrorCode.INVALID_ARGUMENT)
-        self.log_time = max(self.log_time, cmd.proposed_at_ms)
-        now = self.log_time
+        log_time, clock_term, mark = self.clock
+        stamp = cmd.leader_clock_ms
+        if stamp and term != clock_term:  # a new leader: only a new baseline
+            self.clock = (log_time, term, stamp)
+        elif stamp > mark:  # the same leader: the time between its two stamps
+            self.clock = (log_time + stamp - mark, term, stamp)
+        now = self.clock[0]
         for cid in [c for c, s in self.sessions.items() if now > s[0] + TTL_MS]:
             del self.sessions[cid]
         rid = cmd.request_id
@@ -81,9 +89,12 @@ class Model:
     def session_check(self, rid, now):
         s = self.sessions.get(rid.client_id)
         if s is None:
-            if rid.acked_below > 1:
-                return ("error", ErrorCode.FAILED_PRECONDITION)
-            s = self.sessions[rid.client_id] = [now, 0, {}]
+            if not (rid.opens_session and rid.seq == 1):
+                return ("error", ErrorCode.FAILED_PRECONDITION)  # session expired (or evicted)
+            s = [now, 0, {}]
+            while len(self.sessions) >= MAX_SESSIONS:  # evict the least recently used
+                del self.sessions[min((v[0], c) for c, v in self.sessions.items())[1]]
+            self.sessions[rid.client_id] = s
         s[0] = now
         if rid.acked_below > s[1]:
             s[1] = rid.acked_below
@@ -374,13 +385,16 @@ class Harness:
         if kind == "cmd":
             _, slot, op_list, dt, ack = s
             self.now += dt
-            cmd = command_pb2.Command(proposed_at_ms=self.now, ops=op_list)
+            cmd = command_pb2.Command(leader_clock_ms=self.leader_clock(), ops=op_list)
             if slot:
                 seq = self.next_seq[slot]
                 self.next_seq[slot] += 1
                 self.acked[slot] = min(seq, self.acked[slot] + ack)
                 cmd.request_id.CopyFrom(
-                    kv_pb2.RequestId(client_id=self.client_ids[slot], seq=seq, acked_below=self.acked[slot])
+                    kv_pb2.RequestId(
+                        client_id=self.client_ids[slot], seq=seq, acked_below=self.acked[slot],
+                        opens_session=seq == 1,  # a first attempt, as the client sends it
+                    )
                 )
                 self.sent.append(cmd)
             self.append(cmd.SerializeToString())
@@ -390,7 +404,8 @@ class Harness:
             cmd = command_pb2.Command()
             cmd.CopyFrom(self.sent[s[1] % len(self.sent)])
             self.now += s[2]
-            cmd.proposed_at_ms = self.now  # a re-proposal is stamped anew
+            cmd.leader_clock_ms = self.leader_clock()  # a re-proposal is stamped anew
+            cmd.request_id.opens_session = False  # the first attempt may have been applied
             before = self.sm.dump_sessions().get(cmd.request_id.client_id, (0, 0, {}))[2]
             event(f"retry of a stored answer: {cmd.request_id.seq in before}")
             self.append(cmd.SerializeToString())
@@ -406,18 +421,26 @@ class Harness:
             old = self.entries[-s[1]:]
             got = self.sm.apply(old)
             assert got == [None] * len(old)
-            assert [self.model.apply(i, d) for i, _, d in old] == [None] * len(old)
+            assert [self.model.apply(i, t, d) for i, t, d in old] == [None] * len(old)
         elif kind == "read":
             req = s[1].request_range
             assert self.sm.range(req) == self.model.range(req)
         self.check()
 
+    @staticmethod
+    def term_of(index: int) -> int:
+        return 1 + index // 7
+
+    def leader_clock(self) -> int:
+        """What the leader of the next entry stamps: each term's leader reads an hour later."""
+        return self.now + HOUR_MS * self.term_of(self.index + 1)
+
     def append(self, data: bytes) -> None:
         self.index += 1
-        entry = (self.index, 1 + self.index // 7, data)
+        entry = (self.index, self.term_of(self.index), data)
         self.entries.append(entry)
         got = self.sm.apply([entry])
-        want = self.model.apply(self.index, data)
+        want = self.model.apply(*entry)
         assert normalize(got[0]) == want, f"entry {self.index}: {got[0]} != {want}"
         if isinstance(want, tuple):
             event(f"answer: {want[1].name}")
@@ -430,6 +453,7 @@ class Harness:
         assert sm.dump() == m.kv
         assert sm.revision == m.rev
         assert sm.applied_index == m.applied
+        assert sm.log_time_ms == m.clock[0]
         got = {
             cid: (last, acked, {q: normalize(decode_answer(a)) for q, a in answers.items()})
             for cid, (last, acked, answers) in sm.dump_sessions().items()
@@ -440,7 +464,7 @@ class Harness:
 def open_sm(tmp_path_factory) -> StateMachine:
     return StateMachine.open(
         str(tmp_path_factory.mktemp("sm")), 64 << 20, fsync=False,
-        session_ttl_ms=TTL_MS, max_pending=MAX_PENDING,
+        session_ttl_ms=TTL_MS, max_pending=MAX_PENDING, max_sessions=MAX_SESSIONS,
     )
 
 
@@ -479,10 +503,14 @@ def test_batched_apply_and_restart_match_one_by_one(tmp_path_factory, step_list,
     one.close()
 
     path = str(tmp_path_factory.mktemp("batched"))
-    sm = StateMachine.open(path, 64 << 20, fsync=False, session_ttl_ms=TTL_MS, max_pending=MAX_PENDING)
+    sm = StateMachine.open(
+        path, 64 << 20, fsync=False, session_ttl_ms=TTL_MS, max_pending=MAX_PENDING, max_sessions=MAX_SESSIONS
+    )
     first = sm.apply(entries[:cut])
     sm.close()
-    sm = StateMachine.open(path, 64 << 20, fsync=False, session_ttl_ms=TTL_MS, max_pending=MAX_PENDING)
+    sm = StateMachine.open(
+        path, 64 << 20, fsync=False, session_ttl_ms=TTL_MS, max_pending=MAX_PENDING, max_sessions=MAX_SESSIONS
+    )
     again = sm.apply(entries)  # the first `cut` are a replay: skipped
     assert again[: len(first)] == [None] * len(first)
     assert (sm.dump(), sm.revision, sm.applied_index, sm.dump_sessions()) == state
@@ -516,3 +544,17 @@ def test_model_catches_double_applied_retry_random(tmp_path_factory):
 
     with pytest.raises(AssertionError):
         broken()
+
+
+def _log_time_from_absolute_stamps(sm: StateMachine) -> StateMachine:
+    sm.testing_log_time_from_absolute_stamps = True
+    return sm
+
+
+def test_model_catches_log_time_following_a_leaders_clock(tmp_path_factory):
+    """The next term's leader reads an hour ahead: following its clock expires client 1."""
+    put = kv_pb2.RequestOp(request_put=kv_pb2.PutRequest(key=b"a", value=b"x"))
+    script = [("cmd", 1, [put], 0, 0)] + [("cmd", 0, [put], 1, 0)] * 7
+    run_steps(open_sm(tmp_path_factory), script)  # passes with the log clock
+    with pytest.raises(AssertionError):
+        run_steps(_log_time_from_absolute_stamps(open_sm(tmp_path_factory)), script)
