@@ -64,6 +64,7 @@ from .errors import (
 from .proposals import Proposals
 from .read_index import ReadIndex
 from .redirect import no_leader, not_leader
+from .tls import PeerTLS
 from .transport import Transport
 
 log = logging.getLogger("kvstore.node")
@@ -95,8 +96,9 @@ def fatal(message: str, exc: BaseException | None = None) -> NoReturn:
 
 
 class Node:
-    def __init__(self, cfg: ServerConfig) -> None:
+    def __init__(self, cfg: ServerConfig, peer_tls: PeerTLS | None = None) -> None:
         self.cfg = cfg
+        self.peer_tls = peer_tls  # mutual TLS on both ends of peer connections, when configured
         self.id = cfg.id
         self.member_ids = cfg.member_ids
         self.storage_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="storage")
@@ -175,6 +177,7 @@ class Node:
             report_unreachable=self._report_unreachable,
             report_snapshot=self._report_snapshot,
             open_snapshot=self.snapshots.open_reader,
+            tls=self.peer_tls,
         )
         self.transport.start()
         self._tasks = [

@@ -6,18 +6,23 @@ the Ready loop does the rest. A SNAPSHOT connection's image is written to the
 snapshot store first and only then is its SNAPSHOT message stepped, so by
 the time raft asks the node to install it (in a Ready) the image is complete
 and durable on disk. Anything that is not this protocol, or is another
-cluster's, is logged and the connection closed; the node carries on.
+cluster's, is logged and the connection closed; the node carries on. With peer TLS, a connection
+is upgraded before its hello is read, with the certificates current at that
+moment; a peer whose certificate the cluster's CA did not sign is refused
+there, before any of its bytes are parsed.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 
 from kvstore.v1 import raft_pb2
 
 from . import peer_wire as wire
 from .node import Node
 from .raft_codec import message_from_pb
+from .tls import PeerTLS
 
 log = logging.getLogger("kvstore.peer")
 
@@ -26,8 +31,9 @@ READ_BUFFER_BYTES = 8 << 20  # StreamReader limit: lets a whole 4 MiB snapshot c
 
 
 class PeerServer:
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, tls: PeerTLS | None = None) -> None:
         self.node = node
+        self.tls = tls
         self.server: asyncio.base_events.Server | None = None
         self._connections: set[asyncio.Task] = set()
 
@@ -50,6 +56,12 @@ class PeerServer:
         peer = writer.get_extra_info("peername")
         try:
             wire.tune_socket(writer.get_extra_info("socket"))
+            tls = self.tls
+            if tls is not None:
+                try:
+                    await writer.start_tls(tls.server_context(), ssl_handshake_timeout=HELLO_TIMEOUT_S)
+                except (ssl.SSLError, ConnectionError, asyncio.TimeoutError) as e:
+                    raise wire.PeerProtocolError(f"TLS handshake failed: {type(e).__name__}: {e}") from e
             hello = await asyncio.wait_for(reader.readexactly(wire.HELLO.size), HELLO_TIMEOUT_S)
             purpose, cluster_id, member_id = wire.parse_hello(hello)
             if cluster_id != self.node.cfg.cluster_id:

@@ -17,6 +17,8 @@ closing (keepalive, TCP_USER_TIMEOUT; see peer_wire).
 Snapshots do not travel in the stream: a SNAPSHOT message opens a separate
 connection that uploads the image file, and its outcome is reported to raft.
 The wire format is in `peer_wire.py`; the receiving side in `peer_server.py`.
+With peer TLS (tls.py) every connection is mutual TLS, made with the
+certificates current when it opens.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from kvstore.v1 import raft_pb2
 
 from . import peer_wire as wire
 from .raft_codec import message_size, message_to_pb
+from .tls import PeerTLS
 
 log = logging.getLogger("kvstore.transport")
 
@@ -85,9 +88,7 @@ class Peer:
         while True:
             writer = None
             try:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(self.host, self.port), CONNECT_TIMEOUT_S)
-                wire.tune_socket(writer.get_extra_info("socket"))
+                reader, writer = await asyncio.wait_for(self._connect(), CONNECT_TIMEOUT_S)
                 writer.write(wire.hello(wire.STREAM, self.transport.cluster_id, self.transport.member_id))
                 self.writer = writer
                 log.info("connection to member %d at %s is up", self.id, self.addr)
@@ -107,6 +108,14 @@ class Peer:
             await asyncio.sleep(backoff * (0.5 + random.random() / 2))
             backoff = min(BACKOFF_MAX_S, backoff * 2)
 
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A tuned connection to the peer: TLS (the current peer certificate, the host checked) when configured."""
+        tls = self.transport.tls
+        kw = {} if tls is None else {"ssl": tls.client_context(), "server_hostname": self.host}
+        reader, writer = await asyncio.open_connection(self.host, self.port, **kw)
+        wire.tune_socket(writer.get_extra_info("socket"))
+        return reader, writer
+
     def send_snapshot(self, m: Message) -> None:
         if self.snapshot_task is not None and not self.snapshot_task.done():
             return  # one upload at a time; raft hears about the current one when it ends
@@ -121,8 +130,7 @@ class Peer:
         try:
             log.info("sending snapshot at index %d to member %d", index, self.id)
             image = self.transport.open_snapshot(index)
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), CONNECT_TIMEOUT_S)
-            wire.tune_socket(writer.get_extra_info("socket"))
+            reader, writer = await asyncio.wait_for(self._connect(), CONNECT_TIMEOUT_S)
             writer.write(wire.hello(wire.SNAPSHOT, self.transport.cluster_id, self.transport.member_id))
             writer.write(wire.frame(wire.SNAPSHOT_MESSAGE, message_to_pb(m).SerializeToString()))
             sent = 0
@@ -181,8 +189,10 @@ class Transport:
         report_unreachable: Callable[[int], None],
         report_snapshot: Callable[[int, bool], None],
         open_snapshot: SnapshotOpener,
+        tls: PeerTLS | None = None,
     ) -> None:
         self.member_id = member_id
+        self.tls = tls
         self.cluster_id = cluster_id
         self.report_unreachable = report_unreachable
         self.report_snapshot = report_snapshot
