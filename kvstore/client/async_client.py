@@ -24,6 +24,7 @@ from kvstore.client import errors
 from kvstore.client.balancer import Balancer, make_balancer
 from kvstore.client.coalescer import ANY, LEADER, Coalescer, response
 from kvstore.client.endpoints import DEFAULT_CHANNEL_OPTIONS, DEFAULT_ENDPOINTS, Endpoints
+from kvstore.client.tls import TLS
 from kvstore.client.retry import ExponentialBackoff, RetryPolicy
 from kvstore.client.session import Session
 from kvstore.client.txn import Txn, delete_request, range_request
@@ -82,6 +83,8 @@ class AsyncClient:
     ``balancer``: how serializable reads are spread ("round_robin", "random",
     "least_outstanding", or a Balancer such as ``Weighted({...})``).
     ``coalesce``: gather concurrent calls into Batch RPCs (on by default).
+    ``tls``: a :class:`TLS` (CA, client certificate) for members serving TLS;
+    ``https://`` endpoints without it trust the system's root CAs.
     """
 
     def __init__(
@@ -96,13 +99,14 @@ class AsyncClient:
         max_batch_bytes: int = 1 << 20,
         client_id: int | None = None,
         channel_options: Iterable[tuple[str, Any]] = DEFAULT_CHANNEL_OPTIONS,
+        tls: TLS | None = None,
         testing_drop_reply_after_send: DropReplyHook | None = None,
     ) -> None:
         if isinstance(endpoints, str):
             endpoints = [e for e in endpoints.split(",") if e.strip()]
         if timeout <= 0:
             raise ValueError("timeout must be > 0")
-        self._endpoints = Endpoints(endpoints or DEFAULT_ENDPOINTS, tuple(channel_options))
+        self._endpoints = Endpoints(endpoints or DEFAULT_ENDPOINTS, tuple(channel_options), tls)
         self.timeout = timeout
         self.retry = retry or ExponentialBackoff()
         self._balancer = make_balancer(balancer)

@@ -15,6 +15,8 @@ import grpc
 
 from kvstore.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2_grpc
 
+from .tls import TLS
+
 __all__ = ["Endpoints", "Connection", "DEFAULT_ENDPOINTS", "normalize", "DEFAULT_CHANNEL_OPTIONS"]
 
 DEFAULT_ENDPOINTS: tuple[str, ...] = ("127.0.0.1:2379", "127.0.0.1:2479", "127.0.0.1:2579")
@@ -47,9 +49,12 @@ class Connection:
 
     __slots__ = ("addr", "channel", "methods")
 
-    def __init__(self, addr: str, options: Sequence[tuple[str, Any]]) -> None:
+    def __init__(self, addr: str, options: Sequence[tuple[str, Any]], tls: TLS | None = None) -> None:
         self.addr = addr
-        self.channel = grpc.aio.insecure_channel(addr, options=list(options))
+        if tls is None:
+            self.channel = grpc.aio.insecure_channel(addr, options=list(options))
+        else:
+            self.channel = grpc.aio.secure_channel(addr, tls.credentials(), options=list(options))
         kv = kv_pb2_grpc.KVStub(self.channel)
         cl = cluster_pb2_grpc.ClusterStub(self.channel)
         self.methods: dict[str, Any] = {
@@ -71,7 +76,12 @@ class Endpoints:
     dropped when that member fails. Only touched from the client's event loop.
     """
 
-    def __init__(self, addrs: Iterable[str], options: Sequence[tuple[str, Any]] = DEFAULT_CHANNEL_OPTIONS) -> None:
+    def __init__(self, addrs: Iterable[str], options: Sequence[tuple[str, Any]] = DEFAULT_CHANNEL_OPTIONS,
+                 tls: TLS | None = None) -> None:
+        addrs = list(addrs)
+        if tls is None and any(a.strip().startswith("https://") for a in addrs):
+            tls = TLS()  # https:// without TLS settings: the system's root CAs, no client certificate
+        self.tls = tls
         self._addrs: list[str] = []
         for a in addrs:
             self.learn(a)
@@ -102,7 +112,7 @@ class Endpoints:
     def conn(self, addr: str) -> Connection:
         c = self._conns.get(addr)
         if c is None:
-            c = self._conns[addr] = Connection(addr, self._options)
+            c = self._conns[addr] = Connection(addr, self._options, self.tls)
         return c
 
     def first(self) -> str:
