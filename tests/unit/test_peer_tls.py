@@ -15,6 +15,7 @@ import socket
 import ssl
 
 import pytest
+import uvloop
 from cryptography import x509
 
 from kvstore import certs
@@ -23,6 +24,9 @@ from kvstore.server.tls import PeerTLS, PeerTLSFiles, TLSConfigError
 from kvstore.server.transport import Transport
 from tests.unit.test_peer_transport import CLUSTER, DEADLINE_S, Receiver, _image, _snapshot_message, appends, \
     same, wait_until
+
+
+run = uvloop.run  # the members' event loop: its accept and read order differs from asyncio's
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +93,7 @@ def test_members_of_one_ca_exchange_messages_and_snapshots(tmp_path, port, cas):
         await sender.transport.stop()
         await server.stop()
 
-    asyncio.run(main())
+    run(main())
 
 
 def refused_rogue(tmp_path, port, cas, caplog, rogue: PeerTLS | None, *, skip_verify: bool) -> Receiver:
@@ -113,7 +117,7 @@ def refused_rogue(tmp_path, port, cas, caplog, rogue: PeerTLS | None, *, skip_ve
             await server.stop()
         return node
 
-    return asyncio.run(main())
+    return run(main())
 
 
 def test_a_peer_with_a_certificate_from_another_ca_is_refused(tmp_path, port, cas, caplog):
@@ -173,7 +177,7 @@ def test_renewed_certificates_are_used_by_new_connections_without_a_restart(tmp_
         await sender.transport.stop()
         await server.stop()
 
-    asyncio.run(main())
+    run(main())
 
 
 def test_files_that_do_not_load_keep_the_loaded_certificates(tmp_path, caplog):
