@@ -81,6 +81,8 @@ class Endpoints:
         addrs = list(addrs)
         if tls is None and any(a.strip().startswith("https://") for a in addrs):
             tls = TLS()  # https:// without TLS settings: the system's root CAs, no client certificate
+        if tls is not None:
+            tls.credentials()  # a file that cannot be read fails here, named, not at the first call
         self.tls = tls
         self._addrs: list[str] = []
         for a in addrs:
