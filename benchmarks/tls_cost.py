@@ -1,0 +1,93 @@
+"""What TLS costs: the same load on a plaintext and a TLS cluster, in alternating rounds.
+
+Starts two local 3-node clusters (real processes, free ports): one plaintext,
+one with client TLS (--client-cert-auth) and mutual peer TLS, certificates
+from `kvstore certs init`. Each round runs, on each cluster in turn (the
+order flips every round, so drift in machine load hits both alike):
+
+- put throughput at 256 closed-loop clients, coalesced (`kvstore bench`'s load);
+- single-client put latency (p50).
+
+and prints every measured line, then the medians over rounds and the cost:
+throughput lost (1 - tls/plain) and p50 added (tls/plain - 1).
+
+    .venv/bin/python benchmarks/tls_cost.py [--rounds 5] [--secs 8] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kvstore import certs  # noqa: E402
+from kvstore.bench import LoadSpec, default_procs, format_line, run_load  # noqa: E402
+from kvstore.server.local_cluster import LocalCluster  # noqa: E402
+
+POINTS = (("put x256 coalesced", 256), ("put x1", 1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--secs", type=float, default=8.0, help="measured seconds per point")
+    ap.add_argument("--procs", type=int, default=default_procs(), help="load processes at 256 clients")
+    ap.add_argument("--json", default=None, help="write every measured point and the summary here")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="tls-cost-") as tmp:
+        d = certs.init(os.path.join(tmp, "certs"), nodes=3)
+        clusters = {
+            "plain": LocalCluster.with_free_ports(os.path.join(tmp, "plain")),
+            "tls": LocalCluster.with_free_ports(os.path.join(tmp, "tls"), certs=d),
+        }
+        for lc in clusters.values():
+            lc.start()
+        try:
+            for lc in clusters.values():
+                lc.wait_for_leader(60)
+            results: dict[str, dict[str, list]] = {m: {p: [] for p, _ in POINTS} for m in clusters}
+            for r in range(args.rounds):
+                order = ["plain", "tls"] if r % 2 == 0 else ["tls", "plain"]
+                for mode in order:
+                    lc = clusters[mode]
+                    for point, clients in POINTS:
+                        spec = LoadSpec(tuple(lc.endpoints), "put", clients, args.secs,
+                                        args.procs if clients > 1 else 1, coalesce=True, tls=lc.client_tls())
+                        s = run_load(spec)
+                        results[mode][point].append(s)
+                        print(f"round {r + 1} {mode:<5} {point:<18} {format_line(s)}", flush=True)
+        finally:
+            for lc in clusters.values():
+                lc.stop()
+
+    def med(mode: str, point: str, attr: str) -> float:
+        return statistics.median(getattr(s, attr) for s in results[mode][point])
+
+    tput = {m: med(m, "put x256 coalesced", "rate") for m in clusters}
+    p50 = {m: med(m, "put x1", "p50") for m in clusters}
+    summary = {
+        "rounds": args.rounds, "secs": args.secs,
+        "put256_rate_plain": tput["plain"], "put256_rate_tls": tput["tls"],
+        "put256_throughput_cost": 1 - tput["tls"] / tput["plain"],
+        "put1_p50_ms_plain": p50["plain"], "put1_p50_ms_tls": p50["tls"],
+        "put1_p50_cost": p50["tls"] / p50["plain"] - 1,
+    }
+    print(f"\nmedians over {args.rounds} rounds of {args.secs:g}s:")
+    print(f"  put x256 coalesced: plain {tput['plain']:,.0f}/s  tls {tput['tls']:,.0f}/s  "
+          f"throughput cost {summary['put256_throughput_cost']:+.1%}")
+    print(f"  put x1 p50:         plain {p50['plain']:.2f} ms  tls {p50['tls']:.2f} ms  "
+          f"latency cost {summary['put1_p50_cost']:+.1%}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"summary": summary,
+                       "points": {m: {p: [s.as_dict() for s in v] for p, v in pts.items()} for m, pts in results.items()}},
+                      f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
