@@ -9,7 +9,11 @@ order flips every round, so drift in machine load hits both alike):
 - single-client put latency (p50).
 
 and prints every measured line, then the medians over rounds and the cost:
-throughput lost (1 - tls/plain) and p50 added (tls/plain - 1).
+throughput lost (1 - tls/plain) and p50 added (tls/plain - 1). On a shared,
+busy machine those swing with everyone else's load; the members' CPU per
+put (user + system time of the three processes over the point, from /proc)
+moves much less, and at saturation throughput is its inverse, so it is
+printed too.
 
     .venv/bin/python benchmarks/tls_cost.py [--rounds 5] [--secs 8] [--json out.json]
 """
@@ -29,6 +33,17 @@ from kvstore.bench import LoadSpec, default_procs, format_line, run_load  # noqa
 from kvstore.server.local_cluster import LocalCluster  # noqa: E402
 
 POINTS = (("put x256 coalesced", 256), ("put x1", 1))
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def members_cpu_s(lc: LocalCluster) -> float:
+    """User + system CPU seconds the cluster's member processes have used so far."""
+    total = 0
+    for i in lc.ids:
+        with open(f"/proc/{lc.pid(i)}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / TICKS
 
 
 def main() -> None:
@@ -58,30 +73,49 @@ def main() -> None:
                     for point, clients in POINTS:
                         spec = LoadSpec(tuple(lc.endpoints), "put", clients, args.secs,
                                         args.procs if clients > 1 else 1, coalesce=True, tls=lc.client_tls())
+                        cpu0 = members_cpu_s(lc)
                         s = run_load(spec)
+                        s.extra["server_cpu_us_per_op"] = (members_cpu_s(lc) - cpu0) / max(1, s.ops) * 1e6
                         results[mode][point].append(s)
-                        print(f"round {r + 1} {mode:<5} {point:<18} {format_line(s)}", flush=True)
+                        print(f"round {r + 1} {mode:<5} {point:<18} {format_line(s)} "
+                              f"server_cpu={s.extra['server_cpu_us_per_op']:.0f}us/op", flush=True)
         finally:
             for lc in clusters.values():
                 lc.stop()
 
     def med(mode: str, point: str, attr: str) -> float:
-        return statistics.median(getattr(s, attr) for s in results[mode][point])
+        return statistics.median(getattr(s, attr) if hasattr(s, attr) else s.extra[attr] for s in results[mode][point])
 
     tput = {m: med(m, "put x256 coalesced", "rate") for m in clusters}
     p50 = {m: med(m, "put x1", "p50") for m in clusters}
+    cpu = {m: med(m, "put x256 coalesced", "server_cpu_us_per_op") for m in clusters}
+    def paired(point: str, attr: str) -> float:
+        """Median over rounds of tls/plain measured back to back (drift between rounds cancels)."""
+        get = (lambda s: getattr(s, attr)) if attr in ("rate", "p50") else (lambda s: s.extra[attr])
+        return statistics.median(get(t) / get(p) for t, p in zip(results["tls"][point], results["plain"][point]))
+
     summary = {
         "rounds": args.rounds, "secs": args.secs,
         "put256_rate_plain": tput["plain"], "put256_rate_tls": tput["tls"],
         "put256_throughput_cost": 1 - tput["tls"] / tput["plain"],
         "put1_p50_ms_plain": p50["plain"], "put1_p50_ms_tls": p50["tls"],
         "put1_p50_cost": p50["tls"] / p50["plain"] - 1,
+        "put256_server_cpu_us_plain": cpu["plain"], "put256_server_cpu_us_tls": cpu["tls"],
+        "put256_server_cpu_cost": cpu["tls"] / cpu["plain"] - 1,
+        "paired_put256_throughput_cost": 1 - paired("put x256 coalesced", "rate"),
+        "paired_put256_server_cpu_cost": paired("put x256 coalesced", "server_cpu_us_per_op") - 1,
+        "paired_put1_p50_cost": paired("put x1", "p50") - 1,
     }
     print(f"\nmedians over {args.rounds} rounds of {args.secs:g}s:")
     print(f"  put x256 coalesced: plain {tput['plain']:,.0f}/s  tls {tput['tls']:,.0f}/s  "
           f"throughput cost {summary['put256_throughput_cost']:+.1%}")
+    print(f"  put x256 members' CPU per put: plain {cpu['plain']:.1f} us  tls {cpu['tls']:.1f} us  "
+          f"cost {summary['put256_server_cpu_cost']:+.1%}")
     print(f"  put x1 p50:         plain {p50['plain']:.2f} ms  tls {p50['tls']:.2f} ms  "
           f"latency cost {summary['put1_p50_cost']:+.1%}")
+    print(f"  paired by round (median of tls/plain): throughput cost {summary['paired_put256_throughput_cost']:+.1%}, "
+          f"members' CPU per put {summary['paired_put256_server_cpu_cost']:+.1%}, "
+          f"single-client p50 {summary['paired_put1_p50_cost']:+.1%}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"summary": summary,
