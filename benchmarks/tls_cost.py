@@ -28,9 +28,9 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kvstore import certs  # noqa: E402
-from kvstore.bench import LoadSpec, default_procs, format_line, run_load  # noqa: E402
-from kvstore.server.local_cluster import LocalCluster  # noqa: E402
+from kvstore import certs
+from kvstore.bench import LoadSpec, default_procs, format_line, run_load
+from kvstore.launcher import LocalCluster
 
 POINTS = (("put x256 coalesced", 256), ("put x1", 1))
 TICKS = os.sysconf("SC_CLK_TCK")

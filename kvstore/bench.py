@@ -76,7 +76,7 @@ class LoadSpec:
     nkeys: int = 100_000
     coalesce: bool = True
     timeout: float = 5.0  # per call, retries included
-    tls: "TLS | None" = None  # members serving TLS: the CA to trust and the client certificate
+    tls: TLS | None = None  # members serving TLS: the CA to trust and the client certificate
 
     def __post_init__(self) -> None:
         if self.op not in OPS:

@@ -72,7 +72,7 @@ class LocalCluster:
         node_args: dict[int, list[str]] | None = None,
         python: str = sys.executable,
         env: dict[str, str] | None = None,
-        certs: "CertDir | None" = None,
+        certs: CertDir | None = None,
     ) -> None:
         self.base_dir = os.path.abspath(base_dir)
         self.ids = list(range(1, nodes + 1))
@@ -115,7 +115,7 @@ class LocalCluster:
     def peer_addr(self, i: int) -> str:
         return self.peer_addrs[i]
 
-    def client_tls(self) -> "TLS | None":
+    def client_tls(self) -> TLS | None:
         """The TLS settings a client of this cluster needs (None without `certs`)."""
         from kvstore.client.tls import TLS
 
@@ -256,10 +256,8 @@ class LocalCluster:
         ch = self._channels.get(i)
         if ch is None:
             addr = self.client_addrs[i]
-            if self.certs is None:
-                ch = grpc.insecure_channel(addr)
-            else:
-                ch = grpc.secure_channel(addr, self.client_tls().credentials())
+            tls = self.client_tls()
+            ch = grpc.insecure_channel(addr) if tls is None else grpc.secure_channel(addr, tls.credentials())
             self._channels[i] = ch
         return cluster_pb2_grpc.ClusterStub(ch)
 

@@ -40,7 +40,7 @@ async def serve(cfg: ServerConfig) -> None:
         node = Node(cfg, peer_tls=peer_tls(cfg))
     except TLSConfigError as e:
         log.critical("cannot start: %s", e)
-        raise SystemExit(1)
+        raise SystemExit(1) from None
     await node.start()
 
     peer_server = PeerServer(node, tls=node.peer_tls)

@@ -19,7 +19,8 @@ import logging
 import os
 import ssl
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar, cast
+from collections.abc import Callable
 
 import grpc
 
@@ -139,8 +140,10 @@ class ClientAPICredentials:
         return config if changed else None  # None: gRPC keeps what it has
 
     def server_credentials(self) -> grpc.ServerCredentials:
+        # The stub's fetcher type omits the None that gRPC documents as "keep the current configuration".
+        fetch = cast(Callable[[], grpc.ServerCertificateConfiguration], self._fetch)
         return grpc.dynamic_ssl_server_credentials(
-            self._config.value, self._fetch, require_client_authentication=self.files.client_cert_auth)
+            self._config.value, fetch, require_client_authentication=self.files.client_cert_auth)
 
 
 # ------------------------------------------------------------------------------ the peer API
@@ -179,14 +182,14 @@ class PeerTLS:
         return self._contexts.get()[0][1]
 
 
-def client_api_credentials(cfg: "ServerConfig") -> ClientAPICredentials | None:
+def client_api_credentials(cfg: ServerConfig) -> ClientAPICredentials | None:
     if not cfg.cert_file:
         return None
     return ClientAPICredentials(ClientTLSFiles(cfg.cert_file, cfg.key_file, cfg.trusted_ca_file,
                                                cfg.client_cert_auth))
 
 
-def peer_tls(cfg: "ServerConfig") -> PeerTLS | None:
+def peer_tls(cfg: ServerConfig) -> PeerTLS | None:
     if not cfg.peer_cert_file:
         return None
     return PeerTLS(PeerTLSFiles(cfg.peer_cert_file, cfg.peer_key_file, cfg.peer_trusted_ca_file),

@@ -111,8 +111,11 @@ class Peer:
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A tuned connection to the peer: TLS (the current peer certificate, the host checked) when configured."""
         tls = self.transport.tls
-        kw = {} if tls is None else {"ssl": tls.client_context(), "server_hostname": self.host}
-        reader, writer = await asyncio.open_connection(self.host, self.port, **kw)
+        if tls is None:
+            reader, writer = await asyncio.open_connection(self.host, self.port)
+        else:
+            reader, writer = await asyncio.open_connection(self.host, self.port, ssl=tls.client_context(),
+                                                           server_hostname=self.host)
         wire.tune_socket(writer.get_extra_info("socket"))
         return reader, writer
 

@@ -15,7 +15,7 @@ import sys
 import time
 
 from kvstore.server.config import PORT_STRIDE
-from kvstore.server.local_cluster import free_ports
+from kvstore.launcher import free_ports
 
 DEADLINE_S = 90.0
 

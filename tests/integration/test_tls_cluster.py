@@ -19,7 +19,7 @@ from kvstore import certs
 from kvstore.client import TLS, Client, KvstoreError
 from kvstore.raft.types import Message, MessageType
 from kvstore.server import peer_wire as wire
-from kvstore.server.local_cluster import LocalCluster
+from kvstore.launcher import LocalCluster
 from kvstore.server.raft_codec import message_to_pb
 from kvstore.v1 import raft_pb2
 

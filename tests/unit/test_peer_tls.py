@@ -37,7 +37,7 @@ def cas(tmp_path_factory) -> tuple[certs.CertDir, certs.CertDir]:
 
 @pytest.fixture
 def port() -> int:
-    from kvstore.server.local_cluster import free_ports
+    from kvstore.launcher import free_ports
 
     return free_ports(1)[0]
 
