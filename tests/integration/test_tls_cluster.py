@@ -2,7 +2,7 @@
 
 Each refusal ends with the same checks: nothing was applied (the revision
 did not move), no member exited, and every member still answers. The rogue
-peer's messages are vote requests at a far higher term: stepped, they would
+peer's message is a heartbeat at a far higher term: stepped, it would
 depose the leader, so an unchanged term after the refusal is logged shows
 they never reached raft (tests/unit/test_peer_tls.py shows the same rogue is
 heard when the certificate check is switched off).
@@ -95,21 +95,27 @@ def _log_count(lc: LocalCluster, i: int, needle: str) -> int:
         return f.read().decode(errors="replace").count(needle)
 
 
-def _rogue_votes(lc: LocalCluster, leader: int, term: int, ctx: ssl.SSLContext) -> None:
-    """Dial the leader's peer port as member `frm`, send a hello and vote requests at term + 100."""
+def _rogue_heartbeat(lc: LocalCluster, leader: int, term: int, ctx: ssl.SSLContext) -> str:
+    """Dial the leader's peer port as another member and send a heartbeat at term + 100.
+
+    Stepped, it would make the leader a follower of the higher term. Returns
+    "refused" (the handshake failed or the member closed the connection) or
+    "open" (the member kept reading).
+    """
     host, port = lc.peer_addr(leader).rsplit(":", 1)
     frm = next(i for i in lc.ids if i != leader)
-    votes = [message_to_pb(Message(type=MessageType.VOTE, to=leader, frm=frm, term=term + 100, index=10**9,
-                                   log_term=term + 100))]
-    batch = raft_pb2.RaftBatch(cluster_id=0, messages=votes)
+    beat = [message_to_pb(Message(type=MessageType.HEARTBEAT, to=leader, frm=frm, term=term + 100))]
+    batch = raft_pb2.RaftBatch(cluster_id=0, messages=beat)
     setattr(batch, "from", frm)
     try:
         with socket.create_connection((host, int(port)), timeout=10) as raw:
             with ctx.wrap_socket(raw, server_hostname=host) as s:
                 s.sendall(wire.hello(wire.STREAM, 0, frm) + wire.frame(wire.BATCH, batch.SerializeToString()))
-                assert s.recv(1) == b"", "the peer port answered a rogue"
+                return "refused" if s.recv(1) == b"" else "answered"
     except (ssl.SSLError, ConnectionError):
-        pass  # refused: the server's alert or reset
+        return "refused"  # the member's alert or reset
+    except TimeoutError:
+        return "open"
 
 
 def test_a_peer_with_a_certificate_from_another_ca_is_refused_on_the_peer_port(cluster, dirs):
@@ -120,11 +126,12 @@ def test_a_peer_with_a_certificate_from_another_ca_is_refused_on_the_peer_port(c
     ctx.load_verify_locations(good.ca_cert)  # it trusts the cluster, but its certificate is another CA's
     ctx.load_cert_chain(other.peer_cert(2), other.peer_key(2))
     refusals = _log_count(cluster, leader, "TLS handshake failed")
-    _rogue_votes(cluster, leader, term, ctx)
+    outcome = _rogue_heartbeat(cluster, leader, term, ctx)
+    terms = {i: s and s.term for i, s in cluster.statuses(5.0).items()}
+    assert outcome == "refused", f"the peer port took a rogue's connection ({outcome}); terms {term} -> {terms}"
     cluster.wait_for(lambda: _log_count(cluster, leader, "TLS handshake failed") > refusals, DEADLINE_S,
                      "the leader to log the refusal")
-    sts = cluster.statuses(5.0)
-    assert all(s is not None and s.term == term for s in sts.values()), {i: s and s.term for i, s in sts.items()}
+    assert all(t == term for t in terms.values()), f"terms moved from {term}: {terms}"
     assert cluster.leader() == leader
     all_members_answer(cluster)
 
