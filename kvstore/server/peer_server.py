@@ -68,17 +68,22 @@ class PeerServer:
     async def _accept(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            conn, peer = await loop.sock_accept(listener)
+            try:
+                conn, peer = await loop.sock_accept(listener)
+            except OSError as e:  # out of descriptors, say: the listener stays, the next accept may succeed
+                log.warning("accepting a peer connection failed: %s", e)
+                await asyncio.sleep(0.1)
+                continue
             self._track(asyncio.create_task(self._serve_tls(conn, peer)))
 
     async def _serve_tls(self, conn: socket.socket, peer: object) -> None:
         """Handshake with the certificates current now, then serve; a refused handshake is logged."""
         assert self.tls is not None
         loop = asyncio.get_running_loop()
-        wire.tune_socket(conn)
         reader = asyncio.StreamReader(limit=READ_BUFFER_BYTES)
         protocol = asyncio.StreamReaderProtocol(reader)
         try:
+            wire.tune_socket(conn)
             transport, _ = await loop.connect_accepted_socket(
                 lambda: protocol, conn, ssl=self.tls.server_context(), ssl_handshake_timeout=HELLO_TIMEOUT_S)
         except asyncio.CancelledError:
