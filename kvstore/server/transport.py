@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 from typing import BinaryIO
 from collections.abc import Callable
 
@@ -64,6 +65,7 @@ class Peer:
         self.host, self.port = _split_addr(addr)
         self.writer: asyncio.StreamWriter | None = None  # set while the connection is up
         self.dropped = 0
+        self.tls_error = ""  # the last TLS failure logged, so a retry loop logs it once
         self.task: asyncio.Task | None = None
         self.snapshot_task: asyncio.Task | None = None
 
@@ -91,6 +93,7 @@ class Peer:
                 reader, writer = await asyncio.wait_for(self._connect(), CONNECT_TIMEOUT_S)
                 writer.write(wire.hello(wire.STREAM, self.transport.cluster_id, self.transport.member_id))
                 self.writer = writer
+                self.tls_error = ""
                 log.info("connection to member %d at %s is up", self.id, self.addr)
                 backoff = BACKOFF_MIN_S
                 await reader.read(1)  # returns only when the connection ends
@@ -100,6 +103,10 @@ class Peer:
             except Exception as e:  # OSError, TimeoutError, ConnectionError
                 if self.writer is not None:
                     log.warning("connection to member %d at %s broke: %s", self.id, self.addr, _short(e))
+                elif isinstance(e, ssl.SSLError) and _short(e) != self.tls_error:
+                    # A peer that is down is retried quietly; a TLS refusal is a misconfiguration to show (once).
+                    log.warning("TLS to member %d at %s failed: %s", self.id, self.addr, _short(e))
+                    self.tls_error = _short(e)
             finally:
                 self.writer = None  # from now on send() drops this peer's messages
                 if writer is not None:

@@ -205,3 +205,23 @@ def test_missing_or_bad_files_at_start_name_the_file(tmp_path):
     with pytest.raises(TLSConfigError, match="bad.pem"):
         PeerTLS(PeerTLSFiles(d.peer_cert(1), d.peer_key(1), str(bad)))
     assert os.path.exists(d.ca_cert)
+
+
+def test_a_dialler_that_does_not_trust_the_peer_says_so_once(tmp_path, port, cas, caplog):
+    good, other = cas
+    caplog.set_level(logging.INFO, "kvstore.transport")
+
+    async def main() -> None:
+        node = Receiver(2, str(tmp_path / "snap"))
+        server = PeerServer(node, tls=member_tls(good, 2))
+        await server.start("127.0.0.1", port)
+        sender = TLSSender(port, member_tls(good, 1, trusted=other))  # trusts another CA than the server's
+        sender.transport.start()
+        await wait_until(lambda: len(sender.unreachable) >= 3, "several failed dials")
+        await sender.transport.stop()
+        await server.stop()
+        assert node.stepped == []
+
+    run(main())
+    failures = [r.getMessage() for r in caplog.records if "TLS to member 2" in r.getMessage()]
+    assert len(failures) == 1 and "certificate verify failed" in failures[0], failures
