@@ -16,15 +16,22 @@ moves much less, and at saturation throughput is its inverse, so it is
 printed too.
 
     .venv/bin/python benchmarks/tls_cost.py [--rounds 5] [--secs 8] [--json out.json]
+
+Last, single-client latency again in short alternating windows (`--windows`
+of 1 s each, one client per cluster in this process): drift in machine load
+over a 1 s window is small, so the per-window paired p50 ratio is the
+steadiest latency figure on a shared machine.
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import statistics
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -46,11 +53,41 @@ def members_cpu_s(lc: LocalCluster) -> float:
     return total / TICKS
 
 
+async def interleaved_p50(clusters: dict[str, LocalCluster], windows: int, window_s: float = 1.0) -> dict[str, list]:
+    """Per-window p50 (ms) of sequential single-client puts, the clusters taking turns each window."""
+    from kvstore.client import AsyncClient
+
+    value = os.urandom(256)
+    out: dict[str, list] = {m: [] for m in clusters}
+    clients = {m: AsyncClient(lc.endpoints, tls=lc.client_tls(), coalesce=False, timeout=10) for m, lc in clusters.items()}
+    try:
+        for c in clients.values():
+            for _ in range(20):
+                await c.put(b"warm", value)
+        order = list(clusters)
+        for w in range(windows):
+            for mode in (order if w % 2 == 0 else order[::-1]):
+                lat = []
+                end = time.perf_counter() + window_s
+                k = 0
+                while time.perf_counter() < end:
+                    t = time.perf_counter()
+                    await clients[mode].put(b"k%08d" % k, value)
+                    lat.append(time.perf_counter() - t)
+                    k += 1
+                out[mode].append(statistics.median(lat) * 1e3)
+    finally:
+        for c in clients.values():
+            await c.close()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--secs", type=float, default=8.0, help="measured seconds per point")
     ap.add_argument("--procs", type=int, default=default_procs(), help="load processes at 256 clients")
+    ap.add_argument("--windows", type=int, default=60, help="1 s single-client windows per cluster, alternating")
     ap.add_argument("--json", default=None, help="write every measured point and the summary here")
     args = ap.parse_args()
 
@@ -79,6 +116,7 @@ def main() -> None:
                         results[mode][point].append(s)
                         print(f"round {r + 1} {mode:<5} {point:<18} {format_line(s)} "
                               f"server_cpu={s.extra['server_cpu_us_per_op']:.0f}us/op", flush=True)
+            windows = asyncio.run(interleaved_p50(clusters, args.windows))
         finally:
             for lc in clusters.values():
                 lc.stop()
@@ -105,6 +143,10 @@ def main() -> None:
         "paired_put256_throughput_cost": 1 - paired("put x256 coalesced", "rate"),
         "paired_put256_server_cpu_cost": paired("put x256 coalesced", "server_cpu_us_per_op") - 1,
         "paired_put1_p50_cost": paired("put x1", "p50") - 1,
+        "windows": args.windows,
+        "window_put1_p50_ms_plain": statistics.median(windows["plain"]),
+        "window_put1_p50_ms_tls": statistics.median(windows["tls"]),
+        "window_paired_put1_p50_cost": statistics.median(t / p for t, p in zip(windows["tls"], windows["plain"])) - 1,
     }
     print(f"\nmedians over {args.rounds} rounds of {args.secs:g}s:")
     print(f"  put x256 coalesced: plain {tput['plain']:,.0f}/s  tls {tput['tls']:,.0f}/s  "
@@ -116,6 +158,8 @@ def main() -> None:
     print(f"  paired by round (median of tls/plain): throughput cost {summary['paired_put256_throughput_cost']:+.1%}, "
           f"members' CPU per put {summary['paired_put256_server_cpu_cost']:+.1%}, "
           f"single-client p50 {summary['paired_put1_p50_cost']:+.1%}")
+    print(f"  single-client p50 in {args.windows} alternating 1 s windows: plain {summary['window_put1_p50_ms_plain']:.2f} ms"
+          f"  tls {summary['window_put1_p50_ms_tls']:.2f} ms  paired cost {summary['window_paired_put1_p50_cost']:+.1%}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"summary": summary,
