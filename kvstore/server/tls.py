@@ -90,6 +90,24 @@ def _signature_or_error(paths: tuple[str, ...]) -> tuple[tuple[int, int, int], .
         raise TLSConfigError(f"cannot read {e.filename}: {e.strerror or e}") from e
 
 
+def _check_pair(cert: bytes, key: bytes, cert_file: str, key_file: str) -> None:
+    """The PEM certificate parses and `key` is its private key (TLSConfigError naming the files otherwise)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        public = x509.load_pem_x509_certificate(cert).public_key()
+    except ValueError as e:
+        raise TLSConfigError(f"cannot load certificate {cert_file}: {e}") from e
+    try:
+        private = serialization.load_pem_private_key(key, password=None)
+    except (ValueError, TypeError) as e:
+        raise TLSConfigError(f"cannot load key {key_file}: {e}") from e
+    fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if private.public_key().public_bytes(*fmt) != public.public_bytes(*fmt):
+        raise TLSConfigError(f"key {key_file} does not match certificate {cert_file}")
+
+
 def _load_chain(ctx: ssl.SSLContext, cert_file: str, key_file: str) -> None:
     try:
         ctx.load_cert_chain(cert_file, key_file)
@@ -124,16 +142,18 @@ class ClientAPICredentials:
         self._config = Reloading("client API TLS", paths, self._build)
 
     def _build(self) -> grpc.ServerCertificateConfiguration:
+        """Read each file once and check those very bytes: gRPC would only fail at a handshake, unnamed."""
         f = self.files
-        # Check with OpenSSL first: gRPC would only fail at the first handshake, without naming the file.
-        probe = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        _load_chain(probe, f.cert_file, f.key_file)
+        cert, key = read_file(f.cert_file), read_file(f.key_file)
+        _check_pair(cert, key, f.cert_file, f.key_file)
         ca = None
         if f.trusted_ca_file:
-            _load_ca(probe, f.trusted_ca_file)
             ca = read_file(f.trusted_ca_file)
-        return grpc.ssl_server_certificate_configuration(
-            [(read_file(f.key_file), read_file(f.cert_file))], root_certificates=ca)
+            try:
+                ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cadata=ca.decode("ascii", "replace"))
+            except ssl.SSLError as e:
+                raise TLSConfigError(f"cannot load CA file {f.trusted_ca_file}: {e}") from e
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
 
     def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
         config, changed = self._config.get()
