@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import ssl
+from pathlib import Path
 
 import pytest
 import uvloop
@@ -225,3 +226,27 @@ def test_a_dialler_that_does_not_trust_the_peer_says_so_once(tmp_path, port, cas
     run(main())
     failures = [r.getMessage() for r in caplog.records if "TLS to member 2" in r.getMessage()]
     assert len(failures) == 1 and "certificate verify failed" in failures[0], failures
+
+
+def test_rolling_to_a_new_ca_with_a_bundle_of_both(tmp_path, port, cas):
+    """Mid-roll, members trust both CAs: one still on the old CA's certificate talks to one on the new CA's."""
+    old, new = cas
+    bundle = tmp_path / "both-cas.pem"
+    bundle.write_bytes(Path(old.ca_cert).read_bytes() + Path(new.ca_cert).read_bytes())
+
+    def member(d: certs.CertDir, i: int) -> PeerTLS:
+        return PeerTLS(PeerTLSFiles(d.peer_cert(i), d.peer_key(i), str(bundle)))
+
+    async def main() -> None:
+        node = Receiver(2, str(tmp_path / "snap"))
+        server = PeerServer(node, tls=member(new, 2))
+        await server.start("127.0.0.1", port)
+        sender = TLSSender(port, member(old, 1))
+        sender.transport.start()
+        await wait_until(lambda: sender.peer.writer is not None, "the connection")
+        sender.transport.send(appends(3))
+        await wait_until(lambda: len(node.stepped) == 3, "messages across the two CAs")
+        await sender.transport.stop()
+        await server.stop()
+
+    run(main())
