@@ -71,6 +71,13 @@ def test_a_tls_client_with_https_endpoints_writes_and_reads(cluster):
         assert c.get("greeting", serializable=True).kv.mod_revision <= r.revision
 
 
+def test_the_member_list_says_https(cluster):
+    with Client(cluster.endpoints, tls=cluster.client_tls(), timeout=20) as c:
+        members = c.members()
+    assert {m.client_urls[0] for m in members} == {f"https://{e}" for e in cluster.endpoints}
+    assert all(m.peer_urls[0].startswith("https://") for m in members)
+
+
 def test_a_plaintext_client_is_refused(cluster):
     assert "Socket closed" in refused(cluster, None)
 
