@@ -27,10 +27,13 @@ import random
 import time
 from array import array
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from collections.abc import Callable, Iterable, Sequence
 
 import click
+
+if TYPE_CHECKING:
+    from kvstore.client.tls import TLS
 
 __all__ = [
     "OPS",
@@ -74,6 +77,7 @@ class LoadSpec:
     coalesce: bool = True
     timeout: float = 5.0  # per call, retries included
     transport: str = "stream"  # the client's: one session stream per member, or "unary" RPCs
+    tls: TLS | None = None  # members serving TLS: the CA to trust and the client certificate
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
@@ -159,7 +163,7 @@ async def _drive(spec: LoadSpec, nclients: int, slot: int, ready: Any, go: Any, 
     nkeys, op = spec.nkeys, spec.op
     loop = asyncio.get_running_loop()
     async with AsyncClient(
-        list(spec.endpoints), coalesce=spec.coalesce, timeout=spec.timeout, transport=spec.transport
+        list(spec.endpoints), coalesce=spec.coalesce, timeout=spec.timeout, transport=spec.transport, tls=spec.tls
     ) as kv:
         # Find the leader and open a channel to every member a read may go to.
         await kv.put(b"warm", b"x")
@@ -392,16 +396,23 @@ def _csv_list(value: str, conv: Callable[[str], Any]) -> list[Any]:
               help="one session stream per member, or one unary RPC per call")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="also write every point as one JSON object per line")
+@click.option("--cacert", envvar="KVSTORE_CACERT", default=None, help="TLS: trust the CA in this PEM file")
+@click.option("--cert", envvar="KVSTORE_CERT", default=None, help="TLS: client certificate (PEM)")
+@click.option("--key", envvar="KVSTORE_KEY", default=None, help="TLS: key of --cert (PEM)")
 def bench(endpoints: str, ops: str, clients: str, secs: float, procs: int, value_size: int, nkeys: int,
-          coalesce: bool, transport: str, json_path: str | None) -> None:
+          coalesce: bool, transport: str, json_path: str | None, cacert: str | None, cert: str | None,
+          key: str | None) -> None:
     """Closed-loop load against a running cluster: ops/s, p50, p99, p99.9 per op and client count."""
     from rich.console import Console
 
+    from kvstore.client.tls import TLS
+
     try:
+        tls = TLS(ca=cacert, cert=cert, key=key) if (cacert or cert or key) else None
         op_list = _csv_list(ops, str)
         client_list = _csv_list(clients, int)
         specs = [LoadSpec(tuple(_csv_list(endpoints, str)), op, n, secs, procs, value_size, nkeys, coalesce,
-                          transport=transport)
+                          transport=transport, tls=tls)
                  for op in op_list for n in client_list]
     except ValueError as e:
         raise click.BadParameter(str(e)) from e

@@ -66,8 +66,24 @@ DEFAULT_ENDPOINTS = ",".join(default_client_addr(i) for i in (1, 2, 3))
 
 
 def fail(message: str, code: int = 1) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     sys.exit(code)
+
+
+def _tls_hint(message: str) -> str:
+    """A TLS port closes a plaintext (or certificate-less) handshake without a word; say what may be missing."""
+    if "Socket closed" not in message:
+        return ""
+    ctx = click.get_current_context(silent=True)
+    obj = ctx.find_root().obj if ctx is not None else None
+    if not obj:
+        return ""
+    cacert, cert, _ = obj["tls"]
+    if not cacert and not cert and not any(e.startswith("https://") for e in obj["endpoints"]):
+        return " (the members may serve TLS: give --cacert, and --cert/--key if they check client certificates)"
+    if not cert:
+        return " (the members may require a client certificate: give --cert and --key)"
+    return ""
 
 
 def client_errors(fn):
@@ -75,12 +91,14 @@ def client_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        # gRPC's C core logs each failed TLS handshake to stderr; the one line below says it instead.
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
         from kvstore.client import KvstoreError
 
         try:
             return fn(*args, **kwargs)
         except KvstoreError as e:
-            fail(f"{type(e).__name__}: {e}")
+            fail(f"{type(e).__name__}: {e}{_tls_hint(str(e))}")
         except (ValueError, TypeError) as e:
             fail(str(e))
 
@@ -113,7 +131,8 @@ def show(b: bytes) -> str:
 class _LazyGroup(click.Group):
     """Subcommands that live in their own packages (`jepsen`, `bench`) are imported when used or listed."""
 
-    lazy = {"jepsen": ("kvstore.jepsen.cli", "jepsen"), "bench": ("kvstore.bench", "bench")}
+    lazy = {"jepsen": ("kvstore.jepsen.cli", "jepsen"), "bench": ("kvstore.bench", "bench"),
+            "certs": ("kvstore.certs", "certs")}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(set(super().list_commands(ctx)) | set(self.lazy))
@@ -129,16 +148,32 @@ class _LazyGroup(click.Group):
 @click.option("--endpoints", envvar="KVSTORE_ENDPOINTS", default=DEFAULT_ENDPOINTS, show_default=True,
               help="comma-separated client addresses of cluster members")
 @click.option("--timeout", default=5.0, show_default=True, help="seconds per command, retries included")
+@click.option("--cacert", envvar="KVSTORE_CACERT", default=None, help="TLS: trust the CA in this PEM file")
+@click.option("--cert", envvar="KVSTORE_CERT", default=None, help="TLS: client certificate (PEM)")
+@click.option("--key", envvar="KVSTORE_KEY", default=None, help="TLS: key of --cert (PEM)")
 @click.pass_context
-def main(ctx: click.Context, endpoints: str, timeout: float) -> None:
+def main(ctx: click.Context, endpoints: str, timeout: float, cacert: str | None, cert: str | None,
+         key: str | None) -> None:
     """kvstore: a replicated key-value store whose nodes agree through Raft."""
-    ctx.obj = {"endpoints": [e.strip() for e in endpoints.split(",") if e.strip()], "timeout": timeout}
+    ctx.obj = {"endpoints": [e.strip() for e in endpoints.split(",") if e.strip()], "timeout": timeout,
+               "tls": (cacert, cert, key)}
 
 
-def make_client(ctx: click.Context):
+def client_tls(ctx: click.Context):
+    """The TLS settings from --cacert/--cert/--key (None when none is given: plaintext, or https:// endpoints)."""
+    from kvstore.client import TLS
+
+    cacert, cert, key = ctx.obj["tls"]
+    if not (cacert or cert or key):
+        return None
+    return TLS(ca=cacert, cert=cert, key=key)
+
+
+def make_client(ctx: click.Context, **kw):
     from kvstore.client import Client
 
-    return Client(ctx.obj["endpoints"], timeout=ctx.obj["timeout"], coalesce=False)
+    kw.setdefault("coalesce", False)
+    return Client(ctx.obj["endpoints"], timeout=ctx.obj["timeout"], tls=client_tls(ctx), **kw)
 
 
 # ------------------------------------------------------------------------------ serve
@@ -168,15 +203,22 @@ def cluster() -> None:
 @click.option("--base-client-port", default=DEFAULT_BASE_CLIENT_PORT, show_default=True)
 @click.option("--base-peer-port", default=DEFAULT_BASE_PEER_PORT, show_default=True)
 @click.option("--node-arg", "node_args", multiple=True, help="extra flag passed to every node (repeatable)")
+@click.option("--tls", is_flag=True,
+              help="TLS for clients (with client certificates) and peers; certificates made in DIR/tls if missing")
 @in_own_foreground
-def cluster_up(nodes: int, data_dir: str, base_client_port: int, base_peer_port: int, node_args) -> None:
+def cluster_up(nodes: int, data_dir: str, base_client_port: int, base_peer_port: int, node_args, tls: bool) -> None:
     """Start a local cluster, wait for a leader, show live status; Ctrl-C stops it cleanly."""
     from kvstore.launcher import LocalCluster, NodeFailedToStart
 
     if nodes < 1:
         fail("--nodes must be >= 1")
     extra = [a for arg in node_args for a in shlex.split(arg)]
-    lc = LocalCluster(data_dir, nodes, base_client_port, base_peer_port, extra_args=extra)
+    certs = None
+    if tls:
+        from kvstore.certs import init
+
+        certs = init(os.path.join(data_dir, "tls"), nodes)
+    lc = LocalCluster(data_dir, nodes, base_client_port, base_peer_port, extra_args=extra, certs=certs)
     busy = sorted(lc.data_dirs_in_use().items())
     if busy:
         i, pid = busy[0]
@@ -209,6 +251,11 @@ def cluster_up(nodes: int, data_dir: str, base_client_port: int, base_peer_port:
         if not stopping:
             console.print(f"leader elected in {time.monotonic() - t0:.1f}s: member {leader}")
             console.print("endpoints: " + ",".join(lc.endpoints))
+            if certs is not None:
+                console.print("TLS: point the CLI at it with\n"
+                              f"  export KVSTORE_ENDPOINTS={','.join('https://' + e for e in lc.endpoints)}\n"
+                              f"  export KVSTORE_CACERT={certs.ca_cert} KVSTORE_CERT={certs.client_cert} "
+                              f"KVSTORE_KEY={certs.client_key}", highlight=False, soft_wrap=True)
             console.print(f"logs: {lc.base_dir}/node<i>.log   try: [cyan]kvstore put hello world && "
                           "kvstore get hello[/]   stop: Ctrl-C")
             watch(lc, stopping)
@@ -415,11 +462,9 @@ def txn(ctx, compares, then_ops, else_ops) -> None:
 @client_errors
 def status(ctx, write_out: str) -> None:
     """A table of members: role, term, leader, indexes, sizes."""
-    from kvstore.client import Client
-
     from rich.table import Table
 
-    with Client(ctx.obj["endpoints"], timeout=ctx.obj["timeout"]) as c:
+    with make_client(ctx, coalesce=True) as c:
         sts = c.status_all(timeout=min(ctx.obj["timeout"], 2.0))
     if write_out == "json":
         click.echo(wo.dumps(wo.status_doc(sts)))

@@ -11,7 +11,8 @@ Addresses: by default the local-cluster convention (member i serves clients on
 namespaces, pass `netns={i: "ns-name"}` (the command is prefixed with
 `ip netns exec NS`) and explicit `client_addrs`/`peer_addrs` with each member's
 IP; `listen_hosts` makes a member bind one IP (or 0.0.0.0) while advertising
-another.
+another. `certs` (a `kvstore certs init` directory) runs every member with
+client and peer TLS, https:// URLs and --client-cert-auth.
 
 Nodes die with the process that launched them (PR_SET_PDEATHSIG), so a
 launcher killed without its cleanup (SIGKILL, a lost terminal) leaves no
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -34,6 +36,10 @@ from kvstore.storage.data_dir_lock import data_dir_holder
 from kvstore.v1 import cluster_pb2, cluster_pb2_grpc
 
 from kvstore.server.config import DEFAULT_BASE_CLIENT_PORT, DEFAULT_BASE_PEER_PORT, PORT_STRIDE, format_members
+
+if TYPE_CHECKING:
+    from kvstore.certs import CertDir
+    from kvstore.client.tls import TLS
 
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -98,6 +104,7 @@ class LocalCluster:
         python: str = sys.executable,
         env: dict[str, str] | None = None,
         node_env: dict[int, dict[str, str]] | None = None,
+        certs: CertDir | None = None,
     ) -> None:
         self.base_dir = os.path.abspath(base_dir)
         self.ids = list(range(1, nodes + 1))
@@ -115,6 +122,7 @@ class LocalCluster:
         self.python = python
         self.env = env
         self.node_env = node_env or {}  # per member, over `env` (e.g. its boot id, its clock shim)
+        self.certs = certs
         self.procs: dict[int, subprocess.Popen] = {}
         self._paused: set[int] = set()
         self._channels: dict[int, grpc.Channel] = {}
@@ -143,6 +151,13 @@ class LocalCluster:
     def peer_addr(self, i: int) -> str:
         return self.peer_addrs[i]
 
+    def client_tls(self) -> TLS | None:
+        """The TLS settings a client of this cluster needs (None without `certs`)."""
+        from kvstore.client.tls import TLS
+
+        c = self.certs
+        return None if c is None else TLS(ca=c.ca_cert, cert=c.client_cert, key=c.client_key)
+
     def data_dir(self, i: int) -> str:
         return os.path.join(self.base_dir, f"node{i}")
 
@@ -154,14 +169,18 @@ class LocalCluster:
             host = self.listen_hosts.get(i)
             return addr if host is None else f"{host}:{addr.rsplit(':', 1)[1]}"
 
+        def urls(addrs: dict[int, str]) -> dict[int, str]:
+            return addrs if self.certs is None else {j: f"https://{a}" for j, a in addrs.items()}
+
         cmd = [
             self.python, "-m", "kvstore.server.main",
             "--id", str(i),
             "--data-dir", self.data_dir(i),
-            "--initial-cluster", format_members(self.peer_addrs),
-            "--initial-cluster-clients", format_members(self.client_addrs),
+            "--initial-cluster", format_members(urls(self.peer_addrs)),
+            "--initial-cluster-clients", format_members(urls(self.client_addrs)),
             "--listen-client-addr", listen(self.client_addrs[i]),
             "--listen-peer-addr", listen(self.peer_addrs[i]),
+            *(self.certs.node_flags(i) if self.certs is not None else []),
             *self.extra_args,
             *self.node_args.get(i, []),
         ]
@@ -282,7 +301,10 @@ class LocalCluster:
     def _stub(self, i: int) -> cluster_pb2_grpc.ClusterStub:
         ch = self._channels.get(i)
         if ch is None:
-            ch = self._channels[i] = grpc.insecure_channel(self.client_addrs[i])
+            addr = self.client_addrs[i]
+            tls = self.client_tls()
+            ch = grpc.insecure_channel(addr) if tls is None else grpc.secure_channel(addr, tls.credentials())
+            self._channels[i] = ch
         return cluster_pb2_grpc.ClusterStub(ch)
 
     def status(self, i: int, timeout: float = 1.0) -> cluster_pb2.StatusResponse | None:

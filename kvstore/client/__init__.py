@@ -17,6 +17,7 @@ from kvstore.client.errors import (
 )
 from kvstore.client.retry import ExponentialBackoff, FixedInterval, NoRetry, RetryPolicy
 from kvstore.client.sync_client import Client
+from kvstore.client.tls import TLS
 from kvstore.client.txn import Txn
 from kvstore.client.types import (
     DeleteResult,
@@ -33,6 +34,7 @@ __all__ = [
     "Client",
     "AsyncClient",
     "Txn",
+    "TLS",
     "RetryPolicy",
     "FixedInterval",
     "ExponentialBackoff",

@@ -25,6 +25,7 @@ from kvstore.client.balancer import Balancer, make_balancer
 from kvstore.client.breaker import CircuitBreaker
 from kvstore.client.coalescer import ANY, LEADER, Coalescer, response
 from kvstore.client.endpoints import DEFAULT_CHANNEL_OPTIONS, DEFAULT_ENDPOINTS, Endpoints
+from kvstore.client.tls import TLS
 from kvstore.client.retry import ExponentialBackoff, RetryPolicy
 from kvstore.client.retry_budget import RetryBudget
 from kvstore.client.session import Session
@@ -104,6 +105,8 @@ class AsyncClient:
     session stream per member (see stream.py); "unary" makes one RPC per call.
     ``streams_per_member``: session streams opened to each member, used in
     turn (grpc.aio writes one message at a time per stream).
+    ``tls``: a :class:`TLS` (CA, client certificate) for members serving TLS;
+    ``https://`` endpoints without it trust the system's root CAs.
     """
 
     def __init__(
@@ -122,6 +125,7 @@ class AsyncClient:
         breaker: CircuitBreaker | None = None,
         retry_budget: RetryBudget | None = None,
         streams_per_member: int = DEFAULT_STREAMS_PER_MEMBER,
+        tls: TLS | None = None,
         testing_drop_reply_after_send: DropReplyHook | None = None,
     ) -> None:
         if isinstance(endpoints, str):
@@ -134,7 +138,7 @@ class AsyncClient:
         self.retry_budget = retry_budget if retry_budget is not None else RetryBudget()
         self._streamed = KIND if transport == "stream" else {}
         self._endpoints = Endpoints(
-            endpoints or DEFAULT_ENDPOINTS, tuple(channel_options), breaker, streams_per_member
+            endpoints or DEFAULT_ENDPOINTS, tuple(channel_options), breaker, streams_per_member, tls
         )
         self.timeout = timeout
         self.retry = retry or ExponentialBackoff()

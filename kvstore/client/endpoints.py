@@ -16,6 +16,8 @@ from kvstore.client.breaker import CircuitBreaker
 from kvstore.client.stream import SessionStream
 from kvstore.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2_grpc
 
+from .tls import TLS
+
 __all__ = ["Endpoints", "Connection", "DEFAULT_ENDPOINTS", "normalize", "DEFAULT_CHANNEL_OPTIONS"]
 
 DEFAULT_ENDPOINTS: tuple[str, ...] = ("127.0.0.1:2379", "127.0.0.1:2479", "127.0.0.1:2579")
@@ -48,9 +50,13 @@ class Connection:
 
     __slots__ = ("addr", "channel", "methods", "_streams", "_turn")
 
-    def __init__(self, addr: str, options: Sequence[tuple[str, Any]], streams: int = 1) -> None:
+    def __init__(self, addr: str, options: Sequence[tuple[str, Any]], streams: int = 1,
+                 tls: TLS | None = None) -> None:
         self.addr = addr
-        self.channel = grpc.aio.insecure_channel(addr, options=list(options))
+        if tls is None:
+            self.channel = grpc.aio.insecure_channel(addr, options=list(options))
+        else:
+            self.channel = grpc.aio.secure_channel(addr, tls.credentials(), options=list(options))
         kv = kv_pb2_grpc.KVStub(self.channel)
         cl = cluster_pb2_grpc.ClusterStub(self.channel)
         self.methods: dict[str, Any] = {
@@ -95,10 +101,17 @@ class Endpoints:
         options: Sequence[tuple[str, Any]] = DEFAULT_CHANNEL_OPTIONS,
         breaker: CircuitBreaker | None = None,
         streams_per_member: int = 1,
+        tls: TLS | None = None,
     ) -> None:
         if streams_per_member < 1:
             raise ValueError("streams_per_member must be >= 1")
         self.streams_per_member = streams_per_member
+        addrs = list(addrs)
+        if tls is None and any(a.strip().startswith("https://") for a in addrs):
+            tls = TLS()  # https:// without TLS settings: the system's root CAs, no client certificate
+        if tls is not None:
+            tls.credentials()  # a file that cannot be read fails here, named, not at the first call
+        self.tls = tls
         self._addrs: list[str] = []
         for a in addrs:
             self.learn(a)
@@ -129,7 +142,7 @@ class Endpoints:
     def conn(self, addr: str) -> Connection:
         c = self._conns.get(addr)
         if c is None:
-            c = self._conns[addr] = Connection(addr, self._options, self.streams_per_member)
+            c = self._conns[addr] = Connection(addr, self._options, self.streams_per_member, self.tls)
         return c
 
     def first(self) -> str:

@@ -64,6 +64,7 @@ class RunConfig:
     election_ticks: int = 10
     keep_data: bool = False
     name: str = ""
+    tls: bool = False                  # client TLS (client certificates) and mutual peer TLS
 
 
 @dataclass
@@ -84,11 +85,11 @@ class RunResult:
 class ClientStore(Store):
     """The workloads' Store over the real AsyncClient, with short deadlines."""
 
-    def __init__(self, endpoints: list[str], timeout: float) -> None:
+    def __init__(self, endpoints: list[str], timeout: float, tls: Any = None) -> None:
         from kvstore.client import AsyncClient, ExponentialBackoff
 
         retry = ExponentialBackoff(base=0.02, cap=0.2, attempt_timeout=min(1.0, timeout))
-        self.client = AsyncClient(endpoints, timeout=timeout, retry=retry, coalesce=False)
+        self.client = AsyncClient(endpoints, timeout=timeout, retry=retry, coalesce=False, tls=tls)
 
     async def get(self, key: str) -> str | None:
         value = (await self.client.get(key)).value
@@ -225,8 +226,15 @@ def make_cluster(base_dir: Path, nodes: int, config: RunConfig, *, client_addrs:
 
     extra = ["--tick-ms", str(config.tick_ms), "--election-ticks", str(config.election_ticks),
              *config.server_args]
+    certs = None
+    if config.tls:  # certificates naming every address a member is dialled on
+        from kvstore.certs import init
+
+        hosts = sorted({a.rsplit(":", 1)[0] for a in [*client_addrs.values(), *peer_addrs.values()]})
+        certs = init(str(base_dir / "tls"), nodes, hosts=hosts)
     return LocalCluster(str(base_dir), nodes, extra_args=extra, client_addrs=client_addrs,
-                        peer_addrs=peer_addrs, netns=netns, node_args=node_args, node_env=node_env)
+                        peer_addrs=peer_addrs, netns=netns, node_args=node_args, node_env=node_env,
+                        certs=certs)
 
 
 # -------------------------------------------------------------- leader watch
@@ -235,8 +243,9 @@ class LeaderWatch:
     """Polls every node's Status, so the nemesis can aim at the leader and the
     summary can count leader changes (a new term with a known leader)."""
 
-    def __init__(self, client_addrs: dict[int, str], clock: Any, interval: float = 0.1) -> None:
+    def __init__(self, client_addrs: dict[int, str], clock: Any, interval: float = 0.1, tls: Any = None) -> None:
         self.client_addrs = client_addrs
+        self.tls = tls
         self.clock = clock
         self.interval = interval
         self.current: int | None = None
@@ -256,9 +265,10 @@ class LeaderWatch:
 
         from kvstore.v1 import cluster_pb2, cluster_pb2_grpc
 
-        channels = {n: grpc.aio.insecure_channel(a, options=[
-            ("grpc.initial_reconnect_backoff_ms", 50), ("grpc.max_reconnect_backoff_ms", 300)])
-            for n, a in self.client_addrs.items()}
+        options = [("grpc.initial_reconnect_backoff_ms", 50), ("grpc.max_reconnect_backoff_ms", 300)]
+        channels = {n: grpc.aio.insecure_channel(a, options=options) if self.tls is None
+                    else grpc.aio.secure_channel(a, self.tls.credentials(), options=options)
+                    for n, a in self.client_addrs.items()}
         stubs = {n: cluster_pb2_grpc.ClusterStub(c) for n, c in channels.items()}
 
         async def status(node: int) -> Any:
@@ -425,7 +435,8 @@ async def _run_async(config: RunConfig, mode: str, run_dir: Path, procs: NodePro
     workload = make_workload(config.workload, config.seed)
     windows = parse_spec(config.nemesis)
     recorder = Recorder(run_dir / "history.jsonl", run_dir / "faults.jsonl")
-    watch = LeaderWatch(client_addrs, recorder.clock)
+    tls = procs.cluster.client_tls()
+    watch = LeaderWatch(client_addrs, recorder.clock, tls=tls)
     stop_watch = asyncio.Event()
     watch_task = asyncio.create_task(watch.run(stop_watch))
     control = _Control(procs, network, watch)
@@ -442,7 +453,7 @@ async def _run_async(config: RunConfig, mode: str, run_dir: Path, procs: NodePro
         await _wait_for(lambda: watch.leader() is not None, 60, "a leader to be elected", procs)
         timings["cluster_up"] = time.monotonic() - started
 
-        setup_store = ClientStore(endpoints, timeout=5.0)
+        setup_store = ClientStore(endpoints, timeout=5.0, tls=tls)
         stores.append(setup_store)
         await _retry(lambda: workload.setup(setup_store), 30, "workload setup")
 
@@ -450,7 +461,7 @@ async def _run_async(config: RunConfig, mode: str, run_dir: Path, procs: NodePro
         # node); the client still follows redirects to the leader.
         for slot in range(concurrency):
             first = slot % config.nodes
-            stores.append(ClientStore(endpoints[first:] + endpoints[:first], config.op_timeout))
+            stores.append(ClientStore(endpoints[first:] + endpoints[:first], config.op_timeout, tls))
         nemesis.start()
         load_started = time.monotonic()
         deadline = load_started + config.time
@@ -469,7 +480,7 @@ async def _run_async(config: RunConfig, mode: str, run_dir: Path, procs: NodePro
         await _wait_for(lambda: watch.leader() is not None and all(procs.alive(n) for n in procs.nodes),
                         60, "the healed cluster to elect a leader", procs)
         await asyncio.sleep(1.0)  # let restarted nodes catch up before the final reads
-        final_store = ClientStore(endpoints, timeout=5.0)
+        final_store = ClientStore(endpoints, timeout=5.0, tls=tls)
         stores.append(final_store)
         await _final_reads(workload, final_store, recorder, 10_000_000)
     finally:

@@ -21,12 +21,15 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
 
     async def MemberList(self, request, context) -> cluster_pb2.MemberListResponse:
         cfg = self.node.cfg
+        # URLs say https:// when that listener is TLS, as etcd's member list does (clients accept either form).
+        peer_scheme = "https://" if cfg.peer_cert_file else ""
+        client_scheme = "https://" if cfg.cert_file else ""
         members = [
             cluster_pb2.Member(
                 id=i,
                 name=cfg.name if i == cfg.id else f"node{i}",
-                peer_urls=[cfg.peers[i]],
-                client_urls=[cfg.clients[i]],
+                peer_urls=[peer_scheme + cfg.peers[i]],
+                client_urls=[client_scheme + cfg.clients[i]],
             )
             for i in cfg.member_ids
         ]

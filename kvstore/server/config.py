@@ -98,6 +98,16 @@ OPTIONS: list[Option] = [
            "is dropped; its later requests are refused, never applied twice"),
     Option("--max-sessions", int, DEFAULT_MAX_SESSIONS,
            "most client sessions kept; one more evicts the least recently used (refused likewise)"),
+    # TLS (etcd's flag names). https:// in the URLs above asks for it too.
+    Option("--cert-file", str, "", "client API: this member's TLS certificate (PEM); clients then need TLS"),
+    Option("--key-file", str, "", "client API: the key of --cert-file (PEM)"),
+    Option("--trusted-ca-file", str, "", "client API: CA certificates that sign client certificates (PEM)"),
+    Option("--client-cert-auth", bool, False,
+           "client API: refuse clients without a certificate signed by --trusted-ca-file"),
+    Option("--peer-cert-file", str, "",
+           "peer API: this member's certificate, presented as server and as client (always mutual TLS)"),
+    Option("--peer-key-file", str, "", "peer API: the key of --peer-cert-file (PEM)"),
+    Option("--peer-trusted-ca-file", str, "", "peer API: the CA that signs every member's peer certificate (PEM)"),
     # ops
     Option("--log-level", str, "info", "debug, info, warning or error"),
     Option("--log-format", str, "text", "text, or json: one object per line (ts, level, member, term, event, msg)"),
@@ -109,21 +119,40 @@ OPTIONS: list[Option] = [
     Option("--testing-wall-clock-sessions", bool, False,
            "TESTING ONLY, UNSAFE: session expiry follows the leader's wall clock (one leader's clock "
            "jump expires every session)"),
+    Option("--testing-peer-skip-client-verify", bool, False,
+           "TESTING ONLY, UNSAFE: the peer API accepts TLS connections without checking the peer's certificate"),
 ]
+
+URL_SCHEMES = ("http://", "https://")
+
+
+def split_scheme(url: str) -> tuple[str, str]:
+    """'https://h:p' -> ('https', 'h:p'); 'h:p' -> ('', 'h:p')."""
+    url = url.strip()
+    for scheme in URL_SCHEMES:
+        if url.startswith(scheme):
+            return scheme[:-3], url[len(scheme):].rstrip("/")
+    return "", url
 
 
 def parse_members(spec: str) -> dict[int, str]:
-    """'1=h:p,2=h:p' -> {1: 'h:p', 2: 'h:p'}."""
+    """'1=h:p,2=https://h:p' -> {1: 'h:p', 2: 'h:p'} (see `member_schemes` for the schemes)."""
     members: dict[int, str] = {}
     for part in spec.split(","):
         part = part.strip()
         if not part:
             continue
         ident, sep, addr = part.partition("=")
+        addr = split_scheme(addr)[1]
         if not sep or not ident.strip().isdigit() or ":" not in addr:
-            raise ValueError(f"bad member {part!r}: expected ID=HOST:PORT")
-        members[int(ident)] = addr.strip()
+            raise ValueError(f"bad member {part!r}: expected ID=HOST:PORT (or ID=https://HOST:PORT)")
+        members[int(ident)] = addr
     return members
+
+
+def member_schemes(spec: str) -> set[str]:
+    """The URL schemes written in a member list ('' for a bare HOST:PORT)."""
+    return {split_scheme(part.partition("=")[2])[0] for part in spec.split(",") if part.strip()}
 
 
 @dataclass
@@ -155,8 +184,16 @@ class ServerConfig:
     log_level: str = "info"
     log_format: str = "text"
     testing_unsafe_local_reads: bool = False
+    cert_file: str = ""
+    key_file: str = ""
+    trusted_ca_file: str = ""
+    client_cert_auth: bool = False
+    peer_cert_file: str = ""
+    peer_key_file: str = ""
+    peer_trusted_ca_file: str = ""
     testing_ack_before_commit: bool = False
     testing_wall_clock_sessions: bool = False
+    testing_peer_skip_client_verify: bool = False
 
     @property
     def member_ids(self) -> list[int]:
@@ -221,10 +258,40 @@ def parse_args(argv: list[str] | None = None, prog: str = "kvstore serve") -> Se
         raise  # unreachable
 
 
+def _check_tls(cfg: ServerConfig, peer_schemes: set[str], client_schemes: set[str]) -> None:
+    """TLS is on for a listener when its cert file is set; the URLs' schemes must agree with that."""
+    if cfg.cert_file or cfg.key_file:
+        if not (cfg.cert_file and cfg.key_file):
+            raise ValueError("client TLS needs both --cert-file and --key-file")
+        if "http" in client_schemes:
+            raise ValueError("--cert-file is set, so client URLs must be https://, not http://")
+    elif "https" in client_schemes:
+        raise ValueError("https:// client URLs need --cert-file and --key-file")
+    if cfg.client_cert_auth and not cfg.trusted_ca_file:
+        raise ValueError("--client-cert-auth needs --trusted-ca-file (the CA that signs client certificates)")
+    if cfg.trusted_ca_file and not cfg.cert_file:
+        raise ValueError("--trusted-ca-file needs --cert-file and --key-file (client TLS)")
+    peer_files = (cfg.peer_cert_file, cfg.peer_key_file, cfg.peer_trusted_ca_file)
+    if any(peer_files):
+        if not all(peer_files):
+            raise ValueError("peer TLS is mutual: it needs --peer-cert-file, --peer-key-file and --peer-trusted-ca-file")
+        if "http" in peer_schemes:
+            raise ValueError("--peer-cert-file is set, so peer URLs must be https://, not http://")
+    elif "https" in peer_schemes:
+        raise ValueError("https:// peer URLs need --peer-cert-file, --peer-key-file and --peer-trusted-ca-file")
+
+
 def make_config(values: dict[str, Any]) -> ServerConfig:
+    peer_schemes = member_schemes(values["initial_cluster"])
+    client_schemes = member_schemes(values["initial_cluster_clients"])
     peers = parse_members(values.pop("initial_cluster"))
     clients = parse_members(values.pop("initial_cluster_clients"))
+    for key, schemes in (("listen_peer_addr", peer_schemes), ("listen_client_addr", client_schemes)):
+        if values.get(key):
+            scheme, values[key] = split_scheme(values[key])
+            schemes.add(scheme)
     cfg = ServerConfig(peers=peers, clients=clients, **values)
+    _check_tls(cfg, peer_schemes, client_schemes)
     if cfg.id not in peers:
         raise ValueError(f"--id {cfg.id} is not a member of --initial-cluster ({sorted(peers)})")
     if set(clients) != set(peers):

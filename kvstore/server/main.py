@@ -25,6 +25,7 @@ from .logs import log_term_from, setup_logging
 from .node import Node
 from .parent_death import die_with_parent
 from .peer_server import PeerServer
+from .tls import TLSConfigError, client_api_credentials, peer_tls
 
 log = logging.getLogger("kvstore.server")
 
@@ -37,11 +38,16 @@ def client_server_options(cfg: ServerConfig) -> list[tuple[str, int]]:
 
 
 async def serve(cfg: ServerConfig) -> None:
-    node = Node(cfg)
+    try:
+        client_tls = client_api_credentials(cfg)
+        node = Node(cfg, peer_tls=peer_tls(cfg))
+    except TLSConfigError as e:
+        log.critical("cannot start: %s", e)
+        raise SystemExit(1) from None
     log_term_from(lambda: node.term)
     await node.start()
 
-    peer_server = PeerServer(node)
+    peer_server = PeerServer(node, tls=node.peer_tls)
     host, _, port = cfg.listen_peer_addr.rpartition(":")
     try:
         await peer_server.start(host.strip("[]"), int(port))
@@ -51,15 +57,21 @@ async def serve(cfg: ServerConfig) -> None:
     kv_pb2_grpc.add_KVServicer_to_server(KVService(node, Limits.from_config(cfg)), client_server)
     cluster_pb2_grpc.add_ClusterServicer_to_server(ClusterService(node), client_server)
     try:
-        bound = client_server.add_insecure_port(cfg.listen_client_addr)
+        if client_tls is None:
+            bound = client_server.add_insecure_port(cfg.listen_client_addr)
+        else:
+            bound = client_server.add_secure_port(cfg.listen_client_addr, client_tls.server_credentials())
     except RuntimeError:
         bound = 0
     if bound == 0:
         await peer_server.stop()
         await cannot_listen(node, "client", cfg.listen_client_addr, "in use?")
     await client_server.start()
-    log.info("member %d serving clients on %s, peers on %s, data in %s",
-             cfg.id, cfg.listen_client_addr, cfg.listen_peer_addr, cfg.data_dir)
+    log.info("member %d serving clients on %s://%s, peers on %s://%s, data in %s",
+             cfg.id, "http" if client_tls is None else "https", cfg.listen_client_addr,
+             "http" if node.peer_tls is None else "https", cfg.listen_peer_addr, cfg.data_dir)
+    if cfg.testing_peer_skip_client_verify:
+        log.warning("TESTING MODE: the peer API does not check peer certificates (unsafe flag set)")
     if cfg.testing_unsafe_local_reads or cfg.testing_ack_before_commit:
         log.warning("TESTING MODE: linearizability is deliberately broken (unsafe flags set)")
     if cfg.testing_wall_clock_sessions:

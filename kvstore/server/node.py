@@ -73,6 +73,7 @@ from .proposals import Proposals
 from .read_index import ReadIndex
 from .redirect import no_leader, not_leader
 from .supervisor import SupervisedReader, fatal, guarded, on_fatal, watch
+from .tls import PeerTLS
 from .transport import Transport
 
 log = logging.getLogger("kvstore.node")
@@ -97,8 +98,9 @@ def _read_deadline() -> RequestFailed:
 
 
 class Node:
-    def __init__(self, cfg: ServerConfig) -> None:
+    def __init__(self, cfg: ServerConfig, peer_tls: PeerTLS | None = None) -> None:
         self.cfg = cfg
+        self.peer_tls = peer_tls  # mutual TLS on both ends of peer connections, when configured
         self.id = cfg.id
         self.member_ids = cfg.member_ids
         self.storage_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="storage")
@@ -188,6 +190,7 @@ class Node:
             report_unreachable=self._report_unreachable,
             report_snapshot=self._report_snapshot,
             open_snapshot=self._open_snapshot_to_send,
+            tls=self.peer_tls,
         )
         self.transport.start()
         self._tasks = [

@@ -9,11 +9,18 @@ and durable on disk. Anything that is not this protocol, or is another
 cluster's, is logged and the connection closed; the node carries on. A
 failure of our own disk while storing an image ends the process (see
 supervisor.py); an image that is not what was announced is refused.
+
+With peer TLS, each accepted socket gets the certificates current at that
+moment (`connect_accepted_socket`), and a peer whose certificate the
+cluster's CA did not sign is refused in the handshake, before any of its
+bytes are parsed. (Upgrading an accepted stream instead races: uvloop may
+already have read the ClientHello into the stream, and the handshake hangs.)
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 
 from kvstore.storage.state_machine import SnapshotImageError
 from kvstore.v1 import raft_pb2
@@ -22,6 +29,7 @@ from . import peer_wire as wire
 from .node import Node
 from .raft_codec import message_from_pb
 from .supervisor import fatal
+from .tls import PeerTLS
 
 log = logging.getLogger("kvstore.peer")
 
@@ -30,15 +38,23 @@ READ_BUFFER_BYTES = 8 << 20  # StreamReader limit: lets a whole 4 MiB snapshot c
 
 
 class PeerServer:
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, tls: PeerTLS | None = None) -> None:
         self.node = node
+        self.tls = tls
         self.server: asyncio.base_events.Server | None = None
+        self._listener: socket.socket | None = None  # with TLS: accepted by _accept
         self._connections: set[asyncio.Task] = set()
 
     async def start(self, host: str, port: int) -> None:
         """Listen; OSError if the address cannot be bound."""
-        self.server = await asyncio.start_server(self._serve, host or None, port, limit=READ_BUFFER_BYTES,
-                                                 reuse_address=True)
+        if self.tls is None:
+            self.server = await asyncio.start_server(self._serve, host or None, port, limit=READ_BUFFER_BYTES,
+                                                     reuse_address=True)
+            return
+        family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        self._listener = socket.create_server((host, port), family=family, backlog=128)
+        self._listener.setblocking(False)
+        self._track(asyncio.create_task(self._accept(self._listener), name="peer-accept"))
 
     async def stop(self) -> None:
         if self.server is not None:
@@ -46,6 +62,43 @@ class PeerServer:
         for t in list(self._connections):
             t.cancel()
         await asyncio.gather(*self._connections, return_exceptions=True)
+        if self._listener is not None:
+            self._listener.close()
+
+    def _track(self, task: asyncio.Task) -> None:
+        self._connections.add(task)
+        task.add_done_callback(self._connections.discard)
+
+    async def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, peer = await loop.sock_accept(listener)
+            except OSError as e:  # out of descriptors, say: the listener stays, the next accept may succeed
+                log.warning("accepting a peer connection failed: %s", e)
+                await asyncio.sleep(0.1)
+                continue
+            self._track(asyncio.create_task(self._serve_tls(conn, peer)))
+
+    async def _serve_tls(self, conn: socket.socket, peer: object) -> None:
+        """Handshake with the certificates current now, then serve; a refused handshake is logged."""
+        assert self.tls is not None
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=READ_BUFFER_BYTES)
+        protocol = asyncio.StreamReaderProtocol(reader)
+        try:
+            wire.tune_socket(conn)
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: protocol, conn, ssl=self.tls.server_context(), ssl_handshake_timeout=HELLO_TIMEOUT_S)
+        except asyncio.CancelledError:
+            conn.close()
+            raise
+        except Exception as e:  # ssl.SSLError (another CA, no certificate, not TLS), ConnectionError, TimeoutError
+            conn.close()
+            log.warning("refusing peer connection from %s: TLS handshake failed: %s", peer,
+                        f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+            return
+        await self._serve(reader, asyncio.StreamWriter(transport, protocol, reader, loop))
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -53,7 +106,8 @@ class PeerServer:
         self._connections.add(task)
         peer = writer.get_extra_info("peername")
         try:
-            wire.tune_socket(writer.get_extra_info("socket"))
+            if self.tls is None:
+                wire.tune_socket(writer.get_extra_info("socket"))
             hello = await asyncio.wait_for(reader.readexactly(wire.HELLO.size), HELLO_TIMEOUT_S)
             purpose, cluster_id, member_id = wire.parse_hello(hello)
             if cluster_id != self.node.cfg.cluster_id:

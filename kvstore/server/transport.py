@@ -17,12 +17,15 @@ closing (keepalive, TCP_USER_TIMEOUT; see peer_wire).
 Snapshots do not travel in the stream: a SNAPSHOT message opens a separate
 connection that uploads the image file, and its outcome is reported to raft.
 The wire format is in `peer_wire.py`; the receiving side in `peer_server.py`.
+With peer TLS (tls.py) every connection is mutual TLS, made with the
+certificates current when it opens.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import random
+import ssl
 import time
 from typing import BinaryIO
 from collections.abc import Callable
@@ -33,6 +36,7 @@ from kvstore.v1 import raft_pb2
 from . import peer_wire as wire
 from .logs import event
 from .raft_codec import message_size, message_to_pb
+from .tls import PeerTLS
 
 log = logging.getLogger("kvstore.transport")
 
@@ -63,6 +67,7 @@ class Peer:
         self.host, self.port = _split_addr(addr)
         self.writer: asyncio.StreamWriter | None = None  # set while the connection is up
         self.dropped = 0
+        self.tls_error = ""  # the last TLS failure logged, so a retry loop logs it once
         self.task: asyncio.Task | None = None
         self.snapshot_task: asyncio.Task | None = None
 
@@ -88,11 +93,10 @@ class Peer:
         while True:
             writer = None
             try:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(self.host, self.port), CONNECT_TIMEOUT_S)
-                wire.tune_socket(writer.get_extra_info("socket"))
+                reader, writer = await asyncio.wait_for(self._connect(), CONNECT_TIMEOUT_S)
                 writer.write(wire.hello(wire.STREAM, self.transport.cluster_id, self.transport.member_id))
                 self.writer = writer
+                self.tls_error = ""
                 if lost:
                     log.info("peer member %d at %s became active again (was unreachable %.1fs)", self.id,
                              self.addr, time.monotonic() - lost,
@@ -110,6 +114,10 @@ class Peer:
                     lost = time.monotonic()
                     log.warning("peer member %d at %s became inactive: connection broke: %s", self.id, self.addr,
                                 _short(e), extra=event("peer-lost", peer=self.id, error=_short(e)))
+                elif isinstance(e, ssl.SSLError) and _short(e) != self.tls_error:
+                    # A peer that is down is retried quietly; a TLS refusal is a misconfiguration to show (once).
+                    log.warning("TLS to member %d at %s failed: %s", self.id, self.addr, _short(e))
+                    self.tls_error = _short(e)
             finally:
                 self.writer = None  # from now on send() drops this peer's messages
                 if writer is not None:
@@ -117,6 +125,17 @@ class Peer:
             self.transport.report_unreachable(self.id)
             await asyncio.sleep(backoff * (0.5 + random.random() / 2))
             backoff = min(BACKOFF_MAX_S, backoff * 2)
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A tuned connection to the peer: TLS (the current peer certificate, the host checked) when configured."""
+        tls = self.transport.tls
+        if tls is None:
+            reader, writer = await asyncio.open_connection(self.host, self.port)
+        else:
+            reader, writer = await asyncio.open_connection(self.host, self.port, ssl=tls.client_context(),
+                                                           server_hostname=self.host)
+        wire.tune_socket(writer.get_extra_info("socket"))
+        return reader, writer
 
     def send_snapshot(self, m: Message) -> None:
         if self.snapshot_task is not None and not self.snapshot_task.done():
@@ -132,8 +151,7 @@ class Peer:
         try:
             log.info("sending snapshot at index %d to member %d", index, self.id)
             image = self.transport.open_snapshot(index)
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), CONNECT_TIMEOUT_S)
-            wire.tune_socket(writer.get_extra_info("socket"))
+            reader, writer = await asyncio.wait_for(self._connect(), CONNECT_TIMEOUT_S)
             writer.write(wire.hello(wire.SNAPSHOT, self.transport.cluster_id, self.transport.member_id))
             writer.write(wire.frame(wire.SNAPSHOT_MESSAGE, message_to_pb(m).SerializeToString()))
             sent = 0
@@ -192,8 +210,10 @@ class Transport:
         report_unreachable: Callable[[int], None],
         report_snapshot: Callable[[int, bool], None],
         open_snapshot: SnapshotOpener,
+        tls: PeerTLS | None = None,
     ) -> None:
         self.member_id = member_id
+        self.tls = tls
         self.cluster_id = cluster_id
         self.report_unreachable = report_unreachable
         self.report_snapshot = report_snapshot
