@@ -44,10 +44,11 @@ def test_power_all_loses_no_acknowledged_add(tmp_path: Path) -> None:
     assert verdict["acknowledged"] > 50 and verdict["lost"] == []
     cuts = [f for f in summary["faults"] if f["kind"] == "power"]
     assert cuts and all(f["nodes"] == [1, 2, 3] and f["end"] is not None for f in cuts), summary["faults"]
-    # Every member came back as a new boot: its guard saw unsynced commits from another one.
+    # Every member came back as a new boot: its guard saw unsynced commits from another one
+    # (at most once a cut: a cut that lands before the restarted node armed its guard leaves none).
     for node in (1, 2, 3):
-        log = (run_dir / "logs" / f"node{node}.log").read_text()
-        assert log.count(REBOOTED) == len(cuts), f"node{node}: {log.count(REBOOTED)} reboots seen"
+        seen = (run_dir / "logs" / f"node{node}.log").read_text().count(REBOOTED)
+        assert 1 <= seen <= len(cuts), f"node{node}: {seen} reboots seen, {len(cuts)} cuts"
     assert _mounts_left(run_dir) == [], "the run left disks mounted or attached"
 
 
