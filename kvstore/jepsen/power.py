@@ -124,7 +124,11 @@ class PowerSupply:
         return {TESTING_BOOT_ID_ENV: self.boot_ids[node]}
 
     def cut(self, nodes: Sequence[int], kill: Callable[[int], None]) -> None:
-        """Shut every disk down first (as close to the same instant as can be), then kill, then unmount."""
+        """Shut every disk down first (as close to the same instant as can be), then kill, then unmount.
+
+        A member already without power (two power windows at once) is left as it is.
+        """
+        nodes = [n for n in nodes if self.disks[n].powered]
         for node in nodes:
             self.disks[node].cut()
         for node in nodes:
@@ -135,6 +139,8 @@ class PowerSupply:
     def restore(self, nodes: Sequence[int]) -> None:
         """Power back on: mount again (journal replay) and begin a new boot."""
         for node in nodes:
+            if self.disks[node].powered:
+                continue
             self.disks[node].power_on()
             self.boot_ids[node] = str(uuid.uuid4())
 
