@@ -462,11 +462,22 @@ class Raft:
                 self.commit_news = True
 
     def _leader_read_index(self, m: Message) -> None:
-        if len(self.tracker.voters) == 1 or self.bug_read_no_heartbeat:
+        """Answer a read with the commit index once it is known to be current (thesis §6.4).
+
+        Until an entry of its own term commits, a new leader's commit index
+        may lag what an earlier leader, or it before a restart, acknowledged:
+        the read waits for that, a single voter too (it needs no heartbeat
+        round, but its commit index after a restart is only what it last
+        wrote, maybe below an acknowledged write).
+        """
+        if self.bug_read_no_heartbeat:
             self._answer_read(m, self.log.committed)
             return
         if not self.committed_entry_in_current_term():
             self.pending_reads.append(m)
+            return
+        if len(self.tracker.voters) == 1:
+            self._answer_read(m, self.log.committed)
             return
         if self.read_only.add_request(self.log.committed, m):
             self.read_only.recv_ack(self.id, m.context)
@@ -481,10 +492,6 @@ class Raft:
     def _step_leader(self, m: Message) -> None:
         t = m.type
         if t == MT.READ_INDEX:
-            if len(self.tracker.voters) > 1 and not self.committed_entry_in_current_term() \
-                    and not self.bug_read_no_heartbeat:
-                self.pending_reads.append(m)
-                return
             self._leader_read_index(m)
             return
         if t == MT.TRANSFER_LEADER:

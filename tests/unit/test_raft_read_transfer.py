@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvstore.raft import MessageType as MT, ProposalDropped, ReadState, StateRole
+from kvstore.raft import HardState, MessageType as MT, ProposalDropped, ReadState, StateRole
 from kvstore.raft import faults
 from tests.sim.harness import Cluster
 
@@ -81,6 +81,30 @@ def test_6_4_single_node_reads_immediately():
     c.nodes[1].read_index(b"solo")
     c.stabilize()
     assert c.read_states[1] == [ReadState(1, b"solo")]
+
+
+def test_6_4_single_voter_read_waits_for_its_own_terms_commit():
+    """A restarted single voter knows only the commit index it last wrote and what its state
+    machine kept, which may be below an acknowledged write: until an entry of its new term
+    commits, it must not answer a read."""
+    c = Cluster(1)
+    c.campaign(1)
+    for v in (b"a", b"b", b"c"):
+        c.propose(1, v)
+    acked = c.raft(1).log.committed
+    assert acked == 4
+    st = c.storage[1]
+    hs = st.hard_state()
+    st.set_hard_state(HardState(hs.term, hs.vote, 1))  # the commit-only hard state was never synced
+    c.applied[1].clear()  # clients were answered before the state machine's commit, which was lost
+    c.crash(1)
+    c.start(1)
+    c.nodes[1].campaign()  # a single voter wins at once, before its no-op is durable
+    c.nodes[1].read_index(b"after-restart")
+    c.stabilize()
+    [rs] = c.read_states[1]
+    assert rs.ctx == b"after-restart"
+    assert rs.index >= acked, f"read index {rs.index} is below the acknowledged write at {acked}"
 
 
 def test_3_10_transfer_to_an_up_to_date_follower_uses_timeout_now():
