@@ -24,16 +24,18 @@ Follow a write from the client to the fsync and back:
      everything committed meanwhile. Committed entries already durable in
      our log (the leader's usual case) are applied right after the messages
      go out, before this Ready's fsync, not after it;
-   - advances the core, and takes a snapshot (and compacts the log) every
-     `--snapshot-count` entries.
+   - advances the core, and every `--snapshot-count` entries starts a
+     checkpoint in the background (`_maybe_snapshot`): LMDB synced as the
+     durable base, then the log compacted behind it. Nothing waits for it.
 3. Once the apply transaction has computed the results (the entries are
    durable on a majority by then), each goes to its waiting client while
    LMDB commits, and `kv_service` answers (see `_submit_backlog`).
 
 Everything that touches the RawNode runs on the event loop thread; the
 blocking calls go to two threads: the storage thread (the leader's WAL
-fsync, snapshot copy) and the apply thread (LMDB transactions too big for
-the loop, or fdatasynced ones), each one call at a time.
+fsync, snapshot install) and the apply thread (LMDB transactions too big for
+the loop, or fdatasynced ones), each one call at a time. Checkpoints (the
+LMDB sync) and the images streamed to followers run on threads of their own.
 
 Fail-stop: any exception in the loops, the tasks, those threads, a snapshot
 sent or received, or the Raft core goes to `supervisor.fatal`, which logs one
@@ -47,6 +49,7 @@ import functools
 import heapq
 import logging
 import os
+import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO, cast
@@ -58,8 +61,9 @@ from kvstore.raft import Config, ProposalDropped, RawNode
 from kvstore.raft.types import ConfState, Message, SnapshotMetadata, StateRole
 from kvstore.storage import boot_guard
 from kvstore.storage.raft_log import RaftLog
+from kvstore.storage.reconcile import ReconcileError, reconcile
 from kvstore.storage.snapshot import SnapshotStore
-from kvstore.storage.state_machine import StateMachine
+from kvstore.storage.state_machine import StateMachine, StateMachineClosed
 from kvstore.storage.wal import WalCorruptionError
 from kvstore.storage.wal_repair import repair_hint
 from kvstore.v1 import command_pb2, kv_pb2
@@ -74,7 +78,7 @@ from .read_index import ReadIndex
 from .redirect import no_leader, not_leader
 from .supervisor import SupervisedReader, fatal, guarded, on_fatal, watch
 from .tls import PeerTLS
-from .transport import Transport
+from .transport import ImageReader, Transport
 
 log = logging.getLogger("kvstore.node")
 
@@ -84,6 +88,16 @@ APPLY_BACKLOG_MAX_BYTES = 64 << 20  # committed but not yet applied, before the 
 # from the loop, and the hop there and back costs more than applying a few entries.
 INLINE_APPLY_MAX_BYTES = 256 << 10
 SLOW_FSYNC_S = 1.0  # a WAL write + fdatasync slower than this is logged (etcd's "slow fdatasync")
+# A checkpoint is also due once the WAL holds this many segments (times a jitter of 1 to 1.5, drawn
+# anew after each checkpoint): coalesced entries carry many puts each, so --snapshot-count entries
+# may be GiBs of log.
+CHECKPOINT_WAL_SEGMENTS = 4
+# ... and once the LMDB file has grown by this much (times the same jitter) since the last one: a
+# page rewritten after a checkpoint is reused only after the next (the base is pinned, see
+# durable_base.py), so between two checkpoints the file grows by every page written, ~4 KiB per
+# random small put (tens of MB/s under load). Bounding that growth bounds the file at the live
+# data plus this, at the price of a checkpoint (a sync of what was written anyway) every second or so.
+CHECKPOINT_DB_GROWTH = 64 << 20
 
 ROLE_NAMES = {
     StateRole.LEADER: "leader",
@@ -95,6 +109,17 @@ ROLE_NAMES = {
 
 def _read_deadline() -> RequestFailed:
     return RequestFailed(grpc.StatusCode.DEADLINE_EXCEEDED, "read not confirmed before the deadline", not_applied=True)
+
+
+def next_checkpoint_at(last: int, count: int, member_ids: list[int], member_id: int) -> int:
+    """The applied index at which a member whose last checkpoint is at `last` checkpoints next.
+
+    Every `count` entries, at a phase of its own: member k of n (in id order)
+    at j * count + k * count // n, so members never sync and compact together.
+    """
+    rank = sorted(member_ids).index(member_id) if member_id in member_ids else 0
+    phase = count * rank // max(len(member_ids), 1)
+    return ((last - phase) // count + 1) * count + phase
 
 
 class Node:
@@ -136,6 +161,9 @@ class Node:
         self._stopped = False
         self._in_ready = False
         self._queued: list[tuple[int, bytes]] = []  # (proposal id, Command bytes) for the next batch
+        self._checkpointing: asyncio.Task | None = None  # the background checkpoint (see _maybe_snapshot)
+        self._wal_checkpoint_bytes = self._draw_wal_checkpoint_bytes()
+        self._db_checkpoint_bytes = 0  # set from the state machine's size at start and at each checkpoint
 
     # ------------------------------------------------------------------ start / stop
 
@@ -189,7 +217,7 @@ class Node:
             self.cfg.peers,
             report_unreachable=self._report_unreachable,
             report_snapshot=self._report_snapshot,
-            open_snapshot=self._open_snapshot_to_send,
+            open_snapshot=self._open_image,
             tls=self.peer_tls,
         )
         self.transport.start()
@@ -199,40 +227,11 @@ class Node:
         ]
 
     async def _reconcile_storage(self) -> None:
-        """Repair the one gap a crash can leave between the log and the state machine.
-
-        Installing a received snapshot is two steps (state machine, then log).
-        A crash between them leaves the state machine ahead of the log's last
-        index: finish the second step. A state machine behind the newest
-        snapshot that the log covers (discarded by the boot guard after an OS
-        crash, or LMDB lost unsynced batches) reinstalls that snapshot; the
-        log replays the rest.
-        """
-        applied = self.sm.applied_index
-        latest = self.snapshots.latest()
-        if latest is not None and applied < latest[0] <= self.log.last_index():
-            log.warning("state machine at applied index %d is behind snapshot %d; reinstalling it", applied, latest[0])
-            await self._in_storage(self.sm.install_snapshot, latest[3])
-            return
-        if applied > self.log.last_index():
-            for index, term, voters, _path in reversed(self.snapshots.list()):
-                if index == applied:
-                    log.warning("finishing an interrupted snapshot install at index %d", index)
-                    meta = SnapshotMetadata(index=index, term=term, conf_state=ConfState(voters=list(voters)))
-                    await self._in_storage(self.log.apply_snapshot, meta)
-                    return
-            fatal(f"state machine applied index {applied} is past the log ({self.log.last_index()}) "
-                  "and no snapshot at that index exists")
-        if applied < self.log.first_index() - 1:
-            latest = self.snapshots.latest()
-            if latest is None or latest[0] < self.log.first_index() - 1:
-                fatal(f"state machine applied index {applied} is behind the log's base "
-                      f"{self.log.first_index() - 1} and no snapshot covers the gap")
-            log.warning("state machine behind the log; reinstalling snapshot %d", latest[0])
-            await self._in_storage(self.sm.install_snapshot, latest[3])
-            if latest[0] > self.log.last_index():  # received, never installed: the log restarts after it
-                meta = SnapshotMetadata(index=latest[0], term=latest[1], conf_state=ConfState(voters=list(latest[2])))
-                await self._in_storage(self.log.apply_snapshot, meta)
+        """Bring the log and the state machine together after a crash (see storage/reconcile.py)."""
+        try:
+            await self._in_storage(reconcile, self.sm, self.log, self.snapshots)
+        except ReconcileError as e:
+            fatal(f"reconciling {self.cfg.data_dir}: {e}")
 
     async def shutdown(self, transfer_timeout: float = 3.0, drain_timeout: float = 2.0) -> None:
         """Hand over leadership, let in-flight writes finish, stop the loops."""
@@ -414,13 +413,17 @@ class Node:
         log.info("installing snapshot at index %d term %d", meta.index, meta.term,
                  extra=event("snapshot-install", index=meta.index, snapshot_term=meta.term))
         await self._drain_apply()  # earlier entries first, and nothing may write the old environment
+        if self._checkpointing is not None:  # its log record and compaction must not follow the reset
+            await asyncio.shield(self._checkpointing)
         self._sm_readable.clear()  # range() must not run while the LMDB environment is swapped
         try:
             await self._in_storage(self.sm.install_snapshot, path)
         finally:
             self._sm_readable.set()
+        self.snapshot_index = meta.index  # with the applied index it shows, not a step later
         await self._in_storage(self.log.apply_snapshot, meta)
-        self.snapshot_index = meta.index
+        # The installed state machine is the durable base now (install_snapshot checkpoints it).
+        await self._in_storage(self.snapshots.remove_through, meta.index)
         self.read_index.on_applied(self.sm.applied_index)
 
     async def _start_apply(self, entries) -> None:
@@ -531,21 +534,84 @@ class Node:
                 fut.set_result(None)
 
     async def _maybe_snapshot(self) -> None:
-        applied = self.sm.applied_index
-        if applied - self.snapshot_index < self.cfg.snapshot_count:
+        """Start a checkpoint in the background when this member's next one is due; never wait for it.
+
+        Members are spread over the interval: member k of n (in id order)
+        checkpoints when its applied index crosses j * count + k * count / n,
+        so no two sync their LMDB files or compact at the same moment.
+        """
+        if self._checkpointing is not None or self.cfg.snapshot_count <= 0:
             return
-        await self._drain_apply()  # the snapshot copies the state machine: no apply may run meanwhile
-        index, term, _path = await self._in_storage(self.snapshots.create, self.sm, self.member_ids)
-        meta = SnapshotMetadata(index=index, term=term, conf_state=ConfState(voters=list(self.member_ids)))
-        await self._in_storage(self.log.set_snapshot, meta)
-        self.snapshot_index = index
-        log.info("snapshot saved at index %d", index, extra=event("snapshot-saved", index=index))
-        compact_to = index - self.cfg.snapshot_catchup_entries
-        if compact_to > self.log.first_index():
-            await self._in_storage(self.sm.sync)  # the WAL below compact_to is about to go
-            await self._in_storage(self.log.compact, compact_to)
-            log.info("log compacted: entries before %d dropped", compact_to,
-                     extra=event("log-compacted", compact_index=compact_to))
+        if not self._db_checkpoint_bytes:
+            self._db_checkpoint_bytes = self._draw_db_checkpoint_bytes()
+        if self.sm.applied_index >= next_checkpoint_at(self.snapshot_index, self.cfg.snapshot_count,
+                                                       self.member_ids, self.id) \
+                or self.log.wal_size() >= self._wal_checkpoint_bytes \
+                or self.sm.db_size() >= self._db_checkpoint_bytes:
+            self._checkpointing = asyncio.ensure_future(self._checkpoint())
+
+    def _draw_wal_checkpoint_bytes(self) -> int:
+        return int(self.cfg.wal_segment_bytes * CHECKPOINT_WAL_SEGMENTS * (1 + random.random() / 2))
+
+    def _draw_db_checkpoint_bytes(self) -> int:
+        return self.sm.db_size() + int(CHECKPOINT_DB_GROWTH * (1 + random.random() / 2))
+
+    async def _checkpoint(self) -> None:
+        """Make the state machine the durable base, then let the log go behind it.
+
+        The WAL is compacted only behind the base's applied index (minus a
+        tail kept for slow followers, see _catchup_entries): after a process
+        crash the LMDB file is newer still,
+        and after an OS crash the boot guard rolls it back to exactly that
+        base (durable_base.py), so replay always finds every entry after what
+        the state machine holds.
+        """
+        try:
+            t0 = time.monotonic()
+            index, term = await asyncio.to_thread(self.sm.checkpoint)  # the sync runs while applies go on
+            synced_s = time.monotonic() - t0
+            if self._stopped:  # close() owns the log from now on (and syncs LMDB itself)
+                return
+            meta = SnapshotMetadata(index=index, term=term, conf_state=ConfState(voters=list(self.member_ids)))
+            await self._in_storage(self.log.set_snapshot, meta)
+            compact_to = index - self._catchup_entries()
+            self._wal_checkpoint_bytes = self._draw_wal_checkpoint_bytes()
+            self._db_checkpoint_bytes = self._draw_db_checkpoint_bytes()
+            if compact_to > self.log.first_index() and not self._stopped:
+                await self._in_storage(self.log.compact, compact_to)
+            self.snapshot_index = max(self.snapshot_index, index)
+            log.info("checkpoint at index %d (LMDB synced in %.0f ms); log compacted to %d",
+                     index, synced_s * 1000, max(compact_to, 0),
+                     extra=event("snapshot-saved", index=index, compact_index=max(compact_to, 0)))
+        except asyncio.CancelledError:
+            raise
+        except StateMachineClosed:
+            pass  # closed by close() first: nothing was checkpointed, nothing compacted
+        except Exception as e:  # a failed sync or log write: the base cannot be trusted
+            fatal(f"checkpoint of the state machine in {os.path.join(self.cfg.data_dir, 'db')} failed", e)
+        finally:
+            self._checkpointing = None
+
+    def _catchup_entries(self) -> int:
+        """Entries kept behind a checkpoint for followers a little behind: --snapshot-catchup-entries,
+        but, while the WAL is over its size bound, about one segment's worth at most (big coalesced
+        entries would otherwise keep GiBs of log; a follower further behind gets an image)."""
+        keep = self.cfg.snapshot_catchup_entries
+        size, entries = self.log.wal_size(), self.log.last_index() - self.log.first_index() + 1
+        if size < self._wal_checkpoint_bytes or entries <= 0:
+            return keep
+        return min(keep, max(1, entries * self.cfg.wal_segment_bytes // size))
+
+    def _open_image(self, index: int) -> tuple[int, int, ImageReader]:
+        """A follower needs a snapshot at `index` or later: the state machine streamed as it is now.
+        Failing to produce or read the image is fatal (a closed state machine: shutting down)."""
+        try:
+            at, term, stream = self.sm.open_image()
+        except StateMachineClosed:
+            raise
+        except Exception as e:
+            fatal(f"streaming a snapshot image of {os.path.join(self.cfg.data_dir, 'db')}", e)
+        return at, term, SupervisedReader(cast(BinaryIO, stream), f"streaming snapshot {at}")
 
     def _snapshot_path(self, index: int) -> str:
         for i, _term, _voters, path in self.snapshots.list():
@@ -595,13 +661,6 @@ class Node:
             except Exception as e:
                 fatal(f"raft report_snapshot({peer_id})", e)
             self._wake.set()
-
-    def _open_snapshot_to_send(self, index: int) -> BinaryIO:
-        """The image of snapshot `index` for the transport; failing to open or read it is fatal."""
-        try:
-            return cast(BinaryIO, SupervisedReader(self.snapshots.open_reader(index), f"sending snapshot {index}"))
-        except Exception as e:
-            fatal(f"sending snapshot {index}", e)
 
     # ------------------------------------------------------------------ what the services call
 

@@ -158,7 +158,10 @@ class PeerServer:
                 if kind != wire.SNAPSHOT_DATA:
                     raise wire.PeerProtocolError(f"frame kind {kind} in a snapshot upload")
                 await asyncio.to_thread(image.write, payload)
-            await asyncio.to_thread(image.commit)  # fsync + verify, off the event loop
+            if len(payload) != wire.SNAPSHOT_TRAILER.size:
+                raise wire.PeerProtocolError("a snapshot upload must end with the image's size and CRC32C")
+            size, crc = wire.SNAPSHOT_TRAILER.unpack(payload)
+            await asyncio.to_thread(image.commit, size, crc)  # check, fsync + verify, off the event loop
         except wire.PeerProtocolError:
             image.abort()
             raise

@@ -14,8 +14,8 @@ A connection starts with a fixed-size hello, then carries frames:
 A STREAM connection carries BATCH frames one way (sender -> receiver), each a
 `RaftBatch` protobuf. A SNAPSHOT connection carries one SNAPSHOT_MESSAGE
 (the raft message, a `RaftMessage`), the image as raw SNAPSHOT_DATA frames,
-SNAPSHOT_END, and then the receiver answers with one SNAPSHOT_ACK
-(`SnapshotAck`). Big-endian throughout; anything else closes the connection.
+SNAPSHOT_END (the image's size u64 and CRC32C u32), and then the receiver
+answers with one SNAPSHOT_ACK (`SnapshotAck`). Big-endian throughout; anything else closes the connection.
 """
 from __future__ import annotations
 
@@ -38,6 +38,8 @@ SNAPSHOT_MESSAGE = 2
 SNAPSHOT_DATA = 3
 SNAPSHOT_END = 4
 SNAPSHOT_ACK = 5
+
+SNAPSHOT_TRAILER = struct.Struct("!QI")  # SNAPSHOT_END payload: image size, CRC32C of the image
 
 # A dead peer is noticed by the kernel: unacknowledged data for this long
 # (TCP_USER_TIMEOUT), or an idle connection whose keepalive probes go

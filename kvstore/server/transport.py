@@ -15,7 +15,11 @@ reconnect with backoff. The kernel notices a peer that vanished without
 closing (keepalive, TCP_USER_TIMEOUT; see peer_wire).
 
 Snapshots do not travel in the stream: a SNAPSHOT message opens a separate
-connection that uploads the image file, and its outcome is reported to raft.
+connection that uploads an image, and its outcome is reported to raft. The
+image is produced as it is sent (the node streams it from an LMDB read
+transaction), so the message announces the index and term of the image
+actually sent, at or past the one raft asked for; its CRC32C and size go in
+the SNAPSHOT_END frame for the receiver to check.
 The wire format is in `peer_wire.py`; the receiving side in `peer_server.py`.
 With peer TLS (tls.py) every connection is mutual TLS, made with the
 certificates current when it opens.
@@ -23,14 +27,16 @@ certificates current when it opens.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import ssl
 import time
-from typing import BinaryIO
+from typing import Protocol
 from collections.abc import Callable
 
 from kvstore.raft.types import Message, MessageType
+from kvstore.storage.wal import crc32c
 from kvstore.v1 import raft_pb2
 
 from . import peer_wire as wire
@@ -48,8 +54,13 @@ CONNECT_TIMEOUT_S = 1.0
 BACKOFF_MIN_S = 0.05
 BACKOFF_MAX_S = 0.25
 
-# Opens the image of the snapshot at `index` for reading.
-SnapshotOpener = Callable[[int], BinaryIO]
+class ImageReader(Protocol):
+    def read(self, n: int) -> bytes: ...
+    def close(self) -> None: ...
+
+
+# Opens an image at or past the snapshot at `index`: (its index, its term, a reader).
+SnapshotOpener = Callable[[int], tuple[int, int, ImageReader]]
 
 
 def _split_addr(addr: str) -> tuple[str, int]:
@@ -149,20 +160,23 @@ class Peer:
         writer = None
         image = None
         try:
+            index, term, image = await asyncio.to_thread(self.transport.open_snapshot, index)
+            meta = dataclasses.replace(m.snapshot.metadata, index=index, term=term)
+            m = dataclasses.replace(m, snapshot=dataclasses.replace(m.snapshot, metadata=meta))
             log.info("sending snapshot at index %d to member %d", index, self.id)
-            image = self.transport.open_snapshot(index)
             reader, writer = await asyncio.wait_for(self._connect(), CONNECT_TIMEOUT_S)
             writer.write(wire.hello(wire.SNAPSHOT, self.transport.cluster_id, self.transport.member_id))
             writer.write(wire.frame(wire.SNAPSHOT_MESSAGE, message_to_pb(m).SerializeToString()))
-            sent = 0
+            sent, crc = 0, 0
             while True:
                 data = await asyncio.to_thread(image.read, SNAPSHOT_CHUNK_BYTES)
                 if not data:
                     break
+                crc = crc32c(data, crc)
                 writer.write(wire.frame(wire.SNAPSHOT_DATA, data))
                 sent += len(data)
                 await writer.drain()
-            writer.write(wire.frame(wire.SNAPSHOT_END, b""))
+            writer.write(wire.frame(wire.SNAPSHOT_END, wire.SNAPSHOT_TRAILER.pack(sent, crc)))
             kind, payload = await asyncio.wait_for(wire.read_frame(reader), SNAPSHOT_ACK_TIMEOUT_S)
             if kind != wire.SNAPSHOT_ACK:
                 raise wire.PeerProtocolError(f"expected a snapshot ack, got frame kind {kind}")
@@ -178,7 +192,7 @@ class Peer:
             log.warning("sending snapshot %d to member %d failed: %s", index, self.id, _short(e))
         finally:
             if image is not None:
-                image.close()
+                await asyncio.to_thread(image.close)  # may wait for the image's copy thread to stop
             if writer is not None:
                 writer.transport.abort()
         self.transport.report_snapshot(self.id, ok)

@@ -14,9 +14,12 @@ are dropped whole, so a few compacted entries come back); that is harmless.
 """
 from __future__ import annotations
 
+import os
+
 from kvstore.raft.storage import CompactedError, UnavailableError
 from kvstore.raft.types import ConfState, Entry, EntryType, HardState, Snapshot, SnapshotMetadata
 
+from .durable_files import fsync_dir
 from .wal import Wal, WalCompactedError, WalUnavailableError
 
 _ENTRY_TYPES = {t.value: t for t in EntryType}
@@ -48,7 +51,11 @@ class RaftLog:
         does not read the applied part of the log (see Recovery rules in
         native/_wal.pyx). 0 verifies everything at open.
         """
-        return cls(Wal(dir, segment_bytes, entry_factory=_make_entry, applied_index=applied_index))
+        created = not os.path.isdir(dir)
+        log = cls(Wal(dir, segment_bytes, entry_factory=_make_entry, applied_index=applied_index))
+        if created:
+            fsync_dir(os.path.dirname(os.path.abspath(dir)))  # the new directory's entry
+        return log
 
     # ---- Storage protocol (read side) -------------------------------------
 

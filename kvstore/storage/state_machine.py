@@ -32,13 +32,14 @@ sync=True, metasync=False: one fdatasync of the data pages per batch, the meta
 page flushed by the next commit. LMDB then guarantees integrity across a power
 loss and may lose at most the last batch, which WAL replay re-applies.
 fsync=False (sync=False) skips that fdatasync (faster; for tests and
-benchmarks, or when integrity after an OS crash is not needed); sync() always
-forces everything to disk and must be called before WAL segments are dropped.
+benchmarks, or when integrity after an OS crash is not needed). checkpoint()
+syncs everything and makes it the durable base (durable_base.py): WAL
+segments are dropped only behind a checkpoint.
 A node runs fsync=False with boot_guard=True: no fdatasync per batch (it cost
 ~20% of a write's CPU on every member), and an OS crash, the one event that can
 tear an unsynced LMDB file, is detected at the next open by the kernel's boot
-id (see boot_guard.py); the state machine is then discarded and rebuilt from
-the newest snapshot and the WAL, which are always synced.
+id (see boot_guard.py); the state machine is then rolled back to its durable
+base, and the WAL, which is always synced, replays the rest.
 
 Layout. `path` is a directory holding generations of the LMDB environment
 (gen-000001/, ...) and a `current` symlink naming the live one; installing a
@@ -46,7 +47,9 @@ snapshot writes a new generation and swaps the symlink atomically.
 
 Threading: apply, install_snapshot and close from one thread at a time;
 range() may run concurrently with apply (LMDB readers never block the writer)
-but not with install_snapshot or close.
+but not with install_snapshot or close. checkpoint() and open_image() may run
+on other threads at any time: they, install_snapshot and close serialize on
+one lock, and install_snapshot and close end the image streams first.
 """
 from __future__ import annotations
 
@@ -54,6 +57,7 @@ import logging
 import os
 import shutil
 import struct
+import threading
 from typing import NoReturn
 from collections.abc import Callable, Iterable, Sequence
 
@@ -63,7 +67,7 @@ from google.protobuf.message import DecodeError
 from kvstore.v1 import command_pb2, kv_pb2
 
 from . import boot_guard as guard
-from . import keys, validation
+from . import durable_base, keys, validation
 from .durable_files import fsync_dir, fsync_file
 from .errors import ApplyError, ErrorCode, InvalidRequest
 from .plain_puts import PlainPuts
@@ -72,7 +76,7 @@ from .sessions import DEFAULT_MAX_PENDING, DEFAULT_MAX_SESSIONS, DEFAULT_SESSION
 from .storage_fault import failing_as
 from .txn import compare_holds
 
-__all__ = ["StateMachine", "ApplyError", "ErrorCode", "SnapshotImageError"]
+__all__ = ["StateMachine", "ApplyError", "ErrorCode", "SnapshotImageError", "StateMachineClosed"]
 
 _META_KEY = b"state"
 _META = struct.Struct(">QQqQQQ")  # applied_index, applied_term, revision, then the LogClock
@@ -98,6 +102,10 @@ DISK_RESERVE_MIN = 256 << 10  # data file allocated ahead of use, with MDB_WRITE
 
 class SnapshotImageError(Exception):
     """A snapshot image is not a usable state machine image."""
+
+
+class StateMachineClosed(Exception):
+    """The state machine was closed (by another thread) before the call."""
 
 
 def _open_env(path: str, map_size: int, fsync: bool, **kw) -> lmdb.Environment:
@@ -161,9 +169,16 @@ class StateMachine:
         # Log time = the largest leader_clock_ms seen, as when it was the leader's wall clock.
         self.testing_log_time_from_absolute_stamps = False
         self.testing_install_hook: Callable[[str], None] | None = None
+        # Test switch: checkpoint() leaves its base unpinned (shows what the pin protects).
+        self.testing_unpinned_base = False
         self._env: lmdb.Environment  # opened by _open_current
         self._closed = False
         self._boot_guarded = False  # commits unsynced under a boot guard (see open)
+        # The read transaction that keeps the durable base's pages from reuse (see durable_base.py).
+        self._pin: lmdb.Transaction | None = None
+        # checkpoint, image streams, install_snapshot and close may run on different threads.
+        self._lifecycle = threading.RLock()
+        self._streams: set[_ImageStream] = set()
         self._open_current()
 
     @classmethod
@@ -181,21 +196,22 @@ class StateMachine:
         """Open (creating if needed) the state machine stored under `path`.
 
         boot_guard=True (with fsync=False): commits skip fdatasync, and a state
-        machine left with unsynced commits by another boot is discarded here
-        (it opens empty; the node rebuilds it from the newest snapshot and the
-        WAL). Where the kernel has no boot id, every commit is synced instead.
+        machine left with unsynced commits by another boot is rolled back to its
+        durable base (see durable_base.py; the node replays the WAL from there),
+        or, without one, discarded (it opens empty; the node rebuilds it from a
+        snapshot and the WAL). Where the kernel has no boot id, every commit is
+        synced instead. Every open ends with a checkpoint: the base it leaves is
+        pinned by this process.
         """
         if boot_guard and fsync:
             raise ValueError("boot_guard replaces the per-commit fdatasync: pass fsync=False with it")
-        os.makedirs(path, exist_ok=True)
+        if not os.path.isdir(path):
+            os.makedirs(path)
+            fsync_dir(os.path.dirname(os.path.abspath(path)))  # the new directory's entry
         # Checked in either mode: a node may restart with per-commit fsync after running unsynced.
         boot = guard.boot_id()
         if not guard.survived(path, boot):
-            log.warning("the state machine in %s has unsynced commits from an earlier boot or a run that "
-                        "stopped on a storage fault (an OS crash, power loss or failed sync may have torn "
-                        "it): discarding it to rebuild from the newest snapshot and the WAL", path)
-            _discard_generations(path)
-            guard.disarm(path)
+            _recover_after_os_crash(path)
         if boot_guard:
             if boot is None:
                 log.warning("no kernel boot id: the state machine syncs every commit instead")
@@ -204,9 +220,11 @@ class StateMachine:
                 guard.arm(path, boot)
         current = os.path.join(path, _CURRENT)
         if not os.path.lexists(current):
-            first = os.path.join(path, f"{_GEN_PREFIX}{1:06d}")
-            os.makedirs(first, exist_ok=True)
+            # A fresh name: a generation left half-removed (a crash during a discard) is never reused.
+            first = os.path.join(path, f"{_GEN_PREFIX}{_max_generation(path) + 1:06d}")
+            os.makedirs(first)
             _open_env(first, map_size, True).close()
+            fsync_dir(first)
             _point_current(path, os.path.basename(first))
         _remove_stale_generations(path)
         sm = cls(
@@ -214,6 +232,7 @@ class StateMachine:
             max_sessions=max_sessions,
         )
         sm._boot_guarded = guard.armed(path)  # also one left in this boot by an unsynced run: close() clears it
+        sm.checkpoint()  # a base left by an earlier process is no longer pinned
         return sm
 
     def _open_current(self) -> None:
@@ -333,14 +352,15 @@ class StateMachine:
         and a page written into a hole of it on a full disk kills the process
         (SIGBUS). Allocated ahead, a full disk is an OSError (ENOSPC) before
         anything is written, and the node stops with that message. The
-        reservation grows like bbolt's file, by the size in use (at least
-        DISK_RESERVE_MIN), and always covers 16 bytes of file per byte of the
+        reservation grows by a quarter of the size in use (at least
+        DISK_RESERVE_MIN; no more, so the file stays within 1.25x of what
+        is in use), and always covers 16 bytes of file per byte of the
         batch: a put of a few hundred bytes dirties about one 4 KiB page.
         """
         used = (self._env.info()["last_pgno"] + 1) * self._psize
         if used + 16 * batch_bytes + DISK_RESERVE_MIN // 2 <= self._reserved:
             return
-        want = min(self._map_size, used + max(DISK_RESERVE_MIN, used, 32 * batch_bytes))
+        want = min(self._map_size, used + max(DISK_RESERVE_MIN, used // 4, 32 * batch_bytes))
         with failing_as("fallocate", self.data_path):
             fd = os.open(self.data_path, os.O_RDWR)
             try:
@@ -448,18 +468,85 @@ class StateMachine:
         return os.path.join(self._root, _CURRENT, "data.mdb")
 
     def sync(self) -> None:
-        """Force every committed transaction to disk (before WAL segments go); StorageFault if it fails."""
+        """Force every committed transaction to disk; StorageFault if it fails."""
         # MDB_WRITEMAP (fsync=False) flushes the map with msync, otherwise LMDB fdatasyncs the file.
         with failing_as("fdatasync" if self._fsync else "msync", self.data_path):
             self._env.sync(True)
 
+    def checkpoint(self) -> tuple[int, int]:
+        """Make the newest commit the durable base (see durable_base.py); its (applied index, term).
+
+        The WAL may then drop entries up to that index. The write lock is held
+        only to pin the base and read its meta pages (microseconds); the sync
+        runs while applies go on. Called from any thread, one at a time.
+        """
+        with self._lifecycle:
+            env = self._env
+            if self._closed:
+                raise StateMachineClosed(f"the state machine in {self._root} is closed")
+            gen_dir = os.path.realpath(os.path.join(self._root, _CURRENT))
+            writer = env.begin(write=True)  # no commit between the pin and the meta pages read
+            try:
+                pin = env.begin()
+                index, term, _, _ = _read_meta(pin, self._meta)
+                fd = os.open(os.path.join(gen_dir, durable_base.DATA_FILE), os.O_RDONLY)
+                try:
+                    pages = os.pread(fd, 2 * self._psize, 0)
+                finally:
+                    os.close(fd)
+            finally:
+                writer.abort()
+            try:
+                self.sync()
+                durable_base.save(gen_dir, index, term, self._psize, pages)
+            except BaseException:
+                pin.abort()
+                raise
+            old, self._pin = self._pin, pin
+            if old is not None:
+                old.abort()
+            if self.testing_unpinned_base:
+                self._pin.abort()
+                self._pin = None
+            return index, term
+
     def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self.sync()  # a failure leaves the boot guard in place: the next open rebuilds
-            self._env.close()
-            if self._boot_guarded:
-                guard.disarm(self._root)  # all on disk: the next boot may trust it
+        with self._lifecycle:
+            if not self._closed:
+                self._closed = True
+                self._end_streams()
+                self._unpin()
+                self.sync()  # a failure leaves the boot guard in place: the next open rolls back
+                self._env.close()
+                if self._boot_guarded:
+                    guard.disarm(self._root)  # all on disk: the next boot may trust it
+
+    def _unpin(self) -> None:
+        if self._pin is not None:
+            self._pin.abort()
+            self._pin = None
+
+    def open_image(self) -> tuple[int, int, _ImageStream]:
+        """A consistent, compacted image of the store, streamed as it is produced: (index, term, stream).
+
+        The image comes from one LMDB read transaction, copied by a thread
+        into a pipe while applies go on; read it in chunks and close it (an
+        early close stops the copy). Nothing is written to disk.
+        """
+        with self._lifecycle:
+            if self._closed:
+                raise StateMachineClosed(f"the state machine in {self._root} is closed")
+            txn = self._env.begin()
+            index, term, _, _ = _read_meta(txn, self._meta)
+            stream = _ImageStream(self._env, txn, self._streams)
+            self._streams.add(stream)
+        stream.start()
+        return index, term, stream
+
+    def _end_streams(self) -> None:
+        """Stop every image stream (the environment is about to close)."""
+        for stream in list(self._streams):
+            stream.close()
 
     def copy_to(self, fd: int) -> tuple[int, int]:
         """Write a compacted, consistent image of the store to fd; its (index, term).
@@ -477,7 +564,11 @@ class StateMachine:
 
         Steps (a crash before step 4's rename leaves the old state, after it the
         new; leftovers are removed on the next open):
-          1 copy   copy the image into <root>/gen-N.tmp/data.mdb and fsync it
+          1 copy   hard-link the image (fsynced when it was received) as
+                   <root>/gen-N.tmp/data.mdb, or copy and fsync it where
+                   it cannot be linked; the image is the live file from
+                   then on, so the caller drops it from its store once the
+                   log is reset (reconcile drops any left by a crash)
           2 verify open the copy, check it carries state machine metadata
           3 rename gen-N.tmp -> gen-N, fsync the root directory
           4 swap   symlink current.tmp -> gen-N, rename over `current`, fsync root
@@ -492,6 +583,10 @@ class StateMachine:
                 f"snapshot at index {index} is older than applied index {self._applied_index}"
             )
         hook = self.testing_install_hook or (lambda step: None)
+        with self._lifecycle:
+            self._install(path, index, term, hook)
+
+    def _install(self, path: str, index: int, term: int, hook: Callable[[str], None]) -> None:
         _remove_stale_generations(self._root)
         old_gen = os.readlink(os.path.join(self._root, _CURRENT))
         new_gen = f"{_GEN_PREFIX}{_max_generation(self._root) + 1:06d}"
@@ -499,10 +594,13 @@ class StateMachine:
 
         os.makedirs(tmp_dir)
         data = os.path.join(tmp_dir, "data.mdb")
-        with open(path, "rb") as src, open(data, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-            dst.flush()
-            fsync_file(dst.fileno(), data)
+        try:
+            os.link(path, data)  # no copy: a follower catching up writes the image once
+        except OSError:
+            with open(path, "rb") as src, open(data, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+                dst.flush()
+                fsync_file(dst.fileno(), data)
         hook("copy")
 
         env = _open_env(tmp_dir, self._map_size, True)
@@ -523,12 +621,53 @@ class StateMachine:
         _point_current(self._root, new_gen)
         hook("swap")
 
+        self._end_streams()
+        self._unpin()
         self._env.close()
         self._open_current()
+        self.checkpoint()
         hook("reopen")
 
         shutil.rmtree(os.path.join(self._root, old_gen), ignore_errors=True)
         hook("cleanup")
+
+
+class _ImageStream:
+    """The read end of a pipe that a thread fills with env.copyfd(compact=True) from one read transaction."""
+
+    def __init__(self, env: lmdb.Environment, txn: lmdb.Transaction, registry: set) -> None:
+        self._env, self._txn, self._registry = env, txn, registry
+        rfd, self._wfd = os.pipe()
+        self._file = os.fdopen(rfd, "rb")
+        self._thread = threading.Thread(target=self._copy, name="image-stream", daemon=True)
+        self.error: BaseException | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _copy(self) -> None:
+        try:
+            self._env.copyfd(self._wfd, compact=True, txn=self._txn)
+        except BaseException as e:  # the reader closed early (EPIPE), or LMDB failed: read() sees EOF early
+            self.error = e
+        finally:
+            os.close(self._wfd)
+
+    def read(self, n: int) -> bytes:
+        """Up to n bytes (fewer only at the end); raises if the copy failed before the end."""
+        data = self._file.read(n)
+        if len(data) < n:
+            self._thread.join()
+            if self.error is not None:
+                raise SnapshotImageError(f"streaming the state machine image failed: {self.error!r}")
+        return data
+
+    def close(self) -> None:
+        """Stop early or finish: the copy thread ends (EPIPE) and the read transaction is released."""
+        self._file.close()
+        self._thread.join()
+        self._txn.abort()
+        self._registry.discard(self)
 
 
 def _point_current(root: str, gen: str) -> None:
@@ -550,25 +689,63 @@ def _max_generation(root: str) -> int:
     return max(nums, default=0)
 
 
+def _recover_after_os_crash(root: str) -> None:
+    """Unsynced commits from another boot may be torn: roll back to the durable base, else discard."""
+    current = os.path.join(root, _CURRENT)
+    restored = None
+    if os.path.lexists(current):
+        gen_dir = os.path.realpath(current)
+        try:
+            restored = durable_base.restore(gen_dir)
+            if restored is not None and read_image_meta(os.path.join(gen_dir, durable_base.DATA_FILE))[:2] != restored:
+                raise durable_base.DurableBaseError("the restored file is not at the saved base")
+        except (durable_base.DurableBaseError, SnapshotImageError, lmdb.Error, OSError) as e:
+            log.warning("cannot restore the durable base in %s: %s", gen_dir, e)
+            restored = None
+    if restored is not None:
+        log.warning("the state machine in %s has unsynced commits from an earlier boot or a run that "
+                    "stopped on a storage fault (an OS crash, power loss or failed sync may have torn "
+                    "them): rolled back to its durable base at index %d (term %d); the WAL replays the "
+                    "rest", root, *restored)
+    else:
+        log.warning("the state machine in %s has unsynced commits from an earlier boot or a run that "
+                    "stopped on a storage fault (an OS crash, power loss or failed sync may have torn "
+                    "it) and no durable base: discarding it to rebuild from the newest snapshot and "
+                    "the WAL", root)
+        _discard_generations(root)
+    guard.disarm(root)
+
+
 def _discard_generations(root: str) -> None:
-    """Remove the whole LMDB state (every generation and `current`), durably."""
+    """Remove the whole LMDB state (every generation and `current`), durably.
+
+    `current` goes first: from then on the state is empty whatever is left of
+    the generations (a crash half-way through the removal leaves some), and
+    the next generation gets a name none of them had.
+    """
     current = os.path.join(root, _CURRENT)
     if os.path.lexists(current):
         os.unlink(current)
     fsync_dir(root)
     for name in _generations(root):
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    fsync_dir(root)
 
 
 def _remove_stale_generations(root: str) -> None:
     """Remove half-installed or superseded generations (anything not current)."""
     live = os.readlink(os.path.join(root, _CURRENT))
+    removed = False
     for name in _generations(root):
         if name != live:
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            removed = True
     tmp = os.path.join(root, _CURRENT + ".tmp")
     if os.path.lexists(tmp):
         os.unlink(tmp)
+        removed = True
+    if removed:
+        fsync_dir(root)
 
 
 def _range(txn, req: kv_pb2.RangeRequest, revision: int, resp: kv_pb2.RangeResponse) -> kv_pb2.RangeResponse:

@@ -1,5 +1,6 @@
 """The boot guard: an LMDB state machine committed without fdatasync is trusted
-within the boot that wrote it and discarded after a reboot (see boot_guard.py).
+within the boot that wrote it and, after a reboot, rolled back to its durable base
+(durable_base.py) or discarded without one (see boot_guard.py).
 
 A reboot is stood in for by another boot id (KVSTORE_TESTING_BOOT_ID); a
 process crash by closing the environment without the final sync and disarm.
@@ -127,8 +128,55 @@ def test_reopening_with_per_commit_fsync_still_honours_the_guard(tmp_path, boot)
     sm.apply([put(2, b"b")])
     die(sm)
     boot("boot-b")
-    sm = StateMachine.open(path, 64 << 20, fsync=True)  # another boot: discarded, whatever the mode
-    assert (sm.applied_index, sm.dump()) == (0, {}) and not boot_guard.armed(path)
+    sm = StateMachine.open(path, 64 << 20, fsync=True)  # another boot: rolled back, whatever the mode
+    assert (sm.applied_index, set(sm.dump())) == (1, {b"a"}) and not boot_guard.armed(path)
+    sm.close()
+
+
+def churn(sm: StateMachine, first: int, n: int) -> None:
+    """Rewrite and delete many keys over many commits: later commits reuse freed pages."""
+    for i in range(first, first + n):
+        ops = [kv_pb2.RequestOp(request_put=kv_pb2.PutRequest(key=b"k%04d" % ((i * 7 + j) % 1999), value=b"w" * 300))
+               for j in range(20)]
+        ops.append(kv_pb2.RequestOp(request_delete_range=kv_pb2.DeleteRangeRequest(key=b"k%04d" % (i % 1999))))
+        sm.apply([(i, 1, command_pb2.Command(proposed_at_ms=1_000, ops=ops).SerializeToString())])
+
+
+def crashed_after_a_checkpoint(path: str, unpinned: bool) -> dict:
+    """Puts, a checkpoint, then many unsynced commits that all reached the file: the worst an
+    OS crash can leave for the base's pages. Returns the state at the checkpoint."""
+    sm = open_guarded(path)
+    sm.testing_unpinned_base = unpinned
+    sm.apply([put(i, b"k%04d" % i) for i in range(1, 2000)])
+    assert sm.checkpoint() == (1999, 1)
+    at_base = sm.dump()
+    churn(sm, 2000, 300)
+    die(sm)
+    return at_base
+
+
+def test_an_os_crash_rolls_back_to_the_durable_base(tmp_path, boot):
+    path = str(tmp_path / "sm")
+    at_base = crashed_after_a_checkpoint(path, unpinned=False)
+    boot("boot-b")
+    sm = open_guarded(path)
+    assert sm.applied_index == 1999
+    assert sm.dump() == at_base
+    churn(sm, 2000, 50)  # and it goes on from there
+    sm.close()
+
+
+def test_without_the_pin_later_commits_overwrite_the_base(tmp_path, boot):
+    """The teeth of the test above: a base left unpinned is overwritten by reused pages."""
+    path = str(tmp_path / "sm")
+    at_base = crashed_after_a_checkpoint(path, unpinned=True)
+    boot("boot-b")
+    sm = open_guarded(path)
+    try:
+        rolled_back = (sm.applied_index, sm.dump())
+    except lmdb.Error:
+        rolled_back = None
+    assert rolled_back != (1999, at_base)
     sm.close()
 
 

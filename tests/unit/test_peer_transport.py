@@ -51,7 +51,7 @@ class Sender:
             1, cluster_id, peers,
             report_unreachable=self.unreachable.append,
             report_snapshot=self._report_snapshot,
-            open_snapshot=(snapshots.open_reader if snapshots else None),
+            open_snapshot=(snapshots.open_image if snapshots else None),
         )
 
     def _report_snapshot(self, peer: int, ok: bool) -> None:
@@ -218,12 +218,10 @@ def test_a_snapshot_whose_image_does_not_match_its_message_is_refused(tmp_path, 
         node = Receiver(2, str(tmp_path / "follower-snap"))
         server = PeerServer(node)
         await server.start("127.0.0.1", port)
-        leader_store.open_reader = lambda _i: open(leader_store.latest()[3], "rb")
+        leader_store.open_image = lambda _i: (index + 5, term, open(leader_store.latest()[3], "rb"))
         sender = Sender({2: f"127.0.0.1:{port}"}, snapshots=leader_store)
         sender.transport.start()
-        liar = _snapshot_message(index, term)
-        liar.snapshot.metadata.index = index + 5  # announces an index the image is not at
-        sender.transport.send([liar])
+        sender.transport.send([_snapshot_message(index, term)])  # the opener announces index + 5
         await asyncio.wait_for(sender.reported.wait(), DEADLINE_S)
         assert sender.snapshot_reports == [(2, False)]
         assert node.stepped == [] and node.snapshots.list() == []

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 
 from kvstore.storage.snapshot import SnapshotStore
 from kvstore.storage.state_machine import SnapshotImageError, StateMachine
+from kvstore.storage.wal import crc32c
 from kvstore.v1 import command_pb2, kv_pb2
 
 INSTALL_STEPS = ["copy", "verify", "rename", "swap", "reopen", "cleanup"]
@@ -82,9 +84,11 @@ def test_stream_receive_install(tmp_path, source):
     receiver = SnapshotStore(str(tmp_path / "b"))
     index, term, _ = sender.create(source, [1, 2])
     with sender.open_reader(index) as r, receiver.receive(index, term, [1, 2]) as w:
+        size, crc = 0, 0
         while chunk := r.read(4096):
             w.write(chunk)
-        path = w.commit()
+            size, crc = size + len(chunk), crc32c(chunk, crc)
+        path = w.commit(size, crc)
     assert receiver.latest() == (index, term, [1, 2], path)
     follower = open_sm(tmp_path / "follower")
     fill(follower, 1, 10)  # behind, with different history
@@ -98,18 +102,25 @@ def test_received_image_is_checked(tmp_path, source):
     receiver = SnapshotStore(str(tmp_path / "b"))
     index, term, path = sender.create(source, [1])
     data = open(path, "rb").read()
+    half = data[: len(data) // 2]
     w = receiver.receive(index, term, [1])
-    w.write(data[: len(data) // 2])
+    w.write(half)
     with pytest.raises(SnapshotImageError, match="truncated"):
-        w.commit()
+        w.commit(len(half), crc32c(half))
     w = receiver.receive(index + 1, term, [1])
     w.write(data)
     with pytest.raises(SnapshotImageError, match="announced index"):
-        w.commit()
+        w.commit(len(data), crc32c(data))
     with receiver.receive(index, term, [1]) as w:
         w.write(b"\0" * 8192)
         with pytest.raises(SnapshotImageError):
-            w.commit()
+            w.commit(8192, crc32c(b"\0" * 8192))
+    flipped = bytearray(data)
+    flipped[len(data) // 3] ^= 0x40  # one bit changed on the way
+    w = receiver.receive(index, term, [1])
+    w.write(bytes(flipped))
+    with pytest.raises(SnapshotImageError, match="CRC32C"):
+        w.commit(len(data), crc32c(data))
     w = receiver.receive(index, term, [1])
     w.write(data[:100])
     w.abort()
@@ -170,7 +181,53 @@ def test_crash_during_install_leaves_old_or_new_state(tmp_path, source, step):
     # leftovers of the interrupted install are gone; only the live generation remains
     live = os.readlink(target_dir / "current")
     assert sorted(os.listdir(target_dir)) == sorted(["current", live])
-    # and a second install, uninterrupted, still works
-    after.install_snapshot(path)
+    # and a second install, uninterrupted, still works (from a copy: an installed image is the live
+    # file, linked into the generation)
+    again = str(tmp_path / "again.snap")
+    shutil.copyfile(path, again)
+    after.install_snapshot(again)
     assert state(after) == new_state
     after.close()
+
+
+def test_a_half_removed_generation_is_never_reused(tmp_path):
+    """A discard (boot guard) that crashed after removing `current` but before the generation
+    was gone: the next open starts empty in a generation of a new name, never the old file."""
+    root = tmp_path / "sm"
+    sm = open_sm(root)
+    fill(sm, 1, 50)
+    old_gen = os.readlink(root / "current")
+    sm.close()
+    os.unlink(root / "current")
+    os.unlink(root / old_gen / "lock.mdb")  # the rmtree got this far
+    sm = open_sm(root)
+    assert (sm.applied_index, sm.dump()) == (0, {})
+    assert os.readlink(root / "current") != old_gen
+    assert sorted(os.listdir(root)) == sorted(["current", os.readlink(root / "current")])
+    sm.close()
+
+
+def test_an_image_streams_from_a_read_transaction_while_writes_go_on(tmp_path, source):
+    want = state(source)
+    index, term, stream = source.open_image()
+    fill(source, 101, 60)  # applies go on while the copy is under way (the pipe is full)
+    image = tmp_path / "image.mdb"
+    with open(image, "wb") as f:
+        while chunk := stream.read(1 << 16):
+            f.write(chunk)
+    stream.close()
+    assert (index, term) == (100, 2)
+    fresh = open_sm(tmp_path / "fresh")
+    fresh.install_snapshot(str(image))
+    assert state(fresh) == want
+    fresh.close()
+
+
+def test_an_image_stream_closed_early_releases_everything(tmp_path, source):
+    _, _, stream = source.open_image()
+    assert len(stream.read(4096)) == 4096
+    stream.close()  # the copy thread stops (EPIPE) and its read transaction ends
+    _, _, unread = source.open_image()
+    source.close()  # also ends a stream still open
+    with pytest.raises(ValueError):
+        unread.read(1)
