@@ -488,7 +488,7 @@ class StateMachine:
             writer = env.begin(write=True)  # no commit between the pin and the meta pages read
             try:
                 pin = env.begin()
-                index, term, _, _ = _read_meta(pin, self._meta)
+                index, term, _ = _read_meta(pin, self._meta)
                 fd = os.open(os.path.join(gen_dir, durable_base.DATA_FILE), os.O_RDONLY)
                 try:
                     pages = os.pread(fd, 2 * self._psize, 0)
@@ -537,7 +537,7 @@ class StateMachine:
             if self._closed:
                 raise StateMachineClosed(f"the state machine in {self._root} is closed")
             txn = self._env.begin()
-            index, term, _, _ = _read_meta(txn, self._meta)
+            index, term, _ = _read_meta(txn, self._meta)
             stream = _ImageStream(self._env, txn, self._streams)
             self._streams.add(stream)
         stream.start()
