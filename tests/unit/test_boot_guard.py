@@ -139,7 +139,7 @@ def churn(sm: StateMachine, first: int, n: int) -> None:
         ops = [kv_pb2.RequestOp(request_put=kv_pb2.PutRequest(key=b"k%04d" % ((i * 7 + j) % 1999), value=b"w" * 300))
                for j in range(20)]
         ops.append(kv_pb2.RequestOp(request_delete_range=kv_pb2.DeleteRangeRequest(key=b"k%04d" % (i % 1999))))
-        sm.apply([(i, 1, command_pb2.Command(proposed_at_ms=1_000, ops=ops).SerializeToString())])
+        sm.apply([(i, 1, command_pb2.Command(leader_clock_ms=1_000, ops=ops).SerializeToString())])
 
 
 def crashed_after_a_checkpoint(path: str, unpinned: bool) -> dict:

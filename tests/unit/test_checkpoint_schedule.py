@@ -52,7 +52,7 @@ def test_a_wal_over_its_size_bound_brings_a_checkpoint_and_goes(tmp_path):
     node.log = RaftLog.open(os.path.join(tmp_path, "wal"), segment)
     node.snapshots = SnapshotStore(os.path.join(tmp_path, "snap"))
     op = kv_pb2.RequestOp(request_put=kv_pb2.PutRequest(key=b"k", value=b"v" * (16 << 10)))
-    data = command_pb2.Command(ops=[op], proposed_at_ms=1).SerializeToString()
+    data = command_pb2.Command(ops=[op], leader_clock_ms=1).SerializeToString()
     n = CHECKPOINT_WAL_SEGMENTS * 2 * segment // len(data)  # past the bound at its largest jitter
     entries = [Entry(term=1, index=i, data=data) for i in range(1, n + 1)]
     for e in entries:  # one write each: they fill segment after segment
@@ -91,7 +91,7 @@ def test_an_lmdb_file_grown_past_its_bound_brings_a_checkpoint(tmp_path):
     for i in range(1, 41):
         ops = [kv_pb2.RequestOp(request_put=kv_pb2.PutRequest(key=b"k%05d" % ((i * 7919 + j) % 5000),
                                                               value=b"v" * 200)) for j in range(100)]
-        data = command_pb2.Command(ops=ops, proposed_at_ms=1).SerializeToString()
+        data = command_pb2.Command(ops=ops, leader_clock_ms=1).SerializeToString()
         entries.append(Entry(term=1, index=i, data=data))
     node.log.append(entries, HardState(term=1, vote=1, commit=40))
 

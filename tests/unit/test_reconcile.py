@@ -27,7 +27,7 @@ VOTERS = [1, 2, 3]
 
 def put_cmd(key: bytes, value: bytes) -> bytes:
     op = kv_pb2.RequestOp(request_put=kv_pb2.PutRequest(key=key, value=value))
-    return command_pb2.Command(ops=[op], proposed_at_ms=1_000).SerializeToString()
+    return command_pb2.Command(ops=[op], leader_clock_ms=1_000).SerializeToString()
 
 
 def entries(lo: int, hi: int, term: int) -> list[Entry]:
