@@ -100,11 +100,12 @@ class SnapshotStore:
     def remove_through(self, index: int) -> None:
         """Drop every snapshot at or below `index` (installed: the state machine is the base now)."""
         with self._lock:
-            for i, _, _, path in self.list():
-                if i <= index:
-                    os.unlink(path[: -len(_SNAP)] + _META)  # uncommit first, then drop the image
-                    os.unlink(path)
-            fsync_dir(self.dir)
+            doomed = [path for i, _, _, path in self.list() if i <= index]
+            for path in doomed:
+                os.unlink(path[: -len(_SNAP)] + _META)  # uncommit first, then drop the image
+                os.unlink(path)
+            if doomed:
+                fsync_dir(self.dir)
 
     # ---- writing -----------------------------------------------------------
 

@@ -596,7 +596,13 @@ class StateMachine:
         data = os.path.join(tmp_dir, "data.mdb")
         try:
             os.link(path, data)  # no copy: a follower catching up writes the image once
-        except OSError:
+            with open(data, "rb") as linked:
+                fsync_file(linked.fileno(), data)  # synced when received; a fault still stops here
+        except FileExistsError:
+            raise
+        except OSError as e:
+            if getattr(e, "operation", None):  # the fsync failed (StorageFault): fail-stop, no copy
+                raise
             with open(path, "rb") as src, open(data, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
                 dst.flush()
