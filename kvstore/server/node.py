@@ -577,12 +577,13 @@ class Node:
             compact_to = index - self._catchup_entries()
             self._wal_checkpoint_bytes = self._draw_wal_checkpoint_bytes()
             self._db_checkpoint_bytes = self._draw_db_checkpoint_bytes()
+            log.info("checkpoint at index %d (LMDB synced in %.0f ms)", index, synced_s * 1000,
+                     extra=event("snapshot-saved", index=index))
             if compact_to > self.log.first_index() and not self._stopped:
                 await self._in_storage(self.log.compact, compact_to)
-            self.snapshot_index = max(self.snapshot_index, index)
-            log.info("checkpoint at index %d (LMDB synced in %.0f ms); log compacted to %d",
-                     index, synced_s * 1000, max(compact_to, 0),
-                     extra=event("snapshot-saved", index=index, compact_index=max(compact_to, 0)))
+                log.info("log compacted: entries before %d dropped", compact_to,
+                         extra=event("log-compacted", compact_index=compact_to))
+            self.snapshot_index = max(self.snapshot_index, index)  # status shows it once the log went
         except asyncio.CancelledError:
             raise
         except StateMachineClosed:
