@@ -53,7 +53,7 @@ class TLSSender:
         self.snapshot_reports: list[tuple[int, bool]] = []
         self.reported = asyncio.Event()
         self.transport = Transport(1, CLUSTER, {2: f"127.0.0.1:{port}"}, report_unreachable=self.unreachable.append,
-                                   report_snapshot=self._report, open_snapshot=snapshots.open_reader if snapshots else None,
+                                   report_snapshot=self._report, open_snapshot=snapshots.open_image if snapshots else None,
                                    tls=tls)
         self.peer = self.transport.peers[2]
 
