@@ -126,7 +126,7 @@ def soak_kvstore(a: argparse.Namespace, workdir: Path) -> Soak:
             sts = lc.statuses(2.0)
             st = sts.get(leader)
             row = Row("kvstore", time.monotonic() - t0, s.rate, s.p50, s.p99, st.term if st else 0, leader,
-                      count_in_files([Path(lc.log_path(i)) for i in lc.ids], "checkpoint at index"),
+                      count_in_files([Path(lc.log_path(i)) for i in lc.ids], "snapshot saved at index"),
                       [rss_mib(lc.pid(i)) for i in lc.ids], [allocated_mib(lc.data_dir(i)) for i in lc.ids],
                       s.errors, [((x.db_size + x.wal_size) >> 20) if x else 0 for x in sts.values()])
             out.rows.append(row)

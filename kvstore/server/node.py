@@ -577,7 +577,7 @@ class Node:
             compact_to = index - self._catchup_entries()
             self._wal_checkpoint_bytes = self._draw_wal_checkpoint_bytes()
             self._db_checkpoint_bytes = self._draw_db_checkpoint_bytes()
-            log.info("checkpoint at index %d (LMDB synced in %.0f ms)", index, synced_s * 1000,
+            log.info("snapshot saved at index %d (a checkpoint: LMDB synced in %.0f ms)", index, synced_s * 1000,
                      extra=event("snapshot-saved", index=index))
             if compact_to > self.log.first_index() and not self._stopped:
                 await self._in_storage(self.log.compact, compact_to)
