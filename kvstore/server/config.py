@@ -229,7 +229,9 @@ def build_parser(prog: str = "kvstore serve") -> argparse.ArgumentParser:
 
 def help_with_default(opt: Option) -> str:
     """The flag's help naming its default once: a help that describes a derived default keeps its own."""
-    return opt.help if "(default:" in opt.help else f"{opt.help} (default: {opt.default!r})"
+    if "(default:" in opt.help:
+        return opt.help
+    return f"{opt.help} (default: {'none' if opt.default == '' else repr(opt.default)})"
 
 
 def parse_args(argv: list[str] | None = None, prog: str = "kvstore serve") -> ServerConfig:
