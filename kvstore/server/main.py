@@ -30,11 +30,22 @@ from .tls import TLSConfigError, client_api_credentials, peer_tls
 log = logging.getLogger("kvstore.server")
 
 
+#: The client library keeps a session stream open while idle and pings every 10 s
+#: (DEFAULT_CHANNEL_OPTIONS); gRPC's default server policy allows one ping per 5
+#: minutes without data and answers more with GOAWAY "too_many_pings", which would
+#: cut every idle stream (and its connection) after about a minute.
+KEEPALIVE_SERVER_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
 def client_server_options(cfg: ServerConfig) -> list[tuple[str, int]]:
     # gRPC's own cap sits well above --max-request-bytes so that our check,
     # which names the flag, is the one a slightly oversized request meets.
     cap = 4 * cfg.max_request_bytes + (1 << 20)
-    return [("grpc.max_receive_message_length", cap), ("grpc.max_send_message_length", 64 << 20)]
+    return [("grpc.max_receive_message_length", cap), ("grpc.max_send_message_length", 64 << 20),
+            *KEEPALIVE_SERVER_OPTIONS]
 
 
 async def serve(cfg: ServerConfig) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 
 from kvstore.server.errors import RequestFailed
+from kvstore.server.main import KEEPALIVE_SERVER_OPTIONS
 from kvstore.server.session_stream import SessionStream
 from kvstore.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2, kv_pb2_grpc
 
@@ -325,10 +326,12 @@ class FakeCluster:
     """N fake members on their own loop thread. Use as a context manager."""
 
     def __init__(
-        self, n: int = 3, leader: int | None = 1, max_batch_ops: int = 1000, max_stream_in_flight: int = 1024
+        self, n: int = 3, leader: int | None = 1, max_batch_ops: int = 1000, max_stream_in_flight: int = 1024,
+        member_keepalive: bool = True,
     ) -> None:
         self.sm = StateMachine()
         self.max_stream_in_flight = max_stream_in_flight
+        self.member_keepalive = member_keepalive  # the members' keepalive policy (off: gRPC's default)
         self.nodes = [FakeNode(i + 1, self) for i in range(n)]
         self.leader_id = leader
         self.max_batch_ops = max_batch_ops
@@ -350,7 +353,7 @@ class FakeCluster:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
 
     async def _start(self, node: FakeNode) -> None:
-        server = grpc.aio.server()
+        server = grpc.aio.server(options=KEEPALIVE_SERVER_OPTIONS if self.member_keepalive else None)
         kv_pb2_grpc.add_KVServicer_to_server(_KV(node), server)
         cluster_pb2_grpc.add_ClusterServicer_to_server(_Cluster(node), server)
         node.port = server.add_insecure_port(f"127.0.0.1:{node.port}")

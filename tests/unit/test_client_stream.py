@@ -198,3 +198,22 @@ def test_following_a_redirect_is_not_a_retry():
             c.put("k", "v")  # member 3 redirects to member 1
             assert c.leader == fc.node(1).addr
         assert budget.total_retries == 0 and budget.refused == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("member_keepalive", [True, False], ids=["members-keepalive", "grpc-default"])
+def test_an_idle_session_stream_survives_the_clients_keepalive_pings_only_with_the_members_policy(
+    member_keepalive,
+):
+    with FakeCluster(member_keepalive=member_keepalive) as fc:
+        async def main() -> bool:
+            async with AsyncClient(fc.endpoints, coalesce=False) as c:
+                await c.put("a", "1")
+                stream = c._endpoints.conn(fc.node(1).addr).stream()
+                await asyncio.sleep(100)  # ten keepalive pings without data
+                return not stream.broken
+
+        # gRPC's default policy ends the idle stream with GOAWAY "too_many_pings" (what the
+        # members' KEEPALIVE_SERVER_OPTIONS prevent); with them it stays open.
+        assert asyncio.run(main()) is member_keepalive
