@@ -1,8 +1,9 @@
-"""The client end of a session stream: one long-lived bidirectional RPC per member.
+"""The client end of a session stream: a long-lived bidirectional RPC to one member.
 
 A stream answers several times more requests per second than unary calls and
 halves the round trip, so every KV call (and every coalesced Batch, as one
-message) goes over it by default. The stream only carries requests: which
+message) goes over one by default (the client keeps a few per member and uses
+them in turn, see endpoints.Connection). The stream only carries requests: which
 member to use, redirects, retries and exactly-once stay in the client's one
 call path (``AsyncClient._call``), which reads a stream's failure exactly as it
 reads a unary call's status and trailing metadata (``AttemptFailed``).

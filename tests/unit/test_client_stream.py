@@ -24,16 +24,18 @@ def wait_for(cond, timeout=10.0, what="condition"):
         time.sleep(0.005)
 
 
-def test_calls_ride_one_stream_per_member_and_unary_stays_available():
+def test_calls_ride_the_members_streams_in_turn_and_unary_stays_available():
     with FakeCluster() as fc:
-        with Client(fc.endpoints, coalesce=False) as c:
+        with Client(fc.endpoints, coalesce=False, streams_per_member=4) as c:
             for i in range(20):
                 c.put(f"k{i}", "v")
             assert c.get("k3").value == b"v"
-        assert fc.node(1).streams_opened == 1 and fc.node(1).session_streams[0].received == 21
+        n = fc.node(1)
+        assert n.streams_opened == 4 and sorted(s.received for s in n.session_streams) == [5, 5, 5, 6]
+        assert n.calls["Put"] == 20
         with Client(fc.endpoints, coalesce=False, transport="unary") as c:
             c.put("u", "v")
-        assert fc.node(1).streams_opened == 1 and fc.node(1).calls["Put"] == 21
+        assert n.streams_opened == 4 and n.calls["Put"] == 21
     with pytest.raises(ValueError, match="transport must be one of stream, unary"):
         AsyncClient(["127.0.0.1:1"], transport="udp")
 
@@ -41,7 +43,7 @@ def test_calls_ride_one_stream_per_member_and_unary_stays_available():
 def test_a_coalesced_batch_is_one_stream_message():
     with FakeCluster() as fc:
         async def main() -> None:
-            async with AsyncClient(fc.endpoints) as c:
+            async with AsyncClient(fc.endpoints, streams_per_member=1) as c:
                 await c.put("warm", "x")
                 await asyncio.gather(*(c.put(f"k{i}", "v") for i in range(100)))
 
