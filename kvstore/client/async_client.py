@@ -60,7 +60,7 @@ BUDGET_CAUSE = "retry budget"
 #: shared 2-core machine, was ahead in 5 of 6 pairs (coalesced put 42.5k vs 22.7k/s).
 DEFAULT_STREAMS_PER_MEMBER = 4
 
-#: How KV calls travel: one session stream per member, or one unary RPC per call.
+#: How KV calls travel: session streams to each member, or one unary RPC per call.
 TRANSPORTS = ("stream", "unary")
 
 #: Test-only fault hook: called with (rpc name, request) after an RPC completed;
@@ -102,8 +102,8 @@ class AsyncClient:
     ``coalesce``: gather concurrent calls into Batch RPCs (on by default).
     ``breaker`` and ``retry_budget``: how hard failing calls may press the
     cluster (default: ``CircuitBreaker()`` and ``RetryBudget()``).
-    ``transport``: "stream" (default) sends every KV call and Batch over one
-    session stream per member (see stream.py); "unary" makes one RPC per call.
+    ``transport``: "stream" (default) sends every KV call and Batch over
+    session streams per member (see stream.py); "unary" makes one RPC per call.
     ``streams_per_member``: session streams opened to each member, used in
     turn (grpc.aio writes one message at a time per stream).
     ``tls``: a :class:`TLS` (CA, client certificate) for members serving TLS;

@@ -2,7 +2,7 @@
 
 A stream answers several times more requests per second than unary calls
 (no per-call HTTP/2 stream, headers or trailers), so the client library sends
-everything over one per member. Each stream has three parts:
+everything over a few per member. Each stream has three parts:
 
 - the reader (the RPC handler itself) takes one request at a time and starts a
   task for it; before each read it takes an in-flight slot, so at
