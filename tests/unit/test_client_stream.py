@@ -210,9 +210,9 @@ def test_an_idle_session_stream_survives_the_clients_keepalive_pings_only_with_t
 ):
     with FakeCluster(member_keepalive=member_keepalive) as fc:
         async def main() -> bool:
-            async with AsyncClient(fc.endpoints, coalesce=False) as c:
+            async with AsyncClient(fc.endpoints, coalesce=False, streams_per_member=1) as c:
                 await c.put("a", "1")
-                stream = c._endpoints.conn(fc.node(1).addr).stream()
+                stream = c._endpoints.conn(fc.node(1).addr).stream()  # the one the put used
                 await asyncio.sleep(100)  # ten keepalive pings without data
                 return not stream.broken
 
