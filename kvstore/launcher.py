@@ -105,6 +105,7 @@ class LocalCluster:
         env: dict[str, str] | None = None,
         node_env: dict[int, dict[str, str]] | None = None,
         certs: CertDir | None = None,
+        metrics_addrs: dict[int, str] | None = None,
     ) -> None:
         self.base_dir = os.path.abspath(base_dir)
         self.ids = list(range(1, nodes + 1))
@@ -113,6 +114,7 @@ class LocalCluster:
         }
         self.peer_addrs = peer_addrs or {i: f"{host}:{base_peer_port + PORT_STRIDE * (i - 1)}" for i in self.ids}
         self.listen_hosts = listen_hosts or {}
+        self.metrics_addrs = metrics_addrs or {}  # member -> --listen-metrics-addr (none: no HTTP endpoints)
         self.netns = netns or {}
         self.extra_args = list(extra_args)
         self.node_args = node_args or {}
@@ -130,12 +132,13 @@ class LocalCluster:
     @classmethod
     def with_free_ports(cls, base_dir: str, nodes: int = 3, extra_args=(), host: str = "127.0.0.1", **kw):
         """A cluster on ports nobody else is using (for tests and benchmarks)."""
-        ports = free_ports(2 * nodes, host)
+        ports = free_ports(3 * nodes, host)
         ids = range(1, nodes + 1)
+        kw.setdefault("metrics_addrs", {i: f"{host}:{ports[3 * (i - 1) + 2]}" for i in ids})
         return cls(
             base_dir, nodes, extra_args=extra_args, host=host,
-            client_addrs={i: f"{host}:{ports[2 * (i - 1)]}" for i in ids},
-            peer_addrs={i: f"{host}:{ports[2 * (i - 1) + 1]}" for i in ids},
+            client_addrs={i: f"{host}:{ports[3 * (i - 1)]}" for i in ids},
+            peer_addrs={i: f"{host}:{ports[3 * (i - 1) + 1]}" for i in ids},
             **kw,
         )
 
@@ -147,6 +150,9 @@ class LocalCluster:
 
     def client_addr(self, i: int) -> str:
         return self.client_addrs[i]
+
+    def metrics_url(self, i: int, path: str = "/metrics") -> str:
+        return f"http://{self.metrics_addrs[i]}{path}"
 
     def peer_addr(self, i: int) -> str:
         return self.peer_addrs[i]
@@ -181,6 +187,7 @@ class LocalCluster:
             "--listen-client-addr", listen(self.client_addrs[i]),
             "--listen-peer-addr", listen(self.peer_addrs[i]),
             *(self.certs.node_flags(i) if self.certs is not None else []),
+            *(["--listen-metrics-addr", listen(self.metrics_addrs[i])] if i in self.metrics_addrs else []),
             *self.extra_args,
             *self.node_args.get(i, []),
         ]

@@ -70,6 +70,9 @@ OPTIONS: list[Option] = [
            "address the client API binds (default: this member's entry in --initial-cluster-clients)"),
     Option("--listen-peer-addr", str, "",
            "address the peer API binds (default: this member's entry in --initial-cluster)"),
+    Option("--listen-metrics-addr", str, "",
+           "address of the HTTP endpoints /metrics, /health, /livez and /readyz, e.g. 127.0.0.1:2381 "
+           "(default: none)"),
     Option("--cluster-id", int, 0, "an id shared by all members; peer messages from another cluster are refused"),
     # timing
     Option("--tick-ms", int, 100, "length of one raft tick in milliseconds"),
@@ -111,6 +114,9 @@ OPTIONS: list[Option] = [
     # ops
     Option("--log-level", str, "info", "debug, info, warning or error"),
     Option("--log-format", str, "text", "text, or json: one object per line (ts, level, member, term, event, msg)"),
+    Option("--corrupt-check-time", str, "0",
+           "how often the leader compares every member's key/value hash and raises a CORRUPT alarm about "
+           "one that differs, e.g. 30s or 5m (0: never)"),
     # test-only modes that deliberately break guarantees (the Jepsen harness's teeth tests)
     Option("--testing-unsafe-local-reads", bool, False,
            "TESTING ONLY, UNSAFE: every member answers linearizable reads locally without ReadIndex"),
@@ -121,6 +127,8 @@ OPTIONS: list[Option] = [
            "jump expires every session)"),
     Option("--testing-peer-skip-client-verify", bool, False,
            "TESTING ONLY, UNSAFE: the peer API accepts TLS connections without checking the peer's certificate"),
+    Option("--testing-corrupt-state", bool, False,
+           "TESTING ONLY, UNSAFE: at start, write a key no log entry made, so this member's state diverges"),
 ]
 
 URL_SCHEMES = ("http://", "https://")
@@ -133,6 +141,20 @@ def split_scheme(url: str) -> tuple[str, str]:
         if url.startswith(scheme):
             return scheme[:-3], url[len(scheme):].rstrip("/")
     return "", url
+
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """'30s', '5m', '1h', '500ms' or plain seconds ('0') -> seconds; ValueError otherwise."""
+    t = str(text).strip()
+    for unit in sorted(_DURATION_UNITS, key=len, reverse=True):
+        if t.endswith(unit) and t[: -len(unit)].replace(".", "", 1).isdigit():
+            return float(t[: -len(unit)]) * _DURATION_UNITS[unit]
+    if t.replace(".", "", 1).isdigit():
+        return float(t)
+    raise ValueError(f"{text!r} is not a duration (e.g. 30s, 5m, 1h, 500ms)")
 
 
 def parse_members(spec: str) -> dict[int, str]:
@@ -164,6 +186,7 @@ class ServerConfig:
     clients: dict[int, str] = field(default_factory=dict)  # id -> advertised client addr
     listen_client_addr: str = ""
     listen_peer_addr: str = ""
+    listen_metrics_addr: str = ""
     cluster_id: int = 0
     tick_ms: int = 100
     election_ticks: int = 10
@@ -183,6 +206,7 @@ class ServerConfig:
     max_sessions: int = DEFAULT_MAX_SESSIONS
     log_level: str = "info"
     log_format: str = "text"
+    corrupt_check_time: str = "0"
     testing_unsafe_local_reads: bool = False
     cert_file: str = ""
     key_file: str = ""
@@ -194,6 +218,12 @@ class ServerConfig:
     testing_ack_before_commit: bool = False
     testing_wall_clock_sessions: bool = False
     testing_peer_skip_client_verify: bool = False
+    testing_corrupt_state: bool = False
+
+    @property
+    def corrupt_check_s(self) -> float:
+        """--corrupt-check-time in seconds (0: no periodic check)."""
+        return parse_duration(self.corrupt_check_time)
 
     @property
     def member_ids(self) -> list[int]:
@@ -304,6 +334,12 @@ def make_config(values: dict[str, Any]) -> ServerConfig:
         raise ValueError("need --snapshot-count > 0 and --snapshot-catchup-entries >= 0")
     if cfg.session_ttl_ms <= 0 or cfg.max_sessions <= 0:
         raise ValueError("need --session-ttl-ms > 0 and --max-sessions > 0")
+    try:
+        parse_duration(cfg.corrupt_check_time)
+    except ValueError as e:
+        raise ValueError(f"--corrupt-check-time: {e}") from None
+    if cfg.listen_metrics_addr and ":" not in cfg.listen_metrics_addr:
+        raise ValueError(f"--listen-metrics-addr {cfg.listen_metrics_addr!r}: expected HOST:PORT")
     if cfg.state_machine_sync not in STATE_MACHINE_SYNC_MODES:
         raise ValueError(f"--state-machine-sync must be one of {', '.join(STATE_MACHINE_SYNC_MODES)}, "
                          f"not {cfg.state_machine_sync!r}")

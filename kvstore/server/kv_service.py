@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -23,6 +24,7 @@ from kvstore.storage.validation import check_op as storage_check_op
 from kvstore.v1 import command_pb2, kv_pb2, kv_pb2_grpc
 
 from .errors import RequestFailed, invalid_argument
+from .grpc_metrics import GRPC_STATS
 from .limits import InvalidRequest, Limits, is_mutation
 from .node import Node
 from .session_stream import SessionStream
@@ -31,16 +33,33 @@ log = logging.getLogger("kvstore.kv")
 
 
 def handles_errors(method):
-    """Turn RequestFailed / InvalidRequest into a gRPC status with its trailing metadata."""
+    """Turn RequestFailed / InvalidRequest into a gRPC status with its trailing metadata.
+
+    Also counts the call and its handling time by status code (grpc_metrics.py).
+    """
+    service = "kvstore.v1." + method.__qualname__.split(".")[0].removesuffix("Service")
+    stats = GRPC_STATS.method(service, method.__name__)
+    clock = time.perf_counter
 
     @functools.wraps(method)
     async def wrapper(self, request, context):
+        t0 = clock()
+        code = "UNKNOWN"  # an unexpected exception: grpc answers UNKNOWN
         try:
-            return await method(self, request, context)
+            result = await method(self, request, context)
+            code = "OK"
+            return result
         except RequestFailed as e:
+            code = e.code.name
             await e.abort(context)
         except (InvalidRequest, StorageInvalidRequest) as e:
+            code = "INVALID_ARGUMENT"
             await invalid_argument(str(e)).abort(context)
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        finally:
+            stats.record(code, clock() - t0)
 
     return wrapper
 
@@ -212,6 +231,10 @@ class KVService(kv_pb2_grpc.KVServicer):
                 continue
             (writes if is_mutation(op) else reads).append(i)
 
+        counts = GRPC_STATS.batch_ops
+        counts["write"] += len(writes)
+        counts["read"] += len(reads)
+        counts["invalid"] += len(ops) - len(writes) - len(reads)
         linearizable = any(not ops[i].request_range.serializable for i in reads)
         if writes or (linearizable and not self.node.cfg.testing_unsafe_local_reads):
             self.node.check_leader()

@@ -15,13 +15,16 @@ import sys
 import grpc
 
 from kvstore.storage.data_dir_lock import DataDirInUse, lock_data_dir
-from kvstore.v1 import cluster_pb2_grpc, kv_pb2_grpc
+from kvstore.v1 import cluster_pb2_grpc, kv_pb2_grpc, maintenance_pb2_grpc
 
 from .cluster_service import ClusterService
 from .config import ServerConfig, parse_args
+from .corruption import CorruptionChecker
+from .http_endpoints import HttpEndpoints
 from .kv_service import KVService
 from .limits import Limits
 from .logs import log_term_from, setup_logging
+from .maintenance_service import MaintenanceService
 from .node import Node
 from .parent_death import die_with_parent
 from .peer_server import PeerServer
@@ -67,6 +70,7 @@ async def serve(cfg: ServerConfig) -> None:
     client_server = grpc.aio.server(options=client_server_options(cfg))
     kv_pb2_grpc.add_KVServicer_to_server(KVService(node, Limits.from_config(cfg)), client_server)
     cluster_pb2_grpc.add_ClusterServicer_to_server(ClusterService(node), client_server)
+    maintenance_pb2_grpc.add_MaintenanceServicer_to_server(MaintenanceService(node), client_server)
     try:
         if client_tls is None:
             bound = client_server.add_insecure_port(cfg.listen_client_addr)
@@ -78,12 +82,25 @@ async def serve(cfg: ServerConfig) -> None:
         await peer_server.stop()
         await cannot_listen(node, "client", cfg.listen_client_addr, "in use?")
     await client_server.start()
+    http = HttpEndpoints(node)
+    if cfg.listen_metrics_addr:
+        host, _, port = cfg.listen_metrics_addr.rpartition(":")
+        try:
+            await http.start(host.strip("[]"), int(port))
+        except OSError as e:
+            await client_server.stop(None)
+            await peer_server.stop()
+            await cannot_listen(node, "metrics", cfg.listen_metrics_addr, e.strerror or str(e))
+        log.info("member %d serving /metrics and /health on http://%s", cfg.id, cfg.listen_metrics_addr)
+    checker = CorruptionChecker(node, cfg.corrupt_check_s)
+    if cfg.corrupt_check_s > 0:
+        checker.start()
     log.info("member %d serving clients on %s://%s, peers on %s://%s, data in %s",
              cfg.id, "http" if client_tls is None else "https", cfg.listen_client_addr,
              "http" if node.peer_tls is None else "https", cfg.listen_peer_addr, cfg.data_dir)
     if cfg.testing_peer_skip_client_verify:
         log.warning("TESTING MODE: the peer API does not check peer certificates (unsafe flag set)")
-    if cfg.testing_unsafe_local_reads or cfg.testing_ack_before_commit:
+    if cfg.testing_unsafe_local_reads or cfg.testing_ack_before_commit or cfg.testing_corrupt_state:
         log.warning("TESTING MODE: linearizability is deliberately broken (unsafe flags set)")
     if cfg.testing_wall_clock_sessions:
         log.warning("TESTING MODE: session expiry follows the leader's wall clock (unsafe flag set)")
@@ -96,7 +113,9 @@ async def serve(cfg: ServerConfig) -> None:
 
     log.info("member %d shutting down", cfg.id)
     await node.shutdown()
+    await checker.stop()
     await client_server.stop(grace=2.0)
+    await http.stop()
     await peer_server.stop()
     await node.close()
 

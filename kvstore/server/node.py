@@ -69,6 +69,8 @@ from kvstore.storage.wal_repair import repair_hint
 from kvstore.v1 import command_pb2, kv_pb2
 
 from .config import ServerConfig
+from .corruption import check_not_corrupt
+from .metrics import SLOW_APPLY_S, NodeMetrics
 from .errors import (
     RequestFailed, leadership_lost, not_applied, shutting_down, stopped_while_pending,
 )
@@ -164,6 +166,9 @@ class Node:
         self._checkpointing: asyncio.Task | None = None  # the background checkpoint (see _maybe_snapshot)
         self._wal_checkpoint_bytes = self._draw_wal_checkpoint_bytes()
         self._db_checkpoint_bytes = 0  # set from the state machine's size at start and at each checkpoint
+        self.metrics = NodeMetrics()  # event counts and timings for /metrics (metrics.py)
+        self.peer_received_bytes: dict[int, int] = {}  # counted by the peer server
+        self.wal_append_since = 0.0  # time.monotonic() when the WAL append under way began; 0: none
 
     # ------------------------------------------------------------------ start / stop
 
@@ -193,6 +198,9 @@ class Node:
         # The state machine first: the entries it has applied are checksummed when read, not at open.
         self.log = await self._in_storage(self._open_log, self.sm.applied_index)
         self.snapshots = SnapshotStore(os.path.join(d, "snap"))
+        if self.cfg.testing_corrupt_state:
+            log.warning("TESTING: corrupting this member's state (--testing-corrupt-state)")
+            await self._in_storage(self.sm.testing_corrupt)
         await self._reconcile_storage()
         snap = self.log.snapshot()
         self.snapshot_index = snap.metadata.index
@@ -379,17 +387,26 @@ class Node:
             hs, self._unsynced_hard_state = self._unsynced_hard_state, None
             t0 = time.monotonic()
             if self.is_leader:
-                await self._in_storage(self.log.append, rd.entries, hs)
+                await self._in_storage(self._append, rd.entries, hs)
             else:
-                self.log.append(rd.entries, hs)
+                self._append(rd.entries, hs)
             took = time.monotonic() - t0
             if took > SLOW_FSYNC_S:
                 log.warning("slow fdatasync: the WAL write of %d entries took %.3fs (expected under %.0fs)",
                             len(rd.entries), took, SLOW_FSYNC_S,
                             extra=event("slow-fdatasync", took_s=round(took, 3), expected_s=SLOW_FSYNC_S))
 
+    def _append(self, entries, hs) -> None:
+        """RaftLog.append, timed for the fsync histogram; /health sees one that hangs."""
+        self.wal_append_since = t0 = time.monotonic()
+        self.log.append(entries, hs)
+        self.wal_append_since = 0.0
+        self.metrics.wal_fsync.observe(time.monotonic() - t0)
+
     def _on_soft_state(self, leader_id: int, role: StateRole) -> None:
         was_leader = self.role == StateRole.LEADER
+        if leader_id != self.leader_id and leader_id:
+            self.metrics.leader_changes += 1
         if leader_id != self.leader_id or role != self.role:
             log.info("member %d is now %s; leader is %s", self.id, ROLE_NAMES[role], leader_id or "unknown",
                      extra=event("leader-changed", role=ROLE_NAMES[role], leader=leader_id))
@@ -464,7 +481,7 @@ class Node:
         entries, batch, origins = self._take_backlog()
         answer = None if origins is None else functools.partial(self._answer, entries[-1].index, origins)
         try:
-            results = self.sm.apply(batch, origins, answer)
+            results = self._timed_apply(batch, origins, answer)
         except Exception as e:  # never go on past an entry we could not apply
             fatal("applying committed entries", e)
         self._finish_apply(entries, results)
@@ -490,8 +507,19 @@ class Node:
             def answer_early(results) -> None:  # on the apply thread, just before the LMDB commit
                 loop.call_soon_threadsafe(self._answer, last, origins, results)
 
-        apply = guarded("applying committed entries (apply thread)", self.sm.apply, batch, origins, answer_early)
+        apply = guarded("applying committed entries (apply thread)", self._timed_apply, batch, origins,
+                        answer_early)
         return entries, loop.run_in_executor(self.apply_thread, apply)
+
+    def _timed_apply(self, batch, origins, answer):
+        """StateMachine.apply, timed for the commit histogram and the slow-apply count."""
+        t0 = time.monotonic()
+        results = self.sm.apply(batch, origins, answer)
+        took = time.monotonic() - t0
+        self.metrics.backend_commit.observe(took)
+        if took > SLOW_APPLY_S:
+            self.metrics.slow_applies += 1
+        return results
 
     def _take_backlog(self) -> tuple[list, list, list | None]:
         """Empty the backlog: its entries, their (index, term, data) for StateMachine.apply, and
@@ -570,6 +598,7 @@ class Node:
             t0 = time.monotonic()
             index, term = await asyncio.to_thread(self.sm.checkpoint)  # the sync runs while applies go on
             synced_s = time.monotonic() - t0
+            self.metrics.snapshot_save.observe(synced_s)
             if self._stopped:  # close() owns the log from now on (and syncs LMDB itself)
                 return
             meta = SnapshotMetadata(index=index, term=term, conf_state=ConfState(voters=list(self.member_ids)))
@@ -715,6 +744,27 @@ class Node:
         finally:
             self.proposals.forget(pid)
 
+    async def propose_internal(self, cmd: command_pb2.Command, timeout: float):
+        """Propose a command of the cluster's own (no client ops: a hash barrier, an alarm); its result."""
+        self.check_leader()
+        pid = cmd.proposal_id = self.proposals.next_id()
+        stamp = time.time_ns() if self.cfg.testing_wall_clock_sessions else time.monotonic_ns()
+        cmd.leader_clock_ms = stamp // 1_000_000  # as propose() stamps it (log_clock.py)
+        fut = self.proposals.register(pid, self.term, (0, 0), deadline=asyncio.get_running_loop().time() + timeout)
+        self._queued.append((pid, cmd.SerializeToString()))
+        self._wake.set()
+        try:
+            return await fut
+        finally:
+            self.proposals.forget(pid)
+
+    async def wait_applied(self, index: int) -> None:
+        """Return once the state machine has applied (and committed to LMDB) entry `index`."""
+        if index > self.sm.applied_index:
+            fut = asyncio.get_running_loop().create_future()
+            heapq.heappush(self._lmdb_waiters, (index, id(fut), fut))
+            await fut
+
     async def read_barrier(self, timeout: float) -> None:
         """Return when a linearizable read may be served from the local state machine."""
         if self.cfg.testing_unsafe_local_reads:
@@ -750,6 +800,7 @@ class Node:
             await fut
 
     async def range(self, request: kv_pb2.RangeRequest) -> kv_pb2.RangeResponse:
+        check_not_corrupt(self)
         await self._see_answered_writes()
         await self.wait_readable()
         resp = self.sm.range(request)
@@ -758,6 +809,7 @@ class Node:
 
     async def range_many(self, requests: list, out: list) -> None:
         """Serve already-validated reads into `out`, all from one LMDB read transaction."""
+        check_not_corrupt(self)
         await self._see_answered_writes()
         await self.wait_readable()
         # No await from here on: the environment cannot be swapped under the read.
@@ -809,4 +861,5 @@ class Node:
             db_size=self.sm.db_size(),
             snapshot_index=self.snapshot_index,
             version=__version__,
+            errors=[f"memberID:{m} alarm:{a}" for m, a in sorted(self.sm.alarms)],
         )

@@ -22,6 +22,7 @@ import asyncio
 import logging
 import socket
 
+from kvstore.raft.types import MessageType
 from kvstore.storage.state_machine import SnapshotImageError
 from kvstore.v1 import raft_pb2
 
@@ -33,6 +34,7 @@ from .tls import PeerTLS
 
 log = logging.getLogger("kvstore.peer")
 
+HEARTBEAT_RESP = MessageType.HEARTBEAT_RESP.value
 HELLO_TIMEOUT_S = 5.0
 READ_BUFFER_BYTES = 8 << 20  # StreamReader limit: lets a whole 4 MiB snapshot chunk arrive in one go
 
@@ -135,8 +137,14 @@ class PeerServer:
             kind, payload = await wire.read_frame(reader)
             if kind != wire.BATCH:
                 raise wire.PeerProtocolError(f"frame kind {kind} on a message stream")
-            for pm in raft_pb2.RaftBatch.FromString(payload).messages:
+            batch = raft_pb2.RaftBatch.FromString(payload)
+            sender = getattr(batch, "from")
+            received = node.peer_received_bytes
+            received[sender] = received.get(sender, 0) + len(payload)
+            for pm in batch.messages:
                 if pm.to == node.id:
+                    if pm.type == HEARTBEAT_RESP:
+                        _heartbeat_answered(node, sender)
                     node.step(message_from_pb(pm))
 
     async def _snapshot(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -183,3 +191,11 @@ class PeerServer:
         self.node.step(message)
         writer.write(wire.frame(wire.SNAPSHOT_ACK, raft_pb2.SnapshotAck(ok=True).SerializeToString()))
         await writer.drain()
+
+
+def _heartbeat_answered(node: Node, peer_id: int) -> None:
+    """A follower answered our heartbeat: its round trip goes to the peer RTT histogram."""
+    peer = node.transport.peers.get(peer_id) if node.transport else None
+    rtt = peer.heartbeat_answered() if peer is not None else None
+    if rtt is not None:
+        node.metrics.rtt(peer_id).observe(rtt)

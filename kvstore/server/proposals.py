@@ -42,6 +42,7 @@ class Proposals:
         self._counter = random.getrandbits(_COUNTER_BITS - 1)
         self._waiters: dict[int, _Waiter] = {}
         self._sweep: asyncio.TimerHandle | None = None
+        self.failed = 0  # waiters failed so far (kvstore_server_proposals_failed_total)
 
     def __len__(self) -> int:
         return len(self._waiters)
@@ -113,6 +114,7 @@ class Proposals:
 
     def _fail(self, pid: int, error: RequestFailed) -> None:
         w = self._waiters.pop(pid)
+        self.failed += 1
         if not w.future.done():
             w.future.set_exception(error)
             # Marked as retrieved: a caller who gave up in this same loop turn (deadline, cancelled

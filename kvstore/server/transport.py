@@ -77,7 +77,10 @@ class Peer:
         self.addr = addr
         self.host, self.port = _split_addr(addr)
         self.writer: asyncio.StreamWriter | None = None  # set while the connection is up
-        self.dropped = 0
+        self.dropped = 0  # messages dropped: the connection was down or not keeping up
+        self.dropped_heartbeats = 0
+        self.sent_bytes = 0
+        self.heartbeat_sent_at = 0.0  # loop time of the oldest heartbeat not yet answered; 0: none
         self.tls_error = ""  # the last TLS failure logged, so a retry loop logs it once
         self.task: asyncio.Task | None = None
         self.snapshot_task: asyncio.Task | None = None
@@ -86,17 +89,29 @@ class Peer:
         w = self.writer
         if w is None or w.transport.is_closing() or w.transport.get_write_buffer_size() > MAX_BUFFERED_BYTES:
             self.dropped += len(messages)  # down (run() reconnects) or not keeping up
+            self.dropped_heartbeats += sum(1 for m in messages if m.type == MessageType.HEARTBEAT)
             return
         t = self.transport
         batch, size = [], 0
         for m in messages:
             batch.append(message_to_pb(m))
             size += message_size(m)
+            if m.type == MessageType.HEARTBEAT and not self.heartbeat_sent_at:
+                self.heartbeat_sent_at = time.monotonic()  # its answer times the round trip
             if size >= BATCH_MAX_BYTES:
-                w.write(_batch_frame(t.cluster_id, t.member_id, batch))
+                frame = _batch_frame(t.cluster_id, t.member_id, batch)
+                self.sent_bytes += len(frame)
+                w.write(frame)
                 batch, size = [], 0
         if batch:
-            w.write(_batch_frame(t.cluster_id, t.member_id, batch))
+            frame = _batch_frame(t.cluster_id, t.member_id, batch)
+            self.sent_bytes += len(frame)
+            w.write(frame)
+
+    def heartbeat_answered(self) -> float | None:
+        """The round trip of the oldest unanswered heartbeat, now answered; None if none was out."""
+        sent, self.heartbeat_sent_at = self.heartbeat_sent_at, 0.0
+        return time.monotonic() - sent if sent else None
 
     async def run(self) -> None:
         backoff = BACKOFF_MIN_S
@@ -107,6 +122,7 @@ class Peer:
                 reader, writer = await asyncio.wait_for(self._connect(), CONNECT_TIMEOUT_S)
                 writer.write(wire.hello(wire.STREAM, self.transport.cluster_id, self.transport.member_id))
                 self.writer = writer
+                self.heartbeat_sent_at = 0.0  # one lost with the old connection is never answered
                 self.tls_error = ""
                 if lost:
                     log.info("peer member %d at %s became active again (was unreachable %.1fs)", self.id,

@@ -66,10 +66,12 @@ from google.protobuf.message import DecodeError
 
 from kvstore.v1 import command_pb2, kv_pb2
 
+from . import alarms as alarm_set
 from . import boot_guard as guard
 from . import durable_base, keys, validation
 from .durable_files import fsync_dir, fsync_file
 from .errors import ApplyError, ErrorCode, InvalidRequest
+from .hash_kv import HashMark, hash_kv
 from .plain_puts import PlainPuts
 from .log_clock import LogClock
 from .sessions import DEFAULT_MAX_PENDING, DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_TTL_MS, SessionTable, Verdict
@@ -79,6 +81,8 @@ from .txn import compare_holds
 __all__ = ["StateMachine", "ApplyError", "ErrorCode", "SnapshotImageError", "StateMachineClosed"]
 
 _META_KEY = b"state"
+_ALARMS_KEY = b"alarms"
+HASHES_KEPT = 64  # hash barriers remembered, newest first out (a check asks within seconds)
 _META = struct.Struct(">QQqQQQ")  # applied_index, applied_term, revision, then the LogClock
 _META_HEAD = struct.Struct(">QQq")  # the first three: read by every layout
 _LEGACY_LOG_TIME = struct.Struct(">Q")  # after the head in the layout before the LogClock
@@ -173,6 +177,8 @@ class StateMachine:
         self.testing_unpinned_base = False
         self._env: lmdb.Environment  # opened by _open_current
         self._closed = False
+        self._hashes: dict[int, HashMark] = {}  # barrier index -> this member's hash there
+        self._staged_alarms: frozenset | None = None  # set by an apply, visible once it commits
         self._boot_guarded = False  # commits unsynced under a boot guard (see open)
         # The read transaction that keeps the durable base's pages from reuse (see durable_base.py).
         self._pin: lmdb.Transaction | None = None
@@ -243,6 +249,7 @@ class StateMachine:
             if raw is None:
                 raw = _META.pack(0, 0, 0, *LogClock())
                 txn.put(_META_KEY, raw, db=dbs[b"meta"])
+            self._alarms = alarm_set.decode(txn.get(_ALARMS_KEY, db=dbs[b"meta"]))
         self._env = env
         self._psize = env.stat()["psize"]
         self._reserved = 0  # bytes of the data file allocated ahead (see _reserve_disk)
@@ -276,6 +283,15 @@ class StateMachine:
     def syncs_commits(self) -> bool:
         """Whether each apply's LMDB commit waits for an fdatasync (--state-machine-sync commit)."""
         return self._fsync
+
+    @property
+    def alarms(self) -> frozenset[tuple[int, str]]:
+        """The active alarms: (member_id, alarm name) pairs (see alarms.py)."""
+        return self._alarms
+
+    def hash_at(self, index: int) -> HashMark | None:
+        """This member's hash at the barrier applied at `index`, if it applied one there recently."""
+        return self._hashes.get(index)
 
     @property
     def log_time_ms(self) -> int:
@@ -331,6 +347,11 @@ class StateMachine:
                 clock = clock.advance(term, cmd.leader_clock_ms)
                 if self.testing_log_time_from_absolute_stamps:
                     clock = LogClock(max(clock.log_time_ms, cmd.leader_clock_ms), term, cmd.leader_clock_ms)
+                if not cmd.ops:  # internal: a hash barrier or an alarm change (clients' commands have ops)
+                    results.append(self._apply_internal(txn, cmd, index, ex.revision))
+                    if origins is not None:
+                        origins.append((cmd.proposal_id, (0, 0)))
+                    continue
                 rid = cmd.request_id
                 results.append(self._apply_command(sessions, ex, cmd, rid, clock.log_time_ms))
                 if origins is not None:
@@ -343,7 +364,25 @@ class StateMachine:
         # Only after the commit succeeded does the in-memory view move on.
         self._applied_index, self._applied_term = applied_index, applied_term
         self._revision, self._clock = ex.revision, clock
+        if self._staged_alarms is not None:
+            self._alarms, self._staged_alarms = self._staged_alarms, None
         return results
+
+    def _apply_internal(self, txn, cmd: command_pb2.Command, index: int, revision: int):
+        """A command without client ops: hash here (a barrier) or change the alarm list."""
+        if cmd.hash_barrier:
+            mark = HashMark(index, revision, hash_kv(txn))  # txn sees this batch's earlier entries
+            self._hashes[index] = mark
+            while len(self._hashes) > HASHES_KEPT:
+                del self._hashes[min(self._hashes)]
+            return mark
+        if cmd.HasField("alarm"):
+            a = cmd.alarm
+            current = self._alarms if self._staged_alarms is None else self._staged_alarms
+            self._staged_alarms = alarm_set.change(current, a.member_id, a.alarm, a.activate)
+            txn.put(_ALARMS_KEY, alarm_set.encode(self._staged_alarms), db=self._meta)
+            return self._staged_alarms
+        return PlainPuts(0, revision)  # nothing to do (an empty command)
 
     def _reserve_disk(self, batch_bytes: int) -> None:
         """Allocate disk for the pages a batch may write, before it writes them.
@@ -454,6 +493,21 @@ class StateMachine:
         """The session table (see SessionTable.dump); for tests."""
         with self._env.begin() as txn:
             return self._sessions.dump(txn)
+
+    def key_count(self) -> int:
+        """How many keys the store holds."""
+        with self._env.begin() as txn:
+            return txn.stat(self._kv)["entries"]
+
+    @property
+    def quota_bytes(self) -> int:
+        """The most the LMDB file may grow to (its map size): a full map fails every write."""
+        return self._map_size
+
+    def testing_corrupt(self, key: bytes = b"\xffkvstore-testing-corruption") -> None:
+        """TESTING ONLY: write a record no log entry made, so this member silently diverges."""
+        with self._env.begin(write=True) as txn:
+            txn.put(key, keys.encode_record(1, 1, 1, b"diverged"), db=self._kv)
 
     def db_size(self) -> int:
         """Bytes of the LMDB file in use (high-water mark of its pages)."""

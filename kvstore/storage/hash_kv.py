@@ -1,0 +1,42 @@
+"""A hash of the key/value state, comparable across members (like etcd's HashKV).
+
+Replicas that silently diverge (a bit flip, a bug in one member's apply, a
+disk that returned the wrong page) are the worst failure a replicated store
+can have: every member still answers, with different data. Members detect it
+by comparing a hash of their whole key/value state at the same point of the
+log. The point is a hash barrier: an internal command that every member
+applies at the same index, and hashes at exactly that index, inside the apply
+transaction (see StateMachine.apply). The state machine keeps only the latest
+value of each key, so a hash "at a revision" must be taken there, not later.
+
+The hash is CRC-32 (etcd uses CRC-32C) over each key and its stored record
+(create and mod revision, version, value), in key order, with lengths so that
+no two different states run together into the same bytes. Hashing reads the
+whole store: about 0.3 us per key, once per check.
+"""
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+_LENGTHS = struct.Struct(">II")
+
+
+@dataclass(frozen=True, slots=True)
+class HashMark:
+    """A member's hash of its key/value state when it applied the barrier at `index`."""
+
+    index: int
+    revision: int
+    hash: int
+
+
+def hash_kv(txn) -> int:
+    """CRC-32 of every (key, record) of `txn`'s default database (the kv one), in key order."""
+    h = 0
+    crc = zlib.crc32
+    pack = _LENGTHS.pack
+    for key, record in txn.cursor():
+        h = crc(record, crc(key, crc(pack(len(key), len(record)), h)))
+    return h
