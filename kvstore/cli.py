@@ -132,7 +132,9 @@ class _LazyGroup(click.Group):
     """Subcommands that live in their own packages (`jepsen`, `bench`) are imported when used or listed."""
 
     lazy = {"jepsen": ("kvstore.jepsen.cli", "jepsen"), "bench": ("kvstore.bench", "bench"),
-            "certs": ("kvstore.certs", "certs")}
+            "certs": ("kvstore.certs", "certs"),
+            "check": ("kvstore.maintenance_cli", "check"), "alarm": ("kvstore.maintenance_cli", "alarm")}
+
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(set(super().list_commands(ctx)) | set(self.lazy))
@@ -218,7 +220,9 @@ def cluster_up(nodes: int, data_dir: str, base_client_port: int, base_peer_port:
         from kvstore.certs import init
 
         certs = init(os.path.join(data_dir, "tls"), nodes)
-    lc = LocalCluster(data_dir, nodes, base_client_port, base_peer_port, extra_args=extra, certs=certs)
+    metrics = {i: f"127.0.0.1:{base_client_port + 2 + 100 * (i - 1)}" for i in range(1, nodes + 1)}
+    lc = LocalCluster(data_dir, nodes, base_client_port, base_peer_port, extra_args=extra, certs=certs,
+                      metrics_addrs=metrics)
     busy = sorted(lc.data_dirs_in_use().items())
     if busy:
         i, pid = busy[0]
@@ -251,6 +255,7 @@ def cluster_up(nodes: int, data_dir: str, base_client_port: int, base_peer_port:
         if not stopping:
             console.print(f"leader elected in {time.monotonic() - t0:.1f}s: member {leader}")
             console.print("endpoints: " + ",".join(lc.endpoints))
+            console.print("metrics: " + " ".join(lc.metrics_url(i) for i in lc.ids) + "  (also /health)")
             if certs is not None:
                 console.print("TLS: point the CLI at it with\n"
                               f"  export KVSTORE_ENDPOINTS={','.join('https://' + e for e in lc.endpoints)}\n"
@@ -486,6 +491,9 @@ def status(ctx, write_out: str) -> None:
                   str(st.applied_index), str(st.snapshot_index), str(st.revision),
                   human_bytes(st.wal_size), human_bytes(st.db_size))
     console.print(t)
+    alarms = sorted({e for st in sts.values() if not isinstance(st, Exception) for e in st.errors})
+    for e in alarms:
+        err_console.print(f"[bold red]alarm:[/] {e}", highlight=False)
     if not answered:
         fail("no member answered")
 

@@ -42,7 +42,7 @@ from kvstore.client.types import (
     TxnResult,
     to_bytes,
 )
-from kvstore.v1 import cluster_pb2, kv_pb2
+from kvstore.v1 import cluster_pb2, kv_pb2, maintenance_pb2
 
 __all__ = ["AsyncClient", "DropReplyHook"]
 
@@ -302,6 +302,7 @@ class AsyncClient:
         return MemberStatus(
             addr, resp.member_id, resp.role, resp.term, resp.leader_id, resp.commit_index, resp.applied_index,
             resp.wal_size, resp.db_size, resp.snapshot_index, resp.version, resp.header.revision,
+            tuple(resp.errors),
         )
 
     async def status_all(self, *, timeout: float | None = None) -> dict[str, MemberStatus | errors.KvstoreError]:
@@ -314,6 +315,24 @@ class AsyncClient:
                 raise r
             out[a] = r
         return out
+
+    async def hash_kv(self, index: int = 0, endpoint: str | None = None, *,
+                      timeout: float | None = None) -> tuple[str, maintenance_pb2.HashKVResponse]:
+        """A member's key/value hash at the hash barrier at log `index` (0: the leader places a new
+        barrier and answers with its own hash); (the member's address, its answer)."""
+        route = self._endpoints.learn(endpoint) if endpoint else LEADER
+        resp, addr = await self._call("HashKV", maintenance_pb2.HashKVRequest(index=index), route=route,
+                                      mutation=False, timeout=timeout, with_addr=True)
+        return addr, resp
+
+    async def alarms(self, disarm: bool = False, member_id: int = 0, alarm: str = "", *,
+                     timeout: float | None = None) -> list[tuple[int, str]]:
+        """The active alarms as (member_id, alarm); with disarm, first clear the given ones (0/"": all)."""
+        req = maintenance_pb2.AlarmRequest(
+            action=maintenance_pb2.AlarmRequest.DEACTIVATE if disarm else maintenance_pb2.AlarmRequest.GET,
+            member_id=member_id, alarm=alarm)
+        resp = await self._call("Alarm", req, route=LEADER, mutation=False, timeout=timeout)
+        return [(a.member_id, a.alarm) for a in resp.alarms]
 
     async def members(self, *, timeout: float | None = None) -> list[Member]:
         """The cluster's members (and learn their client addresses)."""

@@ -14,7 +14,7 @@ import grpc
 
 from kvstore.client.breaker import CircuitBreaker
 from kvstore.client.stream import SessionStream
-from kvstore.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2_grpc
+from kvstore.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2_grpc, maintenance_pb2_grpc
 
 from .tls import TLS
 
@@ -59,6 +59,7 @@ class Connection:
             self.channel = grpc.aio.secure_channel(addr, tls.credentials(), options=list(options))
         kv = kv_pb2_grpc.KVStub(self.channel)
         cl = cluster_pb2_grpc.ClusterStub(self.channel)
+        mt = maintenance_pb2_grpc.MaintenanceStub(self.channel)
         self.methods: dict[str, Any] = {
             "Range": kv.Range,
             "Put": kv.Put,
@@ -68,6 +69,8 @@ class Connection:
             "Status": cl.Status,
             "MemberList": cl.MemberList,
             "TransferLeadership": cl.TransferLeadership,
+            "HashKV": mt.HashKV,
+            "Alarm": mt.Alarm,
         }
         self._streams: list[SessionStream | None] = [None] * streams
         self._turn = 0

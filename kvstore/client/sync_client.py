@@ -216,6 +216,15 @@ class Client:
         """Status of every known member; a member that fails maps to its error."""
         return self._run(self._aclient.status_all(timeout=timeout))
 
+    def hash_kv(self, index: int = 0, endpoint: str | None = None, *, timeout: float | None = None):
+        """A member's key/value hash at a hash barrier (see AsyncClient.hash_kv): (address, response)."""
+        return self._run(self._aclient.hash_kv(index, endpoint, timeout=timeout))
+
+    def alarms(self, disarm: bool = False, member_id: int = 0, alarm: str = "", *,
+               timeout: float | None = None) -> list[tuple[int, str]]:
+        """The active alarms (see AsyncClient.alarms)."""
+        return self._run(self._aclient.alarms(disarm, member_id, alarm, timeout=timeout))
+
     def members(self, *, timeout: float | None = None) -> list[Member]:
         return self._run(self._aclient.members(timeout=timeout))
 

@@ -296,6 +296,7 @@ class MemberStatus:
     snapshot_index: int
     version: str
     revision: int
+    errors: tuple[str, ...] = ()  # active alarms, as etcd shows them: "memberID:3 alarm:CORRUPT"
 
     @property
     def is_leader(self) -> bool:

@@ -28,10 +28,12 @@ DEADLINE_S = 20.0
 
 
 class Receiver:
-    """What PeerServer needs of a node: its id, cluster, snapshot store and step()."""
+    """What PeerServer needs of a node: its id, cluster, snapshot store, step() and traffic counts."""
 
     def __init__(self, member_id: int, snap_dir: str) -> None:
         self.id = member_id
+        self.peer_received_bytes: dict[int, int] = {}
+        self.transport = None  # no outgoing side: heartbeat answers time no round trip
         self.cfg = types.SimpleNamespace(cluster_id=CLUSTER)
         self.snapshots = SnapshotStore(snap_dir)
         self.stepped: list[Message] = []
