@@ -34,6 +34,8 @@ _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Al
 
 
 class HttpEndpoints:
+    PATHS = ("/metrics", "/health", "/livez", "/readyz")
+
     def __init__(self, node: "Node") -> None:
         self.node = node
         self.registry = build_registry(node)
@@ -65,7 +67,7 @@ class HttpEndpoints:
             if reasons:
                 return 503, "text/plain; charset=utf-8", "".join(f"[-]{r}\n" for r in reasons).encode()
             return 200, "text/plain; charset=utf-8", b"ok\n"
-        return 404, "text/plain; charset=utf-8", b"not found: try /metrics, /health, /livez or /readyz\n"
+        return 404, "text/plain; charset=utf-8", f"not found; try {', '.join(self.PATHS)}\n".encode()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

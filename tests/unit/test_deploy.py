@@ -12,11 +12,9 @@ import re
 import shlex
 from pathlib import Path
 
-import click
 import pytest
 import yaml
 
-from kvstore.cli import main as cli_main
 from kvstore.server.config import parse_args
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -44,26 +42,38 @@ def test_dockerfile_entrypoint_and_ports():
     assert entry == ["kvstore", "serve"]
     cfg = serve_config(cmd)
     exposed = {int(p) for p in re.search(r"^EXPOSE (.*)$", text, re.M).group(1).split()}
-    assert {port_of(cfg.listen_client_addr), port_of(cfg.listen_peer_addr)} == exposed
+    assert {port_of(cfg.listen_client_addr), port_of(cfg.listen_peer_addr),
+            port_of(cfg.listen_metrics_addr)} == exposed
 
 
 def test_compose_three_members_agree():
     doc = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     services = doc["services"]
-    assert len(services) == 3
-    ids, clusters = set(), set()
-    for name, svc in services.items():
+    nodes = {name: svc for name, svc in services.items() if name.startswith("node")}
+    assert len(nodes) == 3 and set(services) - set(nodes) == {"prometheus", "grafana"}
+    ids, clusters, metrics_targets = set(), set(), set()
+    for name, svc in nodes.items():
         cfg = serve_config(svc["command"])
         ids.add(cfg.id)
         clusters.add(tuple(sorted(cfg.peers.items())))
         assert name in cfg.peers[cfg.id], "a member must advertise its own host name"
         published = {int(p.split(":")[1]) for p in svc["ports"]}
-        assert published == {port_of(cfg.listen_client_addr)}
+        assert published == {port_of(cfg.listen_client_addr), port_of(cfg.listen_metrics_addr)}
         # The advertised client address is the host port the service publishes.
         host_port = int(svc["ports"][0].split(":")[0])
         assert port_of(cfg.clients[cfg.id]) == host_port
+        metrics_targets.add(f"{name}:{port_of(cfg.listen_metrics_addr)}")
     assert ids == {1, 2, 3}
     assert len(clusters) == 1, "every member must be given the same --initial-cluster"
+    # Prometheus scrapes every member's metrics port and loads the shipped rules.
+    prom = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    [job] = prom["scrape_configs"]
+    assert set(job["static_configs"][0]["targets"]) == metrics_targets
+    assert prom["rule_files"] == ["alerts.yml"]
+    mounted = {v.split(":")[0] for v in services["prometheus"]["volumes"] + services["grafana"]["volumes"]}
+    for path in mounted - {"prometheus", "grafana"}:  # named volumes aside, each mount is a file in deploy/
+        assert (DEPLOY / path).exists(), path
+    json.loads((DEPLOY / "grafana" / "kvstore-dashboard.json").read_text())
 
 
 def k8s_docs():
@@ -91,15 +101,13 @@ def test_kubernetes_statefulset_members_parse_for_each_ordinal():
         assert cfg.peers[cfg.id].startswith(f"kvstore-{ordinal}.")
         assert port_of(cfg.listen_client_addr) == ports["client"]
         assert port_of(cfg.listen_peer_addr) == ports["peer"]
-    # The readiness probe is a real CLI invocation.
-    probe = container["readinessProbe"]["exec"]["command"]
-    assert probe[0] == "kvstore"
-    ctx = cli_main.make_context("kvstore", probe[1:], resilient_parsing=False)
-    rest = [*ctx._protected_args, *ctx.args] if hasattr(ctx, "_protected_args") else list(ctx.args)
-    assert rest, "the probe must name a subcommand"
-    sub = cli_main.get_command(ctx, rest[0])
-    assert isinstance(sub, click.Command)
-    sub.make_context(sub.name, rest[1:], parent=ctx)
+        assert port_of(cfg.listen_metrics_addr) == ports["metrics"]
+    # The probes are the node's own HTTP endpoints, on the port it serves them on.
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "metrics"}
+    from kvstore.server.http_endpoints import HttpEndpoints
+
+    assert {"/readyz", "/livez"} <= set(HttpEndpoints.PATHS)
 
 
 def test_systemd_unit_with_example_config(tmp_path):
