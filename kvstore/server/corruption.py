@@ -10,7 +10,8 @@ corrupt.
 
 What follows from a mismatch: the leader's periodic check (--corrupt-check-time)
 raises a CORRUPT alarm about each such member through the log, so every member
-knows it and it survives restarts. A member with a CORRUPT alarm refuses reads
+knows it and it survives restarts. A leader with a CORRUPT alarm hands
+leadership to another member. A member with a CORRUPT alarm refuses reads
 (`check_not_corrupt`), /health reports the alarm, `kvstore status` lists it
 and kvstore_server_alarms_active{alarm="CORRUPT"} counts it. `kvstore alarm
 disarm` clears it once the member is rebuilt.
@@ -113,10 +114,16 @@ class CorruptionChecker:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.interval_s)
-            if not self.node.is_leader or self.node.draining:
+            node = self.node
+            if not node.is_leader or node.draining:
                 continue
             try:
-                await self.check_once()
+                if (node.id, CORRUPT) in node.sm.alarms:
+                    # A corrupt leader would answer every linearizable read with an error: step aside.
+                    log.warning("member %d has a CORRUPT alarm: handing leadership over", node.id)
+                    await node.transfer_leadership(0, HASH_TIMEOUT_S)
+                else:
+                    await self.check_once()
             except (RequestFailed, grpc.RpcError, ValueError) as e:
                 log.warning("corruption check failed: %s", getattr(e, "message", None) or e)
 

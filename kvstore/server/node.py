@@ -70,11 +70,11 @@ from kvstore.v1 import command_pb2, kv_pb2
 
 from .config import ServerConfig
 from .corruption import check_not_corrupt
-from .metrics import SLOW_APPLY_S, NodeMetrics
 from .errors import (
     RequestFailed, leadership_lost, not_applied, shutting_down, stopped_while_pending,
 )
 from .logs import event
+from .metrics import SLOW_APPLY_S, NodeMetrics
 from .proposals import Proposals
 from .read_index import ReadIndex
 from .redirect import no_leader, not_leader
