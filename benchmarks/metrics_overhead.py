@@ -37,8 +37,8 @@ import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kvstore.bench import LoadSpec, run_load  # noqa: E402
-from kvstore.server.local_cluster import LocalCluster  # noqa: E402
+from kvstore.bench import LoadSpec, run_load
+from kvstore.server.local_cluster import LocalCluster
 
 
 class TreeCluster(LocalCluster):
@@ -72,7 +72,7 @@ def scrape(lc: LocalCluster, i: int) -> dict[str, float]:
     """Member i's samples: 'name{labels}' -> value."""
     with urllib.request.urlopen(lc.metrics_url(i), timeout=5) as r:
         text = r.read().decode()
-    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(\S+) (\S+)$", text, re.M)}
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(\S+) (\S+)$", text, re.MULTILINE)}
 
 
 def total(samples: dict[str, float], prefix: str) -> float:

@@ -40,8 +40,9 @@ log = logging.getLogger("kvstore.corruption")
 HASH_TIMEOUT_S = 10.0  # a barrier must commit and every member apply it within this
 
 
-def check_not_corrupt(node: "Node") -> None:
+def check_not_corrupt(node: Node) -> None:
     """Refuse a read on a member the cluster has found corrupt: its answers would be wrong."""
+    assert node.sm is not None  # started
     alarms = node.sm.alarms
     if alarms and (node.id, CORRUPT) in alarms:
         raise RequestFailed(grpc.StatusCode.DATA_LOSS,
@@ -49,23 +50,26 @@ def check_not_corrupt(node: "Node") -> None:
                             "it serves no reads", not_applied=True)
 
 
-async def leader_hash(node: "Node", timeout: float = HASH_TIMEOUT_S) -> HashMark:
+async def leader_hash(node: Node, timeout: float = HASH_TIMEOUT_S) -> HashMark:
     """Place a hash barrier in the log (leader only); this member's hash there."""
     mark = await node.propose_internal(command_pb2.Command(hash_barrier=True), timeout)
     if not isinstance(mark, HashMark):
-        raise RequestFailed(grpc.StatusCode.INTERNAL, f"the hash barrier applied as {mark!r}, not a hash")
+        raise RequestFailed(grpc.StatusCode.INTERNAL, f"the hash barrier applied as {mark!r}, not a hash",
+                            not_applied=False)
     return mark
 
 
-async def member_hash(node: "Node", index: int, timeout: float = HASH_TIMEOUT_S) -> HashMark:
+async def member_hash(node: Node, index: int, timeout: float = HASH_TIMEOUT_S) -> HashMark:
     """This member's hash at the barrier at `index`, once it has applied it."""
+    sm = node.sm
+    assert sm is not None  # started
     try:
         await asyncio.wait_for(node.wait_applied(index), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise RequestFailed(grpc.StatusCode.DEADLINE_EXCEEDED,
                             f"member {node.id} did not apply index {index} within {timeout:.0f}s "
-                            f"(applied {node.sm.applied_index})", not_applied=True) from None
-    mark = node.sm.hash_at(index)
+                            f"(applied {sm.applied_index})", not_applied=True) from None
+    mark = sm.hash_at(index)
     if mark is None:
         raise RequestFailed(grpc.StatusCode.FAILED_PRECONDITION,
                             f"member {node.id} has no hash at index {index}: no barrier there, it installed "
@@ -94,7 +98,7 @@ def differing(marks: dict[int, HashMark]) -> list[int]:
 class CorruptionChecker:
     """The leader's periodic check (etcd's --experimental-corrupt-check-time)."""
 
-    def __init__(self, node: "Node", interval_s: float) -> None:
+    def __init__(self, node: Node, interval_s: float) -> None:
         self.node = node
         self.interval_s = interval_s
         self._channels: dict[int, grpc.aio.Channel] = {}
@@ -115,7 +119,7 @@ class CorruptionChecker:
         while True:
             await asyncio.sleep(self.interval_s)
             node = self.node
-            if not node.is_leader or node.draining:
+            if not node.is_leader or node.draining or node.sm is None:
                 continue
             try:
                 if (node.id, CORRUPT) in node.sm.alarms:
@@ -138,11 +142,12 @@ class CorruptionChecker:
     async def check_once(self) -> list[int]:
         """Hash every member at one barrier; raise a CORRUPT alarm about each that differs. The corrupt."""
         node = self.node
+        assert node.sm is not None  # started
         mark = await leader_hash(node)
         marks = {node.id: mark}
         peers = [i for i in node.member_ids if i != node.id]
         answers = await asyncio.gather(*(self._peer_hash(i, mark.index) for i in peers), return_exceptions=True)
-        for peer_id, answer in zip(peers, answers):
+        for peer_id, answer in zip(peers, answers, strict=True):
             if isinstance(answer, HashMark):
                 marks[peer_id] = answer
             else:
@@ -155,7 +160,8 @@ class CorruptionChecker:
                 continue
             log.error("CORRUPTION: member %d's state differs from the majority's at index %d (%s); "
                       "raising a CORRUPT alarm", member_id, mark.index,
-                      ", ".join(f"member {i}: hash {m.hash:08x} revision {m.revision}" for i, m in sorted(marks.items())))
+                      ", ".join(f"member {i}: hash {m.hash:08x} revision {m.revision}"
+                                for i, m in sorted(marks.items())))
             change = command_pb2.AlarmChange(member_id=member_id, alarm=CORRUPT, activate=True)
             await node.propose_internal(command_pb2.Command(alarm=change), HASH_TIMEOUT_S)
         return bad

@@ -13,7 +13,7 @@ process's.
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import Iterator
+from collections.abc import Iterator
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
@@ -25,7 +25,7 @@ BATCH_OP_KINDS = ("write", "read", "invalid")
 class MethodStats:
     """One RPC method: calls by status code and their handling time. Event-loop thread only."""
 
-    __slots__ = ("service", "method", "codes", "bounds", "counts", "sum")
+    __slots__ = ("bounds", "codes", "counts", "method", "service", "sum")
 
     def __init__(self, service: str, method: str) -> None:
         self.service = service
@@ -70,7 +70,7 @@ class GrpcStats:
             for code, n in list(m.codes.items()):
                 handled.add_metric(base + [code], n)
             buckets, total = [], 0
-            for bound, n in zip(m.bounds + [float("inf")], list(m.counts)):
+            for bound, n in zip(m.bounds + [float("inf")], list(m.counts), strict=True):
                 total += n
                 buckets.append(("+Inf" if bound == float("inf") else repr(bound), total))
             handling.add_metric(base, buckets, m.sum)

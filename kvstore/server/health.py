@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 WAL_STUCK_S = 5.0
 
 
-def problems(node: "Node") -> list[str]:
+def problems(node: Node) -> list[str]:
     """Why the member is not healthy, in etcd's words; empty when it is."""
     out = []
     if node.draining:

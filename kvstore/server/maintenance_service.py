@@ -31,6 +31,7 @@ class MaintenanceService(maintenance_pb2_grpc.MaintenanceServicer):
     @handles_errors
     async def Alarm(self, request: maintenance_pb2.AlarmRequest, context) -> maintenance_pb2.AlarmResponse:
         node = self.node
+        assert node.sm is not None  # serving, so started
         node.check_serving()
         if request.action == maintenance_pb2.AlarmRequest.DEACTIVATE:
             if request.alarm and request.alarm not in alarm_set.KNOWN:

@@ -16,7 +16,8 @@ A scrape only reads.
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -27,6 +28,9 @@ from kvstore.storage.alarms import KNOWN as KNOWN_ALARMS
 from .grpc_metrics import GRPC_STATS, GrpcStats
 
 if TYPE_CHECKING:
+    from kvstore.storage.raft_log import RaftLog
+    from kvstore.storage.state_machine import StateMachine
+
     from .node import Node
 
 
@@ -57,9 +61,10 @@ class FastHistogram:
 
     def cumulative(self) -> list[tuple[str, float]]:
         """(le, cumulative count) pairs in Prometheus order, ending with +Inf."""
-        out, total = [], 0
+        out: list[tuple[str, float]] = []
+        total = 0
         counts = list(self.counts)  # a consistent copy: the writer may add meanwhile
-        for bound, n in zip(self.bounds + [float("inf")], counts):
+        for bound, n in zip(self.bounds + [float("inf")], counts, strict=True):
             total += n
             out.append(("+Inf" if bound == float("inf") else repr(bound), total))
         return out
@@ -106,22 +111,23 @@ def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
 class NodeCollector(Collector):
     """Builds every kvstore_* metric from the node's state when Prometheus scrapes."""
 
-    def __init__(self, node: "Node", grpc_stats: GrpcStats = GRPC_STATS) -> None:
+    def __init__(self, node: Node, grpc_stats: GrpcStats = GRPC_STATS) -> None:
         self.node = node
         self.grpc = grpc_stats
 
     def collect(self) -> Iterator[Metric]:
         node = self.node
-        if node.raw is None or node.sm is None:  # still opening storage
+        sm, wal = node.sm, node.log
+        if node.raw is None or sm is None or wal is None:  # still opening storage
             return
         m = node.metrics
-        yield from self._server(node, m)
+        yield from self._server(node, sm, m)
         yield from self._disk(m)
         yield from self._network(node, m)
-        yield from self._storage(node)
+        yield from self._storage(node, sm, wal)
         yield from self.grpc.collect()
 
-    def _server(self, node: "Node", m: NodeMetrics) -> Iterable[Metric]:
+    def _server(self, node: Node, sm: StateMachine, m: NodeMetrics) -> Iterable[Metric]:
         yield _gauge("kvstore_server_has_leader", "Whether a leader exists: 1 if it does, 0 if not.",
                      1 if node.leader_id else 0)
         yield _gauge("kvstore_server_is_leader", "Whether this member is the leader: 1 if it is, 0 if not.",
@@ -132,7 +138,7 @@ class NodeCollector(Collector):
         yield _gauge("kvstore_server_proposals_committed_total",
                      "The total number of consensus proposals committed (the commit index).", node.commit_index)
         yield _gauge("kvstore_server_proposals_applied_total",
-                     "The total number of consensus proposals applied (the applied index).", node.sm.applied_index)
+                     "The total number of consensus proposals applied (the applied index).", sm.applied_index)
         yield _gauge("kvstore_server_proposals_pending", "The current number of pending proposals to commit.",
                      len(node.proposals))
         yield _counter("kvstore_server_proposals_failed_total", "The total number of failed proposals seen.",
@@ -146,11 +152,11 @@ class NodeCollector(Collector):
                        "The total number of leader heartbeat send failures (likely overloaded from slow disk).",
                        dropped_heartbeats)
         yield _gauge("kvstore_server_quota_backend_bytes",
-                     "Current backend storage quota size in bytes (the LMDB map size).", node.sm.quota_bytes)
+                     "Current backend storage quota size in bytes (the LMDB map size).", sm.quota_bytes)
         alarms = GaugeMetricFamily("kvstore_server_alarms_active",
                                    "Members with this alarm raised (CORRUPT: their state differs from the others').",
                                    labels=["alarm"])
-        active = node.sm.alarms
+        active = sm.alarms
         for name in KNOWN_ALARMS:
             alarms.add_metric([name], sum(1 for _m, a in active if a == name))
         yield alarms
@@ -164,7 +170,7 @@ class NodeCollector(Collector):
         yield _histogram("kvstore_snap_save_total_duration_seconds",
                          "The total latency distributions of saving a snapshot.", m.snapshot_save)
 
-    def _network(self, node: "Node", m: NodeMetrics) -> Iterable[Metric]:
+    def _network(self, node: Node, m: NodeMetrics) -> Iterable[Metric]:
         peers = node.transport.peers if node.transport else {}
         sent = CounterMetricFamily("kvstore_network_peer_sent_bytes", "The total number of bytes sent to peers.",
                                    labels=["To"])
@@ -192,17 +198,16 @@ class NodeCollector(Collector):
             _histogram("", "", m.rtt(pid), {"To": str(pid)}, family=rtt)
         yield rtt
 
-    def _storage(self, node: "Node") -> Iterable[Metric]:
-        sm = node.sm
+    def _storage(self, node: Node, sm: StateMachine, wal: RaftLog) -> Iterable[Metric]:
         yield _gauge("kvstore_mvcc_db_total_size_in_bytes",
                      "Total size of the underlying database physically allocated in bytes.", sm.db_size())
         yield _gauge("kvstore_mvcc_keys_total", "Total number of keys.", sm.key_count())
         yield _gauge("kvstore_mvcc_current_revision", "The current revision of the store.", sm.revision)
-        yield _gauge("kvstore_wal_size_in_bytes", "Bytes of WAL segment files on disk.", node.log.wal_size())
+        yield _gauge("kvstore_wal_size_in_bytes", "Bytes of WAL segment files on disk.", wal.wal_size())
         yield _gauge("kvstore_server_snapshot_index", "The log index of the newest snapshot.", node.snapshot_index)
 
 
-def build_registry(node: "Node") -> CollectorRegistry:
+def build_registry(node: Node) -> CollectorRegistry:
     """The node's metrics plus the standard process_* and python_* ones."""
     registry = CollectorRegistry(auto_describe=False)
     ProcessCollector(registry=registry)

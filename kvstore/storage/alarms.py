@@ -28,7 +28,8 @@ def decode(raw: bytes | None) -> frozenset[tuple[int, str]]:
     return frozenset(out)
 
 
-def change(alarms: frozenset[tuple[int, str]], member_id: int, alarm: str, activate: bool) -> frozenset[tuple[int, str]]:
+def change(alarms: frozenset[tuple[int, str]], member_id: int, alarm: str,
+           activate: bool) -> frozenset[tuple[int, str]]:
     """The alarm set after raising, or clearing, `alarm` of `member_id` (0 / "": every member / alarm)."""
     if activate:
         return alarms | {(member_id, alarm)}

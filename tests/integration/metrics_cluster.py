@@ -5,7 +5,7 @@ import contextlib
 import re
 import urllib.error
 import urllib.request
-from typing import Iterator
+from collections.abc import Iterator
 
 from kvstore.jepsen.proxy import ProxyNetwork, free_port
 from kvstore.server.local_cluster import LocalCluster
@@ -24,7 +24,7 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
 
 def metric(text: str, name: str, labels: str = "") -> float | None:
     """The value of one sample in Prometheus text (labels as printed, e.g. '{To="2"}')."""
-    m = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.M)
+    m = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.MULTILINE)
     return float(m.group(1)) if m else None
 
 
