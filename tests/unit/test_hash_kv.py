@@ -61,11 +61,18 @@ def test_a_diverged_member_hashes_differently(tmp_path):
     assert good.hash_at(2).hash != bad.hash_at(2).hash
 
 
-def test_a_changed_value_or_version_changes_the_hash(tmp_path):
-    one, two = open_sm(tmp_path / "one"), open_sm(tmp_path / "two")
-    one.apply(entries(put(b"k", b"ab"), put(b"k", b"ab"), BARRIER))
-    two.apply(entries(put(b"k", b"ab"), put(b"j", b"ab"), BARRIER))
-    assert one.hash_at(3).hash != two.hash_at(3).hash
+def test_a_changed_key_value_or_version_changes_the_hash(tmp_path):
+    def hash_of(name: str, *datas: bytes) -> int:
+        sm = open_sm(tmp_path / name)
+        sm.apply(entries(*datas, BARRIER))
+        return sm.hash_at(len(datas) + 1).hash
+
+    base = hash_of("base", put(b"k", b"ab"), put(b"j", b"ab"))
+    assert hash_of("same", put(b"k", b"ab"), put(b"j", b"ab")) == base
+    assert hash_of("key", put(b"k", b"ab"), put(b"i", b"ab")) != base
+    assert hash_of("value", put(b"k", b"ab"), put(b"j", b"ac")) != base
+    # the same keys and values, but k written twice: its version and revisions differ
+    assert hash_of("version", put(b"k", b"ab"), put(b"k", b"ab"), put(b"j", b"ab")) != base
 
 
 def test_only_recent_barriers_are_kept(tmp_path):
