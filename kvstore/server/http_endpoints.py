@@ -5,7 +5,7 @@ prometheus_client's threaded server: a thread would fight the loop for the GIL
 on the hot path, while a scrape here is one short turn of the loop every few
 seconds. Only GET (and HEAD) of these paths, one request per connection.
 
-    /metrics  Prometheus text format (metrics.py)
+    /metrics  Prometheus text format (metrics_export.py)
     /health   {"health":"true","reason":""} 200, or 503 with the reason (health.py)
     /livez    "ok" 200 while the process answers
     /readyz   "ok" 200, or 503 with "[-]" and each reason, one per line
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import health
-from .metrics import build_registry
+from .metrics_export import build_registry
 
 if TYPE_CHECKING:
     from .node import Node

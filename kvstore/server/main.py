@@ -20,7 +20,6 @@ from kvstore.v1 import cluster_pb2_grpc, kv_pb2_grpc, maintenance_pb2_grpc
 from .cluster_service import ClusterService
 from .config import ServerConfig, parse_args
 from .corruption import CorruptionChecker
-from .http_endpoints import HttpEndpoints
 from .kv_service import KVService
 from .limits import Limits
 from .logs import log_term_from, setup_logging
@@ -82,8 +81,11 @@ async def serve(cfg: ServerConfig) -> None:
         await peer_server.stop()
         await cannot_listen(node, "client", cfg.listen_client_addr, "in use?")
     await client_server.start()
-    http = HttpEndpoints(node)
+    http = None
     if cfg.listen_metrics_addr:
+        from .http_endpoints import HttpEndpoints  # prometheus_client: loaded only when served
+
+        http = HttpEndpoints(node)
         host, _, port = cfg.listen_metrics_addr.rpartition(":")
         try:
             await http.start(host.strip("[]"), int(port))
@@ -115,7 +117,8 @@ async def serve(cfg: ServerConfig) -> None:
     await node.shutdown()
     await checker.stop()
     await client_server.stop(grace=2.0)
-    await http.stop()
+    if http is not None:
+        await http.stop()
     await peer_server.stop()
     await node.close()
 

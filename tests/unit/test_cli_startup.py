@@ -1,7 +1,8 @@
 """`kvstore serve` starts a node without loading what only the other commands need.
 
 A node's restart time is part of the performance goals: rich, the client
-library, the Jepsen harness and the bench must not be imported on its path.
+library, the Jepsen harness and the bench must not be imported on its path,
+nor prometheus_client (~60 ms) unless the node serves --listen-metrics-addr.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from click.testing import CliRunner
 from kvstore import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-HEAVY = ("rich", "kvstore.client", "kvstore.jepsen", "kvstore.bench")
+HEAVY = ("rich", "kvstore.client", "kvstore.jepsen", "kvstore.bench", "prometheus_client")
 
 
 def loaded_after(code: str) -> set[str]:
