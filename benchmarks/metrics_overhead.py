@@ -38,7 +38,7 @@ import urllib.request
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kvstore.bench import LoadSpec, run_load
-from kvstore.server.local_cluster import LocalCluster
+from kvstore.launcher import LocalCluster
 
 
 class TreeCluster(LocalCluster):

@@ -8,7 +8,7 @@ import urllib.request
 from collections.abc import Iterator
 
 from kvstore.jepsen.proxy import ProxyNetwork, free_port
-from kvstore.server.local_cluster import LocalCluster
+from kvstore.launcher import LocalCluster
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:

@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from kvstore.client import Client
-from kvstore.server.local_cluster import LocalCluster
+from kvstore.launcher import LocalCluster
 from kvstore.v1 import kv_pb2
 from tests.integration.metrics_cluster import http_get, metric
 from tests.integration.server_cluster import kv_stub
