@@ -37,6 +37,9 @@ def test_check_hash_agrees_on_a_healthy_cluster(tmp_path):
         assert "OK: all 3 members agree" in r.stdout
         hashes = {line.split("hash ")[1] for line in r.stdout.splitlines() if line.startswith("member ")}
         assert len(hashes) == 1
+        assert kvstore_cli(lc, "alarm", "list").stdout == ""
+        r = kvstore_cli(lc, "alarm", "disarm")  # nothing to clear: goes through the log all the same
+        assert (r.returncode, r.stdout) == (0, ""), r.stderr
 
 
 def test_a_corrupted_member_is_named_alarmed_and_refuses_reads(tmp_path):
