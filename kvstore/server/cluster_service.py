@@ -16,9 +16,11 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
     def __init__(self, node: Node) -> None:
         self.node = node
 
+    @handles_errors
     async def Status(self, request, context) -> cluster_pb2.StatusResponse:
         return cluster_pb2.StatusResponse(header=self.node.header(), **self.node.status())
 
+    @handles_errors
     async def MemberList(self, request, context) -> cluster_pb2.MemberListResponse:
         cfg = self.node.cfg
         # URLs say https:// when that listener is TLS, as etcd's member list does (clients accept either form).
