@@ -131,10 +131,26 @@ class CorruptionChecker:
             except (RequestFailed, grpc.RpcError, ValueError) as e:
                 log.warning("corruption check failed: %s", getattr(e, "message", None) or e)
 
+    def _channel(self, peer_id: int) -> grpc.aio.Channel:
+        """A channel to a member's client API; with client TLS on, verified against the member's CA
+        files and presenting this member's peer certificate (the one made to be shown as a client)."""
+        cfg = self.node.cfg
+        addr = cfg.clients[peer_id]
+        if not cfg.cert_file:
+            return grpc.aio.insecure_channel(addr)
+        from .tls import read_file
+
+        ca = cfg.trusted_ca_file or cfg.peer_trusted_ca_file
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=read_file(ca) if ca else None,
+            private_key=read_file(cfg.peer_key_file) if cfg.peer_key_file else None,
+            certificate_chain=read_file(cfg.peer_cert_file) if cfg.peer_cert_file else None)
+        return grpc.aio.secure_channel(addr, creds)
+
     async def _peer_hash(self, peer_id: int, index: int) -> HashMark:
         ch = self._channels.get(peer_id)
         if ch is None:
-            ch = self._channels[peer_id] = grpc.aio.insecure_channel(self.node.cfg.clients[peer_id])
+            ch = self._channels[peer_id] = self._channel(peer_id)
         stub = maintenance_pb2_grpc.MaintenanceStub(ch)
         r = await stub.HashKV(maintenance_pb2.HashKVRequest(index=index), timeout=HASH_TIMEOUT_S)
         return HashMark(r.index, r.revision, r.hash)

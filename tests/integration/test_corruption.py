@@ -106,3 +106,20 @@ def test_a_corrupted_member_is_named_alarmed_and_refuses_reads(tmp_path):
         with pytest.raises(grpc.RpcError) as e:
             kv_stub(lc.client_addr(3)).Range(kv_pb2.RangeRequest(key=b"key1", serializable=True), timeout=10)
         assert e.value.code() == grpc.StatusCode.DATA_LOSS
+
+
+def test_the_periodic_check_runs_over_client_tls(tmp_path):
+    """With TLS on the client API (client certificates required), the leader still reaches every member."""
+    from kvstore.certs import init
+
+    certs = init(str(tmp_path / "tls"), 3)
+    with LocalCluster.with_free_ports(str(tmp_path / "cluster"), certs=certs,
+                                      extra_args=["--corrupt-check-time", "1s"],
+                                      node_args={3: ["--testing-corrupt-state"]}) as lc:
+        lc.wait_for_leader(60)
+
+        def alarmed():
+            _s, text = http_get(lc.metrics_url(1))
+            return metric(text, "kvstore_server_alarms_active", '{alarm="CORRUPT"}') == 1
+
+        lc.wait_for(alarmed, 60, "a CORRUPT alarm raised by a check over TLS")

@@ -12,15 +12,15 @@ from kvstore.v1 import command_pb2, kv_pb2
 
 def put(k: bytes, v: bytes = b"v") -> bytes:
     return command_pb2.Command(ops=[kv_pb2.RequestOp(request_put=kv_pb2.PutRequest(key=k, value=v))],
-                               proposed_at_ms=1000).SerializeToString()
+                               leader_clock_ms=1000).SerializeToString()
 
 
-BARRIER = command_pb2.Command(hash_barrier=True, proposed_at_ms=1000).SerializeToString()
+BARRIER = command_pb2.Command(hash_barrier=True, leader_clock_ms=1000).SerializeToString()
 
 
 def alarm(member: int, activate: bool = True, name: str = alarms.CORRUPT) -> bytes:
     return command_pb2.Command(alarm=command_pb2.AlarmChange(member_id=member, alarm=name, activate=activate),
-                               proposed_at_ms=1000).SerializeToString()
+                               leader_clock_ms=1000).SerializeToString()
 
 
 def open_sm(path) -> StateMachine:
@@ -98,7 +98,7 @@ def test_alarms_are_replicated_state_that_survives_a_restart(tmp_path):
 def test_an_empty_command_still_applies_as_before(tmp_path):
     sm = open_sm(tmp_path / "sm")
     sm.apply(entries(put(b"x")))
-    [r] = sm.apply(entries(command_pb2.Command(proposed_at_ms=1).SerializeToString(), start=2))
+    [r] = sm.apply(entries(command_pb2.Command(leader_clock_ms=1).SerializeToString(), start=2))
     assert r.n == 0 and r.revision == 1 and sm.applied_index == 2
 
 
