@@ -72,7 +72,7 @@ OPTIONS: list[Option] = [
            "address the peer API binds (default: this member's entry in --initial-cluster)"),
     Option("--listen-metrics-addr", str, "",
            "address of the HTTP endpoints /metrics, /health, /livez and /readyz, e.g. 127.0.0.1:2381 "
-           "(empty: not served)"),
+           "(default: none)"),
     Option("--cluster-id", int, 0, "an id shared by all members; peer messages from another cluster are refused"),
     # timing
     Option("--tick-ms", int, 100, "length of one raft tick in milliseconds"),
