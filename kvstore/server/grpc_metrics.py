@@ -23,11 +23,12 @@ BATCH_OP_KINDS = ("write", "read", "invalid")
 class MethodStats:
     """One RPC method: calls by status code and their handling time. Event-loop thread only."""
 
-    __slots__ = ("bounds", "codes", "counts", "method", "service", "sum")
+    __slots__ = ("bounds", "codes", "counts", "grpc_type", "method", "service", "sum")
 
-    def __init__(self, service: str, method: str) -> None:
+    def __init__(self, service: str, method: str, grpc_type: str = "unary") -> None:
         self.service = service
         self.method = method
+        self.grpc_type = grpc_type
         self.codes: dict[str, int] = {"OK": 0}
         self.bounds = HANDLING_BUCKETS
         self.counts = [0] * (len(HANDLING_BUCKETS) + 1)
@@ -46,14 +47,15 @@ class MethodStats:
 
 class GrpcStats:
     def __init__(self) -> None:
-        self.methods: dict[tuple[str, str], MethodStats] = {}
+        self.methods: dict[tuple[str, str, str], MethodStats] = {}
         self.batch_ops = dict.fromkeys(BATCH_OP_KINDS, 0)
 
-    def method(self, service: str, method: str) -> MethodStats:
-        key = (service, method)
+    def method(self, service: str, method: str, grpc_type: str = "unary") -> MethodStats:
+        """A method's stats; grpc_type "session" for the calls carried by a Session stream."""
+        key = (service, method, grpc_type)
         m = self.methods.get(key)
         if m is None:
-            m = self.methods[key] = MethodStats(service, method)
+            m = self.methods[key] = MethodStats(service, method, grpc_type)
         return m
 
 

@@ -161,7 +161,7 @@ def grpc_families(stats: GrpcStats) -> Iterator[Metric]:
                                      "(seconds) of gRPC that had been application-level handled by the server.",
                                      labels=labels)
     for m in list(stats.methods.values()):
-        base = ["unary", m.service, m.method]
+        base = [m.grpc_type, m.service, m.method]
         for code, n in list(m.codes.items()):
             handled.add_metric(base + [code], n)
         buckets: list[tuple[str, float]] = []

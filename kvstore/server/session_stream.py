@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -36,6 +37,7 @@ from kvstore.storage.errors import InvalidRequest as StorageInvalidRequest
 from kvstore.v1 import kv_pb2
 
 from .errors import LEADER_ADDR_KEY, LEADER_ID_KEY, RequestFailed
+from .grpc_metrics import GRPC_STATS, MethodStats
 from .limits import InvalidRequest
 
 __all__ = ["SessionStream", "Handler", "request_error"]
@@ -52,6 +54,14 @@ _INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 #: Answers waiting together go out in one message up to about this size (a big
 #: range answer still goes alone; the client accepts 64 MiB messages).
 MAX_BATCH_BYTES = 1 << 20
+
+
+# The metrics of the unary method each kind of session request stands for (made up front, so that
+# every series starts at 0 and a rate sees its first requests).
+_STATS: dict[str | None, MethodStats] = {
+    kind: GRPC_STATS.method("kvstore.v1.KV", method, "session")
+    for kind, method in (("range", "Range"), ("put", "Put"), ("delete_range", "DeleteRange"), ("txn", "Txn"),
+                         ("batch", "Batch"), (None, "Invalid"))}
 
 
 def request_error(out: kv_pb2.RequestError, err: BaseException) -> None:
@@ -129,6 +139,9 @@ class SessionStream:
 
     async def _answer(self, req: kv_pb2.SessionRequest, answers: asyncio.Queue[Any]) -> None:
         resp = kv_pb2.SessionAnswer(id=req.id)
+        t0 = time.perf_counter()
+        code = "OK"
+        kind = None
         try:
             kind = req.WhichOneof("request")
             if not req.id:
@@ -146,10 +159,14 @@ class SessionStream:
         except (RequestFailed, InvalidRequest, StorageInvalidRequest) as e:
             resp.ClearField("response")
             request_error(resp.error, e)
+            code = e.code.name if isinstance(e, RequestFailed) else "INVALID_ARGUMENT"
         except Exception as e:
             log.exception("session request %d failed", req.id)
             resp.ClearField("response")
             request_error(resp.error, e)
+            code = "INTERNAL"
+        # Counted like the unary call it stands for (grpc_metrics.py), as grpc_type "session".
+        _STATS[kind].record(code, time.perf_counter() - t0)
         answers.put_nowait(resp)
 
     @staticmethod
