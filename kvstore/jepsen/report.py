@@ -19,7 +19,7 @@ from kvstore.jepsen.history import INFO, Operation, load_jsonl
 from kvstore.jepsen.recorder import Fault, load_faults
 
 COLORS = {"ok": "#2e9d4a", "fail": "#e08a1e", "info": "#d7263d"}
-FAULT_COLORS = {"partition": "#4a78c2", "kill": "#c2374a", "pause": "#8a4ac2", "power": "#d08a1a"}
+FAULT_COLORS = {"partition": "#4a78c2", "kill": "#c2374a", "pause": "#8a4ac2", "power": "#d08a1a", "clock": "#2a9d8f"}
 WIDTH, HEIGHT, LEFT, RIGHT, TOP, BOTTOM = 1100, 380, 60, 20, 20, 40
 BAR_HEIGHT = 120
 
