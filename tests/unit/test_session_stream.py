@@ -75,20 +75,28 @@ async def read_answers(call: Any, n: int) -> list[kv_pb2.SessionAnswer]:
     return out
 
 
+class Held:
+    """A handler that counts the requests it starts and holds each until `release` is set."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.started = 0
+
+    async def __call__(self, kind: str, req: Any, timeout: float, out: Any) -> None:
+        self.started += 1
+        await self.release.wait()
+
+
 def test_answers_completing_together_share_one_message():
     async def main() -> None:
-        release = asyncio.Event()
-
-        async def held(kind: str, req: Any, timeout: float, out: Any) -> None:
-            await release.wait()
-
+        held = Held()
         server, addr, kv = await start_server(held, max_in_flight=64)
         async with grpc.aio.insecure_channel(addr) as ch:
             call = kv_pb2_grpc.KVStub(ch).Session()
             for i in range(1, 51):
                 await call.write(put_frame(i))
             await wait_until(lambda: kv.streams and kv.streams[0].received == 50, what="50 requests read")
-            release.set()  # all 50 complete in the same loop turn
+            held.release.set()  # all 50 complete in the same loop turn
             msg = await call.read()
             assert len(msg.answers) == 50
             call.cancel()
@@ -126,23 +134,16 @@ def test_answers_come_back_out_of_order_each_to_its_caller():
 
 def test_the_member_stops_reading_at_the_in_flight_bound():
     async def main() -> None:
-        release = asyncio.Event()
-        started = 0
-
-        async def held(kind: str, req: Any, timeout: float, out: Any) -> None:
-            nonlocal started
-            started += 1
-            await release.wait()
-
+        held = Held()
         server, addr, kv = await start_server(held, max_in_flight=8)
         async with grpc.aio.insecure_channel(addr) as ch:
             call = kv_pb2_grpc.KVStub(ch).Session()
             for i in range(1, 41):  # five times the bound, all written by the client
                 await call.write(put_frame(i))
-            await wait_until(lambda: started == 8, what="8 requests started")
+            await wait_until(lambda: held.started == 8, what="8 requests started")
             await asyncio.sleep(0.3)  # would the member read more? it must not
-            assert kv.streams[0].received == 8 and started == 8
-            release.set()
+            assert kv.streams[0].received == 8 and held.started == 8
+            held.release.set()
             answers = await read_answers(call, 40)
             assert all(a.WhichOneof("response") == "put" for a in answers)
             assert {a.id for a in answers} == set(range(1, 41))
@@ -155,25 +156,18 @@ def test_the_member_stops_reading_at_the_in_flight_bound():
 
 def test_the_client_keeps_at_most_its_bound_in_flight_and_makes_callers_wait():
     async def main() -> None:
-        release = asyncio.Event()
-        started = 0
-
-        async def held(kind: str, req: Any, timeout: float, out: Any) -> None:
-            nonlocal started
-            started += 1
-            await release.wait()
-
+        held = Held()
         server, addr, kv = await start_server(held, max_in_flight=1000)
         async with grpc.aio.insecure_channel(addr) as ch:
             s = ClientStream(ch, max_in_flight=4)
             calls = [asyncio.ensure_future(s.call("put", kv_pb2.PutRequest(key=b"k", value=b"v"), 10.0))
                      for _ in range(20)]
-            await wait_until(lambda: started == 4, what="4 requests at the member")
+            await wait_until(lambda: held.started == 4, what="4 requests at the member")
             await asyncio.sleep(0.3)
-            assert started == 4 and s.in_flight == 4 and kv.streams[0].received == 4
-            release.set()
+            assert held.started == 4 and s.in_flight == 4 and kv.streams[0].received == 4
+            held.release.set()
             await asyncio.gather(*calls)
-            assert started == 20
+            assert held.started == 20
         await server.stop(None)
 
     asyncio.run(main())
