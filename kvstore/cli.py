@@ -133,7 +133,8 @@ class _LazyGroup(click.Group):
 
     lazy = {"jepsen": ("kvstore.jepsen.cli", "jepsen"), "bench": ("kvstore.bench", "bench"),
             "certs": ("kvstore.certs", "certs"),
-            "check": ("kvstore.maintenance_cli", "check"), "alarm": ("kvstore.maintenance_cli", "alarm")}
+            "check": ("kvstore.maintenance_cli", "check"), "alarm": ("kvstore.maintenance_cli", "alarm"),
+            "snapshot": ("kvstore.snapshot_cli", "snapshot")}
 
 
     def list_commands(self, ctx: click.Context) -> list[str]:

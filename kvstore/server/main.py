@@ -14,6 +14,7 @@ import sys
 
 import grpc
 
+from kvstore.storage import cluster_identity
 from kvstore.storage.data_dir_lock import DataDirInUse, lock_data_dir
 from kvstore.v1 import cluster_pb2_grpc, kv_pb2_grpc, maintenance_pb2_grpc
 
@@ -138,6 +139,10 @@ def run(cfg: ServerConfig) -> None:
         sys.exit(f"error: {e}")
     except OSError as e:
         sys.exit(f"error: cannot lock data dir {cfg.data_dir}: {e.strerror or e}")
+    try:  # a data dir made for a cluster of its own (a restore) carries that cluster's id
+        cfg.cluster_id = cluster_identity.check(cfg.data_dir, cfg.cluster_id, cfg.id)
+    except cluster_identity.ClusterIdentityError as e:
+        sys.exit(f"error: {e}")
     try:
         import uvloop
     except ImportError:

@@ -643,6 +643,10 @@ class Node:
             fatal(f"streaming a snapshot image of {os.path.join(self.cfg.data_dir, 'db')}", e)
         return at, term, SupervisedReader(cast(BinaryIO, stream), f"streaming snapshot {at}")
 
+    def open_image_for_backup(self) -> tuple[int, int, ImageReader]:
+        """(index, term, reader) of the state machine as it is now, for `kvstore snapshot save`."""
+        return self._open_image(0)
+
     def _snapshot_path(self, index: int) -> str:
         for i, _term, _voters, path in self.snapshots.list():
             if i == index:
