@@ -1,7 +1,7 @@
 """Raft consensus as a pure, deterministic state machine (see rawnode.RawNode)."""
 from .config import Config
 from .confchange import decode_conf_change, encode_conf_change
-from .errors import ProposalDropped
+from .errors import ConfChangeRefused, ProposalDropped
 from .memory_storage import MemoryStorage, SnapshotOutOfDate
 from .progress import ProgressState
 from .rawnode import RawNode
@@ -23,7 +23,7 @@ from .types import (
 )
 
 __all__ = [
-    "Config", "RawNode", "Ready", "Status", "ProgressView", "ProgressState", "ProposalDropped",
+    "Config", "ConfChangeRefused", "RawNode", "Ready", "Status", "ProgressView", "ProgressState", "ProposalDropped",
     "MemoryStorage", "SnapshotOutOfDate", "Storage", "CompactedError", "UnavailableError",
     "SnapshotTemporarilyUnavailable", "ConfChange", "ConfState", "Entry", "EntryType", "HardState",
     "Message", "MessageType", "ReadState", "Snapshot", "SnapshotMetadata", "SoftState", "StateRole",

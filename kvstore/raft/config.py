@@ -5,6 +5,7 @@ import random
 from dataclasses import dataclass, field
 
 from .faults import check
+from .types import ConfState
 
 
 @dataclass
@@ -19,6 +20,11 @@ class Config:
     pre_vote: bool = True  # thesis §9.6
     check_quorum: bool = True  # a leader that hears from no quorum for an election timeout steps down
     applied: int = 0  # the state machine's applied index on restart
+    # the membership as of `applied`, kept by the state machine (conf changes applied after the
+    # storage's snapshot are not replayed to raft); None: the storage's snapshot, else `peers`
+    conf_state: ConfState | None = None
+    # a learner is promoted only when at most this many entries behind the leader's log
+    max_learner_lag: int = 1000
     rand: random.Random | None = None
     # test-only: planted bugs from kvstore.raft.faults; never set outside tests
     testing_bugs: frozenset[str] = field(default_factory=frozenset)
@@ -34,6 +40,8 @@ class Config:
             raise ValueError("max_inflight_msgs must be > 0")
         if self.max_size_per_msg <= 0:
             raise ValueError("max_size_per_msg must be > 0")
+        if self.max_learner_lag < 0:
+            raise ValueError("max_learner_lag must be >= 0")
         if self.max_uncommitted_size < 0:
             raise ValueError("max_uncommitted_size must be >= 0")
         self.testing_bugs = check(self.testing_bugs)

@@ -16,7 +16,13 @@ VOTE_BEFORE_PERSIST = "vote_before_persist"
 # Thesis §6.4: answer ReadIndex without confirming leadership by a heartbeat round.
 READ_WITHOUT_HEARTBEAT = "read_without_heartbeat"
 
-ALL = (COMMIT_OLD_TERM, VOTE_WITHOUT_LOG_CHECK, VOTE_BEFORE_PERSIST, READ_WITHOUT_HEARTBEAT)
+# Thesis §4.1: propose a membership change while another is still in flight (not yet applied).
+TWO_CONF_CHANGES_IN_FLIGHT = "two_conf_changes_in_flight"
+# Learners are non-voting: count a learner's acknowledgement toward the commit quorum anyway.
+LEARNER_IN_QUORUM = "learner_in_quorum"
+
+ALL = (COMMIT_OLD_TERM, VOTE_WITHOUT_LOG_CHECK, VOTE_BEFORE_PERSIST, READ_WITHOUT_HEARTBEAT,
+       TWO_CONF_CHANGES_IN_FLIGHT, LEARNER_IN_QUORUM)
 
 
 def check(bugs: frozenset[str] | set[str]) -> frozenset[str]:

@@ -143,7 +143,8 @@ class VoteResult(enum.IntEnum):
 class ProgressTracker:
     """Membership, replication progress and election votes."""
 
-    def __init__(self, max_inflight: int, max_inflight_bytes: int = 0) -> None:
+    def __init__(self, max_inflight: int, max_inflight_bytes: int = 0, bug_learner_in_quorum: bool = False) -> None:
+        self.bug_learner_in_quorum = bug_learner_in_quorum  # planted bug (faults.LEARNER_IN_QUORUM)
         self.voters: list[int] = []
         self.learners: list[int] = []
         self.progress: dict[int, Progress] = {}
@@ -186,8 +187,9 @@ class ProgressTracker:
         self.votes.pop(id, None)
 
     def committed(self) -> int:
-        """The largest index acknowledged by a quorum of voters."""
-        matches = sorted((self.progress[v].match for v in self.voters), reverse=True)
+        """The largest index acknowledged by a quorum of voters (learners never count)."""
+        counted = self.voters + self.learners if self.bug_learner_in_quorum else self.voters
+        matches = sorted((self.progress[v].match for v in counted), reverse=True)
         if not matches:
             return 0
         return matches[self.quorum() - 1]
@@ -200,11 +202,16 @@ class ProgressTracker:
         return n >= self.quorum()
 
     def quorum_active(self, self_id: int) -> bool:
+        return self.active_voters(self_id) >= self.quorum()
+
+    def active_voters(self, self_id: int, voters: list[int] | None = None) -> int:
+        """How many of `voters` (default: the current ones) were heard from lately (self always counts)."""
         n = 0
-        for v in self.voters:
-            if v == self_id or self.progress[v].recent_active:
+        for v in self.voters if voters is None else voters:
+            pr = self.progress.get(v)
+            if v == self_id or (pr is not None and pr.recent_active):
                 n += 1
-        return n >= self.quorum()
+        return n
 
     def reset_votes(self) -> None:
         self.votes = {}

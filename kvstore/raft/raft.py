@@ -11,7 +11,7 @@ import random
 from . import faults
 from .config import Config
 from .confchange import decode_conf_change, encode_conf_change
-from .errors import ProposalDropped
+from .errors import ConfChangeRefused, ProposalDropped
 from .log import RaftLog
 from .progress import ProgressState, ProgressTracker, VoteResult
 from .read_only import ReadOnly
@@ -57,9 +57,13 @@ class Raft:
         self.bug_vote_no_log_check = faults.VOTE_WITHOUT_LOG_CHECK in bugs
         self.bug_vote_before_persist = faults.VOTE_BEFORE_PERSIST in bugs
         self.bug_read_no_heartbeat = faults.READ_WITHOUT_HEARTBEAT in bugs
+        self.bug_two_conf_changes = faults.TWO_CONF_CHANGES_IN_FLIGHT in bugs
+        self.max_learner_lag = cfg.max_learner_lag
 
         hs, cs = storage.initial_state()
-        self.tracker = ProgressTracker(cfg.max_inflight_msgs)
+        if cfg.conf_state is not None and cfg.conf_state.voters:
+            cs = cfg.conf_state  # the state machine's: newer than the snapshot's when changes were applied since
+        self.tracker = ProgressTracker(cfg.max_inflight_msgs, bug_learner_in_quorum=faults.LEARNER_IN_QUORUM in bugs)
         voters = cs.voters if cs.voters else cfg.peers
         if not voters:
             raise ValueError("no voters: give Config.peers for a new cluster")
@@ -431,9 +435,10 @@ class Raft:
         if self.id not in self.tracker.progress:
             raise ProposalDropped("removed from the cluster")
         for e in ents:
-            if e.type == EntryType.CONF_CHANGE:
-                if self.pending_conf_index > self.log.applied:
-                    raise ProposalDropped("a membership change is still being applied")
+            if e.type == EntryType.CONF_CHANGE and self.pending_conf_index > self.log.applied \
+                    and not self.bug_two_conf_changes:
+                raise ConfChangeRefused(f"a membership change (at index {self.pending_conf_index}) is still "
+                                        f"being applied; one change at a time")
         self.append_entry(ents)
         for e in ents:
             if e.type == EntryType.CONF_CHANGE:
@@ -682,9 +687,78 @@ class Raft:
             tr.add_node(v, nxt, learner=True)
 
     # -- membership (single-server changes, thesis §4.1) ---------------------------------------------------
+    #
+    # Why single-server changes rather than joint consensus: every change we need (add or remove
+    # one member, add a learner, promote it) moves one server at a time, and for one server the
+    # old and new majorities always overlap, so no intermediate joint configuration is needed.
+    # The rules that make it safe (thesis §4.1 and its 2015 erratum):
+    #   * one change at a time: a change is proposed only once the previous one is applied
+    #     (pending_conf_index <= applied); two in flight could form disjoint majorities;
+    #   * only after the leader has committed an entry of its own term (its no-op), so a change
+    #     from a deposed leader's term cannot be overwritten after a newer one took effect;
+    #   * a configuration takes effect when its entry is applied (as in etcd), on every member.
+    # Learners take no part in quorums or elections, so adding, removing or promoting one is also
+    # a single-server change. Joint consensus (etcd's ConfChangeV2) would buy atomic multi-member
+    # replacements at the price of a second configuration in every quorum computation.
 
-    def propose_conf_change(self, cc: ConfChange) -> None:
+    def propose_conf_change(self, cc: ConfChange, force: bool = False) -> None:
+        """Propose one membership change; ConfChangeRefused says why it cannot be made now.
+
+        Besides the protocol's rules, refuses what an operator would regret (etcd's strict
+        reconfiguration check), unless `force`: a change after which fewer voters than a quorum
+        have been heard from lately (a new voter counts as not started).
+        """
+        if self.state != StateRole.LEADER:
+            raise ProposalDropped("not the leader" if self.lead else "no leader")
+        if not self.committed_entry_in_current_term():
+            raise ConfChangeRefused("the leader has not yet committed an entry of its term; retry shortly")
+        self._check_conf_change(cc, force)
         self.propose([Entry(term=0, index=0, type=EntryType.CONF_CHANGE, data=encode_conf_change(cc))])
+
+    def _check_conf_change(self, cc: ConfChange, force: bool) -> None:
+        tr = self.tracker
+        id = cc.node_id
+        if id <= 0:
+            raise ConfChangeRefused(f"member id must be > 0, not {id}")
+        voter, learner = id in tr.voters, id in tr.learners
+        if cc.change_type == ConfChange.ADD_LEARNER:
+            if voter or learner:
+                raise ConfChangeRefused(f"member {id} is already a {'voter' if voter else 'learner'}")
+            return
+        if cc.change_type == ConfChange.ADD_NODE:
+            if voter:
+                raise ConfChangeRefused(f"member {id} is already a voter")
+            if learner:
+                lag = self.log.last_index() - tr.progress[id].match
+                if lag > self.max_learner_lag:
+                    raise ConfChangeRefused(
+                        f"learner {id} is {lag} entries behind the leader (at most {self.max_learner_lag} "
+                        f"to be promoted); promote it once it has caught up")
+            new_voters = tr.voters + [id]
+            if not force and not learner:
+                active = tr.active_voters(self.id, tr.voters)  # the new member has not started yet
+                quorum = len(new_voters) // 2 + 1
+                if active < quorum:
+                    raise ConfChangeRefused(
+                        f"adding voter {id} would need {quorum} of {len(new_voters)} voters for a quorum, but only "
+                        f"{active} are reachable; the cluster would stop if the new member never starts "
+                        f"(add it as a learner first, or force)")
+            return
+        if cc.change_type == ConfChange.REMOVE_NODE:
+            if not voter and not learner:
+                raise ConfChangeRefused(f"member {id} is not in the cluster")
+            if voter:
+                rest = [v for v in tr.voters if v != id]
+                if not rest:
+                    raise ConfChangeRefused(f"member {id} is the only voter; it cannot be removed")
+                active = tr.active_voters(self.id, rest)
+                quorum = len(rest) // 2 + 1
+                if not force and active < quorum:
+                    raise ConfChangeRefused(
+                        f"removing member {id} would leave {len(rest)} voters of which only {active} are "
+                        f"reachable, fewer than the {quorum} a quorum needs")
+            return
+        raise ConfChangeRefused(f"unknown membership change type {cc.change_type}")
 
     def apply_conf_change(self, cc: ConfChange) -> ConfState:
         tr = self.tracker
@@ -701,7 +775,8 @@ class Raft:
             raise ValueError(f"unknown conf change type {cc.change_type}")
         if self.state == StateRole.LEADER:
             if cc.node_id == self.id and cc.change_type == ConfChange.REMOVE_NODE:
-                self.become_follower(self.term, 0)  # a removed leader steps down
+                # the change is committed (we apply it): a removed leader steps down, the rest elect
+                self.become_follower(self.term, 0)
             elif tr.voters and self.maybe_commit():
                 self.bcast_append()  # the quorum changed
         return tr.conf_state()

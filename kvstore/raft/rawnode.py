@@ -53,8 +53,9 @@ class RawNode:
         if datas:
             self.raft.propose([Entry(term=0, index=0, type=EntryType.NORMAL, data=d) for d in datas])
 
-    def propose_conf_change(self, cc: ConfChange) -> None:
-        self.raft.propose_conf_change(cc)
+    def propose_conf_change(self, cc: ConfChange, force: bool = False) -> None:
+        """Propose one membership change (raises ConfChangeRefused with the reason when it cannot be made)."""
+        self.raft.propose_conf_change(cc, force)
 
     def apply_conf_change(self, cc: ConfChange) -> ConfState:
         return self.raft.apply_conf_change(cc)

@@ -10,14 +10,19 @@ from __future__ import annotations
 import random
 from collections import deque
 
-from kvstore.raft import Config, MemoryStorage, Message, MessageType, RawNode, Ready, StateRole
+from kvstore.raft import (
+    Config, EntryType, MemoryStorage, Message, MessageType, RawNode, Ready, StateRole, decode_conf_change,
+)
 from kvstore.raft.raft import Raft
 
 
 class Cluster:
-    def __init__(self, n: int = 3, seed: int = 0, ids: list[int] | None = None, **cfg) -> None:
+    def __init__(self, n: int = 3, seed: int = 0, ids: list[int] | None = None, *,
+                 apply_conf_changes: bool = False, **cfg) -> None:
         self.ids = ids or list(range(1, n + 1))
         self.cfg = cfg
+        # apply committed CONF_CHANGE entries to the core as they are applied (what the node does)
+        self.apply_conf_changes = apply_conf_changes
         self.seed = seed
         self.storage = {i: MemoryStorage() for i in self.ids}
         self.nodes: dict[int, RawNode] = {}
@@ -30,6 +35,14 @@ class Cluster:
         self.down: set[int] = set()
         for i in self.ids:
             self.start(i)
+
+    def add(self, i: int, **overrides) -> RawNode:
+        """Start a new member i (give its conf_state: the membership it joins with)."""
+        self.ids.append(i)
+        self.storage[i] = MemoryStorage()
+        self.applied[i] = []
+        self.read_states[i] = []
+        return self.start(i, **overrides)
 
     def start(self, i: int, **overrides) -> RawNode:
         cfg = dict(self.cfg)
@@ -74,6 +87,10 @@ class Cluster:
             st.set_hard_state(rd.hard_state)
         self.queue.extend(rd.persisted_messages)
         self.applied[i].extend(rd.committed_entries)
+        if self.apply_conf_changes:
+            for e in rd.committed_entries:
+                if e.type == EntryType.CONF_CHANGE:
+                    node.apply_conf_change(decode_conf_change(e.data))
         self.read_states[i].extend(rd.read_states)
         node.advance(rd)
         return rd
