@@ -95,6 +95,8 @@ class Raft:
         self.lead_transferee = 0
         self.campaign_transfer = False  # the current campaign was started by TIMEOUT_NOW
         self.pending_conf_index = 0
+        # a leader that applied its own removal: it leads on (not counting itself) until the rest hold its log
+        self.stepping_down = False
         self.uncommitted_size = 0
         self.election_elapsed = 0
         self.heartbeat_elapsed = 0
@@ -226,6 +228,7 @@ class Raft:
                 pr.match = self.log.stable_last()
                 pr.recent_active = True
         self.pending_conf_index = 0
+        self.stepping_down = False
         self.uncommitted_size = 0
         self.read_only.reset()
         self.pending_reads = []
@@ -475,13 +478,17 @@ class Raft:
         round, but its commit index after a restart is only what it last
         wrote, maybe below an acknowledged write).
         """
+        if self.stepping_down:  # removed: another leader may already serve newer writes
+            if m.frm in (0, self.id):
+                raise ProposalDropped("removed from the cluster")
+            return
         if self.bug_read_no_heartbeat:
             self._answer_read(m, self.log.committed)
             return
         if not self.committed_entry_in_current_term():
             self.pending_reads.append(m)
             return
-        if len(self.tracker.voters) == 1:
+        if self.tracker.voters == [self.id]:
             self._answer_read(m, self.log.committed)
             return
         if self.read_only.add_request(self.log.committed, m):
@@ -563,6 +570,8 @@ class Raft:
             pass
         if m.frm == self.lead_transferee and pr.match == self.log.last_index():
             self.send(Message(MT.TIMEOUT_NOW, to=m.frm))
+        if self.stepping_down:
+            self._maybe_step_down_removed()
 
     def _handle_transfer(self, transferee: int) -> None:
         """Thesis §3.10: bring the transferee up to date, then tell it to campaign now."""
@@ -775,11 +784,35 @@ class Raft:
             raise ValueError(f"unknown conf change type {cc.change_type}")
         if self.state == StateRole.LEADER:
             if cc.node_id == self.id and cc.change_type == ConfChange.REMOVE_NODE:
-                # the change is committed (we apply it): a removed leader steps down, the rest elect
-                self.become_follower(self.term, 0)
+                self.stepping_down = True
+                self.maybe_commit()  # the quorum changed
+                self.bcast_append()
+                self._maybe_step_down_removed()
             elif tr.voters and self.maybe_commit():
                 self.bcast_append()  # the quorum changed
         return tr.conf_state()
+
+    def _maybe_step_down_removed(self) -> None:
+        """A removed leader steps down once a quorum of the new voters holds its whole log.
+
+        Stepping down at once (when the removal is applied) can leave the others
+        stuck: they may not know the removal committed (so still need this
+        member's vote) while this member's log is longer than theirs (so it
+        refuses it). Leading on without counting itself (thesis §4.2.2) until
+        they hold everything it has (it takes no new proposals) ends that: its
+        vote is then theirs to win. The most caught-up one is told to campaign
+        at once (TIMEOUT_NOW), as in a leadership transfer.
+        """
+        tr = self.tracker
+        last = self.log.last_index()
+        caught_up = [v for v in tr.voters if tr.progress[v].match >= last]
+        if len(caught_up) < tr.quorum():
+            return  # their acks call again
+        self.maybe_commit()
+        self.commit_news = True  # the final commit index goes out with this Ready
+        self._send_commit_news()
+        self.send(Message(MT.TIMEOUT_NOW, to=caught_up[0]))
+        self.become_follower(self.term, 0)
 
     @staticmethod
     def decode_conf_change(data: bytes) -> ConfChange:

@@ -12,9 +12,14 @@ them all the time:
   (a hash chain over applied entries, also used to validate snapshots);
   a committed index never changes its entry.
 - Committed means safe: no node lacking the newest committed entry could
-  collect votes from a quorum, judged by the up-to-date rule of §5.4.1 over
-  every node's log (a crashed node's persisted one). This sees a commit
-  that Leader Completeness would only catch after more bad luck.
+  collect votes from a quorum of the configuration it would campaign in,
+  judged by the up-to-date rule of §5.4.1 over every node's log (a crashed
+  node's persisted one). This sees a commit that Leader Completeness would
+  only catch after more bad luck. With membership changes it is what "never
+  two disjoint quorums" means in practice: an entry committed by a quorum of
+  one configuration cannot be outvoted by a quorum of another.
+- Membership: a node's configuration moves one server at a time (thesis
+  §4.1): each applied change adds, removes or promotes exactly one member.
 - Linearizable reads: a ReadIndex answer is at least the highest index
   committed anywhere when the read was issued.
 """
@@ -40,6 +45,7 @@ class Checker:
         self.entries: dict[tuple[int, int], tuple[bytes, int | None]] = {}
         self.chain: dict[int, int] = {}
         self.read_issue: dict[bytes, int] = {}
+        self.confs: dict[int, set[int]] = {}  # node -> its applied configuration (learners negated)
 
     def fail(self, msg: str) -> Violation:
         v = Violation(msg)
@@ -51,6 +57,18 @@ class Checker:
 
     def node_crashed(self, i: int) -> None:
         pass
+
+    def conf_changed(self, i: int, snapshot: bool = False) -> None:
+        """Node i applied a membership change: it moves one server (a snapshot may skip several)."""
+        conf = self.sim.nodes[i].sm_conf
+        new = set(conf.voters) | {-x for x in conf.learners}
+        old = self.confs.get(i)
+        self.confs[i] = new
+        if old is None or snapshot:
+            return
+        moved = {abs(x) for x in old ^ new}  # add/remove: {x} or {-x}; promote: {-x, x}
+        if len(moved) > 1:
+            raise self.fail(f"membership: node {i} moved from {sorted(old)} to {sorted(new)} in one change")
 
     def after_step(self, i: int) -> None:
         node = self.sim.nodes[i].node
@@ -114,26 +132,34 @@ class Checker:
         sim = self.sim
         tips = {}
         has = {}
+        voters_of = {}  # node -> the voters of the configuration it would campaign in (None: cannot)
         for i, sn in sim.nodes.items():
             if sn.node is not None:
-                log = sn.node.raft.log
+                r = sn.node.raft
+                log = r.log
                 li = log.last_index()
                 tips[i] = (log.term(li), li)
                 has[i] = k < log.first_index() or (k <= li and log.term_or_zero(k) == term)
+                voters_of[i] = list(r.tracker.voters) if r.promotable() else None
             else:
                 st = sn.storage
                 li = st.last_index()
                 tips[i] = (st.term(li), li)
                 first = st.first_index()
                 has[i] = k < first or (k <= li and st.term(k) == term)
-        quorum = len(tips) // 2 + 1
+                conf = sn.sm_conf  # what it restarts with
+                voters_of[i] = list(conf.voters) if i in conf.voters else None
         for n, tip in tips.items():
-            if has[n]:
+            if has[n] or voters_of[n] is None:
                 continue
-            voters = [v for v, vt in tips.items() if vt <= tip]  # (last term, last index) order = §5.4.1
+            config = voters_of[n]
+            quorum = len(config) // 2 + 1
+            # (last term, last index) order = §5.4.1; a member never started has an empty log
+            voters = [v for v in config if tips.get(v, (0, 0)) <= tip]
             if len(voters) >= quorum:
                 raise self.fail(f"committed entry {k} (term {term}) is not safe: node {n} lacks it yet could be "
-                                f"elected by {sorted(voters)} (log tips {tips})")
+                                f"elected by {sorted(voters)} of its configuration {sorted(config)} "
+                                f"(log tips {tips})")
 
     def on_ready(self, i: int, rd) -> None:
         if rd.entries:

@@ -5,6 +5,13 @@ exactly. Nodes run the real RawNode protocol on a MemoryStorage that plays the
 disk: a crash throws away the RawNode and any Ready not yet persisted. The
 network delays, drops, duplicates and reorders messages and is partitioned in
 the shapes Jepsen uses. The checks in invariants.py run after every event.
+
+In "membership" worlds (about half of them) clients also change the member
+set one server at a time, as an operator would: add a learner (a new node
+starts), promote it, add a voter, remove a voter or a learner, sometimes
+forced past the strict reconfiguration check, down to one voter and up to
+twice the initial size. A removed node keeps running (it may not know), and
+its id is never reused.
 """
 from __future__ import annotations
 
@@ -15,8 +22,11 @@ import zlib
 from collections import deque
 
 from kvstore.raft import (
-    Config, MemoryStorage, Message, MessageType, ProposalDropped, RawNode, Ready, StateRole,
+    ConfChange, ConfState, Config, EntryType, MemoryStorage, Message, MessageType, ProposalDropped, RawNode, Ready,
+    StateRole, decode_conf_change,
 )
+
+from kvstore.raft.confchange import conf_state_after
 
 from .invariants import Checker, Violation
 
@@ -52,6 +62,8 @@ class Params:
         # clients keep writing to them, and appends carry one entry, so logs diverge in many terms
         # (the Figure 8 shapes of the Raft paper)
         self.churn = churn
+        self.membership = not churn and rng.random() < 0.5
+        self.p_conf_change = rng.choice((0.05, 0.15))  # of client ops, in membership worlds
         if churn:
             self.max_size_per_msg = 1
             self.fault_every = 1.5
@@ -63,15 +75,16 @@ class Params:
 
 
 class SimNode:
-    __slots__ = ("id", "storage", "node", "pending", "sm_index", "sm_hash", "rand")
+    __slots__ = ("id", "storage", "node", "pending", "sm_index", "sm_hash", "sm_conf", "rand")
 
-    def __init__(self, id: int) -> None:
+    def __init__(self, id: int, conf: ConfState) -> None:
         self.id = id
         self.storage = MemoryStorage()
         self.node: RawNode | None = None
         self.pending: Ready | None = None
         self.sm_index = 0  # the state machine is durable with its applied index (like LMDB)
         self.sm_hash = 0
+        self.sm_conf = conf  # ... and with the membership as of that index
 
 
 class Simulation:
@@ -83,8 +96,10 @@ class Simulation:
         n = nodes if nodes is not None else (3 if churn else (3, 5, 7)[seed % 3])
         self.p = Params(rng, n, chaos_ticks, churn)
         self.bugs = frozenset(bugs)
-        self.ids = list(range(1, n + 1))
-        self.nodes = {i: SimNode(i) for i in self.ids}
+        self.ids = list(range(1, n + 1))  # every node ever started; membership worlds add more
+        self.initial = ConfState(voters=list(self.ids))
+        self.max_id = 2 * n  # membership worlds start new nodes up to this id
+        self.nodes = {i: SimNode(i, self.initial) for i in self.ids}
         self.blocked: set[tuple[int, int]] = set()
         self.now = 0
         self.events: list = []
@@ -100,6 +115,7 @@ class Simulation:
         self.live_proposed_at = -1
         self.live_applied: dict[bytes, set[int]] = {}
         self.live_done = False
+        self.conf_changes_applied: dict[int, int] = {}  # ConfChange type -> how many applies (all nodes)
         for i in self.ids:
             self.start(i)
             self.push(rng.randrange(TICK), TICK_EV, i)
@@ -120,9 +136,11 @@ class Simulation:
 
     def config(self, i: int, applied: int) -> Config:
         p = self.p
-        return Config(id=i, peers=list(self.ids), election_tick=p.election_tick, heartbeat_tick=p.heartbeat_tick,
-                      max_size_per_msg=p.max_size_per_msg, max_inflight_msgs=p.max_inflight,
-                      pre_vote=p.pre_vote, check_quorum=p.check_quorum, applied=applied,
+        sn = self.nodes[i]
+        return Config(id=i, peers=list(self.initial.voters), election_tick=p.election_tick,
+                      heartbeat_tick=p.heartbeat_tick, max_size_per_msg=p.max_size_per_msg,
+                      max_inflight_msgs=p.max_inflight, pre_vote=p.pre_vote, check_quorum=p.check_quorum,
+                      applied=applied, conf_state=sn.sm_conf, max_learner_lag=p.max_inflight,
                       rand=random.Random(self.rng.getrandbits(64)), testing_bugs=self.bugs)
 
     def start(self, i: int) -> None:
@@ -182,6 +200,8 @@ class Simulation:
             idx, h = _SNAP.unpack(rd.snapshot.data)
             self.checker.on_snapshot_installed(i, idx, h)
             sn.sm_index, sn.sm_hash = idx, h
+            sn.sm_conf = rd.snapshot.metadata.conf_state
+            self.checker.conf_changed(i, snapshot=True)
         st.append(rd.entries)
         if rd.hard_state is not None:
             st.set_hard_state(rd.hard_state)
@@ -203,9 +223,18 @@ class Simulation:
             h = zlib.crc32(e.data, zlib.crc32(b"%d:%d;" % (e.index, e.term), h))
             sn.sm_index = e.index
             chk.on_apply(sn.id, e.index, h)
-            if e.data[:1] == b"L" and e.data in live:
+            if e.type == EntryType.CONF_CHANGE:  # as the node's apply pipeline dispatches it
+                cc = decode_conf_change(e.data)
+                sn.node.apply_conf_change(cc)
+                sn.sm_conf = conf_state_after(sn.sm_conf, cc)
+                self.conf_changes_applied[cc.change_type] = self.conf_changes_applied.get(cc.change_type, 0) + 1
+                self.log("conf", sn.id, e.index, sn.sm_conf.voters, sn.sm_conf.learners)
+                chk.conf_changed(sn.id)
+            elif e.data[:1] == b"L" and e.data in live:
                 live[e.data].add(sn.id)
         sn.sm_hash = h
+        if ents:
+            sn.node.advance_apply_to(ents[-1].index)
         if sn.sm_index - sn.storage.snapshot().metadata.index >= self.p.snapshot_every:
             self.compact(sn)
 
@@ -329,7 +358,10 @@ class Simulation:
         target = rng.choice(leaders) if leaders and rng.random() < 0.8 else rng.choice(up)
         node = self.nodes[target].node
         try:
-            if r < 0.6:
+            if self.p.membership and r < self.p.p_conf_change:
+                target = lead or target
+                self.change_membership(target)
+            elif r < 0.6:
                 self.prop_ctr += 1
                 data = b"P%d" % self.prop_ctr
                 self.log("propose", target, data)
@@ -350,9 +382,39 @@ class Simulation:
         self.checker.after_step(target)
         self.pump(target)
 
+    def change_membership(self, lead: int) -> None:
+        """One membership change at `lead`, as an operator would ask for it (may be refused)."""
+        rng = self.rng
+        node = self.nodes[lead].node
+        cs = node.conf_state()
+        r = rng.random()
+        fresh = max(self.ids) + 1
+        if r < 0.35 and fresh <= self.max_id:
+            cc, joins = ConfChange(ConfChange.ADD_LEARNER, fresh), ConfState(cs.voters, cs.learners + [fresh])
+        elif r < 0.55 and cs.learners:
+            cc, joins = ConfChange(ConfChange.ADD_NODE, rng.choice(cs.learners)), None
+        elif r < 0.65 and fresh <= self.max_id:
+            cc, joins = ConfChange(ConfChange.ADD_NODE, fresh), ConfState(cs.voters + [fresh], cs.learners)
+        else:
+            members = cs.voters + cs.learners
+            if len(cs.voters) == 1 and not cs.learners:
+                return
+            cc, joins = ConfChange(ConfChange.REMOVE_NODE, rng.choice(members)), None
+        force = rng.random() < 0.2
+        self.log("conf-propose", lead, cc.change_type, cc.node_id, "force" if force else "")
+        node.propose_conf_change(cc, force=force)
+        if joins is not None:  # the new node starts with the membership the change gives (etcd's
+            self.ids.append(fresh)  # --initial-cluster-state existing)
+            self.nodes[fresh] = SimNode(fresh, joins)
+            self.start(fresh)
+            self.push(self.rng.randrange(TICK), TICK_EV, fresh)
+
     def liveness_client(self) -> None:
         if self.live_data is not None:
-            if len(self.live_applied[self.live_data]) == len(self.ids):
+            lead = self.leader()
+            members = set(self.ids) if not lead else set(self.nodes[lead].node.conf_state().voters) | set(
+                self.nodes[lead].node.conf_state().learners)
+            if members <= self.live_applied[self.live_data]:
                 self.live_done = True
                 return
             if self.now - self.live_proposed_at < 3 * self.p.election_tick * TICK:

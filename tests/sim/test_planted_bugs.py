@@ -21,6 +21,8 @@ EXPECTED = {
     faults.VOTE_WITHOUT_LOG_CHECK: ("leader completeness", "not safe", "state machine safety", "log matching"),
     faults.VOTE_BEFORE_PERSIST: ("election safety", "log matching"),
     faults.READ_WITHOUT_HEARTBEAT: ("stale read",),
+    faults.TWO_CONF_CHANGES_IN_FLIGHT: ("not safe", "leader completeness", "state machine safety", "election safety"),
+    faults.LEARNER_IN_QUORUM: ("not safe", "leader completeness", "state machine safety"),
 }
 
 

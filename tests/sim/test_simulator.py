@@ -51,3 +51,21 @@ def test_a_failure_reports_a_trace_and_the_replay_command():
     assert "last events:" in rep and "VIOLATION" in rep
     # and replaying that seed gives the same failure
     assert run_seed(seed, bugs=frozenset({faults.VOTE_WITHOUT_LOG_CHECK}))[1] == rep
+
+
+def test_membership_worlds_add_promote_and_remove_members():
+    """Half the worlds change members while faults go on; every kind of change gets applied somewhere."""
+    from kvstore.raft import ConfChange
+
+    seen: dict[int, int] = {}
+    worlds = 0
+    for seed in range(40):
+        sim = Simulation(seed)
+        if not sim.p.membership:
+            continue
+        worlds += 1
+        sim.run()
+        for kind, n in sim.conf_changes_applied.items():
+            seen[kind] = seen.get(kind, 0) + n
+    assert worlds >= 10
+    assert all(seen.get(k, 0) > 0 for k in (ConfChange.ADD_LEARNER, ConfChange.ADD_NODE, ConfChange.REMOVE_NODE)), seen
