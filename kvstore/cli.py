@@ -134,7 +134,7 @@ class _LazyGroup(click.Group):
     lazy = {"jepsen": ("kvstore.jepsen.cli", "jepsen"), "bench": ("kvstore.bench", "bench"),
             "certs": ("kvstore.certs", "certs"),
             "check": ("kvstore.maintenance_cli", "check"), "alarm": ("kvstore.maintenance_cli", "alarm"),
-            "snapshot": ("kvstore.snapshot_cli", "snapshot")}
+            "snapshot": ("kvstore.snapshot_cli", "snapshot"), "member": ("kvstore.member_cli", "member")}
 
 
     def list_commands(self, ctx: click.Context) -> list[str]:

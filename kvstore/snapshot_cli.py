@@ -73,10 +73,12 @@ def snapshot_status(file: str, write_out: str) -> None:
 @click.option("--id", "member_id", type=int, required=True, help="this member's id, a key of --initial-cluster")
 @click.option("--name", default="", help="a human-readable member name (not stored; give it to `serve --name`)")
 @click.option("--initial-cluster", required=True, help="the new cluster's members: 'ID=HOST:PORT,...'")
+@click.option("--initial-cluster-clients", default="",
+              help="the new cluster's client addresses: 'ID=HOST:PORT,...' (as given to `serve`)")
 @click.option("--initial-cluster-token", default="kvstore-cluster", show_default=True,
               help="mixed into the new cluster id: restore each cluster from a backup with a token of its own")
 def snapshot_restore(file: str, data_dir: str, member_id: int, name: str, initial_cluster: str,
-                     initial_cluster_token: str) -> None:
+                     initial_cluster_clients: str, initial_cluster_token: str) -> None:
     """Write a fresh data dir for one member of a new cluster holding FILE's data."""
     from kvstore.server.config import parse_members
     from kvstore.storage.backup import BackupError
@@ -87,7 +89,13 @@ def snapshot_restore(file: str, data_dir: str, member_id: int, name: str, initia
     except ValueError as e:
         fail(f"--initial-cluster: {e}")
     try:
-        info, cluster_id = restore(file, data_dir, member_id, members, initial_cluster_token)
+        clients = parse_members(initial_cluster_clients)
+    except ValueError as e:
+        fail(f"--initial-cluster-clients: {e}")
+    if clients and set(clients) != set(members):
+        fail("--initial-cluster and --initial-cluster-clients must name the same members")
+    try:
+        info, cluster_id = restore(file, data_dir, member_id, members, initial_cluster_token, clients)
     except (BackupError, RestoreError) as e:
         fail(str(e))
     except OSError as e:

@@ -338,9 +338,34 @@ class AsyncClient:
         """The cluster's members (and learn their client addresses)."""
         resp = await self._call("MemberList", _MEMBERS_REQ, route=LEADER, mutation=False, timeout=timeout)
         self._endpoints.update(resp)
-        return [
-            Member(m.id, m.name, list(m.peer_urls), list(m.client_urls), m.is_learner) for m in resp.members
-        ]
+        return [_member(m) for m in resp.members]
+
+    async def member_add(self, peer_urls: list[str], client_urls: list[str] | None = None, *, learner: bool = False,
+                         name: str = "", timeout: float | None = None) -> tuple[Member, list[Member]]:
+        """Add a member (a learner with ``learner``); (the new member with its id, every member after)."""
+        req = cluster_pb2.MemberAddRequest(peer_urls=peer_urls, client_urls=client_urls or [], is_learner=learner,
+                                           name=name)
+        resp = await self._call("MemberAdd", req, route=LEADER, mutation=False, timeout=timeout)
+        return _member(resp.member), self._learn_members(resp)
+
+    async def member_remove(self, member_id: int, *, timeout: float | None = None) -> list[Member]:
+        req = cluster_pb2.MemberRemoveRequest(id=member_id)
+        return self._learn_members(await self._call("MemberRemove", req, route=LEADER, mutation=False, timeout=timeout))
+
+    async def member_promote(self, member_id: int, *, timeout: float | None = None) -> list[Member]:
+        req = cluster_pb2.MemberPromoteRequest(id=member_id)
+        return self._learn_members(await self._call("MemberPromote", req, route=LEADER, mutation=False,
+                                                    timeout=timeout))
+
+    async def member_update(self, member_id: int, peer_urls: list[str], *, timeout: float | None = None) -> list[Member]:
+        req = cluster_pb2.MemberUpdateRequest(id=member_id, peer_urls=peer_urls)
+        return self._learn_members(await self._call("MemberUpdate", req, route=LEADER, mutation=False,
+                                                    timeout=timeout))
+
+    def _learn_members(self, resp: Any) -> list[Member]:
+        """Follow the member list a change answered with (new endpoints in, removed ones out)."""
+        self._endpoints.update(cluster_pb2.MemberListResponse(members=resp.members))
+        return [_member(m) for m in resp.members]
 
     async def transfer_leader(self, target: int = 0, *, timeout: float | None = None) -> int:
         """Hand leadership to member ``target`` (0: the most up-to-date other member); returns the new leader id."""
@@ -589,3 +614,7 @@ class AsyncClient:
                 self._refresh_task = None
 
         self._refresh_task = loop.create_task(refresh())
+
+
+def _member(m: cluster_pb2.Member) -> Member:
+    return Member(m.id, m.name, list(m.peer_urls), list(m.client_urls), m.is_learner)

@@ -69,6 +69,10 @@ class Connection:
             "Status": cl.Status,
             "MemberList": cl.MemberList,
             "TransferLeadership": cl.TransferLeadership,
+            "MemberAdd": cl.MemberAdd,
+            "MemberRemove": cl.MemberRemove,
+            "MemberUpdate": cl.MemberUpdate,
+            "MemberPromote": cl.MemberPromote,
             "HashKV": mt.HashKV,
             "Alarm": mt.Alarm,
         }
@@ -204,7 +208,15 @@ class Endpoints:
             self.leader_id = 0
 
     def update(self, resp: cluster_pb2.MemberListResponse) -> None:
-        """Learn every member's client address and the current leader from a MemberList."""
+        """Learn every member's client address and the current leader from a MemberList; forget the
+        addresses of members it no longer lists (removed)."""
+        listed = {m.id for m in resp.members}
+        for gone in [i for i in self.ids if i not in listed] if listed else []:
+            addr = self.ids.pop(gone)
+            if addr in self._addrs and len(self._addrs) > 1:
+                self._addrs.remove(addr)
+            if self.leader == addr:
+                self.forget_leader()
         for m in resp.members:
             if m.client_urls:
                 self.ids[m.id] = self.learn(m.client_urls[0])

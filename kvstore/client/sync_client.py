@@ -228,6 +228,20 @@ class Client:
     def members(self, *, timeout: float | None = None) -> list[Member]:
         return self._run(self._aclient.members(timeout=timeout))
 
+    def member_add(self, peer_urls: list[str], client_urls: list[str] | None = None, *, learner: bool = False,
+                   name: str = "", timeout: float | None = None) -> tuple[Member, list[Member]]:
+        """Add a member (a learner with ``learner``); (the new member with its id, every member after)."""
+        return self._run(self._aclient.member_add(peer_urls, client_urls, learner=learner, name=name, timeout=timeout))
+
+    def member_remove(self, member_id: int, *, timeout: float | None = None) -> list[Member]:
+        return self._run(self._aclient.member_remove(member_id, timeout=timeout))
+
+    def member_promote(self, member_id: int, *, timeout: float | None = None) -> list[Member]:
+        return self._run(self._aclient.member_promote(member_id, timeout=timeout))
+
+    def member_update(self, member_id: int, peer_urls: list[str], *, timeout: float | None = None) -> list[Member]:
+        return self._run(self._aclient.member_update(member_id, peer_urls, timeout=timeout))
+
     def transfer_leader(self, target: int = 0, *, timeout: float | None = None) -> int:
         """Hand leadership to member ``target`` (0: the best other member); returns the new leader id."""
         return self._run(self._aclient.transfer_leader(target, timeout=timeout))

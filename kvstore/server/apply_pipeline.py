@@ -8,9 +8,11 @@ serves many entries. Per entry type:
   normal, with a command   applied by the state machine;
   normal, empty            the leader's no-op of a new term: only moves the
                            applied index (in the same transaction);
-  conf change              moves the applied index the same way; then, in
-                           order, the membership hook (`ConfChangeHook`) with
-                           the ConfChange and the ConfState the core returns.
+  conf change              applied by the state machine as an internal
+                           command (it records the member set it gives, in
+                           the same transaction); then, in order, the
+                           membership hook (`ConfChangeHook`) with the
+                           ConfChange and the ConfState the core returns.
 
 `run` is the state machine's transaction and may run on any thread: waiting
 clients are answered once its results are computed, just before LMDB
@@ -32,6 +34,7 @@ from typing import Protocol
 from kvstore.raft.confchange import decode_conf_change
 from kvstore.raft.rawnode import RawNode
 from kvstore.raft.types import ConfChange, ConfState, Entry, EntryType
+from kvstore.v1 import command_pb2
 
 # A backlog up to this size may be applied on the event loop when no apply is running: on the
 # apply thread each py-lmdb call gives up the GIL and must win it back from the loop, and the hop
@@ -131,7 +134,7 @@ class ApplyPipeline:
         for e in entries:
             if e.type == EntryType.CONF_CHANGE:
                 conf.append(e)
-                items.append((e.index, e.term, b""))  # the state machine only moves its applied index
+                items.append((e.index, e.term, command_pb2.Command(conf_change=e.data).SerializeToString()))
             else:
                 items.append((e.index, e.term, e.data))  # empty data: the no-op of a new term
         return ApplyBatch(entries, items, conf, [] if self.waiting() else None)

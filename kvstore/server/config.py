@@ -74,6 +74,16 @@ OPTIONS: list[Option] = [
            "address of the HTTP endpoints /metrics, /health, /livez and /readyz, e.g. 127.0.0.1:2381 "
            "(default: none)"),
     Option("--cluster-id", int, 0, "an id shared by all members; peer messages from another cluster are refused"),
+    # membership (etcd's flags)
+    Option("--initial-cluster-state", str, "new",
+           "'new': bootstrap a cluster of --initial-cluster; 'existing': join a running cluster this member "
+           "was added to with `kvstore member add` (its member list is asked from --initial-cluster-clients)"),
+    Option("--force-new-cluster", bool, False,
+           "disaster recovery: make this member, with its data, the only member of its cluster; add the "
+           "others back with `kvstore member add`"),
+    Option("--max-learner-lag", int, 1000, "a learner is promoted only when at most this many entries behind"),
+    Option("--strict-reconfig-check", bool, True,
+           "refuse a membership change after which fewer members than a quorum have been heard from lately"),
     # timing
     Option("--tick-ms", int, 100, "length of one raft tick in milliseconds"),
     Option("--election-ticks", int, 10, "ticks without a leader before a follower campaigns"),
@@ -188,6 +198,10 @@ class ServerConfig:
     listen_peer_addr: str = ""
     listen_metrics_addr: str = ""
     cluster_id: int = 0
+    initial_cluster_state: str = "new"
+    force_new_cluster: bool = False
+    max_learner_lag: int = 1000
+    strict_reconfig_check: bool = True
     tick_ms: int = 100
     election_ticks: int = 10
     heartbeat_ticks: int = 1
@@ -250,7 +264,10 @@ def build_parser(prog: str = "kvstore serve") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Run one kvstore node.")
     p.add_argument("--config", default=None, help="a TOML or YAML file of settings (flags override it)")
     for opt in OPTIONS:
-        if opt.type is bool:
+        if opt.type is bool and opt.default:  # on by default: --no-... turns it off
+            p.add_argument(opt.flag, dest=opt.dest, action=argparse.BooleanOptionalAction, default=None,
+                           help=opt.help)
+        elif opt.type is bool:
             p.add_argument(opt.flag, dest=opt.dest, action="store_true", default=None, help=opt.help)
         else:
             p.add_argument(opt.flag, dest=opt.dest, type=opt.type, default=None, help=help_with_default(opt))
@@ -328,6 +345,10 @@ def make_config(values: dict[str, Any]) -> ServerConfig:
         raise ValueError(f"--id {cfg.id} is not a member of --initial-cluster ({sorted(peers)})")
     if set(clients) != set(peers):
         raise ValueError("--initial-cluster and --initial-cluster-clients must name the same members")
+    if cfg.initial_cluster_state not in ("new", "existing"):
+        raise ValueError(f"--initial-cluster-state must be 'new' or 'existing', not {cfg.initial_cluster_state!r}")
+    if cfg.max_learner_lag < 0:
+        raise ValueError(f"--max-learner-lag must be >= 0, not {cfg.max_learner_lag}")
     if cfg.tick_ms <= 0 or cfg.heartbeat_ticks <= 0 or cfg.election_ticks <= cfg.heartbeat_ticks:
         raise ValueError("need --tick-ms > 0 and --election-ticks > --heartbeat-ticks > 0")
     if cfg.snapshot_count <= 0 or cfg.snapshot_catchup_entries < 0:

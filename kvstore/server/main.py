@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -16,11 +17,13 @@ import grpc
 
 from kvstore.storage import cluster_identity
 from kvstore.storage.data_dir_lock import DataDirInUse, lock_data_dir
+from kvstore.storage.members import MemberSet
 from kvstore.v1 import cluster_pb2_grpc, kv_pb2_grpc, maintenance_pb2_grpc
 
 from .cluster_service import ClusterService
 from .config import ServerConfig, parse_args
 from .corruption import CorruptionChecker
+from .join import JoinError, ask_members
 from .kv_service import KVService
 from .limits import Limits
 from .logs import log_term_from, setup_logging
@@ -51,10 +54,10 @@ def client_server_options(cfg: ServerConfig) -> list[tuple[str, int]]:
             *KEEPALIVE_SERVER_OPTIONS]
 
 
-async def serve(cfg: ServerConfig) -> None:
+async def serve(cfg: ServerConfig, join_members: MemberSet | None = None) -> None:
     try:
         client_tls = client_api_credentials(cfg)
-        node = Node(cfg, peer_tls=peer_tls(cfg))
+        node = Node(cfg, peer_tls=peer_tls(cfg), join_members=join_members)
     except TLSConfigError as e:
         log.critical("cannot start: %s", e)
         raise SystemExit(1) from None
@@ -143,12 +146,25 @@ def run(cfg: ServerConfig) -> None:
         cfg.cluster_id = cluster_identity.check(cfg.data_dir, cfg.cluster_id, cfg.id)
     except cluster_identity.ClusterIdentityError as e:
         sys.exit(f"error: {e}")
+    join_members = None
+    if cfg.initial_cluster_state == "existing" and not os.path.isdir(os.path.join(cfg.data_dir, "db")):
+        try:
+            join_members, cluster_id = ask_members(cfg)
+        except JoinError as e:
+            sys.exit(f"error: cannot join: {e}")
+        if cfg.cluster_id and cluster_id != cfg.cluster_id:
+            sys.exit(f"error: cannot join: the cluster at --initial-cluster-clients is cluster {cluster_id}, "
+                     f"not --cluster-id {cfg.cluster_id}")
+        cfg.cluster_id = cluster_id
+        cluster_identity.write(cfg.data_dir, cluster_identity.ClusterIdentity(cluster_id, cfg.id))
+        log.info("joining cluster %d as member %d: members %s, learners %s", cluster_id, cfg.id,
+                 list(join_members.voters), list(join_members.learners))
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(cfg))
+        asyncio.run(serve(cfg, join_members))
     else:
-        uvloop.run(serve(cfg))
+        uvloop.run(serve(cfg, join_members))
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m kvstore.server.main") -> None:

@@ -48,6 +48,7 @@ import heapq
 import logging
 import os
 import random
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO, cast
@@ -55,12 +56,13 @@ from typing import Any, BinaryIO, cast
 import grpc
 
 from kvstore import __version__
-from kvstore.raft import Config, ProposalDropped, RawNode
-from kvstore.raft.types import ConfState, Message, SnapshotMetadata, StateRole
+from kvstore.raft import ConfChange, ConfChangeRefused, Config, ProposalDropped, RawNode
+from kvstore.raft.types import Message, SnapshotMetadata, StateRole
 from kvstore.storage import boot_guard
 from kvstore.storage.raft_log import RaftLog
 from kvstore.storage.reconcile import ReconcileError, reconcile
 from kvstore.storage.snapshot import SnapshotStore
+from kvstore.storage.members import MemberSet
 from kvstore.storage.state_machine import StateMachine, StateMachineClosed
 from kvstore.storage.wal import WalCorruptionError
 from kvstore.storage.wal_repair import repair_hint
@@ -107,6 +109,10 @@ def _read_deadline() -> RequestFailed:
     return RequestFailed(grpc.StatusCode.DEADLINE_EXCEEDED, "read not confirmed before the deadline", not_applied=True)
 
 
+class MemberRemoved(Exception):
+    """This data dir belongs to a member that was removed from its cluster."""
+
+
 def next_checkpoint_at(last: int, count: int, member_ids: list[int], member_id: int) -> int:
     """The applied index at which a member whose last checkpoint is at `last` checkpoints next.
 
@@ -119,8 +125,13 @@ def next_checkpoint_at(last: int, count: int, member_ids: list[int], member_id: 
 
 
 class Node:
-    def __init__(self, cfg: ServerConfig, peer_tls: PeerTLS | None = None) -> None:
+    def __init__(self, cfg: ServerConfig, peer_tls: PeerTLS | None = None,
+                 join_members: MemberSet | None = None) -> None:
+        """join_members: the member set an existing cluster reported (--initial-cluster-state existing)."""
         self.cfg = cfg
+        self._join_members = join_members
+        self._members: MemberSet | None = None  # the member set in force (the state machine's, see members.py)
+        self._stopping_removed = False
         self.peer_tls = peer_tls  # mutual TLS on both ends of peer connections, when configured
         self.id = cfg.id
         self.member_ids = cfg.member_ids
@@ -199,6 +210,8 @@ class Node:
             log.warning("TESTING: corrupting this member's state (--testing-corrupt-state)")
             await self._in_storage(self.sm.testing_corrupt)
         await self._reconcile_storage()
+        members = await self._in_storage(self._initial_members)
+        self._adopt_members(members)
         snap = self.log.snapshot()
         self.snapshot_index = snap.metadata.index
         raft_cfg = Config(
@@ -207,6 +220,8 @@ class Node:
             election_tick=self.cfg.election_ticks,
             heartbeat_tick=self.cfg.heartbeat_ticks,
             applied=self.sm.applied_index,
+            conf_state=members.conf_state(),
+            max_learner_lag=self.cfg.max_learner_lag,
         )
         self.raw = RawNode(raft_cfg, self.log)
         self.pipeline = ApplyPipeline(self.raw, self.sm, self, RecordConfState(self.raw.conf_state()),
@@ -222,7 +237,7 @@ class Node:
         self.transport = Transport(
             self.id,
             self.cfg.cluster_id,
-            self.cfg.peers,
+            dict(self.cfg.peers),
             report_unreachable=self._report_unreachable,
             report_snapshot=self._report_snapshot,
             open_snapshot=self._open_image,
@@ -233,6 +248,66 @@ class Node:
             watch(asyncio.create_task(self._tick_loop(), name="tick"), "the tick loop"),
             watch(asyncio.create_task(self._ready_loop(), name="ready"), "the Ready loop"),
         ]
+
+    def _initial_members(self) -> MemberSet:
+        """The member set to start with: the state machine's, else the flags' (or what the cluster
+        reported, when joining); --force-new-cluster makes this member the only one."""
+        sm = self.sm
+        members = sm.members
+        if members is None:
+            members = self._join_members or MemberSet.initial(self.cfg.peers, self.cfg.clients,
+                                                              {self.id: self.cfg.name or f"node{self.id}"})
+            members = sm.set_members(members)
+        if self.id in members.removed:
+            raise MemberRemoved(f"member {self.id} was removed from the cluster; it may rejoin only with a fresh "
+                                f"data dir after `kvstore member add`")
+        if self.cfg.force_new_cluster:
+            me = members.info.get(self.id) or MemberSet.initial(self.cfg.peers, self.cfg.clients).info[self.id]
+            others = tuple(sorted(set(members.removed) | set(i for i in members.ids if i != self.id)))
+            members = sm.set_members(MemberSet((self.id,), (), {self.id: me}, others), only_if_unset=False)
+            log.warning("--force-new-cluster: member %d is now the only member (was %s); add the others back "
+                        "with `kvstore member add`", self.id, others, extra=event("force-new-cluster"))
+        return members
+
+    def _adopt_members(self, members: MemberSet) -> None:
+        """Take a member set into force: ids, addresses for redirects and the transport."""
+        self._members = members
+        self.member_ids = members.ids
+        for addrs, new in ((self.cfg.peers, members.peer_addrs()), (self.cfg.clients, members.client_addrs())):
+            addrs.clear()
+            addrs.update(new)
+        if hasattr(self, "transport"):
+            self.transport.set_peers(dict(self.cfg.peers))
+
+    def _sync_members(self) -> None:
+        """After an apply or an install: follow a changed member set; a removed member stops."""
+        members = self.sm.members
+        if members is None or members is self._members:
+            return
+        old = self._members
+        self._adopt_members(members)
+        log.info("members now %s (learners %s)", list(members.voters), list(members.learners),
+                 extra=event("members-changed", voters=list(members.voters), learners=list(members.learners)))
+        if old is not None and self.id not in members.ids:
+            self._stop_removed()
+
+    def _stop_removed(self) -> None:
+        """A member that was removed stops, once it no longer leads (a removed leader hands over first)."""
+        if self._stopping_removed or self.role == StateRole.LEADER:
+            return
+        self._stopping_removed = True
+        log.warning("member %d was removed from the cluster; stopping", self.id, extra=event("member-removed"))
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def was_removed(self, member_id: int) -> bool:
+        """Whether `member_id` was a member once and was removed (its messages are refused)."""
+        m = self._members
+        return m is not None and member_id in m.removed
+
+    @property
+    def members(self) -> MemberSet:
+        assert self._members is not None  # set at start
+        return self._members
 
     async def _reconcile_storage(self) -> None:
         """Bring the log and the state machine together after a crash (see storage/reconcile.py)."""
@@ -379,6 +454,8 @@ class Node:
             self._leader_changed.set()
             self._leader_changed = asyncio.Event()
         self.leader_id, self.role = leader_id, role
+        if self._members is not None and self.id not in self._members.ids and role != StateRole.LEADER:
+            self._stop_removed()
         if was_leader and role != StateRole.LEADER:
             self._queued.clear()  # their waiters fail just below; never propose them in a later term
             self.proposals.fail_all(leadership_lost())
@@ -402,6 +479,7 @@ class Node:
             self._sm_readable.set()
         self.snapshot_index = meta.index
         self.read_index.on_applied(self.sm.applied_index)
+        self._sync_members()
 
     async def _start_apply(self, entries) -> None:
         """An APPLY step: queue `entries`; wait only if the backlog is over its bound.
@@ -492,6 +570,7 @@ class Node:
         """The state machine committed everything up to `index`: release the reads waiting for it."""
         self.commit_index = max(self.commit_index, index)
         self.read_index.on_applied(index)
+        self._sync_members()
         while self._lmdb_waiters and self._lmdb_waiters[0][0] <= index:
             _index, _tiebreak, fut = heapq.heappop(self._lmdb_waiters)
             if not fut.done():
@@ -537,7 +616,7 @@ class Node:
             self.metrics.snapshot_save.observe(synced_s)
             if self._stopped:  # close() owns the log from now on (and syncs LMDB itself)
                 return
-            meta = SnapshotMetadata(index=index, term=term, conf_state=ConfState(voters=list(self.member_ids)))
+            meta = SnapshotMetadata(index=index, term=term, conf_state=self.members.conf_state())
             await self._in_storage(self.log.set_snapshot, meta)
             compact_to = index - self._catchup_entries()
             self._wal_checkpoint_bytes = self._draw_wal_checkpoint_bytes()
@@ -691,6 +770,37 @@ class Node:
             return await fut
         finally:
             self.proposals.forget(pid)
+
+    async def change_membership(self, cc: ConfChange, timeout: float) -> MemberSet:
+        """Propose one membership change and wait until it is applied here; the member set after it.
+
+        Refusals (kvstore.raft.ConfChangeRefused: one change at a time, a learner
+        behind, a quorum at risk) are FAILED_PRECONDITION with the core's reason.
+        """
+        self.check_leader()
+        try:
+            self.raw.propose_conf_change(cc, force=not self.cfg.strict_reconfig_check)
+        except ConfChangeRefused as e:
+            raise RequestFailed(grpc.StatusCode.FAILED_PRECONDITION, str(e), not_applied=True) from None
+        except ProposalDropped:
+            raise self.redirect() from None
+        index, term = self.raw.raft.log.last_index(), self.term
+        self._wake.set()
+        try:
+            await asyncio.wait_for(self.wait_applied(index), timeout)
+        except TimeoutError:
+            raise RequestFailed(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"the membership change (log index {index}) was not applied within {timeout:.1f}s; "
+                                f"see `kvstore member list` for whether it was made") from None
+        try:
+            made = self.log.term(index) == term
+        except Exception:  # compacted already: it was applied in some term; say so as unknown
+            made = False
+        if not made:
+            raise RequestFailed(grpc.StatusCode.UNAVAILABLE,
+                                "leadership changed before the membership change committed; see `kvstore member "
+                                "list` for whether it was made")
+        return self.members
 
     async def wait_applied(self, index: int) -> None:
         """Return once the state machine has applied (and committed to LMDB) entry `index`."""

@@ -115,6 +115,10 @@ class PeerServer:
             if cluster_id != self.node.cfg.cluster_id:
                 raise wire.PeerProtocolError(
                     f"member {member_id} is in cluster {cluster_id}; this is cluster {self.node.cfg.cluster_id}")
+            if self.node.was_removed(member_id):
+                raise wire.PeerProtocolError(
+                    f"member {member_id} was removed from cluster {cluster_id}; it may rejoin only with a fresh "
+                    f"data dir after `kvstore member add`")
             if purpose == wire.STREAM:
                 await self._stream(reader)
             else:

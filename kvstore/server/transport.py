@@ -254,6 +254,19 @@ class Transport:
         for p in self.peers.values():
             p.task = asyncio.create_task(p.run(), name=f"peer-{p.id}")
 
+    def set_peers(self, peers: dict[int, str]) -> None:
+        """The member set changed: connect to new members, drop removed ones, follow a changed address."""
+        for pid, p in list(self.peers.items()):
+            if peers.get(pid) != p.addr:
+                del self.peers[pid]
+                asyncio.ensure_future(p.close())
+                log.info("peer %d dropped (%s)", pid, "removed" if pid not in peers else f"now at {peers[pid]}")
+        for pid, addr in peers.items():
+            if pid != self.member_id and pid not in self.peers:
+                p = self.peers[pid] = Peer(self, pid, addr)
+                p.task = asyncio.create_task(p.run(), name=f"peer-{pid}")
+                log.info("peer %d added at %s", pid, addr)
+
     def send(self, messages: list[Message]) -> None:
         """Write `messages` now: one frame per peer (snapshots start an upload)."""
         if not messages:

@@ -1,7 +1,8 @@
 """Make a fresh member data dir from a backup file (`kvstore snapshot restore`, like `etcdutl snapshot restore`).
 
 The new data dir holds:
-  db/           the backup's image installed as the state machine (applied index N, term T)
+  db/           the backup's image installed as the state machine (applied index N, term T),
+                its member set replaced by the new one
   wal/          an empty log whose base is (N, T) with the new member list as its
                 configuration, and a hard state at term T, commit N
   cluster.json  the new cluster's id (derived from the member list and the token) and this member's id
@@ -25,6 +26,7 @@ from kvstore.raft.types import ConfState, HardState, SnapshotMetadata
 from . import cluster_identity
 from .backup import BackupInfo, copy_image, verify
 from .durable_files import fsync_dir
+from .members import MemberSet
 from .raft_log import RaftLog
 from .state_machine import StateMachine
 
@@ -33,8 +35,10 @@ class RestoreError(Exception):
     """The target cannot be written (it exists, the member is not in the list...)."""
 
 
-def restore(backup: str, data_dir: str, member_id: int, members: dict[int, str], token: str) -> tuple[BackupInfo, int]:
-    """Write a fresh data dir for `member_id` of `members` from `backup`; (the backup's info, the new cluster id).
+def restore(backup: str, data_dir: str, member_id: int, members: dict[int, str], token: str,
+            clients: dict[int, str] | None = None) -> tuple[BackupInfo, int]:
+    """Write a fresh data dir for `member_id` of `members` (peer addresses; `clients`: their client
+    addresses) from `backup`; (the backup's info, the new cluster id).
 
     BackupError if the backup is unusable, RestoreError if the target is; nothing is written then.
     """
@@ -53,6 +57,8 @@ def restore(backup: str, data_dir: str, member_id: int, members: dict[int, str],
         sm = StateMachine.open(os.path.join(tmp, "db"), fsync=True)
         try:
             sm.install_snapshot(image)
+            # the new cluster's members, not the backed-up cluster's
+            sm.set_members(MemberSet.initial(members, clients or {}), only_if_unset=False)
         finally:
             sm.close()
         os.unlink(image)  # install_snapshot linked it into the state machine

@@ -64,6 +64,7 @@ from collections.abc import Callable, Iterable, Sequence
 import lmdb
 from google.protobuf.message import DecodeError
 
+from kvstore.raft.confchange import decode_conf_change
 from kvstore.v1 import command_pb2, kv_pb2
 
 from . import alarms as alarm_set
@@ -74,6 +75,7 @@ from .errors import ApplyError, ErrorCode, InvalidRequest
 from .hash_kv import HashMark, hash_kv
 from .plain_puts import PlainPuts
 from .log_clock import LogClock
+from .members import MemberSet
 from .sessions import DEFAULT_MAX_PENDING, DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_TTL_MS, SessionTable, Verdict
 from .storage_fault import failing_as
 from .txn import compare_holds
@@ -82,6 +84,7 @@ __all__ = ["StateMachine", "ApplyError", "ErrorCode", "SnapshotImageError", "Sta
 
 _META_KEY = b"state"
 _ALARMS_KEY = b"alarms"
+_MEMBERS_KEY = b"members"  # the member set (members.py), changed by applied entries only
 HASHES_KEPT = 64  # hash barriers remembered, newest first out (a check asks within seconds)
 _META = struct.Struct(">QQqQQQ")  # applied_index, applied_term, revision, then the LogClock
 _META_HEAD = struct.Struct(">QQq")  # the first three: read by every layout
@@ -179,6 +182,7 @@ class StateMachine:
         self._closed = False
         self._hashes: dict[int, HashMark] = {}  # barrier index -> this member's hash there
         self._staged_alarms: frozenset | None = None  # set by an apply, visible once it commits
+        self._staged_members: MemberSet | None = None  # likewise
         self._boot_guarded = False  # commits unsynced under a boot guard (see open)
         # The read transaction that keeps the durable base's pages from reuse (see durable_base.py).
         self._pin: lmdb.Transaction | None = None
@@ -250,6 +254,8 @@ class StateMachine:
                 raw = _META.pack(0, 0, 0, *LogClock())
                 txn.put(_META_KEY, raw, db=dbs[b"meta"])
             self._alarms = alarm_set.decode(txn.get(_ALARMS_KEY, db=dbs[b"meta"]))
+            raw_members = txn.get(_MEMBERS_KEY, db=dbs[b"meta"])
+            self._members = None if raw_members is None else MemberSet.decode(raw_members)
         self._env = env
         self._psize = env.stat()["psize"]
         self._reserved = 0  # bytes of the data file allocated ahead (see _reserve_disk)
@@ -288,6 +294,26 @@ class StateMachine:
     def alarms(self) -> frozenset[tuple[int, str]]:
         """The active alarms: (member_id, alarm name) pairs (see alarms.py)."""
         return self._alarms
+
+    @property
+    def members(self) -> MemberSet | None:
+        """The member set as of the applied index (None: never set, a fresh state machine)."""
+        return self._members
+
+    def set_members(self, members: MemberSet, only_if_unset: bool = True) -> MemberSet:
+        """Record a member set outside the log; the one in force afterwards.
+
+        Two uses, both at start, before anything is applied: the initial member
+        set of a fresh state machine (the same flags on every member), and
+        `--force-new-cluster` (only_if_unset=False), which makes this member
+        the only one.
+        """
+        with self._env.begin(write=True) as txn:
+            if only_if_unset and txn.get(_MEMBERS_KEY, db=self._meta) is not None:
+                return self._members  # type: ignore[return-value]
+            txn.put(_MEMBERS_KEY, members.encode(), db=self._meta)
+        self._members = members
+        return members
 
     def hash_at(self, index: int) -> HashMark | None:
         """This member's hash at the barrier applied at `index`, if it applied one there recently."""
@@ -366,6 +392,8 @@ class StateMachine:
         self._revision, self._clock = ex.revision, clock
         if self._staged_alarms is not None:
             self._alarms, self._staged_alarms = self._staged_alarms, None
+        if self._staged_members is not None:
+            self._members, self._staged_members = self._staged_members, None
         return results
 
     def _apply_internal(self, txn, cmd: command_pb2.Command, index: int, revision: int):
@@ -376,6 +404,18 @@ class StateMachine:
             while len(self._hashes) > HASHES_KEPT:
                 del self._hashes[min(self._hashes)]
             return mark
+        if cmd.conf_change or cmd.HasField("member_update"):
+            current = self._members if self._staged_members is None else self._staged_members
+            if current is None:
+                raise ValueError("a membership change applied to a state machine without a member set")
+            if cmd.conf_change:
+                new = current.after_conf_change(decode_conf_change(cmd.conf_change))
+            else:
+                u = cmd.member_update
+                new = current.after_update(u.member_id, list(u.peer_urls))
+            self._staged_members = new
+            txn.put(_MEMBERS_KEY, new.encode(), db=self._meta)
+            return PlainPuts(0, revision)
         if cmd.HasField("alarm"):
             a = cmd.alarm
             current = self._alarms if self._staged_alarms is None else self._staged_alarms

@@ -64,7 +64,8 @@ def test_backup_under_writes_restores_into_a_new_cluster(tmp_path):
     initial = format_members(dst.peer_addrs)
     for i in dst.ids:
         out = kvstore("snapshot", "restore", backup, "--data-dir", dst.data_dir(i), "--id", str(i),
-                      "--initial-cluster", initial, "--initial-cluster-token", "restored-1")
+                      "--initial-cluster", initial, "--initial-cluster-clients", format_members(dst.client_addrs),
+                      "--initial-cluster-token", "restored-1")
         assert f"member {i}" in out
     dst.start()
     try:
@@ -76,6 +77,8 @@ def test_backup_under_writes_restores_into_a_new_cluster(tmp_path):
             for ep in dst.endpoints:  # every member holds the same state at the barrier
                 _, m = c.hash_kv(mark.index, ep)
                 assert (m.revision, m.hash) == (revision, st["hash"])
+            assert sorted(m.id for m in c.members()) == [1, 2, 3]
+            assert {m.peer_urls[0] for m in c.members()} == set(dst.peer_addrs.values())  # the new cluster's
             got = {kv.key for kv in c.range(b"w", b"x").kvs}
             assert expect <= got and len(got) == revision
             assert c.put(b"after", b"restore").revision == revision + 1  # the new cluster takes writes

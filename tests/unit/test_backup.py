@@ -7,6 +7,7 @@ import pytest
 
 from kvstore.raft import Config, RawNode
 from kvstore.storage import cluster_identity
+from kvstore.storage.members import MemberSet
 from kvstore.storage.backup import TRAILER_SIZE, BackupError, verify, write_backup
 from kvstore.storage.raft_log import RaftLog
 from kvstore.storage.reconcile import reconcile
@@ -26,6 +27,7 @@ def _put(key: bytes, value: bytes) -> bytes:
 @pytest.fixture
 def source(tmp_path):
     sm = StateMachine.open(str(tmp_path / "src"), fsync=False)
+    sm.set_members(MemberSet.initial({1: "10.0.0.1:1", 9: "10.0.0.9:1"}, {}))
     sm.apply([(i, 2, _put(b"k%03d" % i, b"v" * i)) for i in range(1, 101)])
     yield sm
     sm.close()
@@ -104,6 +106,7 @@ def test_restore_writes_a_member_that_starts_at_the_backup(source, tmp_path):
     try:
         assert (sm.applied_index, sm.applied_term, sm.revision, sm.key_count()) == (100, 2, 100, 100)
         assert sm.dump() == source.dump()
+        assert sm.members.peer_addrs() == MEMBERS and sm.members.removed == ()  # the new cluster's members
         reconcile(sm, log, SnapshotStore(os.path.join(d, "snap")))  # the start-up invariant holds as is
         assert (log.first_index(), log.last_index(), log.term(100)) == (101, 100, 2)
         hs, cs = log.initial_state()
