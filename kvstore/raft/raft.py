@@ -738,6 +738,9 @@ class Raft:
             if voter:
                 raise ConfChangeRefused(f"member {id} is already a voter")
             if learner:
+                if not tr.progress[id].recent_active:
+                    raise ConfChangeRefused(f"learner {id} has not been heard from lately; promote it once it "
+                                            f"runs and has caught up")
                 lag = self.log.last_index() - tr.progress[id].match
                 if lag > self.max_learner_lag:
                     raise ConfChangeRefused(
