@@ -306,7 +306,9 @@ class Node:
 
     @property
     def members(self) -> MemberSet:
-        assert self._members is not None  # set at start
+        """The member set in force (before start: the flags')."""
+        if self._members is None:
+            return MemberSet.initial(self.cfg.peers, self.cfg.clients)
         return self._members
 
     async def _reconcile_storage(self) -> None:

@@ -38,6 +38,10 @@ class Receiver:
         self.snapshots = SnapshotStore(snap_dir)
         self.stepped: list[Message] = []
         self.arrived = asyncio.Event()
+        self.removed: set[int] = set()
+
+    def was_removed(self, member_id: int) -> bool:
+        return member_id in self.removed
 
     def step(self, m: Message) -> None:
         self.stepped.append(m)
@@ -174,6 +178,26 @@ def test_another_cluster_and_garbage_are_refused_and_the_receiver_goes_on(tmp_pa
             await s.transport.stop()
         await server.stop()
     run(main())
+
+
+def test_a_removed_member_is_refused(tmp_path, port, caplog):
+    async def main():
+        node = Receiver(2, str(tmp_path / "snap"))
+        node.removed.add(1)
+        server = PeerServer(node)
+        await server.start("127.0.0.1", port)
+        removed = Sender({2: f"127.0.0.1:{port}"})  # member 1, of this cluster, removed earlier
+        removed.transport.start()
+        deadline = asyncio.get_running_loop().time() + DEADLINE_S
+        while len(removed.unreachable) < 2:
+            assert asyncio.get_running_loop().time() < deadline, "the removed member never got refused"
+            removed.transport.send(appends(2))
+            await asyncio.sleep(0.002)
+        assert node.stepped == [], "nothing from a removed member may reach raft"
+        await removed.transport.stop()
+        await server.stop()
+    run(main())
+    assert "member 1 was removed from cluster" in caplog.text
 
 
 def _image(tmp_path, entries: int) -> tuple[SnapshotStore, int, int]:
