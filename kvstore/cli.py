@@ -531,6 +531,19 @@ def leader_transfer(ctx, target: int) -> None:
     console.print(f"leader is now member {new}", highlight=False)
 
 
+@cluster.command("add")
+@click.option("--dir", "data_dir", default="./data", show_default=True, help="the data directory of `cluster up`")
+@click.option("--base-client-port", default=DEFAULT_BASE_CLIENT_PORT, show_default=True)
+@click.option("--base-peer-port", default=DEFAULT_BASE_PEER_PORT, show_default=True)
+@click.pass_context
+@client_errors
+def cluster_add(ctx, data_dir: str, base_client_port: int, base_peer_port: int) -> None:
+    """Start one more local member and add it to the running cluster: learner first, then promoted."""
+    from kvstore.cluster_add_cli import add_member
+
+    add_member(ctx, data_dir, base_client_port, base_peer_port)
+
+
 # ------------------------------------------------------------------------------ wal
 
 
