@@ -113,10 +113,10 @@ class PeerServer:
             hello = await asyncio.wait_for(reader.readexactly(wire.HELLO.size), HELLO_TIMEOUT_S)
             purpose, cluster_id, member_id = wire.parse_hello(hello)
             if cluster_id != self.node.cfg.cluster_id:
-                raise wire.PeerProtocolError(
+                raise wire.PeerRefused(
                     f"member {member_id} is in cluster {cluster_id}; this is cluster {self.node.cfg.cluster_id}")
             if self.node.was_removed(member_id):
-                raise wire.PeerProtocolError(
+                raise wire.PeerRefused(
                     f"member {member_id} was removed from cluster {cluster_id}; it may rejoin only with a fresh "
                     f"data dir after `kvstore member add`")
             if purpose == wire.STREAM:
@@ -127,6 +127,8 @@ class PeerServer:
             pass  # the sender went away (it reconnects); nothing was half applied
         except wire.PeerProtocolError as e:
             log.warning("closing peer connection from %s: %s", peer, e)
+            if isinstance(e, wire.PeerRefused):
+                writer.write(wire.frame(wire.REFUSED, str(e).encode()))  # the sender logs it too
         except asyncio.CancelledError:
             pass
         except Exception as e:  # a message that does not decode, say: drop the connection, not the node

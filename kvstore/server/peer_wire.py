@@ -15,7 +15,10 @@ A STREAM connection carries BATCH frames one way (sender -> receiver), each a
 `RaftBatch` protobuf. A SNAPSHOT connection carries one SNAPSHOT_MESSAGE
 (the raft message, a `RaftMessage`), the image as raw SNAPSHOT_DATA frames,
 SNAPSHOT_END (the image's size u64 and CRC32C u32), and then the receiver
-answers with one SNAPSHOT_ACK (`SnapshotAck`). Big-endian throughout; anything else closes the connection.
+answers with one SNAPSHOT_ACK (`SnapshotAck`). A receiver that refuses the
+sender (another cluster's id, a removed member) answers one REFUSED frame
+naming why, so both ends can say it. Big-endian throughout; anything else
+closes the connection.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ SNAPSHOT_MESSAGE = 2
 SNAPSHOT_DATA = 3
 SNAPSHOT_END = 4
 SNAPSHOT_ACK = 5
+REFUSED = 6  # receiver -> sender, then the connection closes: why (UTF-8), e.g. another cluster, a removed member
 
 SNAPSHOT_TRAILER = struct.Struct("!QI")  # SNAPSHOT_END payload: image size, CRC32C of the image
 
@@ -54,6 +58,10 @@ class PeerProtocolError(Exception):
     """The other end does not speak this protocol (or this cluster's)."""
 
 
+class PeerRefused(PeerProtocolError):
+    """A well-formed peer that may not talk to us (another cluster, a removed member): it is told why."""
+
+
 def hello(purpose: int, cluster_id: int, member_id: int) -> bytes:
     return HELLO.pack(MAGIC, purpose, cluster_id, member_id)
 
@@ -66,6 +74,16 @@ def parse_hello(data: bytes) -> tuple[int, int, int]:
     if purpose not in (STREAM, SNAPSHOT):
         raise PeerProtocolError(f"unknown connection purpose {purpose}")
     return purpose, cluster_id, member_id
+
+
+def refusal(data: bytes) -> str | None:
+    """The reason in a REFUSED frame at the start of `data`, else None."""
+    if len(data) < FRAME_HEADER.size:
+        return None
+    length, kind = FRAME_HEADER.unpack_from(data)
+    if kind != REFUSED:
+        return None
+    return data[FRAME_HEADER.size : FRAME_HEADER.size + length].decode(errors="replace")
 
 
 def frame(kind: int, payload: bytes) -> bytes:

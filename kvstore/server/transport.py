@@ -82,6 +82,7 @@ class Peer:
         self.sent_bytes = 0
         self.heartbeat_sent_at = 0.0  # loop time of the oldest heartbeat not yet answered; 0: none
         self.tls_error = ""  # the last TLS failure logged, so a retry loop logs it once
+        self.refused = ""  # likewise the last refusal by the peer
         self.task: asyncio.Task | None = None
         self.snapshot_task: asyncio.Task | None = None
 
@@ -132,7 +133,14 @@ class Peer:
                     log.info("connection to member %d at %s is up", self.id, self.addr)
                 lost = 0.0
                 backoff = BACKOFF_MIN_S
-                await reader.read(1)  # returns only when the connection ends
+                data = await reader.read(1 << 16)  # returns only when the connection ends, or is refused
+                reason = wire.refusal(data)
+                if reason is not None:
+                    if reason != self.refused:
+                        log.warning("member %d at %s refuses this member: %s", self.id, self.addr, reason,
+                                    extra=event("peer-refused", peer=self.id, reason=reason))
+                    self.refused = reason
+                    raise ConnectionError(f"refused: {reason}")
                 raise ConnectionError("closed by the peer")
             except asyncio.CancelledError:
                 raise

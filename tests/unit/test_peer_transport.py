@@ -197,7 +197,8 @@ def test_a_removed_member_is_refused(tmp_path, port, caplog):
         await removed.transport.stop()
         await server.stop()
     run(main())
-    assert "member 1 was removed from cluster" in caplog.text
+    assert "closing peer connection" in caplog.text and "member 1 was removed from cluster" in caplog.text
+    assert "member 2 at 127.0.0.1" in caplog.text and "refuses this member: member 1 was removed" in caplog.text
 
 
 def _image(tmp_path, entries: int) -> tuple[SnapshotStore, int, int]:
