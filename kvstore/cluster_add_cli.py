@@ -15,7 +15,7 @@ import time
 
 import click
 
-from kvstore.cli import client_errors, console, fail, make_client
+from kvstore.cli import console, fail, make_client
 from kvstore.server.config import PORT_STRIDE, format_members
 
 PROMOTE_TIMEOUT_S = 120.0

@@ -793,7 +793,7 @@ class Node:
         except TimeoutError:
             raise RequestFailed(grpc.StatusCode.DEADLINE_EXCEEDED,
                                 f"the membership change (log index {index}) was not applied within {timeout:.1f}s; "
-                                f"see `kvstore member list` for whether it was made") from None
+                                f"see `kvstore member list` for whether it was made", not_applied=False) from None
         try:
             made = self.log.term(index) == term
         except Exception:  # compacted already: it was applied in some term; say so as unknown
@@ -801,7 +801,7 @@ class Node:
         if not made:
             raise RequestFailed(grpc.StatusCode.UNAVAILABLE,
                                 "leadership changed before the membership change committed; see `kvstore member "
-                                "list` for whether it was made")
+                                "list` for whether it was made", not_applied=False)
         return self.members
 
     async def wait_applied(self, index: int) -> None:

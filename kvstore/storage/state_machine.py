@@ -405,14 +405,14 @@ class StateMachine:
                 del self._hashes[min(self._hashes)]
             return mark
         if cmd.conf_change or cmd.HasField("member_update"):
-            current = self._members if self._staged_members is None else self._staged_members
-            if current is None:
+            members = self._members if self._staged_members is None else self._staged_members
+            if members is None:
                 raise ValueError("a membership change applied to a state machine without a member set")
             if cmd.conf_change:
-                new = current.after_conf_change(decode_conf_change(cmd.conf_change))
+                new = members.after_conf_change(decode_conf_change(cmd.conf_change))
             else:
                 u = cmd.member_update
-                new = current.after_update(u.member_id, list(u.peer_urls))
+                new = members.after_update(u.member_id, list(u.peer_urls))
             self._staged_members = new
             txn.put(_MEMBERS_KEY, new.encode(), db=self._meta)
             return PlainPuts(0, revision)

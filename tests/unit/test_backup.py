@@ -90,7 +90,7 @@ def test_damaged_backup_refused_and_nothing_written(source, tmp_path, damage):
 
 def test_restore_writes_a_member_that_starts_at_the_backup(source, tmp_path):
     path = str(tmp_path / "b.db")
-    info = _save(source, path)
+    _save(source, path)
     dirs = {i: str(tmp_path / f"node{i}") for i in MEMBERS}
     ids = set()
     for i, d in dirs.items():
