@@ -658,7 +658,9 @@ class Node:
             raise
         except Exception as e:
             fatal(f"streaming a snapshot image of {os.path.join(self.cfg.data_dir, 'db')}", e)
-        return at, term, SupervisedReader(cast(BinaryIO, stream), f"streaming snapshot {at}")
+        members = stream.members
+        return at, term, SupervisedReader(cast(BinaryIO, stream), f"streaming snapshot {at}",
+                                          None if members is None else members.conf_state())
 
     def open_image_for_backup(self) -> tuple[int, int, ImageReader]:
         """(index, term, reader) of the state machine as it is now, for `kvstore snapshot save`."""

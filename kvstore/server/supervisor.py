@@ -33,6 +33,7 @@ import traceback
 from typing import BinaryIO, NoReturn, TypeVar
 from collections.abc import Callable
 
+from kvstore.raft.types import ConfState
 from kvstore.storage.storage_fault import failing_as
 
 __all__ = ["EXIT_CODE", "SupervisedReader", "describe", "fatal", "guarded", "on_fatal", "watch"]
@@ -125,9 +126,10 @@ def guarded(where: str, fn: Callable[..., T], *args: object) -> Callable[[], T]:
 class SupervisedReader:
     """A file opened for reading whose read errors end the process (a snapshot image being sent)."""
 
-    def __init__(self, f: BinaryIO, where: str) -> None:
+    def __init__(self, f: BinaryIO, where: str, conf_state: ConfState | None = None) -> None:
         self._f = f
         self._where = where
+        self.conf_state = conf_state  # the membership the image holds (a snapshot's metadata must say it)
 
     def read(self, n: int = -1) -> bytes:
         try:

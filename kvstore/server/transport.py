@@ -185,7 +185,9 @@ class Peer:
         image = None
         try:
             index, term, image = await asyncio.to_thread(self.transport.open_snapshot, index)
-            meta = dataclasses.replace(m.snapshot.metadata, index=index, term=term)
+            # the image is the state machine as it is now: its index, term and membership, not the log's snapshot's
+            conf_state = getattr(image, "conf_state", None) or m.snapshot.metadata.conf_state
+            meta = dataclasses.replace(m.snapshot.metadata, index=index, term=term, conf_state=conf_state)
             m = dataclasses.replace(m, snapshot=dataclasses.replace(m.snapshot, metadata=meta))
             log.info("sending snapshot at index %d to member %d", index, self.id)
             reader, writer = await asyncio.wait_for(self._connect(), CONNECT_TIMEOUT_S)

@@ -632,7 +632,9 @@ class StateMachine:
                 raise StateMachineClosed(f"the state machine in {self._root} is closed")
             txn = self._env.begin()
             index, term, _ = _read_meta(txn, self._meta)
+            raw_members = txn.get(_MEMBERS_KEY, db=self._meta)
             stream = _ImageStream(self._env, txn, self._streams)
+            stream.members = None if raw_members is None else MemberSet.decode(raw_members)
             self._streams.add(stream)
         stream.start()
         return index, term, stream
@@ -741,6 +743,7 @@ class _ImageStream:
         self._file = os.fdopen(rfd, "rb")
         self._thread = threading.Thread(target=self._copy, name="image-stream", daemon=True)
         self.error: BaseException | None = None
+        self.members: MemberSet | None = None  # the member set the image holds (same transaction)
 
     def start(self) -> None:
         self._thread.start()

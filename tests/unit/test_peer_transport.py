@@ -239,6 +239,33 @@ def test_a_snapshot_arrives_whole_and_durable_before_its_message_is_stepped(tmp_
     run(main())
 
 
+def test_a_snapshot_carries_the_membership_of_its_image(tmp_path, port):
+    """The image is the state machine as it is now: members added since the log's snapshot are in it,
+    and the message must say so (the follower's core takes its membership from the message)."""
+    from kvstore.server.supervisor import SupervisedReader
+
+    async def main():
+        leader_store, index, term = _image(tmp_path, 10)
+        newer = ConfState(voters=[1, 2, 3], learners=[4])
+
+        def opener(i: int):
+            at, t, f = leader_store.open_image(i)
+            return at, t, SupervisedReader(f, "test image", newer)
+
+        node = Receiver(2, str(tmp_path / "follower-snap"))
+        server = PeerServer(node)
+        await server.start("127.0.0.1", port)
+        sender = Sender({2: f"127.0.0.1:{port}"})
+        sender.transport.open_snapshot = opener
+        sender.transport.start()
+        sender.transport.send([_snapshot_message(index, term)])  # its metadata: voters 1, 2, 3 only
+        await asyncio.wait_for(sender.reported.wait(), DEADLINE_S)
+        assert [m.snapshot.metadata.conf_state for m in node.stepped] == [newer]
+        await sender.transport.stop()
+        await server.stop()
+    run(main())
+
+
 def test_a_snapshot_whose_image_does_not_match_its_message_is_refused(tmp_path, port):
     async def main():
         leader_store, index, term = _image(tmp_path, 10)
