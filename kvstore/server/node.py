@@ -129,6 +129,7 @@ class Node:
                  join_members: MemberSet | None = None) -> None:
         """join_members: the member set an existing cluster reported (--initial-cluster-state existing)."""
         self.cfg = cfg
+        self._own_peers = dict(cfg.peers)  # the peer addresses this member was started with (see MemberSet.peer_addrs)
         self._join_members = join_members
         self._members: MemberSet | None = None  # the member set in force (the state machine's, see members.py)
         self._stopping_removed = False
@@ -273,7 +274,8 @@ class Node:
         """Take a member set into force: ids, addresses for redirects and the transport."""
         self._members = members
         self.member_ids = members.ids
-        for addrs, new in ((self.cfg.peers, members.peer_addrs()), (self.cfg.clients, members.client_addrs())):
+        for addrs, new in ((self.cfg.peers, members.peer_addrs(self._own_peers)),
+                           (self.cfg.clients, members.client_addrs())):
             addrs.clear()
             addrs.update(new)
         if hasattr(self, "transport"):

@@ -26,6 +26,8 @@ class MemberInfo:
     name: str
     peer_urls: tuple[str, ...]
     client_urls: tuple[str, ...]
+    # set by the log (member add/update), not by a member's own flags: see MemberSet.peer_addrs
+    from_log: bool = False
 
 
 @dataclass(frozen=True)
@@ -51,8 +53,18 @@ class MemberSet:
     def conf_state(self) -> ConfState:
         return ConfState(voters=list(self.voters), learners=list(self.learners))
 
-    def peer_addrs(self) -> dict[int, str]:
-        return {i: self.info[i].peer_urls[0] for i in self.ids if i in self.info and self.info[i].peer_urls}
+    def peer_addrs(self, own: dict[int, str] | None = None) -> dict[int, str]:
+        """Where to reach each member's peer API. `own`: the addresses this member was started with
+        (--initial-cluster); they win for the members they name until the log sets an address (a
+        member reaching the others through proxies of its own, or NAT, keeps doing so)."""
+        out = {}
+        for i in self.ids:
+            m = self.info.get(i)
+            if own and i in own and (m is None or not m.from_log):
+                out[i] = own[i]
+            elif m is not None and m.peer_urls:
+                out[i] = m.peer_urls[0]
+        return out
 
     def client_addrs(self) -> dict[int, str]:
         return {i: self.info[i].client_urls[0] for i in self.ids if i in self.info and self.info[i].client_urls}
@@ -66,7 +78,8 @@ class MemberSet:
             removed = tuple(sorted(removed + (cc.node_id,)))
         elif cc.context:
             a = command_pb2.MemberAttributes.FromString(cc.context)
-            info[cc.node_id] = MemberInfo(a.name or f"node{cc.node_id}", tuple(a.peer_urls), tuple(a.client_urls))
+            info[cc.node_id] = MemberInfo(a.name or f"node{cc.node_id}", tuple(a.peer_urls), tuple(a.client_urls),
+                                          from_log=True)
         return MemberSet(tuple(cs.voters), tuple(cs.learners), info, removed)
 
     def after_update(self, member_id: int, peer_urls: list[str]) -> MemberSet:
@@ -74,19 +87,20 @@ class MemberSet:
         if old is None:
             return self
         info = dict(self.info)
-        info[member_id] = MemberInfo(old.name, tuple(peer_urls), old.client_urls)
+        info[member_id] = MemberInfo(old.name, tuple(peer_urls), old.client_urls, from_log=True)
         return MemberSet(self.voters, self.learners, info, self.removed)
 
     def encode(self) -> bytes:
         return json.dumps({
             "voters": list(self.voters), "learners": list(self.learners), "removed": list(self.removed),
-            "info": {str(i): [m.name, list(m.peer_urls), list(m.client_urls)] for i, m in self.info.items()},
+            "info": {str(i): [m.name, list(m.peer_urls), list(m.client_urls), m.from_log]
+                     for i, m in self.info.items()},
         }, sort_keys=True).encode()
 
     @classmethod
     def decode(cls, raw: bytes) -> MemberSet:
         d = json.loads(raw)
-        info = {int(i): MemberInfo(n, tuple(p), tuple(c)) for i, (n, p, c) in d["info"].items()}
+        info = {int(i): MemberInfo(v[0], tuple(v[1]), tuple(v[2]), bool(v[3])) for i, v in d["info"].items()}
         return cls(tuple(d["voters"]), tuple(d["learners"]), info, tuple(d["removed"]))
 
 

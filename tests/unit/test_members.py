@@ -46,3 +46,15 @@ def test_a_replayed_entry_is_not_applied_twice(tmp_path):
 def test_encode_round_trip():
     m = MemberSet.initial(PEERS, CLIENTS, {1: "one"}).after_conf_change(ConfChange(ConfChange.REMOVE_NODE, 2))
     assert MemberSet.decode(m.encode()) == m and m.info[1].name == "one" and 2 not in m.info
+
+
+def test_own_flags_win_for_peer_addresses_until_the_log_sets_one():
+    """A member started with addresses of its own (proxies, NAT) keeps them, even after a snapshot brought
+    another member's record; an address the log sets (member add/update) is everyone's."""
+    leader_view = MemberSet.initial({1: "p1:1", 2: "p2:1", 3: "p3:1"}, CLIENTS)
+    mine = {1: "proxy-to-1:9", 2: "h2:1", 3: "proxy-to-3:9"}
+    assert leader_view.peer_addrs(mine) == mine
+    changed = leader_view.after_update(3, ["moved3:1"]).after_conf_change(
+        ConfChange(ConfChange.ADD_LEARNER, 4, attributes("n4", ["h4:1"], [])))
+    assert changed.peer_addrs(mine) == {1: "proxy-to-1:9", 2: "h2:1", 3: "moved3:1", 4: "h4:1"}
+    assert MemberSet.decode(changed.encode()) == changed
