@@ -19,6 +19,8 @@ Packages (names for ``--nemesis``):
 - ``pause``: alternates ``pause-random`` and ``pause-leader``: SIGSTOP, SIGCONT at heal.
 - ``power``, ``power-all``: power cuts (unsynced writes lost), see :mod:`kvstore.jepsen.power`.
 - ``clock``: one node's wall clock an hour ahead or behind (see :mod:`kvstore.jepsen.clock`).
+- ``member``: remove a random member, wipe its data, add it back as a learner; promoted at heal
+  (see :mod:`kvstore.jepsen.member`).
 
 Grudges are always symmetric: with TCP a one-sided drop cuts both directions
 anyway, and a symmetric one says what the partition really is.
@@ -214,12 +216,16 @@ def make_package(name: str) -> Package:
             return Rotate(name, [ProcessFault(kind, "random"), ProcessFault(kind, "leader")])
         if name in (f"{kind}-random", f"{kind}-leader"):
             return ProcessFault(kind, name.split("-", 1)[1])
+    if name == "member":
+        from kvstore.jepsen.member import MemberNemesis
+
+        return MemberNemesis()
     if name.startswith("clock"):
         from kvstore.jepsen.clock import make_clock_package
 
         return make_clock_package(name)
     raise ValueError(f"unknown nemesis {name!r}: use partition[-halves|-leader|-ring|-bridge], "
-                     "kill[-random|-leader], pause[-random|-leader], power[-random|-leader|-all], clock, "
+                     "kill[-random|-leader], pause[-random|-leader], power[-random|-leader|-all], clock, member, "
                      "joined with , or +")
 
 

@@ -312,9 +312,10 @@ class LeaderWatch:
 class _Control:
     """What the nemesis acts through: node processes, the network, the leader watch."""
 
-    def __init__(self, procs: NodeProcesses, network: Any, watch: LeaderWatch) -> None:
+    def __init__(self, procs: NodeProcesses, network: Any, watch: LeaderWatch, membership: Any = None) -> None:
         self.procs, self.network, self.watch = procs, network, watch
         self.nodes = procs.nodes
+        self.membership = membership  # the member nemesis's changes (kvstore.jepsen.member)
 
     def leader(self) -> int | None:
         return self.watch.leader()
@@ -439,7 +440,9 @@ async def _run_async(config: RunConfig, mode: str, run_dir: Path, procs: NodePro
     watch = LeaderWatch(client_addrs, recorder.clock, tls=tls)
     stop_watch = asyncio.Event()
     watch_task = asyncio.create_task(watch.run(stop_watch))
-    control = _Control(procs, network, watch)
+    from kvstore.jepsen.member import Membership
+
+    control = _Control(procs, network, watch, Membership(procs, client_addrs, tls))
     nemesis = Nemesis(control, windows, recorder, config.fault_seconds, config.heal_seconds,
                       seed=config.seed)
     endpoints = [client_addrs[n] for n in procs.nodes]
