@@ -883,6 +883,9 @@ class Node:
         if target not in self.cfg.peers:
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, f"member {target} is not in the cluster",
                                 not_applied=True)
+        if target in self.members.learners:
+            raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"member {target} is a learner; promote it before it can lead", not_applied=True)
         self.raw.transfer_leader(target)
         self._wake.set()
         deadline = time.monotonic() + timeout
