@@ -312,6 +312,8 @@ class Raft:
     def hup(self, transfer: bool = False) -> None:
         if self.state == StateRole.LEADER or not self.promotable():
             return
+        if self.has_unapplied_conf_changes():
+            return  # campaign in the configuration the log has committed, not an older one (etcd's rule)
         if self.pre_vote and not transfer:
             self.campaign(pre=True)
         else:
@@ -794,6 +796,15 @@ class Raft:
             elif tr.voters and self.maybe_commit():
                 self.bcast_append()  # the quorum changed
         return tr.conf_state()
+
+    def has_unapplied_conf_changes(self) -> bool:
+        """Whether a committed membership change is not yet applied: the membership in force is then
+        older than the committed one (after a restart whose state machine lagged, say), and a
+        campaign must wait for the apply."""
+        log = self.log
+        if log.applied >= log.committed:
+            return False
+        return any(e.type == EntryType.CONF_CHANGE for e in log.entries(log.applied + 1, log.committed + 1))
 
     def _maybe_step_down_removed(self) -> None:
         """A removed leader steps down once a quorum of the new voters holds its whole log.

@@ -25,8 +25,23 @@ them all the time:
 """
 from __future__ import annotations
 
-from kvstore.raft import StateRole
+from kvstore.raft import ConfState, EntryType, StateRole, decode_conf_change
+from kvstore.raft.confchange import conf_state_after
 from kvstore.raft.storage import CompactedError, UnavailableError
+
+
+def _committed_conf(conf: ConfState, entries, applied: int, committed: int, snapshot) -> ConfState:
+    """`conf` (the member set as of `applied`) moved through the membership changes committed after it;
+    from `snapshot`'s (a received one, not yet installed) when the log starts after `applied`."""
+    if committed <= applied:
+        return conf
+    meta = snapshot().metadata
+    if meta.index > applied:
+        conf, applied = meta.conf_state, meta.index
+    for e in entries(applied + 1, committed + 1):
+        if e.type == EntryType.CONF_CHANGE:
+            conf = conf_state_after(conf, decode_conf_change(e.data))
+    return conf
 
 
 class Violation(AssertionError):
@@ -53,14 +68,25 @@ class Checker:
         return v
 
     def node_started(self, i: int) -> None:
-        self.seen_commit[i] = self.sim.nodes[i].node.raft.log.committed
+        conf = self.sim.nodes[i].disk.sm.conf  # after a power cut: the durable base's
+        self.confs[i] = set(conf.voters) | {-x for x in conf.learners}
+        """A restarted member's commit index must name the entry committed there (reconcile's job)."""
+        log = self.sim.nodes[i].node.raft.log
+        c = log.committed
+        want = self.commit_term.get(c)
+        if want is not None and c >= log.first_index() - 1:
+            have = log.term_or_zero(c)
+            if have != want:
+                raise self.fail(f"state machine safety: node {i} restarts with commit index {c} over an entry of "
+                                f"term {have}, where term {want} was committed")
+        self.seen_commit[i] = c
 
     def node_crashed(self, i: int) -> None:
         pass
 
     def conf_changed(self, i: int, snapshot: bool = False) -> None:
         """Node i applied a membership change: it moves one server (a snapshot may skip several)."""
-        conf = self.sim.nodes[i].sm_conf
+        conf = self.sim.nodes[i].disk.sm.conf
         new = set(conf.voters) | {-x for x in conf.learners}
         old = self.confs.get(i)
         self.confs[i] = new
@@ -140,14 +166,18 @@ class Checker:
                 li = log.last_index()
                 tips[i] = (log.term(li), li)
                 has[i] = k < log.first_index() or (k <= li and log.term_or_zero(k) == term)
-                voters_of[i] = list(r.tracker.voters) if r.promotable() else None
+                conf = _committed_conf(sn.disk.sm.conf, log.entries, sn.disk.sm.applied_index, log.committed,
+                                       log.snapshot)
+                voters_of[i] = list(conf.voters) if i in conf.voters else None
             else:
-                st = sn.storage
+                st = sn.disk.wal
                 li = st.last_index()
                 tips[i] = (st.term(li), li)
                 first = st.first_index()
                 has[i] = k < first or (k <= li and st.term(k) == term)
-                conf = sn.sm_conf  # what it restarts with
+                # what it restarts with, once it applied what it knows is committed (it campaigns only then)
+                commit = max(st.initial_state()[0].commit, sn.disk.sm.applied_index)
+                conf = _committed_conf(sn.disk.sm.conf, st.entries, sn.disk.sm.applied_index, commit, st.snapshot)
                 voters_of[i] = list(conf.voters) if i in conf.voters else None
         for n, tip in tips.items():
             if has[n] or voters_of[n] is None:
