@@ -147,3 +147,23 @@ def test_restart_takes_the_membership_the_state_machine_kept():
     c.crash(2)
     n = c.start(2, conf_state=ConfState(voters=[1, 2, 3], learners=[4]))
     assert n.conf_state() == ConfState(voters=[1, 2, 3], learners=[4])
+
+
+def test_no_campaign_while_a_committed_membership_change_is_unapplied():
+    """After a restart whose state machine lagged (a power cut rolls it back to its base), the membership
+    in force is older than the committed one: campaigning in it could win with an outdated quorum."""
+    c = Cluster(3, apply_conf_changes=True)
+    c.campaign(1)
+    change(c, 1, REMOVE, 3)
+    c.crash(2)
+    # restart 2 as if its state machine had lost the removal: applied before it, old membership
+    removal = next(e.index for e in c.applied[2] if e.type.name == "CONF_CHANGE")
+    c.applied[2] = [e for e in c.applied[2] if e.index < removal]
+    n = c.start(2, conf_state=ConfState(voters=[1, 2, 3], learners=[]))
+    assert n.raft.log.committed >= removal > n.raft.log.applied
+    n.campaign()
+    assert n.raft.state == StateRole.FOLLOWER and n.raft.term == c.raft(1).term  # waits for the apply
+    c.stabilize()  # the committed entries are applied (the harness applies conf changes): now it may
+    assert n.conf_state().voters == [1, 2]
+    n.campaign()
+    assert n.raft.state != StateRole.FOLLOWER
