@@ -113,7 +113,7 @@ class ReadyHandler:
         self.clock = clock
         self.bugs = faults.check(bugs)
         self._apply_before_durable = faults.APPLY_BEFORE_DURABLE in bugs
-        self._answer_before_commit = faults.ANSWER_BEFORE_COMMIT in bugs
+        self._ack_before_fsync = faults.ACK_BEFORE_FSYNC in bugs
         self._fsync_error_not_fatal = faults.FSYNC_ERROR_NOT_FATAL in bugs
         self.unsynced_hard_state: HardState | None = None  # a commit-only hard state not yet written
         self.append_since = 0.0  # clock() when the WAL write under way began; 0: none (see health.py)
@@ -134,6 +134,8 @@ class ReadyHandler:
 
         if rd.messages:
             yield Step.SEND, rd.messages
+        if self._ack_before_fsync and rd.persisted_messages:
+            yield Step.SEND, rd.persisted_messages  # TESTING: promises what is not durable yet
 
         late: list[Entry] = rd.committed_entries
         if late and (rd.committed_are_durable() or self._apply_before_durable):
@@ -146,10 +148,8 @@ class ReadyHandler:
         write = self._write_for(rd)
         if write is not None:
             yield Step.PERSIST, write
-            if self._answer_before_commit and rd.entries and self.raw.raft.state == StateRole.LEADER:
-                yield Step.APPLY, rd.entries  # TESTING: as if the leader's own fsync committed them
 
-        if rd.persisted_messages:
+        if rd.persisted_messages and not self._ack_before_fsync:
             yield Step.SEND, rd.persisted_messages
 
         if late:
