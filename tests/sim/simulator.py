@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import heapq
 import random
-from collections import deque
+from collections import Counter, deque
 
 from kvstore.raft import Config, Message, MessageType, ProposalDropped, RawNode, StateRole
 from kvstore.raft.types import ConfState, SnapshotMetadata
@@ -132,6 +132,8 @@ class Simulation:
         self.faults = Faults(rng, p.p_crash_fsync, p.p_crash_install, p.p_fsync_error, p.p_power)
         self.nodes = {i: SimNode(i, self.faults) for i in self.ids}
         self.proposer: dict[bytes, int] = {}  # proposal data -> the member it was proposed to
+        self.crashes: Counter[str] = Counter()  # where members died: a storage step, "fail-stop", "kill"
+        self.repairs = 0  # restarts where reconcile had to finish an install or reinstall an image
         self.blocked: set[tuple[int, int]] = set()
         self.now = 0
         self.events: list = []
@@ -176,16 +178,20 @@ class Simulation:
         """Start member i's process on its disk: reconcile (the server's), then the core and handler."""
         sn = self.nodes[i]
         disk = sn.disk
+        before = (disk.sm.applied_index, disk.wal.first_index(), disk.wal.last_index())
         try:
             reconcile(disk.sm, disk.wal, disk.images, bugs=self.bugs)  # type: ignore[arg-type]
         except ReconcileError as e:
             raise self.fail(Violation(f"node {i} cannot restart: {e}")) from e
         except Crash as c:  # a crash again, in the middle of finishing the last one's work
             self.log("crash", i, f"in {c.point} while starting" + (" (power cut)" if c.power else ""))
+            self.crashes[c.point] += 1
             if c.power:
                 disk.sm.power_loss()
             self.push(self.rng.randint(1, 2 * TICK), RESTART, i)
             return
+        if (disk.sm.applied_index, disk.wal.first_index(), disk.wal.last_index()) != before:
+            self.repairs += 1
         disk.sm.on_apply = lambda index, term, data, h: self.on_apply(i, index, term, data, h)
         sn.node = raw = RawNode(self.config(i, disk.sm.applied_index), disk.wal)
         events = SimEvents(self, i)
@@ -203,6 +209,9 @@ class Simulation:
         if power is None:
             power = self.rng.random() < self.p.p_power
         self.log("crash", i, why + (" (power cut)" if power else ""))
+        self.crashes[why.split(":")[0].removeprefix("in ")] += 1
+        if power:
+            self.crashes["power cut"] += 1
         sn.node = sn.handler = sn.pipeline = None
         sn.steps = sn.pending = None  # a Ready under way is simply lost, and the apply backlog with it
         if power:
