@@ -455,6 +455,7 @@ class Simulation:
                 data = b"P%d" % self.prop_ctr
                 self.log("propose", target, data)
                 node.propose(data)
+                self.proposer[data] = target
             elif r < 0.95:
                 self.read_ctr += 1
                 ctx = b"R%d" % self.read_ctr
@@ -485,6 +486,7 @@ class Simulation:
         data = b"L%d" % self.prop_ctr
         try:
             self.nodes[lead].node.propose(data)
+            self.proposer[data] = lead
         except ProposalDropped:
             return
         self.log("propose", lead, data)
