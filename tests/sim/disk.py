@@ -26,12 +26,14 @@ from __future__ import annotations
 import random
 import struct
 import zlib
+from collections.abc import Callable
 
 from kvstore.raft import MemoryStorage
 from kvstore.raft.types import ConfState, Entry, HardState, Snapshot, SnapshotMetadata
 from kvstore.storage.storage_fault import StorageFault
 
 IMAGE = struct.Struct(">QQI")  # index, term, hash of the applied history: a state machine image
+ImageInfo = tuple[int, int, list[int], str]  # (index, term, voters, path), as SnapshotStore.list gives
 
 
 class Crash(Exception):
@@ -67,7 +69,7 @@ class SimLog(MemoryStorage):
         super().__init__()
         self.disk = disk
 
-    def append(self, entries: list[Entry], hard_state: HardState | None = None) -> None:  # type: ignore[override]
+    def append(self, entries: list[Entry], hard_state: HardState | None = None) -> None:
         f = self.disk.faults
         if f.enabled and f.p_fsync_error and f.rng.random() < f.p_fsync_error:
             raise StorageFault("fdatasync", "wal/0000000000000000.wal", 5, "Input/output error")
@@ -113,7 +115,8 @@ class SimStateMachine:
         self.disk = disk
         self.applied_index = self.applied_term = self.hash = 0
         self.base = (0, 0, 0)  # durable: (index, term, hash) of the last checkpoint or install
-        self.on_apply = None  # set by the simulator: (index, term, data, hash) for each applied entry
+        # set by the simulator: called with (index, term, data, hash) for each applied entry
+        self.on_apply: Callable[[int, int, bytes, int], None] = lambda index, term, data, h: None
 
     def apply(self, entries, origins=None, before_commit=None) -> list:
         results: list = []
@@ -177,10 +180,10 @@ class SimImages:
         for index in sorted(self._images)[: -self.keep]:
             del self._images[index]
 
-    def list(self) -> list[tuple[int, int, list[int], str]]:
+    def list(self) -> list[ImageInfo]:
         return [(i, t, v, self._path(i, t)) for i, (t, v, _) in sorted(self._images.items())]
 
-    def latest(self) -> tuple[int, int, list[int], str] | None:
+    def latest(self) -> ImageInfo | None:
         items = self.list()
         return items[-1] if items else None
 
