@@ -289,6 +289,11 @@ class Row:
     term_moved: int
 
 
+def op_label(s: Stats) -> str:
+    """The op, marked when the load came through the blocking Client's threads."""
+    return s.op + (" (Client threads)" if s.extra.get("blocking") else "")
+
+
 def print_table(rows: list[Row]) -> None:
     """Two tables: throughput with ratios, then latency with ratios (ratio = kvstore / etcd)."""
     t = Table(title="throughput, ops/s (same run, same load processes; ratio = kvstore / etcd)")
@@ -299,7 +304,7 @@ def print_table(rows: list[Row]) -> None:
     for r in rows:
         u = r.unary
         t.add_row(
-            r.kv.op, str(r.kv.clients), str(r.kv.procs), f"{r.etcd.rate:,.0f}", f"{r.kv.rate:,.0f}",
+            op_label(r.kv), str(r.kv.clients), str(r.kv.procs), f"{r.etcd.rate:,.0f}", f"{r.kv.rate:,.0f}",
             fmt(ratio(r.kv.rate, r.etcd.rate)) + "x",
             f"{u.rate:,.0f}" if u else "-", (fmt(ratio(u.rate, r.etcd.rate)) + "x") if u else "-",
             str(r.kv.errors + (u.errors if u else 0)), str(r.term_moved),
@@ -314,7 +319,7 @@ def print_table(rows: list[Row]) -> None:
     for r in rows:
         u = r.unary
         t.add_row(
-            r.kv.op, str(r.kv.clients), fmt(r.etcd.p50), fmt(r.kv.p50), fmt(ratio(r.kv.p50, r.etcd.p50)),
+            op_label(r.kv), str(r.kv.clients), fmt(r.etcd.p50), fmt(r.kv.p50), fmt(ratio(r.kv.p50, r.etcd.p50)),
             fmt(r.etcd.p99), fmt(r.kv.p99), fmt(ratio(r.kv.p99, r.etcd.p99)), fmt(r.kv.p999),
             fmt(u.p50) if u else "-", fmt(u.p99) if u else "-",
         )
@@ -322,7 +327,7 @@ def print_table(rows: list[Row]) -> None:
 
 
 def goal_lines(rows: list[Row], rss_ratio: float | None, failover_ratio: float | None,
-               full_load: tuple[float, int] | None = None) -> list[str]:
+               full_load: tuple[float, int] | None = None, blocking: Row | None = None) -> list[str]:
     """The performance goals, each with the figure this run measured (absent points are skipped)."""
     by = {(r.kv.op, r.kv.clients): r for r in rows}
     out = []
@@ -343,6 +348,9 @@ def goal_lines(rows: list[Row], rss_ratio: float | None, failover_ratio: float |
     unary = [ratio(r.unary.rate, r.etcd.rate) for r in rows if r.unary and r.kv.clients == 256]
     if unary:
         add("coalescing off at 256 clients: worst throughput ratio >= 1.0x etcd", min(unary), min(unary) >= 1.0)
+    if blocking is not None:
+        v = ratio(blocking.kv.rate, blocking.etcd.rate)
+        add(f"blocking Client, {blocking.kv.clients} threads, put throughput >= 2x etcd", v, v >= 2)
     moved = sum(r.term_moved for r in rows)
     out.append(f"{'PASS' if moved == 0 else 'MISS'}  no leader election during the load: term moved {moved}")
     if full_load is not None:
@@ -370,6 +378,9 @@ def main() -> int:
     ap.add_argument("--no-unary", action="store_true", help="skip the kvstore runs with coalescing off")
     ap.add_argument("--transport", choices=("stream", "unary"), default="stream",
                     help="how kvstore's client carries calls (the library's default: stream)")
+    ap.add_argument("--blocking-clients", type=int, default=64,
+                    help="puts from this many threads sharing one blocking Client per load process, "
+                         "next to etcd at the same client count (0 skips)")
     ap.add_argument("--failover-trials", type=int, default=20, help="0 skips failover")
     ap.add_argument("--full-load-secs", type=float, default=60.0,
                     help="kvstore puts at 256 clients for this long, watching for a leader election (0 skips)")
@@ -424,7 +435,19 @@ def main() -> int:
                 rows.append(Row(e, kv, u, kv_term(cluster) - term0))
                 report["points"].append({"etcd": e.as_dict(), "kvstore": kv.as_dict(),
                                          "unary": u.as_dict() if u else None, "term_moved": rows[-1].term_moved})
-        print_table(rows)
+        blocking = None
+        if a.blocking_clients > 0:
+            n = a.blocking_clients
+            procs = procs_for(n, a.procs)
+            e = etcd_point("put", n, procs, a.secs)
+            console.print(f"etcd    {e.extra['line']}")
+            term0 = kv_term(cluster)
+            kb = run_points([LoadSpec(tuple(cluster.endpoints), "put", n, a.secs, procs, transport=a.transport,
+                                      blocking=True)], console)[0]
+            console.print(f"Client  {format_line(kb)} (blocking Client, one thread per client)")
+            blocking = Row(e, kb, None, kv_term(cluster) - term0)
+            report["blocking"] = {"etcd": e.as_dict(), "kvstore": kb.as_dict(), "term_moved": blocking.term_moved}
+        print_table(rows + ([blocking] if blocking else []))
         report["loadavg_end"] = os.getloadavg()
         console.print(f"load average now {os.getloadavg()[0]:.1f} (a busy machine starves both sides, not equally: "
                       "compare ratios between runs with care)")
@@ -468,7 +491,7 @@ def main() -> int:
             console.print(f"failover median ratio (kvstore / etcd): {failover_ratio:.2f}")
             report["failover_s"] = {"etcd": ef, "kvstore": kf}
         console.print("goals:")
-        for line in goal_lines(rows, rss_ratio, failover_ratio, full_load):
+        for line in goal_lines(rows, rss_ratio, failover_ratio, full_load, blocking):
             console.print("  " + line)
     finally:
         cluster.stop()

@@ -78,6 +78,10 @@ class LoadSpec:
     timeout: float = 5.0  # per call, retries included
     transport: str = "stream"  # the client's: one session stream per member, or "unary" RPCs
     tls: TLS | None = None  # members serving TLS: the CA to trust and the client certificate
+    #: One blocking ``Client`` per process, one thread per logical client (what a
+    #: threaded application sees, the thread hand-off included), instead of
+    #: coroutines on one AsyncClient.
+    blocking: bool = False
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
@@ -224,16 +228,85 @@ async def _drive(spec: LoadSpec, nclients: int, slot: int, ready: Any, go: Any, 
             "rpcs": rpcs, "batched": batched}
 
 
+def _drive_threads(spec: LoadSpec, nclients: int, slot: int, ready: Any, go: Any, counts: Any) -> dict[str, Any]:
+    """`_drive` for the blocking Client: one thread per logical client, all sharing one Client."""
+    import threading
+
+    from kvstore.client import Client
+
+    value = os.urandom(spec.value_size)
+    nkeys, op = spec.nkeys, spec.op
+    keys = [b"k%08d" % i for i in range(nkeys)]
+    lats = [array("d") for _ in range(nclients)]
+    errors = [0] * nclients
+    first_errors = [""] * nclients
+    with Client(list(spec.endpoints), coalesce=spec.coalesce, timeout=spec.timeout, transport=spec.transport,
+                tls=spec.tls) as kv:
+        kv.put(b"warm", b"x")
+        for _ in range(2 * len(spec.endpoints)):
+            kv.get(b"warm", serializable=True)
+        ready.put(slot)
+        if not go.wait(START_TIMEOUT_S):
+            raise TimeoutError("no start signal from the parent")
+        co = kv.async_client.coalescer
+        rpcs0, ops0 = (co.rpcs, co.ops) if co is not None else (0, 0)
+        perf = time.perf_counter
+        cpu0 = time.process_time()
+        t0 = perf()
+        deadline = t0 + spec.secs
+        sget = op == "sget"
+
+        def client(i: int) -> None:
+            rnd = random.Random(i).random  # one generator per thread: no lock shared between callers
+            append, put, get = lats[i].append, kv.put, kv.get
+            while True:
+                k = keys[int(rnd() * nkeys)]
+                t = perf()
+                if t >= deadline:
+                    return
+                try:
+                    if op == "put" or (op == "mix" and rnd() < MIX_PUT_FRACTION):
+                        put(k, value)
+                    else:
+                        get(k, serializable=sget)
+                except Exception as e:  # counted, not fatal, as in _drive
+                    errors[i] += 1
+                    if not first_errors[i]:
+                        first_errors[i] = f"{type(e).__name__}: {e}"[:200]
+                    continue
+                append(perf() - t)
+
+        threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(nclients)]
+        for th in threads:
+            th.start()
+        while any(th.is_alive() for th in threads):
+            counts[slot] = sum(len(x) for x in lats)
+            threads[0].join(0.1)
+        elapsed = perf() - t0
+        cpu = time.process_time() - cpu0
+        rpcs, batched = (co.rpcs - rpcs0, co.ops - ops0) if co is not None else (0, 0)
+    lat = array("d")
+    for x in lats:
+        lat.extend(x)
+    counts[slot] = len(lat)
+    first = next((e for e in first_errors if e), "")
+    return {"lat": lat.tobytes(), "errors": sum(errors), "first_error": first, "elapsed": elapsed, "cpu": cpu,
+            "rpcs": rpcs, "batched": batched}
+
+
 def _worker(spec: LoadSpec, nclients: int, slot: int, ready: Any, go: Any, counts: Any, results: Any) -> None:
     """Process entry point (spawned: no gRPC state inherited from the parent)."""
     try:
-        try:
-            import uvloop
+        if spec.blocking:
+            res = _drive_threads(spec, nclients, slot, ready, go, counts)
+        else:
+            try:
+                import uvloop
 
-            run: Callable[[Any], Any] = uvloop.run
-        except ImportError:
-            run = asyncio.run
-        res = run(_drive(spec, nclients, slot, ready, go, counts))
+                run: Callable[[Any], Any] = uvloop.run
+            except ImportError:
+                run = asyncio.run
+            res = run(_drive(spec, nclients, slot, ready, go, counts))
     except BaseException as e:  # report instead of dying silently: the parent waits for every slot
         res = {"fatal": f"{type(e).__name__}: {e}"[:500]}
     results.put((slot, res))
@@ -308,6 +381,7 @@ def run_load(spec: LoadSpec, on_progress: ProgressFn | None = None) -> Stats:
     # The load processes share the cores with the members: what they burn per
     # op is taken from the servers, so it is reported next to the rate.
     stats.extra["transport"] = spec.transport
+    stats.extra["blocking"] = spec.blocking
     stats.extra["client_cpu_s"] = cpu = sum(r["cpu"] for r in out.values())
     stats.extra["client_cpu_us_per_op"] = cpu / len(lat) * 1e6 if len(lat) else float("nan")
     rpcs = sum(r["rpcs"] for r in out.values())
@@ -361,7 +435,8 @@ def run_points(specs: Sequence[LoadSpec], console: Any = None) -> list[Stats]:
                TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         for spec in specs:
-            label = f"{spec.op:<4} x{spec.clients:<4} {'coalesced' if spec.coalesce else 'one op':<9} {spec.transport}"
+            label = (f"{spec.op:<4} x{spec.clients:<4} {'coalesced' if spec.coalesce else 'one op':<9} {spec.transport}"
+                     + (" blocking" if spec.blocking else ""))
             task = progress.add_task(label, total=spec.secs, rate="")
 
             def tick(elapsed: float, done: int, task: Any = task, secs: float = spec.secs) -> None:
@@ -394,13 +469,15 @@ def _csv_list(value: str, conv: Callable[[str], Any]) -> list[Any]:
               help="let the client gather concurrent calls into Batch RPCs")
 @click.option("--transport", type=click.Choice(["stream", "unary"]), default="stream", show_default=True,
               help="one session stream per member, or one unary RPC per call")
+@click.option("--blocking", is_flag=True, default=False,
+              help="one blocking Client per process with a thread per client, instead of coroutines on an AsyncClient")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="also write every point as one JSON object per line")
 @click.option("--cacert", envvar="KVSTORE_CACERT", default=None, help="TLS: trust the CA in this PEM file")
 @click.option("--cert", envvar="KVSTORE_CERT", default=None, help="TLS: client certificate (PEM)")
 @click.option("--key", envvar="KVSTORE_KEY", default=None, help="TLS: key of --cert (PEM)")
 def bench(endpoints: str, ops: str, clients: str, secs: float, procs: int, value_size: int, nkeys: int,
-          coalesce: bool, transport: str, json_path: str | None, cacert: str | None, cert: str | None,
+          coalesce: bool, transport: str, blocking: bool, json_path: str | None, cacert: str | None, cert: str | None,
           key: str | None) -> None:
     """Closed-loop load against a running cluster: ops/s, p50, p99, p99.9 per op and client count."""
     from rich.console import Console
@@ -412,7 +489,7 @@ def bench(endpoints: str, ops: str, clients: str, secs: float, procs: int, value
         op_list = _csv_list(ops, str)
         client_list = _csv_list(clients, int)
         specs = [LoadSpec(tuple(_csv_list(endpoints, str)), op, n, secs, procs, value_size, nkeys, coalesce,
-                          transport=transport, tls=tls)
+                          transport=transport, tls=tls, blocking=blocking)
                  for op in op_list for n in client_list]
     except ValueError as e:
         raise click.BadParameter(str(e)) from e

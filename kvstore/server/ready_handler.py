@@ -36,6 +36,7 @@ from typing import Protocol
 
 from kvstore.raft import faults
 from kvstore.raft.rawnode import RawNode
+from kvstore.raft.ready import Ready
 from kvstore.raft.types import Entry, HardState, SnapshotMetadata, StateRole
 
 from .logs import event
@@ -118,7 +119,7 @@ class ReadyHandler:
         self.unsynced_hard_state: HardState | None = None  # a commit-only hard state not yet written
         self.append_since = 0.0  # clock() when the WAL write under way began; 0: none (see health.py)
 
-    def handle(self, rd) -> Iterator[tuple[Step, object]]:
+    def handle(self, rd: Ready) -> Iterator[tuple[Step, object]]:
         """The steps for `rd`, in order; the core is advanced once the last one is done.
 
         A driver that stops early (a crash) must throw the handler away with
@@ -157,7 +158,7 @@ class ReadyHandler:
 
         self.raw.advance(rd)
 
-    def _write_for(self, rd) -> Write | None:
+    def _write_for(self, rd: Ready) -> Write | None:
         """What this Ready must write, or None.
 
         A hard state whose only change is the commit index needs no fsync of

@@ -27,12 +27,14 @@ import json
 import random
 import struct
 import zlib
+from collections.abc import Callable
 
 from kvstore.raft import MemoryStorage
 from kvstore.raft.types import ConfState, Entry, HardState, Snapshot, SnapshotMetadata
 from kvstore.storage.storage_fault import StorageFault
 
 IMAGE = struct.Struct(">QQI")  # index, term, hash of the applied history: a state machine image ...
+ImageInfo = tuple[int, int, list[int], str]  # (index, term, voters, path), as SnapshotStore.list gives
 
 
 def _pack_image(index: int, term: int, h: int, conf: ConfState) -> bytes:
@@ -40,8 +42,10 @@ def _pack_image(index: int, term: int, h: int, conf: ConfState) -> bytes:
     return IMAGE.pack(index, term, h) + json.dumps([conf.voters, conf.learners]).encode()
 
 
-def _unpack_image(image: bytes) -> tuple[int, int, int, ConfState]:
+def _unpack_image(image: bytes) -> tuple[int, int, int, ConfState | None]:
     index, term, h = IMAGE.unpack_from(image)
+    if len(image) == IMAGE.size:  # an image made without a member set (tests of the disk model)
+        return index, term, h, None
     voters, learners = json.loads(image[IMAGE.size:])
     return index, term, h, ConfState(voters, learners)
 
@@ -79,7 +83,7 @@ class SimLog(MemoryStorage):
         super().__init__()
         self.disk = disk
 
-    def append(self, entries: list[Entry], hard_state: HardState | None = None) -> None:  # type: ignore[override]
+    def append(self, entries: list[Entry], hard_state: HardState | None = None) -> None:
         f = self.disk.faults
         if f.enabled and f.p_fsync_error and f.rng.random() < f.p_fsync_error:
             raise StorageFault("fdatasync", "wal/0000000000000000.wal", 5, "Input/output error")
@@ -126,7 +130,8 @@ class SimStateMachine:
         self.applied_index = self.applied_term = self.hash = 0
         self.conf = conf  # the member set as of the applied index (set by the membership hook)
         self.base = (0, 0, 0, conf)  # durable: (index, term, hash, conf) of the last checkpoint or install
-        self.on_apply = None  # set by the simulator: (index, term, data, hash) for each applied entry
+        # set by the simulator: called with (index, term, data, hash) for each applied entry
+        self.on_apply: Callable[[int, int, bytes, int], None] = lambda index, term, data, h: None
 
     def apply(self, entries, origins=None, before_commit=None) -> list:
         results: list = []
@@ -164,8 +169,9 @@ class SimStateMachine:
         f = self.disk.faults
         for step in ("copy", "verify", "rename"):
             f.crash(f"install-{step}", f.p_crash_install)
-        self.applied_index, self.applied_term, self.hash, self.conf = index, term, h, conf
-        self.base = (index, term, h, conf)  # the swap: `current` renamed and the root fsynced
+        self.applied_index, self.applied_term, self.hash = index, term, h
+        self.conf = conf if conf is not None else self.conf
+        self.base = (index, term, h, self.conf)  # the swap: `current` renamed and the root fsynced
         f.crash("install-reopen", f.p_crash_install)
 
     def power_loss(self) -> None:
@@ -190,10 +196,10 @@ class SimImages:
         for index in sorted(self._images)[: -self.keep]:
             del self._images[index]
 
-    def list(self) -> list[tuple[int, int, list[int], str]]:
+    def list(self) -> list[ImageInfo]:
         return [(i, t, v, self._path(i, t)) for i, (t, v, _) in sorted(self._images.items())]
 
-    def latest(self) -> tuple[int, int, list[int], str] | None:
+    def latest(self) -> ImageInfo | None:
         items = self.list()
         return items[-1] if items else None
 
@@ -215,12 +221,13 @@ class SimImages:
 class Disk:
     """What one member has on disk; it outlives the member's processes."""
 
-    def __init__(self, id: int, faults: Faults, conf: ConfState) -> None:
+    def __init__(self, id: int, faults: Faults, conf: ConfState | None = None) -> None:
+        """conf: the member set a fresh state machine starts with (default: this member alone)."""
         self.id = id
         self.faults = faults
         self.images = SimImages(self)
         self.wal = SimLog(self)
-        self.sm = SimStateMachine(self, conf)
+        self.sm = SimStateMachine(self, conf if conf is not None else ConfState(voters=[id]))
 
     def conf_state(self) -> ConfState:
         return self.wal.snapshot().metadata.conf_state

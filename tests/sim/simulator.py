@@ -133,6 +133,7 @@ class SimEvents:
         state machine does it in the apply transaction; nothing can crash in between here)."""
         sim = self.sim
         sm = sim.nodes[self.id].disk.sm
+        sim.conf_before[self.id] = sm.conf
         sm.conf = conf_state_after(sm.conf, cc)
         sim.conf_changes_applied[cc.change_type] += 1
         sim.log("conf", self.id, index, sm.conf.voters, sm.conf.learners)
@@ -152,6 +153,7 @@ class Simulation:
         self.initial = ConfState(voters=list(self.ids))
         self.max_id = 2 * n  # membership worlds start new nodes up to this id
         self.conf_changes_applied: Counter[int] = Counter()  # ConfChange type -> applies (all nodes)
+        self.conf_before: dict[int, ConfState] = {}  # node -> its member set before its last applied change
         p = self.p
         self.faults = Faults(rng, p.p_crash_fsync, p.p_crash_install, p.p_fsync_error, p.p_power)
         self.nodes = {i: SimNode(i, self.faults, self.initial) for i in self.ids}
@@ -239,6 +241,8 @@ class Simulation:
             self.crashes["power cut"] += 1
         sn.node = sn.handler = sn.pipeline = None
         sn.steps = sn.pending = None  # a Ready under way is simply lost, and the apply backlog with it
+        # and its waiting clients: entries it applies again after the restart answer nobody
+        self.proposer = {data: n for data, n in self.proposer.items() if n != i}
         if power:
             sn.disk.sm.power_loss()
         self.checker.node_crashed(i)
@@ -335,10 +339,11 @@ class Simulation:
 
     def check_answer(self, i: int, index: int, term: int) -> None:
         """Node i answers the client of entry (index, term): a majority must hold it durably."""
-        node = self.nodes[i].node
-        voters = node.raft.tracker.voters if node is not None else self.initial.voters  # the config that commits
-        holders = [n for n in voters if self.nodes[n].disk.wal.holds(index, term)]
-        if len(holders) < len(voters) // 2 + 1:
+        # The config that committed it: the one in force now, or (a change applies after it commits, and
+        # one at a time) the one before the last change.
+        configs = [self.nodes[i].disk.sm.conf.voters, self.conf_before.get(i, self.initial).voters]
+        holders = [n for n in self.nodes if self.nodes[n].disk.wal.holds(index, term)]
+        if not any(len(set(holders) & set(c)) >= len(c) // 2 + 1 for c in configs):
             raise self.fail(Violation(f"answered before durable on a majority: node {i} answered entry {index} "
                                       f"(term {term}), durable only on nodes {holders}"))
 
@@ -486,6 +491,7 @@ class Simulation:
                 data = b"P%d" % self.prop_ctr
                 self.log("propose", target, data)
                 node.propose(data)
+                self.proposer[data] = target
             elif r < 0.95:
                 self.read_ctr += 1
                 ctx = b"R%d" % self.read_ctr
@@ -544,6 +550,7 @@ class Simulation:
         data = b"L%d" % self.prop_ctr
         try:
             self.nodes[lead].node.propose(data)
+            self.proposer[data] = lead
         except ProposalDropped:
             return
         self.log("propose", lead, data)

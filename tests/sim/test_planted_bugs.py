@@ -56,3 +56,17 @@ def test_planted_bug_is_caught(bug):
 def test_without_planted_bugs_the_same_seeds_pass():
     _, failures, _, _ = run_range(0, 60, jobs=default_jobs())
     assert not failures, failures[0][1]
+
+
+def test_answers_are_checked_on_their_own(monkeypatch):
+    """Without the commit-time check (committed means safe), the check made as each client is
+    answered (durable on a majority) still catches acks sent before the fsync."""
+    from .invariants import Checker
+    from .runner import run_seed
+
+    monkeypatch.setattr(Checker, "check_electable", lambda self, k, term: None)
+    for seed in range(100):
+        _, report = run_seed(seed, bugs=frozenset({faults.ACK_BEFORE_FSYNC}))
+        if report is not None:
+            break
+    assert report is not None and "answered before durable on a majority" in report, report
