@@ -30,7 +30,8 @@ def _flags(members) -> str:
         return u.split("://", 1)[-1]
 
     peers = ",".join(f"{m.id}={strip(m.peer_urls[0])}" for m in members if m.peer_urls)
-    clients = ",".join(f"{m.id}={strip(m.client_urls[0])}" for m in members if m.client_urls)
+    # a member added without --client-urls: the operator fills in where it will serve clients
+    clients = ",".join(f"{m.id}={strip(m.client_urls[0]) if m.client_urls else 'CLIENT_HOST:PORT'}" for m in members)
     return f"--initial-cluster {peers} --initial-cluster-clients {clients} --initial-cluster-state existing"
 
 
