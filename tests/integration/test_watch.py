@@ -263,3 +263,47 @@ def test_auto_compaction_by_revision(tmp_path):
             assert c.get("ac/k", revision=last - 10).kv.value == str(last - 10 - first).encode()
     finally:
         lc.stop()
+
+
+def test_a_watch_on_a_paused_follower_goes_on_when_it_catches_up(tmp_path):
+    """A follower paused while 200 writes commit without it: its open watch delivers all of
+    them, in order, once it has caught up (in one large applied batch)."""
+    lc = LocalCluster.with_free_ports(str(tmp_path))
+    lc.start()
+    try:
+        leader = settled(lc)
+        f = next(i for i in lc.ids if i != leader)
+        with Client([lc.client_addr(leader)], timeout=20) as c:
+            start = c.put("snap/k", "start").revision
+            stub = watch_pb2_grpc.WatchStub(grpc.insecure_channel(lc.client_addr(f)))
+            gate = threading.Event()
+
+            def requests():
+                yield watch_pb2.WatchRequest(create_request=watch_pb2.WatchCreateRequest(
+                    key=b"snap/", range_end=b"snap0", start_revision=start))
+                gate.wait(120)
+
+            call = stub.Watch(requests(), timeout=120)
+            got: list[int] = []
+
+            def read():
+                for resp in call:
+                    got.extend(ev.kv.mod_revision for ev in resp.events)
+                    if got and got[-1] >= last[0]:
+                        return
+
+            last = [10**12]
+            reader = threading.Thread(target=read)
+            reader.start()
+            lc.wait_for(lambda: got == [start], 30, "the first event")
+            lc.pause(f)
+            written = [start] + [c.put("snap/k", str(i)).revision for i in range(200)]
+            last[0] = written[-1]
+            lc.resume(f)
+            reader.join(90)
+            gate.set()
+            call.cancel()
+            assert not reader.is_alive()
+            assert got == written
+    finally:
+        lc.stop()
