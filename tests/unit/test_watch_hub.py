@@ -136,3 +136,31 @@ def test_future_start_waits_for_its_revision(fx):
     for _ in range(4):
         fx.apply([put(b"k")])
     assert [r for r, _, _ in fx.drain(w)] == [4, 5]
+
+
+def test_a_snapshot_install_hands_its_history_to_synced_watchers(tmp_path):
+    """A member that installs an image jumps ahead: its watchers get the image's history events."""
+    leader = Fixture(str(tmp_path / "leader"))
+    member = Fixture(str(tmp_path / "member"))
+    try:
+        leader.apply([put(b"k", b"0")])
+        member.apply([put(b"k", b"0")])
+        w = member.watcher(b"k", b"l")
+        for i in range(1, 30):
+            leader.apply([put(b"k%d" % (i % 3), b"%d" % i)])
+            if i % 7 == 0:
+                leader.apply([delete(b"k%d" % (i % 3))])
+        image = str(tmp_path / "image.mdb")
+        with open(image, "wb") as f:
+            leader.sm.copy_to(f.fileno())
+        member.readable.clear()  # as the node does around an install
+        member.sm.install_snapshot(image)
+        member.hub.notify()  # refused while not readable: the install's end notifies
+        assert not w.pending
+        member.readable.set()
+        member.hub.notify()
+        expected = [(e.revision, e.sub, e.key) for e, _ in leader.sm.events(2, 1000)[0]]
+        assert member.drain(w) == expected and len(expected) == 33
+    finally:
+        leader.sm.close()
+        member.sm.close()
