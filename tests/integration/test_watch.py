@@ -105,6 +105,28 @@ def test_watch_on_a_follower_in_order_with_prev_kv_and_filters(wcluster):
     assert by_id[2] == [(D, b"w1/x", b"", start + 3, b"")]
 
 
+def test_progress_request_and_cancel(wcluster):
+    f = follower_of(wcluster)
+    stub = watch_pb2_grpc.WatchStub(grpc.insecure_channel(wcluster.client_addr(f)))
+    with Client(wcluster.endpoints) as c:
+        rev = c.put("w7/k", "1").revision
+    wcluster.wait_for(lambda: wcluster.status(f).header.revision >= rev, 30, "the follower applying it")
+    reqs = [
+        watch_pb2.WatchRequest(create_request=watch_pb2.WatchCreateRequest(key=b"w7/none", watch_id=5)),
+        watch_pb2.WatchRequest(progress_request=watch_pb2.WatchProgressRequest()),
+        watch_pb2.WatchRequest(cancel_request=watch_pb2.WatchCancelRequest(watch_id=5)),
+        watch_pb2.WatchRequest(create_request=watch_pb2.WatchCreateRequest(key=b"")),
+    ]
+    out = list(stub.Watch(iter(reqs), timeout=30))
+    assert (out[0].watch_id, out[0].created) == (5, True)
+    progress = next(r for r in out if r.watch_id == -1)
+    assert progress.header.revision >= rev and not progress.events
+    cancelled = next(r for r in out if r.canceled and r.watch_id == 5)
+    assert not cancelled.cancel_reason
+    refused = out[-1]
+    assert refused.created and refused.canceled and "watch key must be" in refused.cancel_reason
+
+
 def test_watch_from_a_compacted_revision_is_cancelled(wcluster):
     settled(wcluster)
     with Client(wcluster.endpoints) as c:
