@@ -22,8 +22,7 @@ from dataclasses import dataclass
 import lmdb
 
 from .durable_files import fsync_dir, fsync_file
-from .hash_kv import hash_kv
-from .state_machine import SnapshotImageError, read_image_meta
+from .state_machine import SnapshotImageError, image_hash, read_image_meta
 
 MAGIC = b"KVBACKUP"
 TRAILER_SIZE = len(MAGIC) + 32
@@ -120,14 +119,10 @@ def verify(path: str) -> BackupInfo:
         index, term, revision = read_image_meta(path)
     except SnapshotImageError as e:
         raise BackupError(str(e)) from None
-    env = lmdb.open(path, subdir=False, readonly=True, lock=False, max_dbs=8)
     try:
-        kv = env.open_db(b"kv", create=False)  # in a transaction of its own, committed: the handle stays valid
-        with env.begin(db=kv) as txn:  # hash_kv reads the transaction's default database
-            keys = txn.stat(kv)["entries"]
-            h = hash_kv(txn)
-    finally:
-        env.close()
+        keys, h = image_hash(path)
+    except lmdb.Error as e:
+        raise BackupError(f"{path}: not a state machine image: {e}") from None
     with open(path, "rb") as f:
         f.seek(size + len(MAGIC))
         sha = f.read(32).hex()
