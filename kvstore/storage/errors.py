@@ -18,8 +18,10 @@ class ErrorCode(enum.IntEnum):
     """The subset of grpc.StatusCode the state machine can answer with."""
 
     INVALID_ARGUMENT = 3  # malformed command or op; names the limit broken
+    PERMISSION_DENIED = 7  # the command's user may not run one of its ops (auth_store.py)
     RESOURCE_EXHAUSTED = 8  # too many unacknowledged answers kept for one client
-    FAILED_PRECONDITION = 9  # retry of a request whose answer was forgotten
+    FAILED_PRECONDITION = 9  # retry of a request whose answer was forgotten; an auth change that cannot apply
+    UNAUTHENTICATED = 16  # auth is enabled and the command carries no known user
 
 
 #: How every refusal of a request whose session the cluster no longer holds begins

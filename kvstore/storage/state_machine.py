@@ -67,6 +67,7 @@ from google.protobuf.message import DecodeError
 from kvstore.v1 import command_pb2, kv_pb2
 
 from . import alarms as alarm_set
+from .auth_store import AuthState, AuthStore
 from . import boot_guard as guard
 from . import durable_base, keys, validation
 from .durable_files import fsync_dir, fsync_file
@@ -95,7 +96,7 @@ def _read_meta(txn: lmdb.Transaction[bytes], meta_db: lmdb._Database) -> tuple[i
     if raw is None:
         raise lmdb.CorruptedError(f"state machine metadata record {_META_KEY!r} is missing")
     return _META_HEAD.unpack_from(raw)
-_DB_NAMES = (b"kv", b"meta", b"sessions", b"answers", b"expiry")
+_DB_NAMES = (b"kv", b"meta", b"sessions", b"answers", b"expiry", b"auth")
 _CURRENT = "current"
 _GEN_PREFIX = "gen-"
 
@@ -250,6 +251,7 @@ class StateMachine:
                 raw = _META.pack(0, 0, 0, *LogClock())
                 txn.put(_META_KEY, raw, db=dbs[b"meta"])
             self._alarms = alarm_set.decode(txn.get(_ALARMS_KEY, db=dbs[b"meta"]))
+            self._auth = AuthStore(dbs[b"auth"], txn)
         self._env = env
         self._psize = env.stat()["psize"]
         self._reserved = 0  # bytes of the data file allocated ahead (see _reserve_disk)
@@ -288,6 +290,11 @@ class StateMachine:
     def alarms(self) -> frozenset[tuple[int, str]]:
         """The active alarms: (member_id, alarm name) pairs (see alarms.py)."""
         return self._alarms
+
+    @property
+    def auth(self) -> AuthState:
+        """The users, roles and permissions as of the last committed apply (see auth_store.py)."""
+        return self._auth.state
 
     def hash_at(self, index: int) -> HashMark | None:
         """This member's hash at the barrier applied at `index`, if it applied one there recently."""
@@ -366,6 +373,7 @@ class StateMachine:
         self._revision, self._clock = ex.revision, clock
         if self._staged_alarms is not None:
             self._alarms, self._staged_alarms = self._staged_alarms, None
+        self._auth.publish()
         return results
 
     def _apply_internal(self, txn, cmd: command_pb2.Command, index: int, revision: int):
@@ -382,6 +390,8 @@ class StateMachine:
             self._staged_alarms = alarm_set.change(current, a.member_id, a.alarm, a.activate)
             txn.put(_ALARMS_KEY, alarm_set.encode(self._staged_alarms), db=self._meta)
             return self._staged_alarms
+        if cmd.HasField("auth"):
+            return self._auth.apply(txn, cmd)
         return PlainPuts(0, revision)  # nothing to do (an empty command)
 
     def _reserve_disk(self, batch_bytes: int) -> None:
@@ -415,13 +425,13 @@ class StateMachine:
         except InvalidRequest as e:
             return ApplyError(ErrorCode.INVALID_ARGUMENT, str(e))
         if not rid.client_id:
-            return _run_checked(ex, cmd)
+            return self._auth.refusal(cmd) or _run_checked(ex, cmd)
         verdict, answer = sessions.check(rid, now_ms)
         if verdict is Verdict.REPLAY and self.testing_disable_dedup:
             verdict = Verdict.APPLY
         if verdict is not Verdict.APPLY:
             return answer
-        result = _run_checked(ex, cmd)
+        result = self._auth.refusal(cmd) or _run_checked(ex, cmd)  # refused: recorded, a retry gets the same
         if not self.testing_disable_dedup:
             sessions.record(rid, result, puts_only=ex.puts_only)
         return result
