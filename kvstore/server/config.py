@@ -111,6 +111,8 @@ OPTIONS: list[Option] = [
            "peer API: this member's certificate, presented as server and as client (always mutual TLS)"),
     Option("--peer-key-file", str, "", "peer API: the key of --peer-cert-file (PEM)"),
     Option("--peer-trusted-ca-file", str, "", "peer API: the CA that signs every member's peer certificate (PEM)"),
+    # authentication (etcd's flag name)
+    Option("--auth-token-ttl", int, 300, "seconds an auth token stays valid after Authenticate"),
     # ops
     Option("--log-level", str, "info", "debug, info, warning or error"),
     Option("--log-format", str, "text", "text, or json: one object per line (ts, level, member, term, event, msg)"),
@@ -127,6 +129,8 @@ OPTIONS: list[Option] = [
            "jump expires every session)"),
     Option("--testing-peer-skip-client-verify", bool, False,
            "TESTING ONLY, UNSAFE: the peer API accepts TLS connections without checking the peer's certificate"),
+    Option("--testing-auth-skip-txn-check", bool, False,
+           "TESTING ONLY, UNSAFE: the ops inside a txn are not checked against the user's permissions"),
     Option("--testing-corrupt-state", bool, False,
            "TESTING ONLY, UNSAFE: at start, write a key no log entry made, so this member's state diverges"),
 ]
@@ -219,6 +223,8 @@ class ServerConfig:
     testing_wall_clock_sessions: bool = False
     testing_peer_skip_client_verify: bool = False
     testing_corrupt_state: bool = False
+    auth_token_ttl: int = 300
+    testing_auth_skip_txn_check: bool = False
 
     @property
     def corrupt_check_s(self) -> float:
@@ -343,6 +349,8 @@ def make_config(values: dict[str, Any]) -> ServerConfig:
     if cfg.state_machine_sync not in STATE_MACHINE_SYNC_MODES:
         raise ValueError(f"--state-machine-sync must be one of {', '.join(STATE_MACHINE_SYNC_MODES)}, "
                          f"not {cfg.state_machine_sync!r}")
+    if cfg.auth_token_ttl < 1:
+        raise ValueError(f"--auth-token-ttl must be >= 1 (seconds), not {cfg.auth_token_ttl}")
     if cfg.max_stream_in_flight < 1:
         raise ValueError(f"--max-stream-in-flight must be >= 1, not {cfg.max_stream_in_flight}")
     if cfg.log_format not in LOG_FORMATS:

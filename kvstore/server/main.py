@@ -15,7 +15,11 @@ import sys
 import grpc
 
 from kvstore.storage.data_dir_lock import DataDirInUse, lock_data_dir
-from kvstore.v1 import cluster_pb2_grpc, kv_pb2_grpc, maintenance_pb2_grpc
+from kvstore.storage import permissions
+from kvstore.v1 import auth_pb2_grpc, cluster_pb2_grpc, kv_pb2_grpc, maintenance_pb2_grpc
+
+from .auth_guard import AuthGuard, root_only
+from .auth_service import AuthService
 
 from .cluster_service import ClusterService
 from .config import ServerConfig, parse_args
@@ -67,9 +71,12 @@ async def serve(cfg: ServerConfig) -> None:
     except OSError as e:
         await cannot_listen(node, "peer", cfg.listen_peer_addr, e.strerror or str(e))
     client_server = grpc.aio.server(options=client_server_options(cfg))
-    kv_pb2_grpc.add_KVServicer_to_server(KVService(node, Limits.from_config(cfg)), client_server)
-    cluster_pb2_grpc.add_ClusterServicer_to_server(ClusterService(node), client_server)
-    maintenance_pb2_grpc.add_MaintenanceServicer_to_server(MaintenanceService(node), client_server)
+    guard = AuthGuard(node)
+    permissions.testing_skip_txn_ops = cfg.testing_auth_skip_txn_check
+    kv_pb2_grpc.add_KVServicer_to_server(KVService(node, Limits.from_config(cfg), guard), client_server)
+    cluster_pb2_grpc.add_ClusterServicer_to_server(root_only(ClusterService(node), guard), client_server)
+    maintenance_pb2_grpc.add_MaintenanceServicer_to_server(root_only(MaintenanceService(node), guard), client_server)
+    auth_pb2_grpc.add_AuthServicer_to_server(AuthService(node, guard, cfg.auth_token_ttl), client_server)
     try:
         if client_tls is None:
             bound = client_server.add_insecure_port(cfg.listen_client_addr)
@@ -104,6 +111,8 @@ async def serve(cfg: ServerConfig) -> None:
         log.warning("TESTING MODE: the peer API does not check peer certificates (unsafe flag set)")
     if cfg.testing_unsafe_local_reads or cfg.testing_ack_before_commit or cfg.testing_corrupt_state:
         log.warning("TESTING MODE: linearizability is deliberately broken (unsafe flags set)")
+    if cfg.testing_auth_skip_txn_check:
+        log.warning("TESTING MODE: ops inside a txn are not checked against permissions (unsafe flag set)")
     if cfg.testing_wall_clock_sessions:
         log.warning("TESTING MODE: session expiry follows the leader's wall clock (unsafe flag set)")
 

@@ -651,13 +651,16 @@ class Node:
             raft_term=self.term,
         )
 
-    async def propose(self, ops, request_id: kv_pb2.RequestId | None, timeout: float):
-        """Propose mutations; return the state machine's CommandResult (or its ApplyError)."""
+    async def propose(self, ops, request_id: kv_pb2.RequestId | None, timeout: float, user: str | None = None):
+        """Propose mutations (of ``user``, with auth enabled); return the state machine's CommandResult
+        (or its ApplyError)."""
         self.check_leader()
         pid = self.proposals.next_id()
         # CLOCK_MONOTONIC, never the wall clock: it drives session expiry (log_clock.py).
         stamp = time.time_ns() if self.cfg.testing_wall_clock_sessions else time.monotonic_ns()
         cmd = command_pb2.Command(ops=ops, leader_clock_ms=stamp // 1_000_000, proposal_id=pid)
+        if user:
+            cmd.auth_user = user
         key = (0, 0)
         if request_id is not None:
             cmd.request_id.CopyFrom(request_id)

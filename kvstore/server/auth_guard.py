@@ -1,0 +1,170 @@
+"""Who is calling, and may they: tokens checked, permissions checked, Cluster/Maintenance kept to root.
+
+Every client call carries its token as the metadata ``token`` (a session
+stream: once, when it is opened; each request on it is still checked). While
+the replicated auth state says auth is disabled, every call passes. Once it is
+enabled:
+
+- no token, a malformed or tampered one, an expired one, or one issued at an
+  older auth revision than this member's: UNAUTHENTICATED (the client library
+  authenticates again and retries: every auth change thus takes effect on
+  every client at once);
+- an op the user's roles do not allow: PERMISSION_DENIED naming the user, the
+  access and the key or range (inside a txn, which op);
+- Cluster and Maintenance RPCs other than Status and MemberList (which every
+  client uses to find members) need the root role.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import grpc
+
+from kvstore.storage.auth_store import AuthState
+from kvstore.storage.permissions import Denied, UserPermissions
+from kvstore.v1 import kv_pb2
+
+from . import tokens
+from .errors import RequestFailed
+from .node import Node
+
+__all__ = ["AuthGuard", "TOKEN_METADATA_KEY", "root_only", "unauthenticated", "permission_denied"]
+
+log = logging.getLogger("kvstore.auth")
+
+TOKEN_METADATA_KEY = "token"
+_CACHE_MAX = 10_000
+
+
+def unauthenticated(message: str) -> RequestFailed:
+    return RequestFailed(grpc.StatusCode.UNAUTHENTICATED, message, not_applied=True)
+
+
+def permission_denied(message: str) -> RequestFailed:
+    return RequestFailed(grpc.StatusCode.PERMISSION_DENIED, message, not_applied=True)
+
+
+def token_of(metadata: Iterable[tuple[str, Any]] | None) -> str:
+    for k, v in metadata or ():
+        if k == TOKEN_METADATA_KEY:
+            return v.decode() if isinstance(v, bytes) else v
+    return ""
+
+
+class AuthGuard:
+    """The auth checks of one member, against its state machine's auth state."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        # token -> (its claims, the key it verified under): a token is verified once, not per call
+        self._verified: dict[str, tuple[tokens.Token, bytes]] = {}
+
+    @property
+    def state(self) -> AuthState:
+        return self.node.sm.auth
+
+    def user(self, context: grpc.aio.ServicerContext) -> str | None:
+        """The caller's user name, or None while auth is disabled; RequestFailed if it may not call at all."""
+        if not self.node.sm.auth.enabled:
+            return None
+        return self.user_of_token(token_of(context.invocation_metadata()))
+
+    def user_of_token(self, token: str) -> str | None:
+        st = self.node.sm.auth
+        if not st.enabled:
+            return None
+        if not token:
+            raise unauthenticated("auth is enabled: authenticate first (user name and password)")
+        hit = self._verified.get(token)
+        if hit is None or hit[1] is not st.token_key:
+            try:
+                claims, payload, sig = tokens.parse(token)
+            except tokens.TokenError as e:
+                raise unauthenticated(f"invalid token: {e}") from None
+            if not tokens.verify(st.token_key, payload, sig):
+                if claims.auth_revision > st.revision:  # maybe a newer key: this member has not caught up
+                    raise RequestFailed(grpc.StatusCode.UNAVAILABLE, (
+                        f"this member is at auth revision {st.revision}, behind the token's "
+                        f"{claims.auth_revision}; retry"), not_applied=True)
+                raise unauthenticated("invalid token: bad signature (tampered with, or from before auth "
+                                      "was last enabled)")
+            if len(self._verified) >= _CACHE_MAX:
+                self._verified.clear()
+            self._verified[token] = hit = (claims, st.token_key)
+        claims = hit[0]
+        if claims.auth_revision < st.revision:
+            raise unauthenticated(f"token is from auth revision {claims.auth_revision}, the cluster is at "
+                                  f"{st.revision}: authenticate again")
+        if claims.expires_ms < time.time() * 1000:
+            raise unauthenticated("token expired: authenticate again")
+        return claims.user
+
+    def permissions(self, user: str) -> UserPermissions:
+        perms = self.node.sm.auth.permissions(user)
+        if perms is None:
+            raise unauthenticated(f"user {user!r} does not exist")
+        return perms
+
+    def check_op(self, user: str | None, op: kv_pb2.RequestOp) -> None:
+        """PERMISSION_DENIED unless ``user`` may run ``op`` (every op inside a txn too)."""
+        if user is None:
+            return
+        try:
+            self.permissions(user).check_op(op)
+        except Denied as e:
+            raise permission_denied(str(e)) from None
+
+    def check_root(self, context: grpc.aio.ServicerContext, what: str) -> str | None:
+        """The caller, who must hold the root role while auth is enabled."""
+        user = self.user(context)
+        if user is not None and not self.node.sm.auth.is_root(user):
+            raise permission_denied(f"permission denied: {what} needs the root role, which user {user!r} lacks")
+        return user
+
+
+#: Cluster and Maintenance RPCs every client may call: they find members and report health.
+OPEN_METHODS = frozenset({"Status", "MemberList"})
+
+
+class _RootOnly:
+    """A servicer whose RPCs (but those in OPEN_METHODS) first check that the caller holds the root role."""
+
+    def __init__(self, servicer: Any, guard: AuthGuard) -> None:
+        self._servicer = servicer
+        self._guard = guard
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._servicer, name)
+        if name in OPEN_METHODS or name.startswith("_") or not callable(method):
+            return method
+
+        if inspect.isasyncgenfunction(method):  # a server-streaming RPC
+            @functools.wraps(method)
+            async def checked_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    self._guard.check_root(context, name)
+                except RequestFailed as e:
+                    await e.abort(context)
+                async for item in method(request, context):
+                    yield item
+
+            return checked_stream
+
+        @functools.wraps(method)
+        async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                self._guard.check_root(context, name)
+            except RequestFailed as e:
+                await e.abort(context)
+            return await method(request, context)
+
+        return checked
+
+
+def root_only(servicer: Any, guard: AuthGuard) -> Any:
+    return _RootOnly(servicer, guard)
