@@ -13,6 +13,8 @@ from kvstore.client.errors import (
     NoEndpointAnswered,
     NoLeader,
     NotLeader,
+    PermissionDenied,
+    Unauthenticated,
     Unavailable,
 )
 from kvstore.client.retry import ExponentialBackoff, FixedInterval, NoRetry, RetryPolicy
@@ -50,6 +52,8 @@ __all__ = [
     "NoEndpointAnswered",
     "DeadlineExceeded",
     "InvalidArgument",
+    "Unauthenticated",
+    "PermissionDenied",
     "KeyValue",
     "PutResult",
     "GetResult",

@@ -22,7 +22,9 @@ import grpc
 
 from kvstore.client import errors
 from kvstore.client.balancer import Balancer, make_balancer
+from kvstore.client.auth_admin import AuthAdmin
 from kvstore.client.breaker import CircuitBreaker
+from kvstore.client.credentials import Credentials
 from kvstore.client.coalescer import ANY, LEADER, Coalescer, response
 from kvstore.client.endpoints import DEFAULT_CHANNEL_OPTIONS, DEFAULT_ENDPOINTS, Endpoints
 from kvstore.client.tls import TLS
@@ -42,7 +44,7 @@ from kvstore.client.types import (
     TxnResult,
     to_bytes,
 )
-from kvstore.v1 import cluster_pb2, kv_pb2, maintenance_pb2
+from kvstore.v1 import auth_pb2, cluster_pb2, kv_pb2, maintenance_pb2
 
 __all__ = ["AsyncClient", "DropReplyHook"]
 
@@ -68,6 +70,9 @@ TRANSPORTS = ("stream", "unary")
 #: connection broke (UNAVAILABLE, outcome unknown), so it retries.
 DropReplyHook = Callable[[str, Any], bool]
 
+#: Calls sent without a token (they are how one gets a token).
+_NO_TOKEN = frozenset({"Authenticate"})
+
 _STATUS_REQ = cluster_pb2.StatusRequest()
 _MEMBERS_REQ = cluster_pb2.MemberListRequest()
 
@@ -91,7 +96,7 @@ def _metadata(err: grpc.aio.AioRpcError) -> dict[str, str]:
     return out
 
 
-class AsyncClient:
+class AsyncClient(AuthAdmin):
     """asyncio client for a kvstore cluster. Create once, share, close at the end.
 
     ``endpoints``: any members' client addresses (default: the local cluster).
@@ -108,6 +113,9 @@ class AsyncClient:
     turn (grpc.aio writes one message at a time per stream).
     ``tls``: a :class:`TLS` (CA, client certificate) for members serving TLS;
     ``https://`` endpoints without it trust the system's root CAs.
+    ``user`` and ``password``: credentials for a cluster with auth enabled;
+    the client authenticates when a member first asks for it, and again
+    whenever its token expires or an auth change makes it stale.
     """
 
     def __init__(
@@ -127,6 +135,8 @@ class AsyncClient:
         retry_budget: RetryBudget | None = None,
         streams_per_member: int = DEFAULT_STREAMS_PER_MEMBER,
         tls: TLS | None = None,
+        user: str | None = None,
+        password: str | None = None,
         testing_drop_reply_after_send: DropReplyHook | None = None,
     ) -> None:
         if isinstance(endpoints, str):
@@ -138,8 +148,12 @@ class AsyncClient:
         self.transport = transport
         self.retry_budget = retry_budget if retry_budget is not None else RetryBudget()
         self._streamed = KIND if transport == "stream" else {}
+        if password is not None and not user:
+            raise ValueError("a password needs a user")
+        self._credentials = Credentials(user, password or "") if user else None
         self._endpoints = Endpoints(
-            endpoints or DEFAULT_ENDPOINTS, tuple(channel_options), breaker, streams_per_member, tls
+            endpoints or DEFAULT_ENDPOINTS, tuple(channel_options), breaker, streams_per_member, tls,
+            self._credentials,
         )
         self.timeout = timeout
         self.retry = retry or ExponentialBackoff()
@@ -399,6 +413,9 @@ class AsyncClient:
         session = self.session
         balancer = self._balancer
         streamed = self._streamed
+        creds = None if method in _NO_TOKEN else self._credentials
+        renewals = 0
+        generation = 0
         seq = 0
         rid = None
         if mutation:
@@ -450,6 +467,9 @@ class AsyncClient:
                             rid.opens_session = session.opens(seq, may_have_arrived)
                     conn = eps.conn(addr)
                     kind = streamed.get(method)
+                    md = None
+                    if creds is not None:
+                        generation, md = creds.generation, creds.metadata
                     # The call's deadline cuts this attempt short: its timing out says nothing about the member.
                     cut = remaining < policy.attempt_timeout
                     attempt_timeout = remaining if cut else policy.attempt_timeout
@@ -459,7 +479,7 @@ class AsyncClient:
                         if kind is not None:
                             resp = await conn.stream().call(kind, request, attempt_timeout)
                         else:
-                            resp = await conn.methods[method](request, timeout=attempt_timeout)
+                            resp = await conn.methods[method](request, timeout=attempt_timeout, metadata=md)
                         if self._drop_reply is not None and self._drop_reply(method, request):
                             raise _LostReply()
                     except AttemptFailed as e:
@@ -516,6 +536,14 @@ class AsyncClient:
                             addr = eps.next_untried(addr, tried)
                             if addr not in tried:
                                 continue
+                    elif code is grpc.StatusCode.UNAUTHENTICATED and creds is not None and renewals < 2:
+                        # No token yet, or it expired or went stale: authenticate and try again at
+                        # once (refused before anything was proposed, so not a retry).
+                        renewals += 1
+                        await creds.renew(generation, self._authenticate)
+                        tried.discard(addr)
+                        redirected = True
+                        continue
                     elif not policy.is_retryable(code):
                         err = errors.from_status(code, details, addr)
                         if isinstance(err, errors.SessionExpired):
@@ -554,6 +582,12 @@ class AsyncClient:
         if not policy.may_attempt(attempts) and deadline - loop_time() > 0:
             raise errors.NoEndpointAnswered(attempts, causes, maybe_applied=maybe_applied)
         raise errors.DeadlineExceeded(attempts, causes, timeout=total, maybe_applied=maybe_applied)
+
+    async def _authenticate(self, user: str, password: str) -> str:
+        """A new token for ``user`` (Authenticate goes to the leader, which has every user change)."""
+        req = auth_pb2.AuthenticateRequest(name=user, password=password)
+        resp = await self._call("Authenticate", req, route=LEADER, mutation=False, timeout=None)
+        return str(resp.token)
 
     def _next_addr(self, route: str, addr: str, tried: set[str]) -> str:
         """Where a failed (or skipped) call goes next: an untried member whose circuit is closed, if any."""

@@ -23,6 +23,8 @@ __all__ = [
     "FailedPrecondition",
     "SessionExpired",
     "ResourceExhausted",
+    "Unauthenticated",
+    "PermissionDenied",
     "Cancelled",
     "InternalError",
     "ClientClosed",
@@ -152,6 +154,20 @@ class ResourceExhausted(KvstoreError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class Unauthenticated(KvstoreError):
+    """Auth is enabled and the call had no valid credentials: a wrong user name or password, or too many
+    failed attempts (the message says which). Nothing was applied."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(KvstoreError):
+    """The user's roles do not allow the call; the message names the access and the key or range
+    (inside a txn, which op). Nothing was applied."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class Cancelled(KvstoreError):
     code = grpc.StatusCode.CANCELLED
 
@@ -174,6 +190,8 @@ _BY_CODE: dict[grpc.StatusCode, type[KvstoreError]] = {
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.CANCELLED: Cancelled,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
 }
 
 _CODE_BY_VALUE: dict[int, grpc.StatusCode] = {c.value[0]: c for c in grpc.StatusCode}

@@ -18,6 +18,7 @@ from collections.abc import Coroutine, Iterable, Sequence
 
 from kvstore.client import errors
 from kvstore.client.async_client import AsyncClient
+from kvstore.client.auth_admin import AUTH_ADMIN_METHODS
 from kvstore.client.balancer import Balancer
 from kvstore.client.retry import RetryPolicy
 from kvstore.client.txn import Txn
@@ -273,3 +274,19 @@ class Client:
         """Hand leadership to member ``target`` (0: the best other member); returns the new leader id."""
         return self._run(self._aclient.transfer_leader(target, timeout=timeout))
 
+
+
+def _blocking(name: str) -> Any:
+    """Client.<name>: AsyncClient.<name> run on the client's loop."""
+    async_method = getattr(AsyncClient, name)
+
+    def method(self: Client, *args: Any, **kwargs: Any) -> Any:
+        return self._run(getattr(self._aclient, name)(*args, **kwargs))
+
+    method.__name__ = name
+    method.__doc__ = async_method.__doc__
+    return method
+
+
+for _name in AUTH_ADMIN_METHODS:  # auth_enable, user_add, role_grant_permission, ... (auth_admin.py)
+    setattr(Client, _name, _blocking(_name))
