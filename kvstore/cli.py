@@ -133,7 +133,9 @@ class _LazyGroup(click.Group):
 
     lazy = {"jepsen": ("kvstore.jepsen.cli", "jepsen"), "bench": ("kvstore.bench", "bench"),
             "certs": ("kvstore.certs", "certs"),
-            "check": ("kvstore.maintenance_cli", "check"), "alarm": ("kvstore.maintenance_cli", "alarm")}
+            "check": ("kvstore.maintenance_cli", "check"), "alarm": ("kvstore.maintenance_cli", "alarm"),
+            "user": ("kvstore.auth_cli", "user"), "role": ("kvstore.auth_cli", "role"),
+            "auth": ("kvstore.auth_cli", "auth")}
 
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -153,12 +155,14 @@ class _LazyGroup(click.Group):
 @click.option("--cacert", envvar="KVSTORE_CACERT", default=None, help="TLS: trust the CA in this PEM file")
 @click.option("--cert", envvar="KVSTORE_CERT", default=None, help="TLS: client certificate (PEM)")
 @click.option("--key", envvar="KVSTORE_KEY", default=None, help="TLS: key of --cert (PEM)")
+@click.option("--user", envvar="KVSTORE_USER", default=None, metavar="NAME[:PASSWORD]",
+              help="authenticate as this user (the password is asked for when not given)")
 @click.pass_context
 def main(ctx: click.Context, endpoints: str, timeout: float, cacert: str | None, cert: str | None,
-         key: str | None) -> None:
+         key: str | None, user: str | None) -> None:
     """kvstore: a replicated key-value store whose nodes agree through Raft."""
     ctx.obj = {"endpoints": [e.strip() for e in endpoints.split(",") if e.strip()], "timeout": timeout,
-               "tls": (cacert, cert, key)}
+               "tls": (cacert, cert, key), "user": user}
 
 
 def client_tls(ctx: click.Context):
@@ -174,8 +178,12 @@ def client_tls(ctx: click.Context):
 def make_client(ctx: click.Context, **kw):
     from kvstore.client import Client
 
+    from kvstore.auth_cli import credentials
+
     kw.setdefault("coalesce", False)
-    return Client(ctx.obj["endpoints"], timeout=ctx.obj["timeout"], tls=client_tls(ctx), **kw)
+    user, password = credentials(ctx.find_root().obj.get("user"))
+    return Client(ctx.obj["endpoints"], timeout=ctx.obj["timeout"], tls=client_tls(ctx), user=user,
+                  password=password, **kw)
 
 
 # ------------------------------------------------------------------------------ serve
