@@ -9,6 +9,9 @@ enabled:
   older auth revision than this member's: UNAUTHENTICATED (the client library
   authenticates again and retries: every auth change thus takes effect on
   every client at once);
+- a token issued at a newer auth revision than this member has applied:
+  UNAVAILABLE (retried), so that no member judges a request by permissions
+  older than those its token was issued under;
 - an op the user's roles do not allow: PERMISSION_DENIED naming the user, the
   access and the key or range (inside a txn, which op);
 - Cluster and Maintenance RPCs other than Status and MemberList (which every
@@ -97,6 +100,12 @@ class AuthGuard:
                 self._verified.clear()
             self._verified[token] = hit = (claims, st.token_key)
         claims = hit[0]
+        if claims.auth_revision > st.revision:
+            # Issued after an auth change this member has not applied yet: judged here by the older
+            # permissions, the caller could still do what the change took away. Try again (elsewhere).
+            raise RequestFailed(grpc.StatusCode.UNAVAILABLE, (
+                f"this member is at auth revision {st.revision}, behind the token's {claims.auth_revision}; "
+                "retry"), not_applied=True)
         if claims.auth_revision < st.revision:
             raise unauthenticated(f"token is from auth revision {claims.auth_revision}, the cluster is at "
                                   f"{st.revision}: authenticate again")

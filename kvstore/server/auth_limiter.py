@@ -1,9 +1,10 @@
 """Failed authentications, limited per user name and per client address.
 
-A password guesser gets ``max_failures`` wrong guesses per user and per address
-within ``window_s``; after that every attempt from that address or for that
-user is refused at once (without running the KDF) until the oldest failure
-leaves the window. Each failure is logged with the user and the address.
+A password guesser gets ``max_user_failures`` wrong guesses per user name and
+``max_addr_failures`` per client address (an address may host many users)
+within ``window_s``; after that every attempt for that user or from that
+address is refused at once (without running the KDF) until the oldest failure
+leaves the window. The service logs each failure with the user and address.
 """
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ __all__ = ["FailureLimiter"]
 
 
 class FailureLimiter:
-    def __init__(self, max_failures: int = 5, window_s: float = 10.0,
+    def __init__(self, max_user_failures: int = 5, max_addr_failures: int = 20, window_s: float = 10.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.max_failures = max_failures
+        self.max_user_failures = max_user_failures
+        self.max_addr_failures = max_addr_failures
         self.window_s = window_s
         self._clock = clock
         self._failures: dict[str, collections.deque[float]] = {}
@@ -34,12 +36,13 @@ class FailureLimiter:
         return q
 
     def blocked(self, user: str, addr: str) -> tuple[str, float] | None:
-        """(what is blocked, seconds until the next attempt may run), or None if both may try."""
+        """(what is blocked and its limit, seconds until the next attempt may run), or None if both may try."""
         now = self._clock()
-        for what, key in ((f"user {user!r}", "u:" + user), (f"address {addr}", "a:" + addr)):
+        for what, key, limit in ((f"user {user!r}", "u:" + user, self.max_user_failures),
+                                 (f"address {addr}", "a:" + addr, self.max_addr_failures)):
             q = self._recent(key, now)
-            if q is not None and len(q) >= self.max_failures:
-                return what, q[0] + self.window_s - now
+            if q is not None and len(q) >= limit:
+                return f"{what} ({limit} in {self.window_s:g} s)", q[0] + self.window_s - now
         return None
 
     def failed(self, user: str, addr: str) -> None:

@@ -104,8 +104,7 @@ class AuthService(auth_pb2_grpc.AuthServicer):
             log.warning("authentication refused for user %r from %s: too many failures for %s", request.name,
                         addr, what)
             raise unauthenticated(  # not RESOURCE_EXHAUSTED: clients retry that, and must not here
-                f"too many failed authentications for {what} ({self.limiter.max_failures} in "
-                f"{self.limiter.window_s:g} s): retry in {max(wait, 0.1):.1f} s")
+                f"too many failed authentications for {what}: retry in {max(wait, 0.1):.1f} s")
         if len(request.password.encode()) > MAX_PASSWORD_BYTES or len(request.name.encode()) > 1024:
             raise invalid_argument(f"password is longer than {MAX_PASSWORD_BYTES} bytes or name too long")
         await self.node.read_barrier(self._timeout(context))  # sees every user change acknowledged before

@@ -105,12 +105,14 @@ def test_passwords_are_salted_scrypt_and_checked():
 
 def test_failures_are_limited_per_user_and_per_address():
     now = [0.0]
-    lim = FailureLimiter(max_failures=3, window_s=10, clock=lambda: now[0])
+    lim = FailureLimiter(max_user_failures=3, max_addr_failures=4, window_s=10, clock=lambda: now[0])
     for _ in range(3):
         assert lim.blocked("alice", "ipv4:10.0.0.1") is None
         lim.failed("alice", "ipv4:10.0.0.1")
-    assert lim.blocked("alice", "ipv4:10.0.0.9")[0] == "user 'alice'"
-    assert lim.blocked("bob", "ipv4:10.0.0.1")[0] == "address ipv4:10.0.0.1"
+    assert lim.blocked("alice", "ipv4:10.0.0.9")[0] == "user 'alice' (3 in 10 s)"
+    assert lim.blocked("bob", "ipv4:10.0.0.1") is None, "the address has one failure left"
+    lim.failed("carol", "ipv4:10.0.0.1")
+    assert lim.blocked("bob", "ipv4:10.0.0.1")[0] == "address ipv4:10.0.0.1 (4 in 10 s)"
     assert lim.blocked("bob", "ipv4:10.0.0.9") is None
     now[0] = 10.5
     assert lim.blocked("alice", "ipv4:10.0.0.1") is None, "the window passed"

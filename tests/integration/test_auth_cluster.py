@@ -1,0 +1,239 @@
+"""Authentication and RBAC on a real 3-member TLS cluster with auth enabled.
+
+Each refusal ends with the same checks: nothing was applied (the revision did
+not move), no member exited, and every member still answers. The teeth: a
+cluster started with --testing-auth-skip-txn-check (ops inside a txn are not
+checked) lets the hidden write through, which is what
+test_a_write_hidden_in_a_txn_is_refused_and_nothing_of_the_txn_applies catches.
+"""
+from __future__ import annotations
+
+import base64
+import time
+
+import grpc
+import pytest
+
+from kvstore import certs
+from kvstore.client import Client, KvstoreError, PermissionDenied, Unauthenticated
+from kvstore.client.txn import Txn, get, put
+from kvstore.launcher import LocalCluster
+from kvstore.v1 import auth_pb2, auth_pb2_grpc, cluster_pb2, cluster_pb2_grpc, kv_pb2, kv_pb2_grpc
+
+DEADLINE_S = 60.0
+TOKEN_TTL_S = 4
+
+
+def set_up_auth(lc: LocalCluster, tls) -> None:
+    """root, a role `app` with readwrite on the prefix app/, users alice (app) and mallory (nothing)."""
+    with Client(lc.endpoints, tls=tls, timeout=30) as c:
+        with pytest.raises(KvstoreError, match="root user does not exist"):
+            c.auth_enable()
+        c.user_add("root", "root-pw")
+        c.role_add("app")
+        c.role_grant_permission("app", "readwrite", "app/", prefix=True)
+        c.user_add("alice", "alice-pw")
+        c.user_grant_role("alice", "app")
+        c.user_add("mallory", "mallory-pw")
+        c.auth_enable()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    base = tmp_path_factory.mktemp("auth-cluster")
+    lc = LocalCluster.with_free_ports(str(base / "cluster"), certs=certs.init(str(base / "certs"), nodes=3),
+                                      extra_args=["--auth-token-ttl", str(TOKEN_TTL_S)])
+    lc.start()
+    try:
+        lc.wait_for_leader(DEADLINE_S)
+        set_up_auth(lc, lc.client_tls())
+        yield lc
+    finally:
+        lc.stop()
+
+
+def client(lc: LocalCluster, user: str | None = None, password: str | None = None, endpoints=None, **kw) -> Client:
+    return Client(endpoints or lc.endpoints, tls=lc.client_tls(), timeout=30, user=user,
+                  password=password, **kw)
+
+
+def revision(lc: LocalCluster) -> int:
+    with client(lc, "root", "root-pw") as c:
+        return c.get("probe").revision
+
+
+def all_members_answer(lc: LocalCluster) -> None:
+    lc.check_alive()
+    lc.wait_for(lambda: all(s is not None for s in lc.statuses(2.0).values()), DEADLINE_S, "every member answering")
+
+
+CLIENT_KINDS = {
+    "stream+batch": dict(),  # the default: session streams, calls coalesced into Batch
+    "unary": dict(transport="unary", coalesce=False),
+}
+
+
+@pytest.mark.parametrize("kind", list(CLIENT_KINDS))
+def test_a_user_writes_inside_its_prefix_only(cluster, kind):
+    before = revision(cluster)
+    with client(cluster, "alice", "alice-pw", **CLIENT_KINDS[kind]) as a:
+        r = a.put("app/x", kind)
+        assert a.get("app/x").value == kind.encode()
+        with pytest.raises(PermissionDenied, match="user 'alice' has no write permission on 'other/x'"):
+            a.put("other/x", "1")
+        with pytest.raises(PermissionDenied, match="no read permission on 'other/x'"):
+            a.get("other/x")
+        with pytest.raises(PermissionDenied, match="no read permission"):
+            a.range("app", prefix=True)  # reaches beyond app/
+        assert [kv.key for kv in a.range("app/", prefix=True).kvs] == [b"app/x"]
+    assert r.revision == before + 1
+    assert revision(cluster) == before + 1, "a refused write was applied"
+    all_members_answer(cluster)
+
+
+@pytest.mark.parametrize("kind", list(CLIENT_KINDS))
+def test_a_write_hidden_in_a_txn_is_refused_and_nothing_of_the_txn_applies(cluster, kind):
+    before = revision(cluster)
+    with client(cluster, "alice", "alice-pw", **CLIENT_KINDS[kind]) as a:
+        with pytest.raises(PermissionDenied, match=r"'other/x' \(txn success op 1\)"):
+            a.txn(Txn().then(put("app/y", "1"), put("other/x", "1")))
+        with pytest.raises(PermissionDenied, match=r"txn failure op 0"):
+            a.txn(Txn().then(put("app/y", "1")).otherwise(get("other/secret")))
+        assert a.get("app/y").kv is None
+    assert revision(cluster) == before, "something of a refused txn was applied"
+    with client(cluster, "root", "root-pw") as r:
+        assert r.get("other/x").kv is None
+    all_members_answer(cluster)
+
+
+def test_root_may_do_everything_and_others_may_not_run_cluster_rpcs(cluster):
+    with client(cluster, "root", "root-pw") as r:
+        r.put("other/by-root", "1")
+        assert r.alarms() == []
+    with client(cluster, "alice", "alice-pw") as a:
+        assert a.status().role in ("leader", "follower"), "Status stays open (health checks)"
+        assert len(a.members()) == 3
+        with pytest.raises(PermissionDenied, match="Alarm needs the root role"):
+            a.alarms()
+        with pytest.raises(PermissionDenied, match="TransferLeadership needs the root role"):
+            a.transfer_leader()
+        with pytest.raises(PermissionDenied, match="changing auth needs the root role"):
+            a.role_add("mine")
+        with pytest.raises(PermissionDenied, match="root role"):
+            a.user_list()
+
+
+def test_revoking_a_permission_takes_effect_on_every_member_at_once(cluster):
+    with client(cluster, "root", "root-pw") as r:
+        r.role_add("notes")
+        r.role_grant_permission("notes", "readwrite", "notes/", prefix=True)
+        r.user_add("bob", "bob-pw")
+        r.user_grant_role("bob", "notes")
+        r.put("notes/a", "1")
+        bob = {ep: client(cluster, "bob", "bob-pw", endpoints=[ep]) for ep in cluster.endpoints}
+        try:
+            for ep, b in bob.items():  # every member serves bob, each with its own token
+                assert b.get("notes/a", serializable=True).value == b"1", ep
+                b.put("notes/b", ep)
+            r.role_revoke_permission("notes", "notes/", prefix=True)
+            # No waiting: each member, leader or not, refuses bob from the moment the revoke is acknowledged.
+            # (A member that has not applied the revoke yet cannot serve him: his new token names the
+            # auth revision of the revoke, and older members answer "retry".)
+            before = revision(cluster)
+            for ep, b in bob.items():
+                with pytest.raises(PermissionDenied, match="user 'bob' has no read permission"):
+                    b.get("notes/a", serializable=True)
+                with pytest.raises(PermissionDenied, match="user 'bob' has no write permission"):
+                    b.put("notes/c", "1")
+                with pytest.raises(PermissionDenied):
+                    b.get("notes/a")
+            assert revision(cluster) == before
+        finally:
+            for b in bob.values():
+                b.close()
+    all_members_answer(cluster)
+
+
+def raw_stubs(lc: LocalCluster, i: int = 1):
+    tls = lc.client_tls()
+    channel = grpc.secure_channel(lc.client_addr(i), tls.credentials())
+    return channel, kv_pb2_grpc.KVStub(channel), auth_pb2_grpc.AuthStub(channel)
+
+
+def test_bad_credentials_and_tokens_are_unauthenticated_and_change_nothing(cluster):
+    before = revision(cluster)
+    for user, password in (("alice", "wrong"), ("nobody", "x")):
+        with client(cluster, user, password) as c:
+            with pytest.raises(Unauthenticated, match="invalid user name or password"):
+                c.put("app/z", "1")
+    with client(cluster) as anonymous:
+        with pytest.raises(Unauthenticated, match="authenticate first"):
+            anonymous.put("app/z", "1")
+    leader = cluster.wait_for_leader(DEADLINE_S)
+    channel, kv, auth = raw_stubs(cluster, leader)
+    with channel:
+        token = auth.Authenticate(auth_pb2.AuthenticateRequest(name="alice", password="alice-pw"), timeout=20).token
+        req = kv_pb2.PutRequest(key=b"app/z", value=b"1")
+        payload, sig = token.split(".")
+        claims = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+        as_root = base64.urlsafe_b64encode(claims.replace(b":alice", b":root")).rstrip(b"=").decode()
+        cases = {f"{as_root}.{sig}": "bad signature", "garbage": "malformed token", payload + ".": "bad signature"}
+        for bad, why in cases.items():
+            with pytest.raises(grpc.RpcError) as info:
+                kv.Put(req, metadata=(("token", bad),), timeout=20)
+            assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED and why in info.value.details()
+        time.sleep(TOKEN_TTL_S + 0.5)  # the token's own lifetime: nothing to poll for
+        with pytest.raises(grpc.RpcError) as info:
+            kv.Put(req, metadata=(("token", token),), timeout=20)
+        assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED and "token expired" in info.value.details()
+    with client(cluster, "alice", "alice-pw") as a:  # a client renews an expired token by itself
+        a.put("app/renewed", "1")
+        time.sleep(TOKEN_TTL_S + 0.5)
+        a.put("app/renewed", "2")
+    assert revision(cluster) == before + 2
+    all_members_answer(cluster)
+
+
+def test_failed_authentications_are_limited_per_user_and_per_address(cluster):
+    """Last on this cluster: it leaves 127.0.0.1 blocked for the limiter's window."""
+    leader = cluster.wait_for_leader(DEADLINE_S)
+    channel, _, auth = raw_stubs(cluster, leader)
+
+    def authenticate(name: str, password: str) -> str:
+        with pytest.raises(grpc.RpcError) as info:
+            auth.Authenticate(auth_pb2.AuthenticateRequest(name=name, password=password), timeout=20)
+        assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        return info.value.details()
+
+    with channel:
+        details = [authenticate("mallory", "guess") for _ in range(6)]
+        assert details[0] == "authentication failed: invalid user name or password"
+        assert details[-1].startswith("too many failed authentications for user 'mallory' (5 in 10 s)")
+        assert "too many" in authenticate("mallory", "mallory-pw"), "the right password too, within the window"
+        details = [authenticate(f"guess{i}", "guess") for i in range(20)]
+        assert "too many failed authentications for address ipv4:127.0.0.1 (20 in 10 s)" in details[-1]
+    log = cluster.log_tail(leader, 400)
+    assert "authentication failed for user 'mallory' from ipv4:127.0.0.1 (wrong password)" in log
+    assert "authentication failed for user 'guess0' from ipv4:127.0.0.1 (unknown user)" in log
+
+
+@pytest.fixture(scope="module")
+def cluster_without_txn_check(tmp_path_factory):
+    lc = LocalCluster.with_free_ports(str(tmp_path_factory.mktemp("auth-no-txn-check")),
+                                      extra_args=["--testing-auth-skip-txn-check"])
+    lc.start()
+    try:
+        lc.wait_for_leader(DEADLINE_S)
+        set_up_auth(lc, None)
+        yield lc
+    finally:
+        lc.stop()
+
+
+def test_teeth_without_the_txn_check_the_hidden_write_lands(cluster_without_txn_check):
+    """What the txn test above guards against: with the per-op check inside txns skipped, it would fail."""
+    with Client(cluster_without_txn_check.endpoints, timeout=30, user="alice", password="alice-pw") as a:
+        a.txn(Txn().then(put("app/y", "1"), put("other/x", "leaked")))
+        assert a.get("app/y").value == b"1"
+    with Client(cluster_without_txn_check.endpoints, timeout=30, user="root", password="root-pw") as r:
+        assert r.get("other/x").value == b"leaked"
