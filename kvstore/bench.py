@@ -82,6 +82,8 @@ class LoadSpec:
     #: threaded application sees, the thread hand-off included), instead of
     #: coroutines on one AsyncClient.
     blocking: bool = False
+    user: str | None = None  # auth enabled: who the load runs as
+    password: str | None = None
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
@@ -167,7 +169,8 @@ async def _drive(spec: LoadSpec, nclients: int, slot: int, ready: Any, go: Any, 
     nkeys, op = spec.nkeys, spec.op
     loop = asyncio.get_running_loop()
     async with AsyncClient(
-        list(spec.endpoints), coalesce=spec.coalesce, timeout=spec.timeout, transport=spec.transport, tls=spec.tls
+        list(spec.endpoints), coalesce=spec.coalesce, timeout=spec.timeout, transport=spec.transport, tls=spec.tls,
+        user=spec.user, password=spec.password,
     ) as kv:
         # Find the leader and open a channel to every member a read may go to.
         await kv.put(b"warm", b"x")
@@ -241,7 +244,7 @@ def _drive_threads(spec: LoadSpec, nclients: int, slot: int, ready: Any, go: Any
     errors = [0] * nclients
     first_errors = [""] * nclients
     with Client(list(spec.endpoints), coalesce=spec.coalesce, timeout=spec.timeout, transport=spec.transport,
-                tls=spec.tls) as kv:
+                tls=spec.tls, user=spec.user, password=spec.password) as kv:
         kv.put(b"warm", b"x")
         for _ in range(2 * len(spec.endpoints)):
             kv.get(b"warm", serializable=True)

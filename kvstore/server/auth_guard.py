@@ -119,14 +119,17 @@ class AuthGuard:
             raise unauthenticated(f"user {user!r} does not exist")
         return perms
 
-    def check_op(self, user: str | None, op: kv_pb2.RequestOp) -> None:
-        """PERMISSION_DENIED unless ``user`` may run ``op`` (every op inside a txn too)."""
+    def check_op(self, user: str | None, op: kv_pb2.RequestOp) -> int:
+        """PERMISSION_DENIED unless ``user`` may run ``op`` (every op inside a txn too); the auth
+        revision checked at (0 while auth is disabled)."""
         if user is None:
-            return
+            return 0
+        perms = self.permissions(user)
         try:
-            self.permissions(user).check_op(op)
+            perms.check_op(op)
         except Denied as e:
             raise permission_denied(str(e)) from None
+        return perms.revision
 
     def check_root(self, context: grpc.aio.ServicerContext, what: str) -> str | None:
         """The caller, who must hold the root role while auth is enabled."""

@@ -27,7 +27,7 @@ from kvstore.storage.plain_puts import PlainPuts
 from kvstore.storage.validation import check_op as storage_check_op
 from kvstore.v1 import command_pb2, kv_pb2, kv_pb2_grpc
 
-from kvstore.storage.permissions import READ, WRITE, Denied
+from kvstore.storage.permissions import READ, WRITE, Denied, UserPermissions
 
 from .auth_guard import AuthGuard, permission_denied, token_of
 from .errors import RequestFailed, invalid_argument
@@ -121,19 +121,22 @@ class KVService(kv_pb2_grpc.KVServicer):
             self._check_access(user, READ, request.key, request.range_end)
         await self.node.range_many([request], [resp])  # validated just above
 
-    def _check_access(self, user: str, access: str, key: bytes, range_end: bytes) -> None:
+    def _check_access(self, user: str, access: str, key: bytes, range_end: bytes) -> int:
+        """PERMISSION_DENIED unless ``user`` may; the auth revision checked at."""
+        perms = self.guard.permissions(user)
         try:
-            self.guard.permissions(user).check(access, key, range_end)
+            perms.check(access, key, range_end)
         except Denied as e:
             raise permission_denied(str(e)) from None
+        return perms.revision
 
     # ------------------------------------------------------------------ writes
 
     async def _write(self, op: kv_pb2.RequestOp, request_id, timeout: float,
                      user: str | None) -> command_pb2.CommandResult | None:
         self._check_op(op)
-        self.guard.check_op(user, op)
-        result = await self.node.propose([op], request_id, timeout, user)
+        auth_revision = self.guard.check_op(user, op)
+        result = await self.node.propose([op], request_id, timeout, user, auth_revision)
         if result is None:  # --testing-ack-before-commit: an answer before commit (UNSAFE)
             return None
         if isinstance(result, ApplyError):
@@ -181,10 +184,11 @@ class KVService(kv_pb2_grpc.KVServicer):
         put.CopyFrom(request)
         put.ClearField("request_id")
         storage_check_op(op)
+        auth_revision = 0
         if user is not None:
-            self._check_access(user, WRITE, request.key, b"")
+            auth_revision = self._check_access(user, WRITE, request.key, b"")
         rid = request.request_id if request.HasField("request_id") else None
-        result = await self.node.propose([op], rid, timeout, user)
+        result = await self.node.propose([op], rid, timeout, user, auth_revision)
         if result is None:  # --testing-ack-before-commit: an answer before commit (UNSAFE)
             resp.header.CopyFrom(self.node.header())
             return
@@ -254,8 +258,11 @@ class KVService(kv_pb2_grpc.KVServicer):
                 continue
             (writes if is_mutation(op) else reads).append(i)
 
+        auth_revision = 0
         if user is not None:  # each op the user may not run fails alone (reads: after the barrier)
-            writes = self._permitted(user, ops, writes, slots)
+            perms = self.guard.permissions(user)
+            writes = _permitted(perms, ops, writes, slots)
+            auth_revision = perms.revision
 
         counts = GRPC_STATS.batch_ops
         counts["write"] += len(writes)
@@ -270,7 +277,8 @@ class KVService(kv_pb2_grpc.KVServicer):
         write_task = None
         if writes:
             rid = request.request_id if request.HasField("request_id") else None
-            write_task = asyncio.ensure_future(self.node.propose([ops[i] for i in writes], rid, timeout, user))
+            write_task = asyncio.ensure_future(self.node.propose([ops[i] for i in writes], rid, timeout, user,
+                                                                auth_revision))
         if reads:
             if linearizable:
                 try:
@@ -281,7 +289,7 @@ class KVService(kv_pb2_grpc.KVServicer):
                             _set_op_error(slots[i], e.code, e.message)
                     reads = [i for i in reads if ops[i].request_range.serializable]
             if user is not None:
-                reads = self._permitted(user, ops, reads, slots)
+                reads = _permitted(self.guard.permissions(user), ops, reads, slots)
             await self.node.range_many(  # validated by _check_op above
                 [ops[i].request_range for i in reads],
                 [slots[i].response.response_range for i in reads],
@@ -310,21 +318,6 @@ class KVService(kv_pb2_grpc.KVServicer):
         if revision is not None:
             resp.header.revision = max(resp.header.revision, revision)
 
-    def _permitted(self, user: str, ops, indexes: list[int], slots) -> list[int]:
-        """The ops among ``indexes`` that ``user`` may run; the others get PERMISSION_DENIED in their slot."""
-        perms = self.guard.permissions(user)
-        if perms.root:
-            return indexes
-        allowed = []
-        for i in indexes:
-            try:
-                perms.check_op(ops[i])
-            except Denied as e:
-                _set_op_error(slots[i], grpc.StatusCode.PERMISSION_DENIED, str(e))
-                continue
-            allowed.append(i)
-        return allowed
-
     # ------------------------------------------------------------------ session stream
 
     async def Session(self, request_iterator, context) -> None:
@@ -344,6 +337,21 @@ class KVService(kv_pb2_grpc.KVServicer):
         # never connected leaves its requests certainly unapplied.
         await context.send_initial_metadata(())
         await stream.run(request_iterator, context.write)
+
+
+def _permitted(perms: UserPermissions, ops, indexes: list[int], slots) -> list[int]:
+    """The ops among ``indexes`` that ``perms`` allow; the others get PERMISSION_DENIED in their slot."""
+    if perms.root:
+        return indexes
+    allowed = []
+    for i in indexes:
+        try:
+            perms.check_op(ops[i])
+        except Denied as e:
+            _set_op_error(slots[i], grpc.StatusCode.PERMISSION_DENIED, str(e))
+            continue
+        allowed.append(i)
+    return allowed
 
 
 def _set_op_error(slot: kv_pb2.BatchResult, code: grpc.StatusCode, message: str) -> None:

@@ -651,9 +651,10 @@ class Node:
             raft_term=self.term,
         )
 
-    async def propose(self, ops, request_id: kv_pb2.RequestId | None, timeout: float, user: str | None = None):
-        """Propose mutations (of ``user``, with auth enabled); return the state machine's CommandResult
-        (or its ApplyError)."""
+    async def propose(self, ops, request_id: kv_pb2.RequestId | None, timeout: float, user: str | None = None,
+                      auth_revision: int = 0):
+        """Propose mutations (of ``user``, checked at ``auth_revision``, with auth enabled); return the
+        state machine's CommandResult (or its ApplyError)."""
         self.check_leader()
         pid = self.proposals.next_id()
         # CLOCK_MONOTONIC, never the wall clock: it drives session expiry (log_clock.py).
@@ -661,6 +662,7 @@ class Node:
         cmd = command_pb2.Command(ops=ops, leader_clock_ms=stamp // 1_000_000, proposal_id=pid)
         if user:
             cmd.auth_user = user
+            cmd.auth_revision = auth_revision
         key = (0, 0)
         if request_id is not None:
             cmd.request_id.CopyFrom(request_id)

@@ -13,7 +13,10 @@ Rules (etcd's): the `root` role is built in and allows everything; the user
 exists; while auth is enabled only a root user may change auth, the root user
 cannot be deleted nor lose the root role. Client commands are checked against
 their user's permissions when applied (`refusal`), so a permission revoked
-while a write was in flight is obeyed by every member alike.
+while a write was in flight is obeyed by every member alike; a command applied
+at the auth revision its proposer checked it at is not checked again (the same
+state gives the same verdict, and the check costs about a microsecond per op
+on every member).
 """
 from __future__ import annotations
 
@@ -64,7 +67,7 @@ class AuthState:
             if u is None:
                 return None
             perms = [perm for r in u.roles if r in self.roles for perm in self.roles[r].perms]
-            p = self._perms[user] = UserPermissions(user, ROOT_ROLE in u.roles, perms)
+            p = self._perms[user] = UserPermissions(user, ROOT_ROLE in u.roles, perms, self.revision)
         return p
 
 
@@ -104,6 +107,8 @@ class AuthStore:
         user = cmd.auth_user
         if not user:
             return ApplyError(ErrorCode.UNAUTHENTICATED, "auth is enabled: the request carries no user")
+        if cmd.auth_revision == st.revision:
+            return None  # checked by the proposing member against this very state: the same verdict
         perms = st.permissions(user)
         if perms is None:
             return ApplyError(ErrorCode.UNAUTHENTICATED, f"user {user!r} does not exist")

@@ -78,11 +78,12 @@ def _describe(key: bytes, range_end: bytes) -> str:
 class UserPermissions:
     """What one user may read and write (at one auth revision)."""
 
-    __slots__ = ("user", "root", "_read", "_write")
+    __slots__ = ("user", "root", "revision", "_read", "_write")
 
-    def __init__(self, user: str, root: bool, perms: Iterable[auth_pb2.Permission]) -> None:
+    def __init__(self, user: str, root: bool, perms: Iterable[auth_pb2.Permission], revision: int = 0) -> None:
         self.user = user
         self.root = root
+        self.revision = revision  # the auth revision these permissions are of
         perms = list(perms)
         self._read = _merged(interval(p.key, p.range_end) for p in perms if p.perm_type in _READS)
         self._write = _merged(interval(p.key, p.range_end) for p in perms if p.perm_type in _WRITES)
@@ -91,6 +92,12 @@ class UserPermissions:
         if self.root:
             return True
         starts, ends = self._read if access == READ else self._write
+        if not range_end:  # one key, the common case: no interval built
+            i = bisect.bisect_right(starts, key) - 1
+            if i < 0:
+                return False
+            have = ends[i]
+            return have is None or key < have
         start, end = interval(key, range_end)
         i = bisect.bisect_right(starts, start) - 1
         if i < 0:
@@ -108,9 +115,15 @@ class UserPermissions:
 
     def check_op(self, op: kv_pb2.RequestOp, where: str = "") -> None:
         """Check one op; for a txn, every compare and every op of both branches (either may run)."""
+        if self.root:
+            return
         kind = op.WhichOneof("request")
-        if kind == "request_put":
-            self.check(WRITE, op.request_put.key, b"", where)
+        if kind == "request_put":  # the bulk of any write load: the single-key test inline
+            key = op.request_put.key
+            starts, ends = self._write
+            i = bisect.bisect_right(starts, key) - 1
+            if i < 0 or not (ends[i] is None or key < ends[i]):  # type: ignore[operator]
+                self.check(WRITE, key, b"", where)  # raises, naming it
         elif kind == "request_range":
             r = op.request_range
             self.check(READ, r.key, r.range_end, where)

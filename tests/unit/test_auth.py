@@ -180,9 +180,12 @@ def test_a_permission_revoked_before_the_apply_holds_and_only_root_changes_auth(
     log(change(enable=auth_pb2.AuthEnableRequest(token_key=os.urandom(32))))
     refused = log(change("alice", role_add=auth_pb2.RoleAddRequest(name="mine")))
     assert isinstance(refused, ApplyError) and refused.code is ErrorCode.PERMISSION_DENIED
+    checked_at = sm.auth.revision
     log(change("root", role_revoke_permission=auth_pb2.RoleRevokePermissionRequest(
         role="app", key=b"app/", range_end=b"app0")))
-    late = log(ops("alice", put(b"app/x")))  # checked by the member that proposed it, before the revoke
+    late = ops("alice", put(b"app/x"))
+    late.auth_revision = checked_at  # checked by the member that proposed it, before the revoke
+    late = log(late)
     assert isinstance(late, ApplyError) and late.code is ErrorCode.PERMISSION_DENIED
     gone = log(change("root", user_delete=auth_pb2.UserDeleteRequest(name="root")))
     assert isinstance(gone, ApplyError) and "cannot be deleted" in gone.message
@@ -200,3 +203,16 @@ def test_the_auth_state_survives_a_reopen(tmp_path):
         assert sm.auth.is_root("root") and not sm.auth.is_root("alice")
     finally:
         sm.close()
+
+
+def test_a_command_checked_at_the_current_auth_revision_is_not_checked_again(sm):
+    log = Log(sm)
+    setup_app(log)
+    log(change(enable=auth_pb2.AuthEnableRequest(token_key=os.urandom(32))))
+    current = ops("alice", put(b"app/x"))
+    current.auth_revision = sm.auth.revision
+    assert not isinstance(log(current), ApplyError)
+    older = ops("alice", put(b"other/x"))
+    older.auth_revision = sm.auth.revision - 1
+    refused = log(older)
+    assert isinstance(refused, ApplyError) and refused.code is ErrorCode.PERMISSION_DENIED
