@@ -166,7 +166,10 @@ def _describe(key: bytes, end: bytes) -> str:
         return show(key)
     if end == b"\0":
         return f"[{show(key)}, <all keys>)"
-    return f"[{show(key)}, {show(end)})"
+    from kvstore.client.types import prefix_end
+
+    note = f" (prefix {show(key)})" if end == prefix_end(key) else ""
+    return f"[{show(key)}, {show(end)}){note}"
 
 
 @role.command("get")

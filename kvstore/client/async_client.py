@@ -540,7 +540,12 @@ class AsyncClient(AuthAdmin):
                         # No token yet, or it expired or went stale: authenticate and try again at
                         # once (refused before anything was proposed, so not a retry).
                         renewals += 1
-                        await creds.renew(generation, self._authenticate)
+                        try:
+                            await creds.renew(generation, self._authenticate)
+                        except errors.KvstoreError as renew_error:
+                            if mutation:  # an earlier attempt of this call may have been applied
+                                renew_error.maybe_applied = maybe_applied  # type: ignore[attr-defined]
+                            raise
                         tried.discard(addr)
                         redirected = True
                         continue
@@ -549,6 +554,8 @@ class AsyncClient(AuthAdmin):
                         if isinstance(err, errors.SessionExpired):
                             err.maybe_applied = maybe_applied  # this attempt was refused, an earlier one may not be
                             self._session_expired(session.client_id)
+                        elif mutation and isinstance(err, errors.Unauthenticated | errors.PermissionDenied):
+                            err.maybe_applied = maybe_applied  # type: ignore[attr-defined]  # likewise
                         raise err
                     else:
                         if mutation and md.get(MD_NOT_APPLIED) != "1":

@@ -156,16 +156,19 @@ class ResourceExhausted(KvstoreError):
 
 class Unauthenticated(KvstoreError):
     """Auth is enabled and the call had no valid credentials: a wrong user name or password, or too many
-    failed attempts (the message says which). Nothing was applied."""
+    failed attempts (the message says which). This attempt applied nothing; for a write retried after an
+    earlier attempt's outcome was lost, ``maybe_applied`` says whether that one may have been."""
 
     code = grpc.StatusCode.UNAUTHENTICATED
+    maybe_applied: bool = False
 
 
 class PermissionDenied(KvstoreError):
     """The user's roles do not allow the call; the message names the access and the key or range
-    (inside a txn, which op). Nothing was applied."""
+    (inside a txn, which op). This attempt applied nothing (``maybe_applied``: as for Unauthenticated)."""
 
     code = grpc.StatusCode.PERMISSION_DENIED
+    maybe_applied: bool = False
 
 
 class Cancelled(KvstoreError):

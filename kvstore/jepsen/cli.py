@@ -47,10 +47,11 @@ def jepsen() -> None:
 @click.option("--keep-data", is_flag=True, help="keep the nodes' data directories in the run directory")
 @click.option("--name", default="", help="run directory name (default: time-workload-nemesis)")
 @click.option("--tls", is_flag=True, help="TLS for clients (client certificates) and peers (mutual)")
+@click.option("--auth", is_flag=True, help="enable auth; the workload runs as a non-root user")
 def run_command(nodes: int, time_: float, nemesis: str, workload: str, out: str, concurrency: int,
                 rate: float, fault_seconds: float, heal_seconds: float, op_timeout: float,
                 network: str, seed: int | None, server_args: tuple[str, ...], keep_data: bool,
-                name: str, tls: bool) -> None:
+                name: str, tls: bool, auth: bool) -> None:
     """Start a cluster, run WORKLOAD under NEMESIS for TIME seconds, heal, check."""
     from kvstore.jepsen.nemesis import parse_spec
     from kvstore.jepsen.runner import RunConfig, run
@@ -62,7 +63,8 @@ def run_command(nodes: int, time_: float, nemesis: str, workload: str, out: str,
     config = RunConfig(nodes=nodes, time=time_, nemesis=nemesis, workload=workload, out=out,
                        concurrency=concurrency, rate=rate, fault_seconds=fault_seconds,
                        heal_seconds=heal_seconds, op_timeout=op_timeout, network=network, seed=seed,
-                       server_args=list(server_args), keep_data=keep_data, name=name, tls=tls)
+                       server_args=list(server_args), keep_data=keep_data, name=name, tls=tls,
+                       auth=auth)
     # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so every finally runs:
     # nodes stopped, namespaces removed. Only SIGKILL needs `kvstore jepsen cleanup`.
     signal.signal(signal.SIGTERM, _terminate)

@@ -65,6 +65,7 @@ class RunConfig:
     keep_data: bool = False
     name: str = ""
     tls: bool = False                  # client TLS (client certificates) and mutual peer TLS
+    auth: bool = False                 # auth enabled; clients run as a non-root user (JEPSEN_USER)
 
 
 @dataclass
@@ -85,11 +86,14 @@ class RunResult:
 class ClientStore(Store):
     """The workloads' Store over the real AsyncClient, with short deadlines."""
 
-    def __init__(self, endpoints: list[str], timeout: float, tls: Any = None) -> None:
+    def __init__(self, endpoints: list[str], timeout: float, tls: Any = None,
+                 credentials: tuple[str, str] | None = None) -> None:
         from kvstore.client import AsyncClient, ExponentialBackoff
 
         retry = ExponentialBackoff(base=0.02, cap=0.2, attempt_timeout=min(1.0, timeout))
-        self.client = AsyncClient(endpoints, timeout=timeout, retry=retry, coalesce=False, tls=tls)
+        user, password = credentials or (None, None)
+        self.client = AsyncClient(endpoints, timeout=timeout, retry=retry, coalesce=False, tls=tls, user=user,
+                                  password=password)
 
     async def get(self, key: str) -> str | None:
         value = (await self.client.get(key)).value
@@ -453,7 +457,11 @@ async def _run_async(config: RunConfig, mode: str, run_dir: Path, procs: NodePro
         await _wait_for(lambda: watch.leader() is not None, 60, "a leader to be elected", procs)
         timings["cluster_up"] = time.monotonic() - started
 
-        setup_store = ClientStore(endpoints, timeout=5.0, tls=tls)
+        creds = None
+        if config.auth:
+            await _retry(lambda: enable_auth(endpoints, tls), 30, "enabling auth")
+            creds = JEPSEN_USER
+        setup_store = ClientStore(endpoints, timeout=5.0, tls=tls, credentials=creds)
         stores.append(setup_store)
         await _retry(lambda: workload.setup(setup_store), 30, "workload setup")
 
@@ -461,7 +469,7 @@ async def _run_async(config: RunConfig, mode: str, run_dir: Path, procs: NodePro
         # node); the client still follows redirects to the leader.
         for slot in range(concurrency):
             first = slot % config.nodes
-            stores.append(ClientStore(endpoints[first:] + endpoints[:first], config.op_timeout, tls))
+            stores.append(ClientStore(endpoints[first:] + endpoints[:first], config.op_timeout, tls, creds))
         nemesis.start()
         load_started = time.monotonic()
         deadline = load_started + config.time
@@ -480,7 +488,7 @@ async def _run_async(config: RunConfig, mode: str, run_dir: Path, procs: NodePro
         await _wait_for(lambda: watch.leader() is not None and all(procs.alive(n) for n in procs.nodes),
                         60, "the healed cluster to elect a leader", procs)
         await asyncio.sleep(1.0)  # let restarted nodes catch up before the final reads
-        final_store = ClientStore(endpoints, timeout=5.0, tls=tls)
+        final_store = ClientStore(endpoints, timeout=5.0, tls=tls, credentials=creds)
         stores.append(final_store)
         await _final_reads(workload, final_store, recorder, 10_000_000)
     finally:
@@ -519,6 +527,30 @@ async def _wait_for(condition: Any, timeout: float, what: str, procs: NodeProces
         if time.monotonic() > deadline:
             raise TimeoutError(f"gave up waiting {timeout:.0f}s for {what}")
         await asyncio.sleep(0.05)
+
+
+#: The user the workload runs as with --auth: not root, a role with readwrite on every key.
+JEPSEN_USER = ("jepsen", "jepsen-pw")
+
+
+async def enable_auth(endpoints: list[str], tls: Any) -> None:
+    """root, the JEPSEN_USER and its role, then auth enable; a step done by an earlier try is skipped."""
+    from kvstore.client import AsyncClient
+    from kvstore.client.errors import FailedPrecondition
+
+    async with AsyncClient(endpoints, timeout=5.0, coalesce=False, tls=tls) as c:
+        if (await c.auth_status())[0]:
+            return
+        steps = (lambda: c.user_add("root", "jepsen-root-pw"), lambda: c.role_add("jepsen"),
+                 lambda: c.role_grant_permission("jepsen", "readwrite", b"\0", b"\0"),  # every key
+                 lambda: c.user_add(*JEPSEN_USER), lambda: c.user_grant_role(JEPSEN_USER[0], "jepsen"))
+        for step in steps:
+            try:
+                await step()
+            except FailedPrecondition as e:  # "already exists": this step took effect on an earlier try
+                if "already exists" not in str(e):
+                    raise
+        await c.auth_enable()
 
 
 async def _retry(action: Any, timeout: float, what: str) -> None:

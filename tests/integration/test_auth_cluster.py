@@ -13,8 +13,10 @@ import time
 
 import grpc
 import pytest
+from click.testing import CliRunner
 
 from kvstore import certs
+from kvstore.cli import main as cli_main
 from kvstore.client import Client, KvstoreError, PermissionDenied, Unauthenticated
 from kvstore.client.txn import Txn, get, put
 from kvstore.launcher import LocalCluster
@@ -192,6 +194,37 @@ def test_bad_credentials_and_tokens_are_unauthenticated_and_change_nothing(clust
         a.put("app/renewed", "2")
     assert revision(cluster) == before + 2
     all_members_answer(cluster)
+
+
+def test_the_cli_manages_users_roles_and_permissions(cluster):
+    c = cluster.certs
+    base = ["--endpoints", ",".join(cluster.endpoints), "--cacert", c.ca_cert, "--cert", c.client_cert,
+            "--key", c.client_key, "--timeout", "30"]
+    runner = CliRunner()  # stderr apart from stdout (click 8.2)
+
+    def kvstore(*args: str, user: str = "root:root-pw", input: str | None = None, ok: bool = True):
+        result = runner.invoke(cli_main, [*base, "--user", user, *args], input=input)
+        assert (result.exit_code == 0) is ok, (args, result.stdout, result.stderr)
+        return result
+
+    assert "Role cli created" in kvstore("role", "add", "cli").stdout
+    kvstore("role", "grant-permission", "--prefix", "cli", "readwrite", "cli/")
+    kvstore("role", "grant-permission", "cli", "read", "shared/a", "shared/m")
+    kvstore("user", "add", "carol", input="carol-pw\ncarol-pw\n")  # asked for, twice
+    kvstore("user", "grant-role", "carol", "cli")
+    assert kvstore("user", "get", "carol").stdout.split() == ["User:", "carol", "Roles:", "cli"]
+    assert "carol" in kvstore("user", "list").stdout.split()
+    got = kvstore("role", "get", "cli").stdout
+    assert "[cli/, cli0) (prefix cli/)" in got and "[shared/a, shared/m)\n" in got
+    assert "Authentication Status: true" in kvstore("auth", "status").stdout
+    kvstore("put", "cli/x", "1", user="carol", input="carol-pw\n")  # --user without the password: asked
+    denied = kvstore("put", "other", "1", user="carol:carol-pw", ok=False)
+    assert "PermissionDenied: permission denied: user 'carol' has no write permission on 'other'" in denied.stderr
+    wrong = kvstore("get", "cli/x", user="carol:nope", ok=False)
+    assert "Unauthenticated: authentication failed: invalid user name or password" in wrong.stderr
+    kvstore("role", "revoke-permission", "--prefix", "cli", "cli/")
+    assert "PermissionDenied" in kvstore("get", "cli/x", user="carol:carol-pw", ok=False).stderr
+    assert "Traceback" not in denied.stderr + wrong.stderr
 
 
 def test_failed_authentications_are_limited_per_user_and_per_address(cluster):
