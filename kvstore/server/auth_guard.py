@@ -24,17 +24,19 @@ import inspect
 import logging
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from kvstore.storage.auth_store import AuthState
-from kvstore.storage.permissions import Denied, UserPermissions
+from kvstore.storage.permissions import ROOT_USER, Denied, UserPermissions
 from kvstore.v1 import kv_pb2
 
 from . import tokens
 from .errors import RequestFailed
-from .node import Node
+
+if TYPE_CHECKING:  # node.py imports corruption.py, which imports this
+    from .node import Node
 
 __all__ = ["AuthGuard", "TOKEN_METADATA_KEY", "root_only", "unauthenticated", "permission_denied"]
 
@@ -137,6 +139,21 @@ class AuthGuard:
         if user is not None and not self.node.sm.auth.is_root(user):
             raise permission_denied(f"permission denied: {what} needs the root role, which user {user!r} lacks")
         return user
+
+
+#: How long the token of a member's own call to another member lives (see member_metadata).
+MEMBER_TOKEN_TTL_MS = 60_000
+
+
+def member_metadata(node: Node) -> tuple[tuple[str, str], ...] | None:
+    """The metadata of a member's own calls to other members' client APIs (the leader's corruption
+    check) while auth is enabled: a short-lived root token. A member holds the token key (as it
+    holds all the data), so it needs no password to sign one."""
+    st = node.sm.auth
+    if not st.enabled:
+        return None
+    expires = int(time.time() * 1000) + MEMBER_TOKEN_TTL_MS
+    return ((TOKEN_METADATA_KEY, tokens.issue(st.token_key, ROOT_USER, st.revision, expires)),)
 
 
 #: Cluster and Maintenance RPCs every client may call: they find members and report health.
