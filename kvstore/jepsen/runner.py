@@ -632,7 +632,7 @@ def summarize(config: RunConfig, mode: str, recorder: Recorder, watch: LeaderWat
     return {
         "workload": config.workload, "nemesis": config.nemesis, "nodes": config.nodes,
         "time": config.time, "network": mode, "seed": config.seed,
-        "server_args": config.server_args,
+        "server_args": config.server_args, "tls": config.tls, "auth": config.auth,
         "valid": verdict.valid, "verdict": verdict.summary,
         "ops": {"total": sum(outcomes.values()), **outcomes},
         "ops_by_function": {f: dict(c) for f, c in sorted(by_f.items())},
