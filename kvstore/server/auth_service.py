@@ -62,6 +62,8 @@ class AuthService(auth_pb2_grpc.AuthServicer):
         result = await self.node.propose_internal(cmd, self._timeout(context))
         if isinstance(result, ApplyError):
             raise apply_error(result)
+        log.info("auth change %s by %s: auth revision %d", req.WhichOneof("request"),
+                 repr(user) if user else "a client (auth disabled)", result.revision)
         return auth_pb2.AuthChangeResponse(header=self.node.header(), auth_revision=result.revision)
 
     async def _read(self, context: grpc.aio.ServicerContext, what: str) -> Any:
