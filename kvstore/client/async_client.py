@@ -33,6 +33,7 @@ from kvstore.client.retry_budget import RetryBudget
 from kvstore.client.session import Session
 from kvstore.client.stream import KIND, MD_LEADER_ADDR, MD_LEADER_ID, MD_NOT_APPLIED, AttemptFailed
 from kvstore.client.txn import Txn, delete_request, range_request
+from kvstore.storage.errors import AUTH_NOT_ENABLED
 from kvstore.client.types import (
     BytesLike,
     DeleteResult,
@@ -163,7 +164,7 @@ class AsyncClient(AuthAdmin):
             Coalescer(
                 self._call, max_ops=max_batch_ops, max_bytes=max_batch_bytes, timeout=timeout,
                 retryable=lambda code: self.retry.is_retryable(errors.status_code(code)),
-                session_expired=self._session_expired,
+                session_expired=self._session_expired, session_unopened=self._session_unopened,
             )
             if coalesce
             else None
@@ -416,6 +417,8 @@ class AsyncClient(AuthAdmin):
         creds = None if method in _NO_TOKEN else self._credentials
         renewals = 0
         generation = 0
+        if creds is not None and creds.generation == 0:
+            await creds.renew(0, self._authenticate)  # the first call: authenticate first
         seq = 0
         rid = None
         if mutation:
@@ -556,6 +559,8 @@ class AsyncClient(AuthAdmin):
                             self._session_expired(session.client_id)
                         elif mutation and isinstance(err, errors.Unauthenticated | errors.PermissionDenied):
                             err.maybe_applied = maybe_applied  # type: ignore[attr-defined]  # likewise
+                        if seq == 1 and not may_have_arrived:
+                            self._session_unopened(session.client_id)
                         raise err
                     else:
                         if mutation and md.get(MD_NOT_APPLIED) != "1":
@@ -590,10 +595,16 @@ class AsyncClient(AuthAdmin):
             raise errors.NoEndpointAnswered(attempts, causes, maybe_applied=maybe_applied)
         raise errors.DeadlineExceeded(attempts, causes, timeout=total, maybe_applied=maybe_applied)
 
-    async def _authenticate(self, user: str, password: str) -> str:
-        """A new token for ``user`` (Authenticate goes to the leader, which has every user change)."""
+    async def _authenticate(self, user: str, password: str) -> str | None:
+        """A new token for ``user`` (Authenticate goes to the leader, which has every user change);
+        None while auth is disabled."""
         req = auth_pb2.AuthenticateRequest(name=user, password=password)
-        resp = await self._call("Authenticate", req, route=LEADER, mutation=False, timeout=None)
+        try:
+            resp = await self._call("Authenticate", req, route=LEADER, mutation=False, timeout=None)
+        except errors.FailedPrecondition as e:
+            if AUTH_NOT_ENABLED in e.message:
+                return None
+            raise
         return str(resp.token)
 
     def _next_addr(self, route: str, addr: str, tried: set[str]) -> str:
@@ -611,6 +622,14 @@ class AsyncClient(AuthAdmin):
         go out under a new session (calls already under way finish on the old one)."""
         if self.session.client_id == client_id:
             log.info("session %d expired on the cluster; starting a new session", client_id)
+            self.session = Session()
+
+    def _session_unopened(self, client_id: int) -> None:
+        """Seq 1 of session ``client_id``, the request that opens it on the cluster, was refused
+        before it was applied anywhere (a permission, a limit): later requests of that session
+        would find none and be refused as expired, so they go out under a new session."""
+        if self.session.client_id == client_id:
+            log.debug("session %d never opened (its first request was refused); starting a new session", client_id)
             self.session = Session()
 
     def _refresh_members_soon(self) -> None:

@@ -1,9 +1,12 @@
 """A user's credentials and the token they buy: attached to every call, renewed when refused.
 
-The client authenticates lazily: the first call goes without a token, and only
-when a member answers UNAUTHENTICATED (auth is enabled, the token expired, or
-an auth change made it stale) does the client call Authenticate and try again,
-once, with the new token. Concurrent refusals share one Authenticate.
+The client authenticates before its first call (a call without a token could
+be taken for the user its client certificate names, see --client-cert-auth);
+a cluster with auth disabled answers that there is nothing to authenticate
+for, and calls then go without a token. Whenever a member answers
+UNAUTHENTICATED (auth was enabled since, the token expired, or an auth change
+made it stale) the client authenticates again and retries the call.
+Concurrent refusals share one Authenticate.
 Session streams carry the token they were opened with (gRPC metadata is sent
 once per stream), so a new token also means new streams (``generation``).
 """
@@ -30,8 +33,9 @@ class Credentials:
         self.generation = 0
         self._lock: asyncio.Lock | None = None
 
-    async def renew(self, seen_generation: int, authenticate: Callable[[str, str], Awaitable[str]]) -> None:
-        """Get a new token, unless another call already did since ``seen_generation``."""
+    async def renew(self, seen_generation: int,
+                    authenticate: Callable[[str, str], Awaitable[str | None]]) -> None:
+        """Get a new token (None: auth is disabled), unless another call already did since ``seen_generation``."""
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
@@ -39,5 +43,5 @@ class Credentials:
                 return
             token = await authenticate(self.user, self.password)
             self.token = token
-            self.metadata = ((TOKEN_METADATA_KEY, token),)
+            self.metadata = None if token is None else ((TOKEN_METADATA_KEY, token),)
             self.generation += 1

@@ -1,7 +1,9 @@
 """Who is calling, and may they: tokens checked, permissions checked, Cluster/Maintenance kept to root.
 
 Every client call carries its token as the metadata ``token`` (a session
-stream: once, when it is opened; each request on it is still checked). While
+stream: once, when it is opened; each request on it is still checked). With
+--client-cert-auth, a call without a token is the user its client
+certificate's common name names, if there is such a user (etcd's rule). While
 the replicated auth state says auth is disabled, every call passes. Once it is
 enabled:
 
@@ -77,7 +79,27 @@ class AuthGuard:
         """The caller's user name, or None while auth is disabled; RequestFailed if it may not call at all."""
         if not self.node.sm.auth.enabled:
             return None
-        return self.user_of_token(token_of(context.invocation_metadata()))
+        return self.user_of(*self.credentials(context))
+
+    def credentials(self, context: grpc.aio.ServicerContext) -> tuple[str, str]:
+        """(the call's token, its client certificate's common name when --client-cert-auth checked it)."""
+        token = token_of(context.invocation_metadata())
+        if token or not self.node.cfg.client_cert_auth:
+            return token, ""
+        names = (context.auth_context() or {}).get("x509_common_name") or []
+        return "", names[0].decode() if names else ""
+
+    def user_of(self, token: str, cert_name: str = "") -> str | None:
+        """The user of a token, else of a verified client certificate's common name; None while auth is off."""
+        if token or not cert_name:
+            return self.user_of_token(token)
+        st = self.node.sm.auth
+        if not st.enabled:
+            return None
+        if cert_name not in st.users:
+            raise unauthenticated(f"auth is enabled: authenticate first (user name and password; the client "
+                                  f"certificate's name {cert_name!r} is not a user)")
+        return cert_name
 
     def user_of_token(self, token: str) -> str | None:
         st = self.node.sm.auth

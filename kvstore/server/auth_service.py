@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 
 from kvstore.storage.auth_store import TOKEN_KEY_BYTES
-from kvstore.storage.errors import ApplyError
+from kvstore.storage.errors import AUTH_NOT_ENABLED, ApplyError
 from kvstore.v1 import auth_pb2, auth_pb2_grpc, command_pb2
 
 from . import tokens
@@ -112,7 +112,7 @@ class AuthService(auth_pb2_grpc.AuthServicer):
         await self.node.read_barrier(self._timeout(context))  # sees every user change acknowledged before
         st = self.node.sm.auth
         if not st.enabled:
-            raise RequestFailed(grpc.StatusCode.FAILED_PRECONDITION, "auth is not enabled", not_applied=True)
+            raise RequestFailed(grpc.StatusCode.FAILED_PRECONDITION, AUTH_NOT_ENABLED, not_applied=True)
         user = st.users.get(request.name)
         stored = user.hashed_password if user is not None else _DUMMY_HASH
         ok = await asyncio.get_running_loop().run_in_executor(None, verify_password, request.password, stored)

@@ -29,7 +29,7 @@ from kvstore.v1 import command_pb2, kv_pb2, kv_pb2_grpc
 
 from kvstore.storage.permissions import READ, WRITE, Denied, UserPermissions
 
-from .auth_guard import AuthGuard, permission_denied, token_of
+from .auth_guard import AuthGuard, permission_denied
 from .errors import RequestFailed, invalid_argument
 from .grpc_metrics import GRPC_STATS
 from .limits import InvalidRequest, Limits, is_mutation
@@ -322,13 +322,13 @@ class KVService(kv_pb2_grpc.KVServicer):
 
     async def Session(self, request_iterator, context) -> None:
         """Every call above, many in flight on one stream (see session_stream.py)."""
-        token = token_of(context.invocation_metadata())  # the stream's; each request is checked with it
-        user_of_token = self.guard.user_of_token
+        token, cert_name = self.guard.credentials(context)  # the stream's; each request is checked with them
+        user_of = self.guard.user_of
         by_kind = self._by_kind
 
         def handle(kind: str, request: Any, timeout: float, resp: Any) -> Awaitable[None]:
             """One session request, by its SessionRequest field: the unary call's code, answering into ``resp``."""
-            return by_kind[kind](request, timeout, resp, user_of_token(token))
+            return by_kind[kind](request, timeout, resp, user_of(token, cert_name))
 
         stream = SessionStream(
             handle, max_in_flight=self.node.cfg.max_stream_in_flight, default_timeout=self.default_timeout,

@@ -28,6 +28,9 @@ class ErrorCode(enum.IntEnum):
 #: (FAILED_PRECONDITION); the client library types it as SessionExpired by it.
 SESSION_EXPIRED = "session expired"
 
+#: How Authenticate is refused (FAILED_PRECONDITION) while auth is disabled; the client then sends no token.
+AUTH_NOT_ENABLED = "auth is not enabled"
+
 
 @dataclass(frozen=True, slots=True)
 class ApplyError:
