@@ -470,9 +470,9 @@ class AsyncClient(AuthAdmin):
                             rid.opens_session = session.opens(seq, may_have_arrived)
                     conn = eps.conn(addr)
                     kind = streamed.get(method)
-                    md = None
+                    call_md = None
                     if creds is not None:
-                        generation, md = creds.generation, creds.metadata
+                        generation, call_md = creds.generation, creds.metadata
                     # The call's deadline cuts this attempt short: its timing out says nothing about the member.
                     cut = remaining < policy.attempt_timeout
                     attempt_timeout = remaining if cut else policy.attempt_timeout
@@ -482,7 +482,7 @@ class AsyncClient(AuthAdmin):
                         if kind is not None:
                             resp = await conn.stream().call(kind, request, attempt_timeout)
                         else:
-                            resp = await conn.methods[method](request, timeout=attempt_timeout, metadata=md)
+                            resp = await conn.methods[method](request, timeout=attempt_timeout, metadata=call_md)
                         if self._drop_reply is not None and self._drop_reply(method, request):
                             raise _LostReply()
                     except AttemptFailed as e:
@@ -558,7 +558,7 @@ class AsyncClient(AuthAdmin):
                             err.maybe_applied = maybe_applied  # this attempt was refused, an earlier one may not be
                             self._session_expired(session.client_id)
                         elif mutation and isinstance(err, errors.Unauthenticated | errors.PermissionDenied):
-                            err.maybe_applied = maybe_applied  # type: ignore[attr-defined]  # likewise
+                            err.maybe_applied = maybe_applied  # likewise
                         if seq == 1 and not may_have_arrived:
                             self._session_unopened(session.client_id)
                         raise err

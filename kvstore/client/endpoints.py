@@ -92,7 +92,7 @@ class Connection:
         """A session stream to this member (the next in turn); a new one where there is none or it broke."""
         i = self._turn
         self._turn = (i + 1) % len(self._streams)
-        s = self._streams[i]
+        s: SessionStream | None = self._streams[i]
         creds = self._credentials
         if creds is not None:
             if self._retiring:
@@ -119,8 +119,8 @@ class Connection:
         self._retiring = keep
 
     def close_streams(self) -> None:
-        for s in self._retiring:
-            s.close()
+        for old in self._retiring:
+            old.close()
         self._retiring = []
         for s in self._streams:
             if s is not None:

@@ -86,7 +86,7 @@ class AuthGuard:
         token = token_of(context.invocation_metadata())
         if token or not self.node.cfg.client_cert_auth:
             return token, ""
-        names = (context.auth_context() or {}).get("x509_common_name") or []
+        names = list((context.auth_context() or {}).get("x509_common_name") or [])
         return "", names[0].decode() if names else ""
 
     def user_of(self, token: str, cert_name: str = "") -> str | None:

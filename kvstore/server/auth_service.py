@@ -24,7 +24,7 @@ from kvstore.v1 import auth_pb2, auth_pb2_grpc, command_pb2
 from . import tokens
 from .auth_guard import AuthGuard, unauthenticated
 from .auth_limiter import FailureLimiter
-from .errors import RequestFailed, invalid_argument, not_applied
+from .errors import RequestFailed, invalid_argument
 from .kv_service import apply_error, handles_errors
 from .node import Node
 from .passwords import MAX_PASSWORD_BYTES, hash_password, verify_password

@@ -81,7 +81,7 @@ class AuthStore:
     def __init__(self, db: lmdb._Database, txn: lmdb.Transaction) -> None:
         self._db = db
         raw = txn.get(_STATE_KEY, db=db)
-        self.state = AuthState(auth_pb2.AuthState.FromString(raw) if raw else auth_pb2.AuthState())
+        self.state = AuthState(auth_pb2.AuthState.FromString(bytes(raw)) if raw else auth_pb2.AuthState())
         self._staged: AuthState | None = None
 
     @property
@@ -134,7 +134,7 @@ class AuthStore:
         if handler is None:
             return ApplyError(ErrorCode.INVALID_ARGUMENT, "empty auth request")
         pb = st.to_proto()
-        err = handler(pb, getattr(req, kind))  # type: ignore[arg-type]
+        err = handler(pb, getattr(req, kind))
         if err is not None:
             return err
         pb.revision = st.revision + 1

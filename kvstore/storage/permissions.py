@@ -57,7 +57,7 @@ def _merged(spans: Iterable[tuple[bytes, bytes | None]]) -> tuple[list[bytes], l
     for start, end in sorted(spans, key=lambda s: s[0]):
         if end is not None and end <= start:
             continue
-        if starts and (ends[-1] is None or start <= ends[-1]):  # type: ignore[operator]
+        if starts and (ends[-1] is None or start <= ends[-1]):
             last = ends[-1]
             if last is not None and (end is None or end > last):
                 ends[-1] = end

@@ -20,7 +20,7 @@ from kvstore.cli import main as cli_main
 from kvstore.client import Client, KvstoreError, PermissionDenied, Unauthenticated
 from kvstore.client.txn import Txn, get, put
 from kvstore.launcher import LocalCluster
-from kvstore.v1 import auth_pb2, auth_pb2_grpc, cluster_pb2, cluster_pb2_grpc, kv_pb2, kv_pb2_grpc
+from kvstore.v1 import auth_pb2, auth_pb2_grpc, kv_pb2, kv_pb2_grpc
 
 DEADLINE_S = 60.0
 TOKEN_TTL_S = 4
@@ -146,7 +146,7 @@ def test_revoking_a_permission_takes_effect_on_every_member_at_once(cluster):
             # (A member that has not applied the revoke yet cannot serve him: his new token names the
             # auth revision of the revoke, and older members answer "retry".)
             before = revision(cluster)
-            for ep, b in bob.items():
+            for b in bob.values():
                 with pytest.raises(PermissionDenied, match="user 'bob' has no read permission"):
                     b.get("notes/a", serializable=True)
                 with pytest.raises(PermissionDenied, match="user 'bob' has no write permission"):
