@@ -115,8 +115,9 @@ class AsyncClient(AuthAdmin):
     ``tls``: a :class:`TLS` (CA, client certificate) for members serving TLS;
     ``https://`` endpoints without it trust the system's root CAs.
     ``user`` and ``password``: credentials for a cluster with auth enabled;
-    the client authenticates when a member first asks for it, and again
-    whenever its token expires or an auth change makes it stale.
+    the client authenticates before its first call (no token while auth is
+    disabled), and again whenever a member refuses its token (it expired, or
+    an auth change made it stale). See credentials.py.
     """
 
     def __init__(

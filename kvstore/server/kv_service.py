@@ -23,11 +23,10 @@ import grpc
 
 from kvstore.storage.errors import ApplyError
 from kvstore.storage.errors import InvalidRequest as StorageInvalidRequest
+from kvstore.storage.permissions import READ, WRITE, Denied, UserPermissions
 from kvstore.storage.plain_puts import PlainPuts
 from kvstore.storage.validation import check_op as storage_check_op
 from kvstore.v1 import command_pb2, kv_pb2, kv_pb2_grpc
-
-from kvstore.storage.permissions import READ, WRITE, Denied, UserPermissions
 
 from .auth_guard import AuthGuard, permission_denied
 from .errors import RequestFailed, invalid_argument

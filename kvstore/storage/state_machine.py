@@ -67,9 +67,9 @@ from google.protobuf.message import DecodeError
 from kvstore.v1 import command_pb2, kv_pb2
 
 from . import alarms as alarm_set
-from .auth_store import AuthState, AuthStore
 from . import boot_guard as guard
 from . import durable_base, keys, validation
+from .auth_store import AuthState, AuthStore
 from .durable_files import fsync_dir, fsync_file
 from .errors import ApplyError, ErrorCode, InvalidRequest
 from .hash_kv import HashMark, hash_kv
