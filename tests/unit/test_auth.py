@@ -216,3 +216,21 @@ def test_a_command_checked_at_the_current_auth_revision_is_not_checked_again(sm)
     older.auth_revision = sm.auth.revision - 1
     refused = log(older)
     assert isinstance(refused, ApplyError) and refused.code is ErrorCode.PERMISSION_DENIED
+
+
+def test_a_snapshot_carries_the_auth_state(tmp_path, sm):
+    from kvstore.storage.snapshot import SnapshotStore
+
+    log = Log(sm)
+    setup_app(log)
+    log(change(enable=auth_pb2.AuthEnableRequest(token_key=os.urandom(32))))
+    _, _, path = SnapshotStore(str(tmp_path / "snaps")).create(sm, [1, 2, 3])
+    follower = StateMachine.open(str(tmp_path / "follower"), 1 << 26, fsync=False)
+    try:
+        assert not follower.auth.enabled
+        follower.install_snapshot(path)
+        assert follower.auth.enabled and follower.auth.revision == sm.auth.revision
+        assert follower.auth.token_key == sm.auth.token_key, "tokens of either are good on both"
+        assert follower.auth.permissions("alice").allows(WRITE, b"app/x")
+    finally:
+        follower.close()
