@@ -27,6 +27,7 @@ import lmdb
 from kvstore.v1 import auth_pb2, command_pb2
 
 from .errors import ApplyError, ErrorCode
+from .keys import MAX_KEY_BYTES
 from .permissions import ROOT_ROLE, ROOT_USER, Denied, UserPermissions
 
 __all__ = ["AuthState", "AuthStore", "MAX_NAME_BYTES", "TOKEN_KEY_BYTES"]
@@ -279,8 +280,15 @@ def _role_grant_permission(pb: auth_pb2.AuthState, req: auth_pb2.RoleGrantPermis
     r = _role(pb, req.name)
     if isinstance(r, ApplyError):
         return r
-    if not req.perm.key:
+    perm = req.perm
+    if not perm.key:
         return ApplyError(ErrorCode.INVALID_ARGUMENT, "a permission needs a key")
+    if len(perm.key) > MAX_KEY_BYTES or len(perm.range_end) > MAX_KEY_BYTES:
+        return ApplyError(ErrorCode.INVALID_ARGUMENT, f"a permission's key and range end are at most "
+                                                      f"{MAX_KEY_BYTES} bytes (the key limit)")
+    if perm.perm_type not in auth_pb2.Permission.Type.values():
+        return ApplyError(ErrorCode.INVALID_ARGUMENT, f"unknown permission type {perm.perm_type} "
+                                                      "(READ=0, WRITE=1, READWRITE=2)")
     for p in r.perms:
         if p.key == req.perm.key and p.range_end == req.perm.range_end:
             p.perm_type = req.perm.perm_type  # the same key or range again: the new type replaces the old

@@ -234,3 +234,26 @@ def test_a_snapshot_carries_the_auth_state(tmp_path, sm):
         assert follower.auth.permissions("alice").allows(WRITE, b"app/x")
     finally:
         follower.close()
+
+
+def test_bad_auth_changes_are_refused_naming_the_problem_and_change_nothing(sm):
+    log = Log(sm)
+    setup_app(log)
+    before = sm.auth.revision
+    bad = {
+        "user name is empty": dict(user_add=auth_pb2.UserAddRequest(name="", hashed_password=b"h")),
+        "longer than 128 bytes": dict(role_add=auth_pb2.RoleAddRequest(name="r" * 129)),
+        "already exists": dict(user_add=auth_pb2.UserAddRequest(name="alice", hashed_password=b"h")),
+        "role 'nope' not found": dict(user_grant_role=auth_pb2.UserGrantRoleRequest(user="alice", role="nope")),
+        "at most 511 bytes": dict(role_grant_permission=auth_pb2.RoleGrantPermissionRequest(
+            name="app", perm=perm(P.READ, b"k" * 600))),
+        "unknown permission type 7": dict(role_grant_permission=auth_pb2.RoleGrantPermissionRequest(
+            name="app", perm=perm(7, b"k"))),
+        "root role is built in": dict(role_delete=auth_pb2.RoleDeleteRequest(role="root")),
+        "has no permission on": dict(role_revoke_permission=auth_pb2.RoleRevokePermissionRequest(
+            role="app", key=b"zzz")),
+    }
+    for why, req in bad.items():
+        err = log(change(**req))
+        assert isinstance(err, ApplyError) and why in err.message, (why, err)
+    assert sm.auth.revision == before
