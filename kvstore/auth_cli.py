@@ -71,6 +71,7 @@ def user_add(ctx: click.Context, name: str, new_user_password: str | None) -> No
 @click.pass_context
 @client_errors
 def user_delete(ctx: click.Context, name: str) -> None:
+    """Delete user NAME."""
     with make_client(ctx) as c:
         _done(f"User {name} deleted", c.user_delete(name))
 
@@ -91,6 +92,7 @@ def user_passwd(ctx: click.Context, name: str, new_user_password: str | None) ->
 @click.pass_context
 @client_errors
 def user_list(ctx: click.Context) -> None:
+    """Every user, one per line."""
     with make_client(ctx) as c:
         for name in c.user_list():
             console.print(name, highlight=False)
@@ -101,6 +103,7 @@ def user_list(ctx: click.Context) -> None:
 @click.pass_context
 @client_errors
 def user_get(ctx: click.Context, name: str) -> None:
+    """The roles user NAME holds."""
     with make_client(ctx) as c:
         roles = c.user_get(name)
     console.print(f"User: {name}\nRoles: {' '.join(roles)}", highlight=False)
@@ -112,6 +115,7 @@ def user_get(ctx: click.Context, name: str) -> None:
 @click.pass_context
 @client_errors
 def user_grant_role(ctx: click.Context, name: str, role: str) -> None:
+    """Give user NAME the role ROLE."""
     with make_client(ctx) as c:
         _done(f"Role {role} is granted to user {name}", c.user_grant_role(name, role))
 
@@ -122,6 +126,7 @@ def user_grant_role(ctx: click.Context, name: str, role: str) -> None:
 @click.pass_context
 @client_errors
 def user_revoke_role(ctx: click.Context, name: str, role: str) -> None:
+    """Take the role ROLE from user NAME."""
     with make_client(ctx) as c:
         _done(f"Role {role} is revoked from user {name}", c.user_revoke_role(name, role))
 
@@ -139,6 +144,7 @@ def role() -> None:
 @click.pass_context
 @client_errors
 def role_add(ctx: click.Context, name: str) -> None:
+    """Add role NAME (with no permissions yet)."""
     with make_client(ctx) as c:
         _done(f"Role {name} created", c.role_add(name))
 
@@ -148,6 +154,7 @@ def role_add(ctx: click.Context, name: str) -> None:
 @click.pass_context
 @client_errors
 def role_delete(ctx: click.Context, name: str) -> None:
+    """Delete role NAME (its users lose it)."""
     with make_client(ctx) as c:
         _done(f"Role {name} deleted", c.role_delete(name))
 
@@ -156,6 +163,7 @@ def role_delete(ctx: click.Context, name: str) -> None:
 @click.pass_context
 @client_errors
 def role_list(ctx: click.Context) -> None:
+    """Every role, one per line."""
     with make_client(ctx) as c:
         for name in c.role_list():
             console.print(name, highlight=False)
@@ -245,6 +253,7 @@ def auth_enable(ctx: click.Context) -> None:
 @click.pass_context
 @client_errors
 def auth_disable(ctx: click.Context) -> None:
+    """Turn authentication off."""
     with make_client(ctx) as c:
         _done("Authentication Disabled", c.auth_disable())
 
@@ -253,6 +262,7 @@ def auth_disable(ctx: click.Context) -> None:
 @click.pass_context
 @client_errors
 def auth_status(ctx: click.Context) -> None:
+    """Whether authentication is on, and the auth revision."""
     with make_client(ctx) as c:
         enabled, revision = c.auth_status()
     console.print(f"Authentication Status: {'true' if enabled else 'false'}\nAuthRevision: {revision}",
