@@ -275,7 +275,6 @@ class Client:
         return self._run(self._aclient.transfer_leader(target, timeout=timeout))
 
 
-
 def _blocking(name: str) -> Any:
     """Client.<name>: AsyncClient.<name> run on the client's loop."""
     async_method = getattr(AsyncClient, name)
