@@ -241,6 +241,39 @@ def test_bad_credentials_and_tokens_are_unauthenticated_and_change_nothing(clust
     all_members_answer(cluster)
 
 
+def test_a_password_change_ends_every_token_issued_before_it_on_every_member(cluster):
+    """Tokens carry the auth revision: after any auth change, older tokens are refused everywhere."""
+    leader = cluster.wait_for_leader(DEADLINE_S)
+    channel, _, auth = raw_stubs(cluster, leader)
+    with channel:
+        req = auth_pb2.AuthenticateRequest(name="mallory", password="mallory-pw")
+        token = auth.Authenticate(req, timeout=20).token
+    with client(cluster, "root", "root-pw") as r:
+        r.user_change_password("mallory", "mallory-pw2")
+        r.get("probe")  # a linearizable read: the change is applied on the leader; followers follow
+    for i in cluster.ids:
+        channel, kv, _ = raw_stubs(cluster, i)
+        with channel:
+            def refused() -> bool:
+                try:
+                    kv.Range(kv_pb2.RangeRequest(key=b"x", serializable=True), metadata=(("token", token),),
+                             timeout=20)
+                except grpc.RpcError as e:
+                    if e.code() is grpc.StatusCode.UNAUTHENTICATED:
+                        # refused for its auth revision, not for its age (TOKEN_TTL_S is short here)
+                        assert "is from auth revision" in e.details(), e.details()
+                        return True
+                return False  # served (or not yet applied there): a member may lag by a few ms
+
+            cluster.wait_for(refused, DEADLINE_S, f"member {i} refusing the old token")
+    with client(cluster, "mallory", "mallory-pw") as old:
+        with pytest.raises(Unauthenticated, match="invalid user name or password"):
+            old.get("x", serializable=True)
+    with client(cluster, "mallory", "mallory-pw2") as new:
+        with pytest.raises(PermissionDenied):  # authenticated; mallory holds no role
+            new.get("x")
+
+
 def test_the_cli_manages_users_roles_and_permissions(cluster):
     c = cluster.certs
     base = ["--endpoints", ",".join(cluster.endpoints), "--cacert", c.ca_cert, "--cert", c.client_cert,
