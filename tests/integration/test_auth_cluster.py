@@ -321,8 +321,14 @@ def test_failed_authentications_are_limited_per_user_and_per_address(cluster):
         assert details[0] == "authentication failed: invalid user name or password"
         assert details[-1].startswith("too many failed authentications for user 'mallory' (5 in 10 s)")
         assert "too many" in authenticate("mallory", "mallory-pw"), "the right password too, within the window"
-        details = [authenticate(f"guess{i}", "guess") for i in range(20)]
-        assert "too many failed authentications for address ipv4:127.0.0.1 (20 in 10 s)" in details[-1]
+        # 20 failures per address within 10 s: a slow machine may need a few more tries to get there.
+        details = []
+        for i in range(40):
+            details.append(authenticate(f"guess{i}", "guess"))
+            if "too many" in details[-1]:
+                break
+        assert "too many failed authentications for address ipv4:127.0.0.1 (20 in 10 s)" in details[-1], details
+        assert len(details) >= 15, "the address limit came early"
     log = cluster.log_tail(leader, 400)
     assert "authentication failed for user 'mallory' from ipv4:127.0.0.1 (wrong password)" in log
     assert "authentication failed for user 'guess0' from ipv4:127.0.0.1 (unknown user)" in log
