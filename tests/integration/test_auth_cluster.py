@@ -254,7 +254,7 @@ def test_a_password_change_ends_every_token_issued_before_it_on_every_member(clu
     for i in cluster.ids:
         channel, kv, _ = raw_stubs(cluster, i)
         with channel:
-            def refused() -> bool:
+            def refused(kv=kv) -> bool:
                 try:
                     kv.Range(kv_pb2.RangeRequest(key=b"x", serializable=True), metadata=(("token", token),),
                              timeout=20)
