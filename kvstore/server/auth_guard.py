@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from kvstore.storage.auth_store import AuthState
 from kvstore.storage.permissions import ROOT_USER, Denied, UserPermissions
 from kvstore.v1 import kv_pb2
 
@@ -71,10 +70,6 @@ class AuthGuard:
         # token -> (its claims, the key it verified under): a token is verified once, not per call
         self._verified: dict[str, tuple[tokens.Token, bytes]] = {}
 
-    @property
-    def state(self) -> AuthState:
-        return self.node.sm.auth
-
     def user(self, context: grpc.aio.ServicerContext) -> str | None:
         """The caller's user name, or None while auth is disabled; RequestFailed if it may not call at all."""
         if not self.node.sm.auth.enabled:
@@ -114,10 +109,7 @@ class AuthGuard:
             except tokens.TokenError as e:
                 raise unauthenticated(f"invalid token: {e}") from None
             if not tokens.verify(st.token_key, payload, sig):
-                if claims.auth_revision > st.revision:  # maybe a newer key: this member has not caught up
-                    raise RequestFailed(grpc.StatusCode.UNAVAILABLE, (
-                        f"this member is at auth revision {st.revision}, behind the token's "
-                        f"{claims.auth_revision}; retry"), not_applied=True)
+                # Never "retry", whatever revision it claims: a forged claim must not buy retries.
                 raise unauthenticated("invalid token: bad signature (tampered with, or from before auth "
                                       "was last enabled)")
             if len(self._verified) >= _CACHE_MAX:
