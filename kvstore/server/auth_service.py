@@ -10,6 +10,7 @@ call but Authenticate and AuthStatus needs the root role.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -17,7 +18,7 @@ from typing import Any
 
 import grpc
 
-from kvstore.storage.auth_store import TOKEN_KEY_BYTES
+from kvstore.storage.auth_store import MAX_NAME_BYTES, TOKEN_KEY_BYTES
 from kvstore.storage.errors import AUTH_NOT_ENABLED, ApplyError
 from kvstore.v1 import auth_pb2, auth_pb2_grpc, command_pb2
 
@@ -33,8 +34,10 @@ __all__ = ["AuthService"]
 
 log = logging.getLogger("kvstore.auth")
 
-#: Checked against when the user does not exist, so that a wrong name costs as long as a wrong password.
-_DUMMY_HASH = hash_password(os.urandom(8).hex())
+@functools.cache
+def _dummy_hash() -> bytes:
+    """Checked against when the user does not exist, so that a wrong name costs as long as a wrong password."""
+    return hash_password(os.urandom(8).hex())
 
 
 def client_addr(context: grpc.aio.ServicerContext) -> str:
@@ -107,14 +110,16 @@ class AuthService(auth_pb2_grpc.AuthServicer):
                         addr, what)
             raise unauthenticated(  # not RESOURCE_EXHAUSTED: clients retry that, and must not here
                 f"too many failed authentications for {what}: retry in {max(wait, 0.1):.1f} s")
-        if len(request.password.encode()) > MAX_PASSWORD_BYTES or len(request.name.encode()) > 1024:
-            raise invalid_argument(f"password is longer than {MAX_PASSWORD_BYTES} bytes or name too long")
+        if len(request.name.encode()) > MAX_NAME_BYTES:
+            raise invalid_argument(f"user name is longer than {MAX_NAME_BYTES} bytes")
+        if len(request.password.encode()) > MAX_PASSWORD_BYTES:
+            raise invalid_argument(f"password is longer than {MAX_PASSWORD_BYTES} bytes")
         await self.node.read_barrier(self._timeout(context))  # sees every user change acknowledged before
         st = self.node.sm.auth
         if not st.enabled:
             raise RequestFailed(grpc.StatusCode.FAILED_PRECONDITION, AUTH_NOT_ENABLED, not_applied=True)
         user = st.users.get(request.name)
-        stored = user.hashed_password if user is not None else _DUMMY_HASH
+        stored = user.hashed_password if user is not None else _dummy_hash()
         ok = await asyncio.get_running_loop().run_in_executor(None, verify_password, request.password, stored)
         if not ok or user is None:
             self.limiter.failed(request.name, addr)
