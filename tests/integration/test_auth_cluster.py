@@ -243,6 +243,34 @@ def test_bad_credentials_and_tokens_are_unauthenticated_and_change_nothing(clust
     all_members_answer(cluster)
 
 
+def test_every_kv_call_without_a_token_is_unauthenticated_and_every_one_is_checked(cluster):
+    leader = cluster.wait_for_leader(DEADLINE_S)
+    before = revision(cluster)
+    calls = {
+        "Range": kv_pb2.RangeRequest(key=b"app/x"),
+        "Put": kv_pb2.PutRequest(key=b"app/x", value=b"1"),
+        "DeleteRange": kv_pb2.DeleteRangeRequest(key=b"app/x"),
+        "Txn": kv_pb2.TxnRequest(success=[kv_pb2.RequestOp(request_put=kv_pb2.PutRequest(key=b"app/x"))]),
+        "Batch": kv_pb2.BatchRequest(ops=[kv_pb2.RequestOp(request_put=kv_pb2.PutRequest(key=b"app/x"))]),
+    }
+    channel, kv, auth = raw_stubs(cluster, leader)
+    with channel:
+        token = auth.Authenticate(auth_pb2.AuthenticateRequest(name="alice", password="alice-pw"), timeout=20).token
+        for name, req in calls.items():
+            with pytest.raises(grpc.RpcError) as info:
+                getattr(kv, name)(req, timeout=20)
+            assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED, name
+        session = kv.Session(iter([kv_pb2.SessionRequest(id=1, put=calls["Put"])]), timeout=20)
+        answer = next(iter(session)).answers[0]
+        assert answer.error.code == grpc.StatusCode.UNAUTHENTICATED.value[0] and answer.error.not_applied
+        with pytest.raises(grpc.RpcError) as info:  # outside alice's prefix, by a call the client never makes alone
+            kv.DeleteRange(kv_pb2.DeleteRangeRequest(key=b"app/", range_end=b"\0"), metadata=(("token", token),),
+                           timeout=20)
+        assert info.value.code() is grpc.StatusCode.PERMISSION_DENIED
+        assert "no write permission on every key from 'app/'" in info.value.details()
+    assert revision(cluster) == before
+
+
 def test_a_password_change_ends_every_token_issued_before_it_on_every_member(cluster):
     """Tokens carry the auth revision: after any auth change, older tokens are refused everywhere."""
     leader = cluster.wait_for_leader(DEADLINE_S)
