@@ -257,3 +257,19 @@ def test_bad_auth_changes_are_refused_naming_the_problem_and_change_nothing(sm):
         err = log(change(**req))
         assert isinstance(err, ApplyError) and why in err.message, (why, err)
     assert sm.auth.revision == before
+
+
+def test_a_refusal_of_a_session_write_is_its_answer_a_retry_gets_it_again(sm):
+    """Client writes carry a session (client id, seq): their refusal is recorded like any answer."""
+    log = Log(sm)
+    setup_app(log)
+    log(change(enable=auth_pb2.AuthEnableRequest(token_key=os.urandom(32))))
+    write = ops("alice", put(b"other/x"))
+    write.request_id.CopyFrom(kv_pb2.RequestId(client_id=7, seq=1, opens_session=True))
+    write.auth_revision = sm.auth.revision - 1  # checked before a change: checked again here
+    first = log(write)
+    assert isinstance(first, ApplyError) and first.code is ErrorCode.PERMISSION_DENIED
+    log(change("root", role_grant_permission=auth_pb2.RoleGrantPermissionRequest(
+        name="app", perm=perm(P.WRITE, b"other/x"))))
+    assert log(write) == first, "a retry is answered as the first attempt was, not applied now"
+    assert sm.get(b"other/x") is None
