@@ -21,8 +21,9 @@ from kvstore.v1 import auth_pb2_grpc, cluster_pb2_grpc, kv_pb2_grpc, maintenance
 from .auth_guard import AuthGuard, root_only
 from .auth_service import AuthService
 
+from .auto_compaction import AutoCompactor
 from .cluster_service import ClusterService
-from .config import ServerConfig, parse_args
+from .config import ServerConfig, parse_args, parse_duration
 from .corruption import CorruptionChecker
 from .kv_service import KVService
 from .limits import Limits
@@ -32,6 +33,7 @@ from .node import Node
 from .parent_death import die_with_parent
 from .peer_server import PeerServer
 from .tls import TLSConfigError, client_api_credentials, peer_tls
+from .watch_service import WatchService, add_watch_service
 
 log = logging.getLogger("kvstore.server")
 
@@ -77,6 +79,7 @@ async def serve(cfg: ServerConfig) -> None:
     cluster_pb2_grpc.add_ClusterServicer_to_server(root_only(ClusterService(node), guard), client_server)
     maintenance_pb2_grpc.add_MaintenanceServicer_to_server(root_only(MaintenanceService(node), guard), client_server)
     auth_pb2_grpc.add_AuthServicer_to_server(AuthService(node, guard, cfg.auth_token_ttl), client_server)
+    add_watch_service(WatchService(node, parse_duration(cfg.watch_progress_notify_interval), guard), client_server)
     try:
         if client_tls is None:
             bound = client_server.add_insecure_port(cfg.listen_client_addr)
@@ -101,6 +104,9 @@ async def serve(cfg: ServerConfig) -> None:
             await peer_server.stop()
             await cannot_listen(node, "metrics", cfg.listen_metrics_addr, e.strerror or str(e))
         log.info("member %d serving /metrics and /health on http://%s", cfg.id, cfg.listen_metrics_addr)
+    compactor = AutoCompactor(node, cfg.auto_compaction_mode, cfg.auto_compaction_retention,
+                              cfg.auto_compaction_interval)
+    compactor.start()
     checker = CorruptionChecker(node, cfg.corrupt_check_s)
     if cfg.corrupt_check_s > 0:
         checker.start()
@@ -125,6 +131,7 @@ async def serve(cfg: ServerConfig) -> None:
     log.info("member %d shutting down", cfg.id)
     await node.shutdown()
     await checker.stop()
+    await compactor.stop()
     await client_server.stop(grace=2.0)
     if http is not None:
         await http.stop()

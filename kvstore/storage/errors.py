@@ -21,12 +21,17 @@ class ErrorCode(enum.IntEnum):
     PERMISSION_DENIED = 7  # the command's user may not run one of its ops (auth_store.py)
     RESOURCE_EXHAUSTED = 8  # too many unacknowledged answers kept for one client
     FAILED_PRECONDITION = 9  # retry of a request whose answer was forgotten; an auth change that cannot apply
+    OUT_OF_RANGE = 11  # a revision already compacted, or not yet reached
     UNAUTHENTICATED = 16  # auth is enabled and the command carries no known user
 
 
 #: How every refusal of a request whose session the cluster no longer holds begins
 #: (FAILED_PRECONDITION); the client library types it as SessionExpired by it.
 SESSION_EXPIRED = "session expired"
+
+#: How every refusal of a write past the space quota begins (RESOURCE_EXHAUSTED; see quota.py);
+#: the client library types it as NoSpace and does not retry it.
+NO_SPACE = "database space exceeded"
 
 #: How Authenticate is refused (FAILED_PRECONDITION) while auth is disabled; the client then sends no token.
 AUTH_NOT_ENABLED = "auth is not enabled"

@@ -271,6 +271,29 @@ def test_every_kv_call_without_a_token_is_unauthenticated_and_every_one_is_check
     assert revision(cluster) == before
 
 
+def test_a_watch_needs_read_permission_on_what_it_covers_and_compaction_needs_root(cluster):
+    import asyncio
+
+    from kvstore.client import AsyncClient
+    from kvstore.client.watch import WatchCanceled
+
+    async def main() -> None:
+        async with AsyncClient(cluster.endpoints, tls=cluster.client_tls(), timeout=30, user="alice",
+                               password="alice-pw") as a:
+            events = a.watch("app/w", prefix=True)
+            first = asyncio.ensure_future(events.__anext__())
+            await asyncio.sleep(0.5)  # the watch is created before the put (no event to poll for yet)
+            await a.put("app/w1", "1")
+            ev = await asyncio.wait_for(first, 30)
+            assert ev.kv.key == b"app/w1"
+            with pytest.raises(WatchCanceled, match="permission denied: user 'alice' may not read"):
+                await asyncio.wait_for(a.watch("other/", prefix=True).__anext__(), 30)
+            with pytest.raises(PermissionDenied, match="Compact needs the root role"):
+                await a.compact(1)
+
+    asyncio.run(main())
+
+
 def test_a_password_change_ends_every_token_issued_before_it_on_every_member(cluster):
     """Tokens carry the auth revision: after any auth change, older tokens are refused everywhere."""
     leader = cluster.wait_for_leader(DEADLINE_S)
