@@ -1,0 +1,68 @@
+"""A member's disk stays near its data under a steady overwrite load of a fixed key set.
+
+LMDB writes every page it changes to a new place and reuses the old one once
+no reader can see it. The durable base is pinned by a read transaction (see
+durable_base.py), so a page freed after the base is reused only after the
+next checkpoint: between two checkpoints the file grows by every page written
+(about one 4 KiB page per random put, tens of MiB/s under load). The data
+stays the same size here, so any growth beyond the pages of one short
+checkpoint interval is waste.
+
+One real member with the default settings: the key set is written once, then
+overwritten at full speed for a while; then the disk the member's data
+directory takes (LMDB file, WAL, snapshots) must stay within 1.3x of the LMDB
+data (what a compacted copy holds) plus the WAL.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import pytest
+
+from kvstore.bench import LoadSpec, run_load
+from kvstore.client import AsyncClient
+from kvstore.launcher import LocalCluster
+from kvstore.storage.space import allocated_bytes, lmdb_space
+
+pytestmark = pytest.mark.timeout(300)
+
+KEYS = 40_000
+VALUE_BYTES = 1024  # three records a page: ~55 MiB of LMDB data
+OVERWRITE_S = 20.0
+BOUND = 1.3
+
+
+async def _fill(endpoint: str) -> None:
+    """Write every key once (the bench's key names), 256 puts in flight."""
+    value = os.urandom(VALUE_BYTES)
+    async with AsyncClient([endpoint], timeout=30.0) as kv:
+        for first in range(0, KEYS, 256):
+            await asyncio.gather(*(kv.put(b"k%08d" % i, value) for i in range(first, min(first + 256, KEYS))))
+
+
+def test_overwrites_of_a_fixed_key_set_do_not_grow_the_disk(tmp_path):
+    lc = LocalCluster.with_free_ports(str(tmp_path / "cluster"), nodes=1)
+    lc.start()
+    try:
+        lc.wait_for_leader(60)
+        t0 = time.monotonic()
+        asyncio.run(_fill(lc.client_addr(1)))
+        filled_s = time.monotonic() - t0
+        stats = run_load(LoadSpec(tuple(lc.endpoints), op="put", clients=64, secs=OVERWRITE_S, procs=1,
+                                  value_size=VALUE_BYTES, nkeys=KEYS, coalesce=True))
+        assert stats.ops > 10 * KEYS // 4, f"the load was too light to show anything: {stats}"
+        data_dir = lc.data_dir(1)
+        lmdb_dir = os.path.join(data_dir, "db", "current")
+        space = lmdb_space(lmdb_dir)
+        disk = allocated_bytes(data_dir)
+        wal = allocated_bytes(os.path.join(data_dir, "wal"))
+    finally:
+        lc.stop()
+    ratio = disk / (space.live + wal)
+    print(f"\nfilled {KEYS} keys in {filled_s:.1f} s, then {stats.ops} overwrites in {OVERWRITE_S:.0f} s "
+          f"({stats.rate:.0f}/s): LMDB data {space.live >> 20} MiB, file up to {space.high_water >> 20} MiB, "
+          f"{space.allocated >> 20} MiB on disk; WAL {wal >> 20} MiB; data dir {disk >> 20} MiB = "
+          f"{ratio:.2f}x (LMDB data + WAL)")
+    assert ratio <= BOUND, f"the data dir takes {ratio:.2f}x the LMDB data + WAL, more than {BOUND}x"
