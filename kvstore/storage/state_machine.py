@@ -471,16 +471,16 @@ class StateMachine:
         and a page written into a hole of it on a full disk kills the process
         (SIGBUS). Allocated ahead, a full disk is an OSError (ENOSPC) before
         anything is written, and the node stops with that message. The
-        reservation grows by a quarter of the size in use, within
+        reservation grows by an eighth of the size in use, within
         DISK_RESERVE_MIN and DISK_RESERVE_MAX (a large file is not allocated
-        a quarter ahead: that would be disk held for nothing), and always
+        an eighth ahead: that would be disk held for nothing), and always
         covers 16 bytes of file per byte of the batch: a put of a few hundred
         bytes dirties about one 4 KiB page.
         """
         used = (self._env.info()["last_pgno"] + 1) * self._psize
         if used + 16 * batch_bytes + DISK_RESERVE_MIN // 2 <= self._reserved:
             return
-        want = min(self._map_size, used + max(DISK_RESERVE_MIN, min(used // 4, DISK_RESERVE_MAX), 32 * batch_bytes))
+        want = min(self._map_size, used + max(DISK_RESERVE_MIN, min(used // 8, DISK_RESERVE_MAX), 32 * batch_bytes))
         with failing_as("fallocate", self.data_path):
             fd = os.open(self.data_path, os.O_RDWR)
             try:
