@@ -19,10 +19,10 @@ Follow a write from the client to the fsync and back:
    to the `ApplyPipeline` (apply_pipeline.py), applied at once on the loop
    when the backlog is small (up to 256 KiB, LMDB commits not fdatasynced),
    else on the apply thread without waiting for it, each apply taking
-   everything committed meanwhile. After each Ready, every
-   `--snapshot-count` entries a checkpoint starts in the background
-   (`_maybe_snapshot`): LMDB synced as the durable base, then the log
-   compacted behind it. Nothing waits for it.
+   everything committed meanwhile. After each Ready, 10 ms after the last
+   one ended, a checkpoint starts in the background (`_maybe_snapshot`):
+   LMDB synced as the durable base; every `--snapshot-count` entries the log
+   is then compacted behind it. Nothing waits for it.
 3. Once the apply transaction has computed the results (the entries are
    durable on a majority by then), each goes to its waiting client while
    LMDB commits, and `kv_service` answers (see `_submit_backlog`). Once it
