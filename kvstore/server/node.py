@@ -91,13 +91,13 @@ log = logging.getLogger("kvstore.node")
 # may be GiBs of log.
 CHECKPOINT_WAL_SEGMENTS = 4
 # Between those, the durable base alone moves on: a base sync (StateMachine.checkpoint, the log
-# untouched) starts this long after the last one ended, once anything was applied since. A page
+# untouched) starts --backend-batch-interval (100 ms) after the last one ended, once anything was
+# applied since. A page
 # rewritten after the base is reused only once the next base is saved (the base is pinned, see
 # durable_base.py), so the file grows by every page written in between: ~4 KiB per random put,
 # 100+ MiB/s under load. Syncing back to back keeps that to a fraction of a second of writes
 # (etcd's backend likewise commits and fsyncs every 100 ms); the syncs write nothing that the
 # page cache would not write anyway, since no page of that window is reused before it.
-BASE_SYNC_GAP_S = 0.1
 
 ROLE_NAMES = {
     StateRole.LEADER: "leader",
@@ -520,7 +520,7 @@ class Node:
         --snapshot-count entries, members spread over the interval: member k
         of n (in id order) at j * count + k * count / n, so no two compact at
         the same moment; or once the WAL holds a few segments. In between, a
-        base sync alone is due BASE_SYNC_GAP_S after the last one, when
+        base sync alone is due --backend-batch-interval after the last one, when
         anything was applied since: it bounds the pages pinned by the base.
         """
         if self._checkpointing is not None or self.cfg.snapshot_count <= 0:
@@ -553,7 +553,7 @@ class Node:
             synced_s = done - t0
             self.metrics.snapshot_save.observe(synced_s)
             self._base_index = max(self._base_index, index)
-            self._next_base_sync_at = done + BASE_SYNC_GAP_S
+            self._next_base_sync_at = done + self.cfg.backend_batch_interval_s
             if not compact and log.isEnabledFor(logging.DEBUG):
                 log.debug("durable base at index %d (LMDB synced in %.0f ms)", index, synced_s * 1000)
             if self._stopped or not compact:  # close() owns the log from now on (and syncs LMDB itself)

@@ -9,7 +9,7 @@ import time
 
 from kvstore.raft.types import Entry, HardState
 from kvstore.server.config import ServerConfig
-from kvstore.server.node import BASE_SYNC_GAP_S, CHECKPOINT_WAL_SEGMENTS, Node, next_checkpoint_at
+from kvstore.server.node import CHECKPOINT_WAL_SEGMENTS, Node, next_checkpoint_at
 from kvstore.storage import durable_base
 from kvstore.storage.raft_log import RaftLog
 from kvstore.storage.snapshot import SnapshotStore
@@ -84,7 +84,7 @@ def test_a_wal_over_its_size_bound_brings_a_checkpoint_and_goes(tmp_path):
 
 def test_between_snapshots_the_base_alone_moves_on_after_a_short_gap(tmp_path):
     """Pages rewritten after the durable base stay pinned until the next one: a base sync (the log
-    untouched) follows any applied entry BASE_SYNC_GAP_S after the last, whatever the entry count."""
+    untouched) follows any applied entry --backend-batch-interval after the last, whatever the entry count."""
     cfg = ServerConfig(id=1, peers={1: "127.0.0.1:1"}, data_dir=str(tmp_path), snapshot_count=1_000_000)
     node = Node(cfg)
     node.sm = StateMachine.open(os.path.join(tmp_path, "db"), 64 << 20, fsync=False)
@@ -109,7 +109,7 @@ def test_between_snapshots_the_base_alone_moves_on_after_a_short_gap(tmp_path):
         assert node._checkpointing is not None, "no base sync for entries applied since the base"
         await node._checkpointing
         assert node._base_index == 20 == saved_base()
-        assert time.monotonic() + BASE_SYNC_GAP_S / 2 < node._next_base_sync_at
+        assert time.monotonic() + 0.05 < node._next_base_sync_at  # the default: 100 ms
         node.sm.apply([(e.index, e.term, e.data) for e in entries[20:]])
         await node._maybe_snapshot()
         assert node._checkpointing is None, "a base sync before the gap since the last one ended"
