@@ -81,9 +81,9 @@ OPTIONS: list[Option] = [
     # snapshots and the log
     Option("--snapshot-count", int, 10000, "applied entries between snapshots"),
     Option("--snapshot-catchup-entries", int, 5000, "entries kept in the log after a snapshot, for slow followers"),
-    Option("--backend-batch-interval", str, "100ms",
-           "how long after the last checkpoint the next starts while writes are applied (the LMDB file "
-           "grows by the pages written in between; etcd's name)"),
+    Option("--backend-batch-interval", str, "10ms",
+           "pause between one checkpoint of LMDB (its durable base) and the next while writes are applied; "
+           "the file grows by the pages written from one to the next (etcd's name)"),
     Option("--wal-segment-bytes", int, 64 * MiB, "size of one WAL segment file"),
     Option("--state-machine-sync", str, "boot",
            "when LMDB commits are synced: 'boot' (left to the page cache; after an OS crash the state "
@@ -211,7 +211,7 @@ class ServerConfig:
     heartbeat_ticks: int = 1
     snapshot_count: int = 10000
     snapshot_catchup_entries: int = 5000
-    backend_batch_interval: str = "100ms"
+    backend_batch_interval: str = "10ms"
     wal_segment_bytes: int = 64 * MiB
     state_machine_sync: str = "boot"
     max_key_bytes: int = 511

@@ -13,8 +13,8 @@ overwritten at full speed, three times over on average. Then the LMDB file
 must stay within 2.5x of its data (what a compacted copy holds), and the disk
 the member's data directory takes (LMDB file, WAL, snapshots) within 1.5x of
 the LMDB data plus the WAL. Measured on a shared 2-core machine: 1.09-1.30x
-(the issue's goal is 1.3x); the code before the durable base moved every
-100 ms gave 2.4-3.8x (a file 6-9x its data).
+(the goal is 1.3x); the code before the durable base moved between
+snapshots gave 2.4-3.8x (a file 6-9x its data).
 """
 from __future__ import annotations
 

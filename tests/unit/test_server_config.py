@@ -58,7 +58,7 @@ def test_state_machine_sync_mode(capsys):
 
 
 def test_backend_batch_interval(capsys):
-    assert parse_args([]).backend_batch_interval_s == 0.1
+    assert parse_args([]).backend_batch_interval_s == 0.01
     assert parse_args(["--backend-batch-interval", "2s"]).backend_batch_interval_s == 2.0
     with pytest.raises(SystemExit):
         parse_args(["--backend-batch-interval", "soon"])
