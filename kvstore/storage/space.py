@@ -33,21 +33,22 @@ def lmdb_space(env_dir: str) -> LmdbSpace:
     try:
         psize = env.stat()["psize"]
         with env.begin() as txn:
-            pages = _tree_pages(txn.stat(env.open_db(None, txn=txn)))
+            pages = _tree_pages(txn, env.open_db(None, txn=txn))
             names = [key for key, _ in txn.cursor()]
             for name in names:
                 try:
                     db = env.open_db(name, txn=txn, create=False)
                 except lmdb.Error:  # a plain key of the main tree, not a named tree
                     continue
-                pages += _tree_pages(txn.stat(db))
+                pages += _tree_pages(txn, db)
         high_water = (env.info()["last_pgno"] + 1) * psize
     finally:
         env.close()
     return LmdbSpace(allocated, high_water, (pages + 2) * psize)
 
 
-def _tree_pages(stat: dict) -> int:
+def _tree_pages(txn: lmdb.Transaction, db: lmdb._Database) -> int:
+    stat = txn.stat(db)
     return stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]
 
 
