@@ -81,6 +81,9 @@ OPTIONS: list[Option] = [
     # snapshots and the log
     Option("--snapshot-count", int, 10000, "applied entries between snapshots"),
     Option("--snapshot-catchup-entries", int, 5000, "entries kept in the log after a snapshot, for slow followers"),
+    Option("--backend-batch-interval", str, "10ms",
+           "pause between one checkpoint of LMDB (its durable base) and the next while writes are applied; "
+           "the file grows by the pages written from one to the next (etcd's name)"),
     Option("--wal-segment-bytes", int, 64 * MiB, "size of one WAL segment file"),
     Option("--state-machine-sync", str, "boot",
            "when LMDB commits are synced: 'boot' (left to the page cache; after an OS crash the state "
@@ -212,6 +215,7 @@ class ServerConfig:
     heartbeat_ticks: int = 1
     snapshot_count: int = 10000
     snapshot_catchup_entries: int = 5000
+    backend_batch_interval: str = "10ms"
     wal_segment_bytes: int = 64 * MiB
     state_machine_sync: str = "boot"
     max_key_bytes: int = 511
@@ -250,6 +254,11 @@ class ServerConfig:
     def corrupt_check_s(self) -> float:
         """--corrupt-check-time in seconds (0: no periodic check)."""
         return parse_duration(self.corrupt_check_time)
+
+    @property
+    def backend_batch_interval_s(self) -> float:
+        """--backend-batch-interval in seconds."""
+        return parse_duration(self.backend_batch_interval)
 
     @property
     def member_ids(self) -> list[int]:
@@ -374,6 +383,10 @@ def make_config(values: dict[str, Any]) -> ServerConfig:
         parse_duration(cfg.watch_progress_notify_interval)
     except ValueError as e:
         raise ValueError(f"--watch-progress-notify-interval: {e}") from None
+    try:
+        parse_duration(cfg.backend_batch_interval)
+    except ValueError as e:
+        raise ValueError(f"--backend-batch-interval: {e}") from None
     if cfg.listen_metrics_addr and ":" not in cfg.listen_metrics_addr:
         raise ValueError(f"--listen-metrics-addr {cfg.listen_metrics_addr!r}: expected HOST:PORT")
     if cfg.state_machine_sync not in STATE_MACHINE_SYNC_MODES:

@@ -122,6 +122,7 @@ _GEN_PREFIX = "gen-"
 log = logging.getLogger("kvstore.storage")
 
 DISK_RESERVE_MIN = 256 << 10  # data file allocated ahead of use, with MDB_WRITEMAP (see _reserve_disk)
+DISK_RESERVE_MAX = 64 << 20  # ... and at most this much ahead, however large the file
 
 
 class SnapshotImageError(Exception):
@@ -480,15 +481,16 @@ class StateMachine:
         and a page written into a hole of it on a full disk kills the process
         (SIGBUS). Allocated ahead, a full disk is an OSError (ENOSPC) before
         anything is written, and the node stops with that message. The
-        reservation grows by a quarter of the size in use (at least
-        DISK_RESERVE_MIN; no more, so the file stays within 1.25x of what
-        is in use), and always covers 16 bytes of file per byte of the
-        batch: a put of a few hundred bytes dirties about one 4 KiB page.
+        reservation grows by an eighth of the size in use, within
+        DISK_RESERVE_MIN and DISK_RESERVE_MAX (a large file is not allocated
+        an eighth ahead: that would be disk held for nothing), and always
+        covers 16 bytes of file per byte of the batch: a put of a few hundred
+        bytes dirties about one 4 KiB page.
         """
         used = (self._env.info()["last_pgno"] + 1) * self._psize
         if used + 16 * batch_bytes + DISK_RESERVE_MIN // 2 <= self._reserved:
             return
-        want = min(self._map_size, used + max(DISK_RESERVE_MIN, used // 4, 32 * batch_bytes))
+        want = min(self._map_size, used + max(DISK_RESERVE_MIN, min(used // 8, DISK_RESERVE_MAX), 32 * batch_bytes))
         with failing_as("fallocate", self.data_path):
             fd = os.open(self.data_path, os.O_RDWR)
             try:
@@ -688,14 +690,21 @@ class StateMachine:
         """Make the newest commit the durable base (see durable_base.py); its (applied index, term).
 
         The WAL may then drop entries up to that index. The write lock is held
-        only to pin the base and read its meta pages (microseconds); the sync
-        runs while applies go on. Called from any thread, one at a time.
+        only to pin the base and read its meta pages (microseconds); the syncs
+        run while applies go on. Called from any thread, one at a time.
+
+        Every page freed after the old base stays unused until the new base
+        is saved, so the time from one pin to the next base saved is what the
+        file grows by. Hence two syncs: the first, before the pin, writes what
+        was dirtied since the last checkpoint; the second, after it, only what
+        was dirtied during the first.
         """
         with self._lifecycle:
             env = self._env
             if self._closed:
                 raise StateMachineClosed(f"the state machine in {self._root} is closed")
             gen_dir = os.path.realpath(os.path.join(self._root, _CURRENT))
+            self.sync()  # most of what is dirty goes now, before the pin: the pinned window stays short
             writer = env.begin(write=True)  # no commit between the pin and the meta pages read
             try:
                 pin = env.begin()
