@@ -69,6 +69,7 @@ from kvstore.v1 import command_pb2, kv_pb2
 from . import alarms as alarm_set
 from . import boot_guard as guard
 from . import durable_base, keys, validation
+from . import leases as lease_store
 from .durable_files import fsync_dir, fsync_file
 from .errors import ApplyError, ErrorCode, InvalidRequest
 from .hash_kv import HashMark, hash_kv
@@ -95,7 +96,7 @@ def _read_meta(txn: lmdb.Transaction[bytes], meta_db: lmdb._Database) -> tuple[i
     if raw is None:
         raise lmdb.CorruptedError(f"state machine metadata record {_META_KEY!r} is missing")
     return _META_HEAD.unpack_from(raw)
-_DB_NAMES = (b"kv", b"meta", b"sessions", b"answers", b"expiry")
+_DB_NAMES = (b"kv", b"meta", b"sessions", b"answers", b"expiry", *lease_store.DB_NAMES)
 _CURRENT = "current"
 _GEN_PREFIX = "gen-"
 
@@ -250,6 +251,9 @@ class StateMachine:
                 raw = _META.pack(0, 0, 0, *LogClock())
                 txn.put(_META_KEY, raw, db=dbs[b"meta"])
             self._alarms = alarm_set.decode(txn.get(_ALARMS_KEY, db=dbs[b"meta"]))
+            self._leases = lease_store.LeaseStore(*(dbs[n] for n in lease_store.DB_NAMES))
+            self._lease_ttls = self._leases.load(txn)
+            self._staged_leases: dict[int, int] | None = None  # set by an apply, visible once it commits
         self._env = env
         self._psize = env.stat()["psize"]
         self._reserved = 0  # bytes of the data file allocated ahead (see _reserve_disk)
@@ -285,6 +289,16 @@ class StateMachine:
         return self._fsync
 
     @property
+    def leases(self) -> dict[int, int]:
+        """Every lease as of the last committed apply: id -> granted TTL in seconds (do not modify)."""
+        return self._lease_ttls
+
+    def lease_keys(self, lease_id: int) -> list[bytes]:
+        """The keys attached to a lease, in key order."""
+        with self._env.begin() as txn:
+            return self._leases.keys_of(txn, lease_id)
+
+    @property
     def alarms(self) -> frozenset[tuple[int, str]]:
         """The active alarms: (member_id, alarm name) pairs (see alarms.py)."""
         return self._alarms
@@ -318,12 +332,13 @@ class StateMachine:
             self._reserve_disk(sum(len(e[2]) for e in entries))
         results: list[command_pb2.CommandResult | ApplyError | None] = []
         applied_index, applied_term = self._applied_index, self._applied_term
-        ex = _Executor(self._kv, self._revision)
+        ex = _Executor(self._kv, self._revision, self._leases)
         clock = self._clock
         parse = command_pb2.Command.FromString
         # kv: the default db (positional calls are cheaper); a failed write or commit names the file
         with failing_as("LMDB commit", self.data_path), self._env.begin(write=True, db=self._kv) as txn:
             ex.txn = txn
+            ex.leased_keys = self._leases.any_attached(txn)
             sessions = self._sessions.batch(txn)
             for index, term, data in entries:
                 if index <= applied_index:
@@ -348,7 +363,7 @@ class StateMachine:
                 if self.testing_log_time_from_absolute_stamps:
                     clock = LogClock(max(clock.log_time_ms, cmd.leader_clock_ms), term, cmd.leader_clock_ms)
                 if not cmd.ops:  # internal: a hash barrier or an alarm change (clients' commands have ops)
-                    results.append(self._apply_internal(txn, cmd, index, ex.revision))
+                    results.append(self._apply_internal(txn, cmd, index, ex))
                     if origins is not None:
                         origins.append((cmd.proposal_id, (0, 0)))
                     continue
@@ -366,10 +381,13 @@ class StateMachine:
         self._revision, self._clock = ex.revision, clock
         if self._staged_alarms is not None:
             self._alarms, self._staged_alarms = self._staged_alarms, None
+        if self._staged_leases is not None:
+            self._lease_ttls, self._staged_leases = self._staged_leases, None
         return results
 
-    def _apply_internal(self, txn, cmd: command_pb2.Command, index: int, revision: int):
-        """A command without client ops: hash here (a barrier) or change the alarm list."""
+    def _apply_internal(self, txn, cmd: command_pb2.Command, index: int, ex: _Executor):
+        """A command without client ops: hash here (a barrier), change the alarm list, grant or revoke a lease."""
+        revision = ex.revision
         if cmd.hash_barrier:
             mark = HashMark(index, revision, hash_kv(txn))  # txn sees this batch's earlier entries
             self._hashes[index] = mark
@@ -382,7 +400,31 @@ class StateMachine:
             self._staged_alarms = alarm_set.change(current, a.member_id, a.alarm, a.activate)
             txn.put(_ALARMS_KEY, alarm_set.encode(self._staged_alarms), db=self._meta)
             return self._staged_alarms
+        if cmd.HasField("lease"):
+            return self._apply_lease(txn, cmd.lease, ex)
         return PlainPuts(0, revision)  # nothing to do (an empty command)
+
+    def _apply_lease(self, txn, change: command_pb2.LeaseChange, ex: _Executor):
+        """Grant a lease, or revoke one: its keys deleted by one txn of deletes (one revision)."""
+        staged = dict(self._lease_ttls if self._staged_leases is None else self._staged_leases)
+        if change.WhichOneof("change") == "grant":
+            g = change.grant
+            if not self._leases.grant(txn, g.id, g.ttl):
+                return ApplyError(ErrorCode.FAILED_PRECONDITION, lease_store.LEASE_EXISTS)
+            staged[g.id] = g.ttl
+        else:
+            lease_id = change.revoke
+            if not self._leases.exists(txn, lease_id):
+                return ApplyError(ErrorCode.NOT_FOUND, lease_store.LEASE_NOT_FOUND)
+            doomed = self._leases.keys_of(txn, lease_id)
+            if doomed:
+                deletes = kv_pb2.TxnRequest(success=[
+                    kv_pb2.RequestOp(request_delete_range=kv_pb2.DeleteRangeRequest(key=k)) for k in doomed])
+                ex.run_internal_op(kv_pb2.RequestOp(request_txn=deletes))
+            self._leases.drop(txn, lease_id)
+            staged.pop(lease_id, None)
+        self._staged_leases = staged
+        return command_pb2.CommandResult(revision=ex.revision)
 
     def _reserve_disk(self, batch_bytes: int) -> None:
         """Allocate disk for the pages a batch may write, before it writes them.
@@ -433,7 +475,7 @@ class StateMachine:
         validation.check_range(req)
         with self._env.begin(db=self._kv) as txn:
             revision = _read_meta(txn, self._meta)[2]
-            return _range(txn, req, revision, kv_pb2.RangeResponse())
+            return _range(txn, req, revision, kv_pb2.RangeResponse(), self._lease_filler(txn))
 
     def range_many(
         self,
@@ -456,6 +498,7 @@ class StateMachine:
         results: list[kv_pb2.RangeResponse | InvalidRequest] = []
         with self._env.begin(db=self._kv) as txn:  # kv: the default db, as _range needs
             revision = _read_meta(txn, self._meta)[2]
+            leases = self._lease_filler(txn)
             if header is not None:
                 header = kv_pb2.ResponseHeader(
                     cluster_id=header.cluster_id, member_id=header.member_id,
@@ -469,17 +512,25 @@ class StateMachine:
                         results.append(e)
                         continue
                 resp = kv_pb2.RangeResponse() if out is None else out[i]
-                _range(txn, req, revision, resp)
+                _range(txn, req, revision, resp, leases)
                 if header is not None:
                     resp.header.CopyFrom(header)
                 results.append(resp)
         return results
 
+    def _lease_filler(self, txn) -> lease_store.LeaseStore | None:
+        """What fills KeyValue.lease in a range: None while no key has a lease (nothing to look up)."""
+        return self._leases if self._leases.any_attached(txn) else None
+
     def get(self, key: bytes) -> kv_pb2.KeyValue | None:
         """The current record of one key, or None (convenience for tests/tools)."""
         with self._env.begin() as txn:
             raw = txn.get(key, db=self._kv)
-            return None if raw is None else keys.to_key_value(key, raw)
+            if raw is None:
+                return None
+            kv = keys.to_key_value(key, raw)
+            kv.lease = self._leases.lease_of(txn, key)
+            return kv
 
     def dump(self) -> dict[bytes, tuple[int, int, int, bytes]]:
         """Every key -> (create_revision, mod_revision, version, value); for tests."""
@@ -808,8 +859,18 @@ def _remove_stale_generations(root: str) -> None:
         fsync_dir(root)
 
 
-def _range(txn, req: kv_pb2.RangeRequest, revision: int, resp: kv_pb2.RangeResponse) -> kv_pb2.RangeResponse:
-    """Fill resp (in place, so callers can hand in a slot of a larger message).
+def _range(txn, req: kv_pb2.RangeRequest, revision: int, resp: kv_pb2.RangeResponse,
+           leases: lease_store.LeaseStore | None = None) -> kv_pb2.RangeResponse:
+    """Fill resp (in place, so callers can hand in a slot of a larger message); with `leases`,
+    each KeyValue's lease too."""
+    _range_records(txn, req, revision, resp)
+    if leases is not None and not req.count_only:
+        leases.fill(txn, resp.kvs)
+    return resp
+
+
+def _range_records(txn, req: kv_pb2.RangeRequest, revision: int, resp: kv_pb2.RangeResponse) -> None:
+    """The key records of a range, into resp.
 
     txn's default db must be kv: py-lmdb parses keyword arguments slowly,
     so get and cursor are called without db=.
@@ -853,15 +914,17 @@ def _run_checked(ex: _Executor, cmd: command_pb2.Command):
     try:
         return ex.run_command(cmd)
     except InvalidRequest as e:
-        return ApplyError(ErrorCode.INVALID_ARGUMENT, str(e))
+        return ApplyError(e.code, str(e))
 
 
 class _Executor:
     """Runs the ops of commands inside one write transaction, tracking revision."""
 
-    def __init__(self, kv_db, revision: int):
+    def __init__(self, kv_db, revision: int, leases: lease_store.LeaseStore):
         self.txn: lmdb.Transaction[bytes]  # the write transaction of the batch being applied, set by apply
         self._kv = kv_db
+        self._leases = leases
+        self.leased_keys = False  # some key has a lease: puts and deletes keep the lease tables (set by apply)
         self.revision = revision
         self._txn_rev = 0  # revision shared by the writes of the txn being run
         self._txn_wrote = False
@@ -891,7 +954,8 @@ class _Executor:
         undo: list | None = []  # (key, old record) of each put run; None once the command is known valid
         max_key = keys.MAX_KEY_BYTES
         for op in cmd.ops:
-            if op.WhichOneof("request") == "request_put":
+            # Puts with no lease to keep track of run inline; the rest as any other op.
+            if op.WhichOneof("request") == "request_put" and not (self.leased_keys or op.request_put.lease):
                 req = op.request_put
                 key = req.key
                 if undo is not None and not (key and len(key) <= max_key and not req.lease):
@@ -919,8 +983,9 @@ class _Executor:
             if undo is not None:
                 try:
                     validation.check_command(cmd)
-                except InvalidRequest:
-                    self._refuse(cmd, undo, first)
+                    self._leases.check_puts(self.txn, cmd.ops)
+                except InvalidRequest as e:
+                    self._refuse(cmd, undo, first, e)
                 undo = None
             if responses is None:
                 result, responses = self._built(first, plain)
@@ -932,7 +997,8 @@ class _Executor:
         result.revision = self.revision
         return result
 
-    def _refuse(self, cmd: command_pb2.Command, undo: list, first: int) -> NoReturn:
+    def _refuse(self, cmd: command_pb2.Command, undo: list, first: int,
+                error: InvalidRequest | None = None) -> NoReturn:
         """Undo the puts an invalid command ran (newest first) and raise what is wrong with it."""
         txn = self.txn
         for key, old in reversed(undo):
@@ -941,6 +1007,8 @@ class _Executor:
             else:
                 txn.put(key, old)
         self.revision = first - 1
+        if error is not None:
+            raise error
         validation.check_command(cmd)  # raises, naming the problem
         raise InvalidRequest("invalid command")  # not reached: the same rules found it invalid
 
@@ -952,6 +1020,12 @@ class _Executor:
         for rev in range(first, first + plain):
             responses.add().response_put.header.revision = rev
         return result, responses
+
+    def run_internal_op(self, op: kv_pb2.RequestOp) -> kv_pb2.ResponseOp:
+        """Run an op the cluster itself issues (a lease revoke's deletes) through the ordinary path."""
+        out = kv_pb2.ResponseOp()
+        self._run_op(op, out)
+        return out
 
     def _write_revision(self) -> int:
         if self._txn_rev:
@@ -971,7 +1045,7 @@ class _Executor:
             out.response_delete_range.header.revision = self.revision
         elif kind == "request_range":
             rev = self._txn_rev or self.revision
-            _range(self.txn, op.request_range, rev, out.response_range)
+            _range(self.txn, op.request_range, rev, out.response_range, self._leases if self.leased_keys else None)
         else:
             self._txn(op.request_txn, out.response_txn)
 
@@ -986,7 +1060,12 @@ class _Executor:
             version += 1
             if req.prev_kv:
                 resp.prev_kv.CopyFrom(keys.to_key_value(key, old))
+                if self.leased_keys:
+                    resp.prev_kv.lease = self._leases.lease_of(txn, key)
         txn.put(key, keys.encode_record(create, rev, version, req.value), db=self._kv)
+        if req.lease or self.leased_keys:
+            self._leases.attach(txn, key, req.lease)
+            self.leased_keys = self.leased_keys or bool(req.lease)
 
     def _delete(self, req: kv_pb2.DeleteRangeRequest, resp: kv_pb2.DeleteRangeResponse) -> None:
         txn, key = self.txn, req.key
@@ -1010,7 +1089,12 @@ class _Executor:
         for k, raw in doomed:
             txn.delete(k, db=self._kv)
             if req.prev_kv:
-                resp.prev_kvs.append(keys.to_key_value(k, raw))
+                prev = keys.to_key_value(k, raw)
+                if self.leased_keys:
+                    prev.lease = self._leases.lease_of(txn, k)
+                resp.prev_kvs.append(prev)
+            if self.leased_keys:
+                self._leases.detach(txn, k)
         resp.deleted = len(doomed)
 
     def _txn(self, req: kv_pb2.TxnRequest, resp: kv_pb2.TxnResponse) -> None:
