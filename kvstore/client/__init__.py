@@ -10,11 +10,14 @@ from kvstore.client.errors import (
     DeadlineExceeded,
     InvalidArgument,
     KvstoreError,
+    LeaseLost,
     NoEndpointAnswered,
     NoLeader,
+    NotFound,
     NotLeader,
     Unavailable,
 )
+from kvstore.client.lease import LeaseGrant, LeaseTimeToLive
 from kvstore.client.retry import ExponentialBackoff, FixedInterval, NoRetry, RetryPolicy
 from kvstore.client.sync_client import Client
 from kvstore.client.tls import TLS
@@ -50,6 +53,10 @@ __all__ = [
     "NoEndpointAnswered",
     "DeadlineExceeded",
     "InvalidArgument",
+    "NotFound",
+    "LeaseLost",
+    "LeaseGrant",
+    "LeaseTimeToLive",
     "KeyValue",
     "PutResult",
     "GetResult",

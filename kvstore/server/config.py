@@ -127,6 +127,9 @@ OPTIONS: list[Option] = [
            "jump expires every session)"),
     Option("--testing-peer-skip-client-verify", bool, False,
            "TESTING ONLY, UNSAFE: the peer API accepts TLS connections without checking the peer's certificate"),
+    Option("--testing-lease-deadlines-from-apply", bool, False,
+           "TESTING ONLY, UNSAFE: every member starts a lease's clock when it applies it and a new leader "
+           "keeps those clocks, forgetting the keep-alives its predecessor took (leases expire early)"),
     Option("--testing-corrupt-state", bool, False,
            "TESTING ONLY, UNSAFE: at start, write a key no log entry made, so this member's state diverges"),
 ]
@@ -219,6 +222,7 @@ class ServerConfig:
     testing_wall_clock_sessions: bool = False
     testing_peer_skip_client_verify: bool = False
     testing_corrupt_state: bool = False
+    testing_lease_deadlines_from_apply: bool = False
 
     @property
     def corrupt_check_s(self) -> float:

@@ -15,12 +15,14 @@ import sys
 import grpc
 
 from kvstore.storage.data_dir_lock import DataDirInUse, lock_data_dir
-from kvstore.v1 import cluster_pb2_grpc, kv_pb2_grpc, maintenance_pb2_grpc
+from kvstore.v1 import cluster_pb2_grpc, kv_pb2_grpc, lease_pb2_grpc, maintenance_pb2_grpc
 
 from .cluster_service import ClusterService
 from .config import ServerConfig, parse_args
 from .corruption import CorruptionChecker
 from .kv_service import KVService
+from .lease_service import LeaseService
+from .lessor import min_lease_ttl
 from .limits import Limits
 from .logs import log_term_from, setup_logging
 from .maintenance_service import MaintenanceService
@@ -70,6 +72,8 @@ async def serve(cfg: ServerConfig) -> None:
     kv_pb2_grpc.add_KVServicer_to_server(KVService(node, Limits.from_config(cfg)), client_server)
     cluster_pb2_grpc.add_ClusterServicer_to_server(ClusterService(node), client_server)
     maintenance_pb2_grpc.add_MaintenanceServicer_to_server(MaintenanceService(node), client_server)
+    lease_pb2_grpc.add_LeaseServicer_to_server(
+        LeaseService(node, node.lessor, min_lease_ttl(cfg.tick_ms, cfg.election_ticks)), client_server)
     try:
         if client_tls is None:
             bound = client_server.add_insecure_port(cfg.listen_client_addr)

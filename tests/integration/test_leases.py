@@ -1,0 +1,159 @@
+"""Leases on real node processes: the API, expiry by the leader, keep-alive, and failover.
+
+Timing rules checked here (times on this test's monotonic clock):
+  * never before TTL: a key is never read as gone before (send time of the
+    last answered keep-alive) + TTL;
+  * within TTL + election timeout: once keep-alives stop, it is gone by
+    (answer time of the last keep-alive) + TTL + election timeout;
+  * failover: a new leader starts every lease's clock afresh, so killing the
+    leader right after a keep-alive does not expire the lease early. The
+    same check on a cluster run with --testing-lease-deadlines-from-apply
+    (each member starts a lease's clock when it applies the grant, and a new
+    leader keeps that clock) does see the lease expire early.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from kvstore.client import Client, ExponentialBackoff, LeaseLost, NotFound
+from kvstore.launcher import LocalCluster
+
+from server_cluster import settled
+
+pytestmark = pytest.mark.timeout(240)
+
+ELECTION_S = 1.0  # the default --tick-ms 100 x --election-ticks 10
+MIN_TTL = 2  # 1.5 election timeouts, rounded up
+
+
+def client(lc: LocalCluster) -> Client:
+    return Client(lc.endpoints, timeout=20, retry=ExponentialBackoff(base=0.02, cap=0.2, deadline=20))
+
+
+def keep_alive_for(c: Client, lease_id: int, seconds: float, every: float) -> tuple[float, float]:
+    """Keep the lease alive for `seconds`; (send time, answer time) of the last answered keep-alive."""
+    end = time.monotonic() + seconds
+    last = (0.0, 0.0)
+    while True:
+        sent = time.monotonic()
+        assert c.lease_keep_alive_once(lease_id) > 0
+        last = (sent, time.monotonic())
+        if last[1] >= end:
+            return last
+        time.sleep(every)
+
+
+def watch_until_gone(c: Client, key: str, limit_s: float) -> tuple[float, float]:
+    """Read `key` (linearizable) until it is gone: (send time of the last read that saw it, answer time of
+    the first that did not)."""
+    deadline = time.monotonic() + limit_s
+    seen = time.monotonic()
+    while time.monotonic() < deadline:
+        sent = time.monotonic()
+        present = c.get(key).kv is not None
+        if not present:
+            return seen, time.monotonic()
+        seen = sent
+        time.sleep(0.02)
+    raise AssertionError(f"{key} still present {limit_s:.0f}s later")
+
+
+def test_grant_attach_time_to_live_list_revoke(cluster):
+    settled(cluster)
+    with client(cluster) as c:
+        g = c.lease_grant(30)
+        assert g.ttl == 30 and g.id > 0
+        assert c.lease_grant(1).ttl == MIN_TTL  # raised to the minimum
+        c.put("api/a", "1", lease=g.id)
+        c.put("api/b", "2", lease=g.id)
+        c.put("api/c", "3")
+        assert c.get("api/a").kv.lease == g.id and c.get("api/c").kv.lease == 0
+        ttl = c.lease_time_to_live(g.id, keys=True)
+        assert ttl.granted_ttl == 30 and 25 <= ttl.ttl <= 30 and ttl.keys == [b"api/a", b"api/b"]
+        assert g.id in c.leases()
+        assert c.lease_keep_alive_once(g.id) == 30
+        c.lease_revoke(g.id)
+        assert c.get("api/a").kv is None and c.get("api/b").kv is None and c.get("api/c").kv is not None
+        assert c.lease_time_to_live(g.id).ttl == -1
+        assert c.lease_keep_alive_once(g.id) == 0
+        assert g.id not in c.leases()
+        with pytest.raises(NotFound, match="lease not found"):
+            c.put("api/d", "4", lease=g.id)
+        with pytest.raises(NotFound, match="lease not found"):
+            c.lease_revoke(g.id)
+        assert c.get("api/d").kv is None
+
+
+def test_key_vanishes_after_keep_alives_stop_never_before_ttl(cluster):
+    settled(cluster)
+    with client(cluster) as c:
+        ttl = 3
+        g = c.lease_grant(ttl)
+        c.put("exp/k", "v", lease=g.id)
+        sent, answered = keep_alive_for(c, g.id, 2 * ttl, every=0.5)  # outlives its first TTL
+        seen, gone = watch_until_gone(c, "exp/k", ttl + 30)
+        print(f"lease ttl {ttl}s: gone {gone - sent:.2f}s after the last keep-alive was sent")
+        assert gone >= sent + ttl, f"gone {sent + ttl - gone:.2f}s before its TTL ran out"
+        assert gone <= answered + ttl + ELECTION_S, f"gone {gone - answered - ttl:.2f}s after its TTL"
+        assert c.lease_time_to_live(g.id).ttl == -1
+
+
+def test_context_manager_keeps_alive_reports_loss_and_revokes(cluster):
+    settled(cluster)
+    with client(cluster) as c:
+        with c.lease(ttl=MIN_TTL) as lease:
+            c.put("cm/k", "v", lease=lease.id)
+            time.sleep(3 * MIN_TTL)  # kept alive in the background meanwhile
+            assert lease.alive and c.get("cm/k").kv is not None
+            lease.check()
+        assert c.get("cm/k").kv is None  # revoked on exit
+        assert not lease.lost.is_set()  # a close is not a loss
+
+        lost = []
+        with c.lease(ttl=3) as lease:
+            lease.on_lost(lost.append)
+            c.lease_revoke(lease.id)  # gone under its holder's feet
+            assert lease.lost.wait(10), "the loss was not reported"
+            assert not lease.alive and lost == [lease._lease]
+            with pytest.raises(LeaseLost, match="no such lease"):
+                lease.check()
+
+
+def failover_times(lc: LocalCluster, ttl: int) -> tuple[float, float, float]:
+    """Grant a lease, keep it alive past its TTL, kill the leader right after a keep-alive and stop.
+    (send time of that keep-alive, answer time of the first read that found the key gone, kill time)."""
+    leader = settled(lc)
+    with client(lc) as c:
+        g = c.lease_grant(ttl)
+        c.put("fo/k", "v", lease=g.id)
+        sent, _answered = keep_alive_for(c, g.id, ttl + 2, every=0.5)
+        lc.kill(leader)
+        killed = time.monotonic()
+        _seen, gone = watch_until_gone(c, "fo/k", ttl + 60)
+    lc.start_node(leader)
+    return sent, gone, killed
+
+
+def test_failover_does_not_expire_a_lease_early(cluster):
+    ttl = 4
+    sent, gone, killed = failover_times(cluster, ttl)
+    print(f"failover, lease ttl {ttl}s: gone {gone - sent:.2f}s after the last keep-alive was sent")
+    assert gone >= sent + ttl, f"gone {sent + ttl - gone:.2f}s before its TTL ran out"
+    # the new leader grants a full TTL from its election: gone within TTL + a few election timeouts
+    assert gone <= killed + ttl + 10 * ELECTION_S
+
+
+def test_failover_check_catches_clocks_started_at_apply(tmp_path):
+    """The teeth of the test above: members whose lease clocks start at apply expire it early."""
+    lc = LocalCluster.with_free_ports(str(tmp_path / "c"), extra_args=["--testing-lease-deadlines-from-apply"])
+    lc.start()
+    try:
+        lc.wait_for_leader(60)
+        ttl = 4
+        sent, gone, _killed = failover_times(lc, ttl)
+        print(f"clocks from apply, lease ttl {ttl}s: gone {gone - sent:.2f}s after the last keep-alive was sent")
+        assert gone < sent + ttl, "the broken lessor was not caught"
+    finally:
+        lc.stop()
