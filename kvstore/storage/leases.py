@@ -70,18 +70,18 @@ class LeaseStore:
 
     # ---- leases
 
-    def load(self, txn: lmdb.Transaction) -> dict[int, int]:
+    def load(self, txn: lmdb.Transaction[bytes]) -> dict[int, int]:
         """Every lease: id -> granted TTL (seconds)."""
         return {_ID.unpack(k)[0]: _ID.unpack(v)[0] for k, v in txn.cursor(db=self._leases)}
 
-    def exists(self, txn: lmdb.Transaction, lease_id: int) -> bool:
+    def exists(self, txn: lmdb.Transaction[bytes], lease_id: int) -> bool:
         return txn.get(_ID.pack(lease_id), db=self._leases) is not None
 
-    def grant(self, txn: lmdb.Transaction, lease_id: int, ttl: int) -> bool:
+    def grant(self, txn: lmdb.Transaction[bytes], lease_id: int, ttl: int) -> bool:
         """Create the lease; False if one with that id exists already."""
         return txn.put(_ID.pack(lease_id), _ID.pack(ttl), overwrite=False, db=self._leases)
 
-    def keys_of(self, txn: lmdb.Transaction, lease_id: int) -> list[bytes]:
+    def keys_of(self, txn: lmdb.Transaction[bytes], lease_id: int) -> list[bytes]:
         """The keys attached to the lease, in key order."""
         prefix = _ID.pack(lease_id)
         cur = txn.cursor(db=self._lease_keys)
@@ -93,21 +93,21 @@ class LeaseStore:
                 out.append(k[len(prefix):])
         return out
 
-    def drop(self, txn: lmdb.Transaction, lease_id: int) -> None:
+    def drop(self, txn: lmdb.Transaction[bytes], lease_id: int) -> None:
         """Remove the lease record (its keys must have been deleted, which detached them)."""
         txn.delete(_ID.pack(lease_id), db=self._leases)
 
     # ---- keys
 
-    def any_attached(self, txn: lmdb.Transaction) -> bool:
+    def any_attached(self, txn: lmdb.Transaction[bytes]) -> bool:
         """Whether any key has a lease (if not, puts and deletes need no lease bookkeeping)."""
         return txn.stat(self._key_leases)["entries"] > 0
 
-    def lease_of(self, txn: lmdb.Transaction, key: bytes) -> int:
+    def lease_of(self, txn: lmdb.Transaction[bytes], key: bytes) -> int:
         raw = txn.get(key, db=self._key_leases)
         return 0 if raw is None else _ID.unpack(raw)[0]
 
-    def attach(self, txn: lmdb.Transaction, key: bytes, lease_id: int) -> None:
+    def attach(self, txn: lmdb.Transaction[bytes], key: bytes, lease_id: int) -> None:
         """Make lease_id the key's lease (0: none), detaching it from any other."""
         old = txn.get(key, db=self._key_leases)
         if old is not None:
@@ -122,10 +122,10 @@ class LeaseStore:
             txn.put(key, packed, db=self._key_leases)
             txn.put(packed + key, b"", db=self._lease_keys)
 
-    def detach(self, txn: lmdb.Transaction, key: bytes) -> None:
+    def detach(self, txn: lmdb.Transaction[bytes], key: bytes) -> None:
         self.attach(txn, key, 0)
 
-    def check_puts(self, txn: lmdb.Transaction, ops: Iterable[kv_pb2.RequestOp]) -> None:
+    def check_puts(self, txn: lmdb.Transaction[bytes], ops: Iterable[kv_pb2.RequestOp]) -> None:
         """Raise LeaseNotFound if a put among ops (either branch of a txn too) names a missing lease."""
         for op in ops:
             kind = op.WhichOneof("request")
@@ -137,7 +137,7 @@ class LeaseStore:
                 self.check_puts(txn, op.request_txn.success)
                 self.check_puts(txn, op.request_txn.failure)
 
-    def fill(self, txn: lmdb.Transaction, kvs: Iterable[kv_pb2.KeyValue]) -> None:
+    def fill(self, txn: lmdb.Transaction[bytes], kvs: Iterable[kv_pb2.KeyValue]) -> None:
         """Set KeyValue.lease of each kv from the key's lease."""
         get, db = txn.get, self._key_leases
         for kv in kvs:

@@ -475,7 +475,7 @@ class StateMachine:
         validation.check_range(req)
         with self._env.begin(db=self._kv) as txn:
             revision = _read_meta(txn, self._meta)[2]
-            return _range(txn, req, revision, kv_pb2.RangeResponse(), self._lease_filler(txn))
+            return _range_leased(txn, req, revision, kv_pb2.RangeResponse(), self._lease_filler(txn))
 
     def range_many(
         self,
@@ -512,7 +512,7 @@ class StateMachine:
                         results.append(e)
                         continue
                 resp = kv_pb2.RangeResponse() if out is None else out[i]
-                _range(txn, req, revision, resp, leases)
+                _range_leased(txn, req, revision, resp, leases)
                 if header is not None:
                     resp.header.CopyFrom(header)
                 results.append(resp)
@@ -859,18 +859,17 @@ def _remove_stale_generations(root: str) -> None:
         fsync_dir(root)
 
 
-def _range(txn, req: kv_pb2.RangeRequest, revision: int, resp: kv_pb2.RangeResponse,
-           leases: lease_store.LeaseStore | None = None) -> kv_pb2.RangeResponse:
-    """Fill resp (in place, so callers can hand in a slot of a larger message); with `leases`,
-    each KeyValue's lease too."""
-    _range_records(txn, req, revision, resp)
+def _range_leased(txn, req: kv_pb2.RangeRequest, revision: int, resp: kv_pb2.RangeResponse,
+                  leases: lease_store.LeaseStore | None) -> kv_pb2.RangeResponse:
+    """_range, and with `leases` (some key has a lease) each KeyValue's lease too."""
+    _range(txn, req, revision, resp)
     if leases is not None and not req.count_only:
         leases.fill(txn, resp.kvs)
     return resp
 
 
-def _range_records(txn, req: kv_pb2.RangeRequest, revision: int, resp: kv_pb2.RangeResponse) -> None:
-    """The key records of a range, into resp.
+def _range(txn, req: kv_pb2.RangeRequest, revision: int, resp: kv_pb2.RangeResponse) -> kv_pb2.RangeResponse:
+    """Fill resp (in place, so callers can hand in a slot of a larger message).
 
     txn's default db must be kv: py-lmdb parses keyword arguments slowly,
     so get and cursor are called without db=.
@@ -1045,7 +1044,8 @@ class _Executor:
             out.response_delete_range.header.revision = self.revision
         elif kind == "request_range":
             rev = self._txn_rev or self.revision
-            _range(self.txn, op.request_range, rev, out.response_range, self._leases if self.leased_keys else None)
+            _range_leased(self.txn, op.request_range, rev, out.response_range,
+                          self._leases if self.leased_keys else None)
         else:
             self._txn(op.request_txn, out.response_txn)
 

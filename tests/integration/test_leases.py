@@ -157,3 +157,36 @@ def test_failover_check_catches_clocks_started_at_apply(tmp_path):
         assert gone < sent + ttl, "the broken lessor was not caught"
     finally:
         lc.stop()
+
+
+def test_cli(cluster):
+    import re
+
+    from click.testing import CliRunner
+
+    from kvstore.cli import main
+
+    settled(cluster)
+    endpoints = ",".join(cluster.endpoints)
+
+    def run(*args: str, code: int = 0) -> str:
+        r = CliRunner().invoke(main, ["--endpoints", endpoints, "--timeout", "20", *args])
+        assert r.exit_code == code, r.output
+        return r.output
+
+    out = run("lease", "grant", "60")
+    m = re.fullmatch(r"lease ([0-9a-f]{16}) granted with TTL\(60s\)\n", out)
+    assert m, out
+    lid = m.group(1)
+    run("put", "cli/a", "1", "--lease", lid)
+    assert re.fullmatch(rf"lease {lid} granted with TTL\(60s\), remaining\(\d+s\), attached keys\(\[cli/a\]\)\n",
+                        run("lease", "timetolive", lid, "--keys"))
+    assert run("lease", "keep-alive", "--once", lid) == f"lease {lid} keepalived with TTL(60)\n"
+    assert lid in run("lease", "list").split()
+    assert run("lease", "revoke", lid) == f"lease {lid} revoked\n"
+    assert run("get", "cli/a", code=1).strip().endswith("not found")
+    assert run("lease", "timetolive", lid) == f"lease {lid} already expired\n"
+    assert "lease not found" in run("put", "cli/b", "2", "--lease", lid, code=1)
+    assert f"lease {lid} expired or revoked" in run("lease", "keep-alive", lid, code=1)
+    assert "not a lease id" in run("lease", "revoke", "xyz", code=2)
+    assert "not a lease id" in run("put", "cli/b", "2", "--lease", "-5", code=1)
