@@ -114,6 +114,16 @@ class ClientStore(Store):
             *(put(k, v) for k, v in new.items()))
         return (await self.client.txn(txn)).succeeded
 
+    async def grant(self, ttl: int) -> tuple[int, int]:
+        granted = await self.client.lease_grant(ttl)
+        return granted.id, granted.ttl
+
+    async def put_leased(self, key: str, value: str, lease: int) -> None:
+        await self.client.put(key, value, lease=lease)
+
+    async def keep_alive(self, lease: int) -> int:
+        return int((await self.client.lease_keep_alive_once(lease)).TTL)
+
     def outcome_of(self, error: BaseException, mutation: bool) -> str:
         return outcome_of(error, mutation)
 
@@ -497,6 +507,8 @@ async def _run_async(config: RunConfig, mode: str, run_dir: Path, procs: NodePro
         recorder.close()
 
     check_started = time.monotonic()
+    workload.observe_run(election_s=config.tick_ms * config.election_ticks / 1000,
+                         leader_changes=[entry["time"] for entry in watch.timeline])
     verdict = workload.check(recorder.events)
     timings["check"] = time.monotonic() - check_started
     timings["total"] = time.monotonic() - started
@@ -600,6 +612,7 @@ def summarize(config: RunConfig, mode: str, recorder: Recorder, watch: LeaderWat
     return {
         "workload": config.workload, "nemesis": config.nemesis, "nodes": config.nodes,
         "time": config.time, "network": mode, "seed": config.seed,
+        "election_s": config.tick_ms * config.election_ticks / 1000,
         "server_args": config.server_args,
         "valid": verdict.valid, "verdict": verdict.summary,
         "ops": {"total": sum(outcomes.values()), **outcomes},

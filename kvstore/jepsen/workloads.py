@@ -100,6 +100,10 @@ class Workload:
     def check(self, events: Sequence[Event]) -> Verdict:
         raise NotImplementedError
 
+    def observe_run(self, *, election_s: float, leader_changes: list[int]) -> None:
+        """What the runner saw besides the history, before check(): the election timeout and the
+        times (history clock) each new leader was first seen. Only the lease checker needs them."""
+
 
 # ---------------------------------------------------------------- register
 
@@ -342,15 +346,21 @@ WORKLOADS: dict[str, type[Workload]] = {
 
 
 def make_workload(name: str, seed: int | None = None) -> Workload:
+    if name == "lease":
+        from kvstore.jepsen.lease_workload import LeaseWorkload
+
+        return LeaseWorkload(seed)
     try:
         return WORKLOADS[name](seed)
     except KeyError:
-        raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}") from None
+        raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}, lease") from None
 
 
 def workload_of(operations: Sequence[Operation]) -> str:
     """Which workload recorded a history, from the functions it uses."""
     functions = {op.f for op in operations}
+    if "grant" in functions:
+        return "lease"
     if "add" in functions:
         return "set"
     if "transfer" in functions:
