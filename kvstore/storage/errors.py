@@ -20,6 +20,7 @@ class ErrorCode(enum.IntEnum):
     INVALID_ARGUMENT = 3  # malformed command or op; names the limit broken
     RESOURCE_EXHAUSTED = 8  # too many unacknowledged answers kept for one client
     FAILED_PRECONDITION = 9  # retry of a request whose answer was forgotten
+    OUT_OF_RANGE = 11  # a revision already compacted, or not yet reached
 
 
 #: How every refusal of a request whose session the cluster no longer holds begins

@@ -27,6 +27,12 @@ gets its own mod_revision. Every response header carries the revision after
 its op; all responses inside a txn carry the txn's final revision.
 CommandResult.revision is the revision after the whole command.
 
+History (MVCC). Every write is also recorded as an event in the history and
+key_revs sub-databases (layout and compaction in history.py), in the same
+transaction: reads at an older revision, and watches, are served from there
+until a replicated compaction (Command.compaction) discards it. The removal
+runs in bounded steps, one per applied batch (or compact_pending when idle).
+
 Durability. By default each apply transaction is committed with LMDB's
 sync=True, metasync=False: one fdatasync of the data pages per batch, the meta
 page flushed by the next commit. LMDB then guarantees integrity across a power
@@ -68,7 +74,7 @@ from kvstore.v1 import command_pb2, kv_pb2
 
 from . import alarms as alarm_set
 from . import boot_guard as guard
-from . import durable_base, keys, validation
+from . import durable_base, history, keys, validation
 from .durable_files import fsync_dir, fsync_file
 from .errors import ApplyError, ErrorCode, InvalidRequest
 from .hash_kv import HashMark, hash_kv
@@ -81,6 +87,9 @@ from .txn import compare_holds
 __all__ = ["StateMachine", "ApplyError", "ErrorCode", "SnapshotImageError", "StateMachineClosed"]
 
 _META_KEY = b"state"
+_HIST_KEY = history.REV.pack
+_KEY_LEN = struct.Struct(">H").pack
+_PUT_EVENT = bytes([history.PUT])
 _ALARMS_KEY = b"alarms"
 HASHES_KEPT = 64  # hash barriers remembered, newest first out (a check asks within seconds)
 _META = struct.Struct(">QQqQQQ")  # applied_index, applied_term, revision, then the LogClock
@@ -95,7 +104,10 @@ def _read_meta(txn: lmdb.Transaction[bytes], meta_db: lmdb._Database) -> tuple[i
     if raw is None:
         raise lmdb.CorruptedError(f"state machine metadata record {_META_KEY!r} is missing")
     return _META_HEAD.unpack_from(raw)
-_DB_NAMES = (b"kv", b"meta", b"sessions", b"answers", b"expiry")
+_DB_NAMES = (b"kv", b"meta", b"sessions", b"answers", b"expiry", b"history", b"key_revs")
+_DUPSORT_DBS = frozenset({b"key_revs"})  # key -> the sorted (revision, sub) values of its writes
+_COMPACT_KEY = b"compact"  # compacted-to revision, then where its removal resumes (absent: done)
+_COMPACT = struct.Struct(">q")
 _CURRENT = "current"
 _GEN_PREFIX = "gen-"
 
@@ -244,17 +256,28 @@ class StateMachine:
     def _open_current(self) -> None:
         env = _open_env(os.path.join(self._root, _CURRENT), self._map_size, self._fsync)
         with env.begin(write=True) as txn:
-            dbs = {name: env.open_db(name, txn=txn) for name in _DB_NAMES}
+            dbs = {
+                name: env.open_db(name, txn=txn, dupsort=name in _DUPSORT_DBS, dupfixed=name in _DUPSORT_DBS)
+                for name in _DB_NAMES
+            }
             raw = txn.get(_META_KEY, db=dbs[b"meta"])
             if raw is None:
                 raw = _META.pack(0, 0, 0, *LogClock())
                 txn.put(_META_KEY, raw, db=dbs[b"meta"])
+            compact = txn.get(_COMPACT_KEY, db=dbs[b"meta"])
+            if compact is None:  # a store from before MVCC: its history starts here
+                compact = _COMPACT.pack(_META_HEAD.unpack_from(raw)[2])
+                txn.put(_COMPACT_KEY, compact, db=dbs[b"meta"])
             self._alarms = alarm_set.decode(txn.get(_ALARMS_KEY, db=dbs[b"meta"]))
         self._env = env
         self._psize = env.stat()["psize"]
         self._reserved = 0  # bytes of the data file allocated ahead (see _reserve_disk)
         self._kv = dbs[b"kv"]
         self._meta = dbs[b"meta"]
+        self._hist = dbs[b"history"]
+        self._key_revs = dbs[b"key_revs"]
+        self._compact_rev = _COMPACT.unpack_from(compact)[0]
+        self._compact_resume: bytes | None = compact[_COMPACT.size:] or None
         self._sessions = SessionTable(
             dbs[b"sessions"], dbs[b"answers"], dbs[b"expiry"],
             ttl_ms=self._ttl_ms, max_pending=self._max_pending, max_sessions=self._max_sessions,
@@ -318,12 +341,12 @@ class StateMachine:
             self._reserve_disk(sum(len(e[2]) for e in entries))
         results: list[command_pb2.CommandResult | ApplyError | None] = []
         applied_index, applied_term = self._applied_index, self._applied_term
-        ex = _Executor(self._kv, self._revision)
+        ex = _Executor(self._kv, self._hist, self._key_revs, self._revision)
         clock = self._clock
         parse = command_pb2.Command.FromString
         # kv: the default db (positional calls are cheaper); a failed write or commit names the file
         with failing_as("LMDB commit", self.data_path), self._env.begin(write=True, db=self._kv) as txn:
-            ex.txn = txn
+            ex.begin(txn)
             sessions = self._sessions.batch(txn)
             for index, term, data in entries:
                 if index <= applied_index:
@@ -357,6 +380,7 @@ class StateMachine:
                 if origins is not None:
                     origins.append((cmd.proposal_id, (rid.client_id, rid.seq)))
             sessions.flush()
+            self._compact_some(txn)
             if applied_index != self._applied_index:
                 txn.put(_META_KEY, _META.pack(applied_index, applied_term, ex.revision, *clock), db=self._meta)
             if before_commit is not None:
@@ -371,11 +395,14 @@ class StateMachine:
     def _apply_internal(self, txn, cmd: command_pb2.Command, index: int, revision: int):
         """A command without client ops: hash here (a barrier) or change the alarm list."""
         if cmd.hash_barrier:
-            mark = HashMark(index, revision, hash_kv(txn))  # txn sees this batch's earlier entries
+            # txn sees this batch's earlier entries
+            mark = HashMark(index, revision, hash_kv(txn, self._hist, _HIST_KEY(self._compact_rev, 0)))
             self._hashes[index] = mark
             while len(self._hashes) > HASHES_KEPT:
                 del self._hashes[min(self._hashes)]
             return mark
+        if cmd.HasField("compaction"):
+            return self._compact(txn, cmd.compaction.revision, revision)
         if cmd.HasField("alarm"):
             a = cmd.alarm
             current = self._alarms if self._staged_alarms is None else self._staged_alarms
@@ -383,6 +410,46 @@ class StateMachine:
             txn.put(_ALARMS_KEY, alarm_set.encode(self._staged_alarms), db=self._meta)
             return self._staged_alarms
         return PlainPuts(0, revision)  # nothing to do (an empty command)
+
+    def _compact(self, txn, to: int, revision: int):
+        """Apply a compaction to `to`: refused below the last one or past `revision` (etcd's rules)."""
+        if to <= self._compact_rev:
+            return ApplyError(ErrorCode.OUT_OF_RANGE, f"{history.COMPACTED} (asked for {to}, "
+                                                      f"compacted to {self._compact_rev})")
+        if to > revision:
+            return ApplyError(ErrorCode.OUT_OF_RANGE, f"{history.FUTURE} (asked for {to}, current is {revision})")
+        self._compact_rev, self._compact_resume = to, _HIST_KEY(0, 0)  # every kept event is rechecked
+        self._save_compaction(txn)
+        return PlainPuts(0, revision)
+
+    def _compact_some(self, txn) -> None:
+        """One bounded step of the pending compaction's removal (see history.py), in this batch."""
+        if self._compact_resume is None:
+            return
+        self._compact_resume = history.compact_step(
+            txn, self._hist, self._key_revs, self._compact_rev, self._compact_resume, history.COMPACT_STEP_EVENTS,
+        )
+        self._save_compaction(txn)
+
+    def _save_compaction(self, txn) -> None:
+        txn.put(_COMPACT_KEY, _COMPACT.pack(self._compact_rev) + (self._compact_resume or b""), db=self._meta)
+
+    @property
+    def compact_revision(self) -> int:
+        """Reads below this revision are refused (etcd's compacted revision)."""
+        return self._compact_rev
+
+    @property
+    def compacting(self) -> bool:
+        """Whether a compaction's removal still has history to walk (compact_pending drives it)."""
+        return self._compact_resume is not None
+
+    def compact_pending(self) -> None:
+        """Run one step of a pending compaction's removal with no entry to apply (an idle member)."""
+        if self._compact_resume is None:
+            return
+        with failing_as("LMDB commit", self.data_path), self._env.begin(write=True) as txn:
+            self._compact_some(txn)
 
     def _reserve_disk(self, batch_bytes: int) -> None:
         """Allocate disk for the pages a batch may write, before it writes them.
@@ -429,11 +496,62 @@ class StateMachine:
     # ---- reads -------------------------------------------------------------
 
     def range(self, req: kv_pb2.RangeRequest) -> kv_pb2.RangeResponse:
-        """A local (serializable) read; raises InvalidRequest for a bad request."""
+        """A local (serializable) read; raises InvalidRequest for a bad request,
+        history.RevisionError for a revision compacted or not reached."""
         validation.check_range(req)
         with self._env.begin(db=self._kv) as txn:
             revision = _read_meta(txn, self._meta)[2]
+            if req.revision and req.revision != revision:
+                return self._range_at(txn, req, revision, kv_pb2.RangeResponse())
             return _range(txn, req, revision, kv_pb2.RangeResponse())
+
+    def _range_at(self, txn, req: kv_pb2.RangeRequest, revision: int, resp: kv_pb2.RangeResponse):
+        """A read of the store as it was at req.revision, from the history (see history.py)."""
+        raw = txn.get(_COMPACT_KEY, db=self._meta)
+        history.check_revision(req.revision, _COMPACT.unpack_from(raw)[0], revision)
+        resp.header.revision = revision
+        at = req.revision
+        if not req.range_end:
+            record = history.record_at(txn, self._hist, self._key_revs, req.key, at)
+            found = [] if record is None else [(req.key, record)]
+        else:
+            end = keys.range_end_bound(req.key, req.range_end)
+            if end is not None and end <= req.key:
+                return resp
+            found = history.records_at(txn, self._hist, self._key_revs, req.key, end, at)
+        count = 0
+        for k, record in found:
+            count += 1
+            if not req.count_only and (not req.limit or count <= req.limit):
+                keys.add_key_value(resp.kvs, k, record, req.keys_only)
+        resp.count = count
+        if not req.count_only:
+            resp.more = count > len(resp.kvs)
+        return resp
+
+    def events(self, start: int, max_events: int, prev_kv: bool = False) -> tuple[list, int]:
+        """Up to max_events history events from revision `start` on, whole revisions only
+        (one revision's writes are never split), and the store's revision they were read at.
+
+        Each item is (Event, prev record or None; None also when prev_kv is false).
+        Raises history.RevisionError if `start` is below the compacted revision.
+        """
+        out: list = []
+        with self._env.begin() as txn:
+            revision = _read_meta(txn, self._meta)[2]
+            compacted = _COMPACT.unpack_from(txn.get(_COMPACT_KEY, db=self._meta))[0]
+            if start < compacted:
+                raise history.RevisionError(f"{history.COMPACTED} (asked for {start}, compacted to {compacted})")
+            last = 0
+            for ev in history.events_from(txn, self._hist, start, revision + 1):
+                if len(out) >= max_events and ev.revision != last:
+                    break
+                last = ev.revision
+                prev = None
+                if prev_kv:
+                    prev = history.prev_record(txn, self._hist, self._key_revs, ev.key, ev.revision, ev.sub)
+                out.append((ev, prev))
+        return out, revision
 
     def range_many(
         self,
@@ -442,7 +560,7 @@ class StateMachine:
         *,
         header: kv_pb2.ResponseHeader | None = None,
         validated: bool = False,
-    ) -> list[kv_pb2.RangeResponse | InvalidRequest]:
+    ) -> list[kv_pb2.RangeResponse | InvalidRequest | history.RevisionError]:
         """Serve many local reads from ONE read transaction (one snapshot, one meta read).
 
         A Batch's reads cost one LMDB transaction instead of one each. Each
@@ -451,9 +569,10 @@ class StateMachine:
         RangeResponse. `header`, if given, is copied into every answer with the
         revision of the snapshot read. validated=True skips the checks the
         caller has already made; otherwise a bad request yields its
-        InvalidRequest in its place and the others are still served.
+        InvalidRequest in its place and the others are still served. A read at
+        a revision compacted or not reached yields its history.RevisionError.
         """
-        results: list[kv_pb2.RangeResponse | InvalidRequest] = []
+        results: list[kv_pb2.RangeResponse | InvalidRequest | history.RevisionError] = []
         with self._env.begin(db=self._kv) as txn:  # kv: the default db, as _range needs
             revision = _read_meta(txn, self._meta)[2]
             if header is not None:
@@ -469,7 +588,14 @@ class StateMachine:
                         results.append(e)
                         continue
                 resp = kv_pb2.RangeResponse() if out is None else out[i]
-                _range(txn, req, revision, resp)
+                if req.revision and req.revision != revision:
+                    try:
+                        self._range_at(txn, req, revision, resp)
+                    except history.RevisionError as e:
+                        results.append(e)
+                        continue
+                else:
+                    _range(txn, req, revision, resp)
                 if header is not None:
                     resp.header.CopyFrom(header)
                 results.append(resp)
@@ -859,14 +985,35 @@ def _run_checked(ex: _Executor, cmd: command_pb2.Command):
 class _Executor:
     """Runs the ops of commands inside one write transaction, tracking revision."""
 
-    def __init__(self, kv_db, revision: int):
+    def __init__(self, kv_db, hist_db, key_revs_db, revision: int):
         self.txn: lmdb.Transaction[bytes]  # the write transaction of the batch being applied, set by apply
         self._kv = kv_db
+        self._hist_db = hist_db
+        self._key_revs_db = key_revs_db
         self.revision = revision
+        self._sub_rev = 0  # the revision whose writes self._sub numbers
+        self._sub = 0
         self._txn_rev = 0  # revision shared by the writes of the txn being run
         self._txn_wrote = False
         # After run_command: the result is only plain put responses (see sessions.encode_answer).
         self.puts_only = False
+
+    def begin(self, txn: lmdb.Transaction) -> None:
+        """Run the commands of this batch in `txn` (its default db is kv)."""
+        self.txn = txn
+        # Cursors are cheaper than db= keyword calls; history only ever grows at its end.
+        self._hist = txn.cursor(db=self._hist_db)
+        self._key_revs = txn.cursor(db=self._key_revs_db)
+
+    def _record_event(self, key: bytes, rev: int, event: bytes) -> None:
+        """Add one write at `rev` to the history (its sub number follows the writes of that revision)."""
+        if rev == self._sub_rev:
+            self._sub += 1
+        else:
+            self._sub_rev, self._sub = rev, 0
+        hkey = _HIST_KEY(rev, self._sub)
+        self._hist.put(hkey, event, True, True, True)  # append: keys only grow
+        self._key_revs.put(key, hkey)
 
     def run_command(self, cmd: command_pb2.Command) -> command_pb2.CommandResult | PlainPuts:
         """Run a command's ops, each answer built in place in the result.
@@ -884,6 +1031,7 @@ class _Executor:
         InvalidRequest after the puts it ran are undone.
         """
         get, put, pack, unpack = self.txn.get, self.txn.put, _RECORD_HEADER.pack, _RECORD_HEADER.unpack_from
+        hput, kput, hkey_of, klen = self._hist.put, self._key_revs.put, _HIST_KEY, _KEY_LEN
         first = self.revision + 1
         plain = 0  # leading plain puts whose responses are not built
         result = responses = None
@@ -901,10 +1049,14 @@ class _Executor:
                 if undo is not None:
                     undo.append((key, old))
                 if old is None:
-                    put(key, pack(rev, rev, 1) + req.value)
+                    record = pack(rev, rev, 1) + req.value
                 else:
                     create, _, version = unpack(old)
-                    put(key, pack(create, rev, version + 1) + req.value)
+                    record = pack(create, rev, version + 1) + req.value
+                put(key, record)
+                hkey = hkey_of(rev, 0)  # a put of its own: the only write at its revision
+                hput(hkey, _PUT_EVENT + klen(len(key)) + key + record, True, True, True)
+                kput(key, hkey)
                 if responses is None:
                     if not req.prev_kv:
                         plain += 1
@@ -935,11 +1087,16 @@ class _Executor:
     def _refuse(self, cmd: command_pb2.Command, undo: list, first: int) -> NoReturn:
         """Undo the puts an invalid command ran (newest first) and raise what is wrong with it."""
         txn = self.txn
-        for key, old in reversed(undo):
+        rev = self.revision
+        for key, old in reversed(undo):  # each undone put had its own revision, newest last
             if old is None:
                 txn.delete(key)
             else:
                 txn.put(key, old)
+            hkey = _HIST_KEY(rev, 0)
+            txn.delete(hkey, db=self._hist_db)
+            txn.delete(key, hkey, db=self._key_revs_db)
+            rev -= 1
         self.revision = first - 1
         validation.check_command(cmd)  # raises, naming the problem
         raise InvalidRequest("invalid command")  # not reached: the same rules found it invalid
@@ -986,7 +1143,9 @@ class _Executor:
             version += 1
             if req.prev_kv:
                 resp.prev_kv.CopyFrom(keys.to_key_value(key, old))
-        txn.put(key, keys.encode_record(create, rev, version, req.value), db=self._kv)
+        record = keys.encode_record(create, rev, version, req.value)
+        txn.put(key, record, db=self._kv)
+        self._record_event(key, rev, history.encode_put(key, record))
 
     def _delete(self, req: kv_pb2.DeleteRangeRequest, resp: kv_pb2.DeleteRangeResponse) -> None:
         txn, key = self.txn, req.key
@@ -1006,9 +1165,10 @@ class _Executor:
                         doomed.append((k, raw))
         if not doomed:
             return
-        self._write_revision()
+        rev = self._write_revision()
         for k, raw in doomed:
             txn.delete(k, db=self._kv)
+            self._record_event(k, rev, history.encode_delete(k, rev))
             if req.prev_kv:
                 resp.prev_kvs.append(keys.to_key_value(k, raw))
         resp.deleted = len(doomed)
