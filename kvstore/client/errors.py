@@ -152,6 +152,20 @@ class ResourceExhausted(KvstoreError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class OutOfRange(KvstoreError):
+    """A revision outside the history: compacted away, or not reached yet."""
+
+    code = grpc.StatusCode.OUT_OF_RANGE
+
+
+class Compacted(OutOfRange):
+    """The revision asked for has been compacted (etcd's ErrCompacted)."""
+
+
+class FutureRevision(OutOfRange):
+    """The revision asked for is beyond the store's current one (etcd's ErrFutureRev)."""
+
+
 class Cancelled(KvstoreError):
     code = grpc.StatusCode.CANCELLED
 
@@ -190,6 +204,9 @@ def from_status(code: grpc.StatusCode, message: str, endpoint: str | None = None
         return DeadlineExceeded(1, {endpoint or "?": message}, timeout=0.0)
     if code is grpc.StatusCode.FAILED_PRECONDITION and message.startswith(SESSION_EXPIRED):
         return SessionExpired(message, endpoint=endpoint)
+    if code is grpc.StatusCode.OUT_OF_RANGE:
+        return (Compacted if "compacted" in message else FutureRevision if "future" in message
+                else OutOfRange)(message, endpoint=endpoint)
     cls = _BY_CODE.get(code)
     if cls is None:
         return InternalError(f"{code.name}: {message}", code=code, endpoint=endpoint)
