@@ -548,7 +548,7 @@ class AsyncClient:
                             addr = eps.next_untried(addr, tried)
                             if addr not in tried:
                                 continue
-                    elif not policy.is_retryable(code):
+                    elif not policy.is_retryable(code) or errors.is_final(code, details):
                         err = errors.from_status(code, details, addr)
                         if isinstance(err, errors.SessionExpired):
                             err.maybe_applied = maybe_applied  # this attempt was refused, an earlier one may not be

@@ -127,6 +127,9 @@ OPTIONS: list[Option] = [
     Option("--auto-compaction-interval", str, "5m",
            "how often 'revision' mode compacts (etcd's fixed 5m); 'periodic' compacts every tenth of its "
            "retention, at most hourly"),
+    Option("--quota-backend-bytes", int, 0,
+           "space the store may use (0: 2 GiB, as etcd; at most 8 GiB); past it, writes that add data are "
+           "refused and the NOSPACE alarm is raised until deletes and compaction free space"),
     Option("--watch-progress-notify-interval", str, "10m",
            "how often an idle watch that asked for progress notifications is told the revision reached"),
     # test-only modes that deliberately break guarantees (the Jepsen harness's teeth tests)
@@ -223,6 +226,7 @@ class ServerConfig:
     auto_compaction_retention: str = "0"
     auto_compaction_interval: str = "5m"
     watch_progress_notify_interval: str = "10m"
+    quota_backend_bytes: int = 0
     testing_unsafe_local_reads: bool = False
     cert_file: str = ""
     key_file: str = ""
@@ -357,6 +361,9 @@ def make_config(values: dict[str, Any]) -> ServerConfig:
     from .auto_compaction import check_auto_compaction
 
     check_auto_compaction(cfg.auto_compaction_mode, cfg.auto_compaction_retention, cfg.auto_compaction_interval)
+    if not 0 <= cfg.quota_backend_bytes <= 8 << 30:
+        raise ValueError(f"--quota-backend-bytes must be between 0 (the 2 GiB default) and {8 << 30} "
+                         f"(the store's map size), not {cfg.quota_backend_bytes}")
     try:
         parse_duration(cfg.watch_progress_notify_interval)
     except ValueError as e:

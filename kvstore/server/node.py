@@ -77,6 +77,7 @@ from .logs import event
 from .metrics import SLOW_APPLY_S, NodeMetrics
 from .proposals import Proposals
 from .read_index import ReadIndex
+from .space_quota import SpaceQuota
 from .watch_hub import WatchHub
 from .redirect import no_leader, not_leader
 from .supervisor import SupervisedReader, fatal, guarded, on_fatal, watch
@@ -171,6 +172,7 @@ class Node:
         self.peer_received_bytes: dict[int, int] = {}  # counted by the peer server
         self.wal_append_since = 0.0  # time.monotonic() when the WAL append under way began; 0: none
         self.watch_hub = WatchHub()  # fed after every applied batch (watch_hub.py)
+        self.space_quota = SpaceQuota(self, cfg.quota_backend_bytes)
 
     # ------------------------------------------------------------------ start / stop
 
@@ -205,6 +207,7 @@ class Node:
             await self._in_storage(self.sm.testing_corrupt)
         await self._reconcile_storage()
         self.watch_hub.attach(self.sm, self._sm_readable)
+        self.space_quota.measure(force=True)
         snap = self.log.snapshot()
         self.snapshot_index = snap.metadata.index
         raft_cfg = Config(
@@ -295,6 +298,8 @@ class Node:
                 self.read_index.check_timeouts()
                 if self.sm.compacting and self._applying is None and self._sm_readable.is_set():
                     self.sm.compact_pending()  # no writes to carry the compaction's steps
+                if self._sm_readable.is_set():
+                    self.space_quota.tick()
             except Exception as e:
                 fatal("the tick loop", e)
             self._wake.set()
@@ -563,6 +568,7 @@ class Node:
         applied = self.sm.applied_index
         self.read_index.on_applied(applied)
         self.watch_hub.notify()
+        self.space_quota.measure()
         while self._lmdb_waiters and self._lmdb_waiters[0][0] <= applied:
             _index, _tiebreak, fut = heapq.heappop(self._lmdb_waiters)
             if not fut.done():
@@ -731,6 +737,7 @@ class Node:
     async def propose(self, ops, request_id: kv_pb2.RequestId | None, timeout: float):
         """Propose mutations; return the state machine's CommandResult (or its ApplyError)."""
         self.check_leader()
+        self.space_quota.check(ops)
         pid = self.proposals.next_id()
         # CLOCK_MONOTONIC, never the wall clock: it drives session expiry (log_clock.py).
         stamp = time.time_ns() if self.cfg.testing_wall_clock_sessions else time.monotonic_ns()

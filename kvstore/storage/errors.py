@@ -27,6 +27,10 @@ class ErrorCode(enum.IntEnum):
 #: (FAILED_PRECONDITION); the client library types it as SessionExpired by it.
 SESSION_EXPIRED = "session expired"
 
+#: How every refusal of a write past the space quota begins (RESOURCE_EXHAUSTED; see quota.py);
+#: the client library types it as NoSpace and does not retry it.
+NO_SPACE = "database space exceeded"
+
 
 @dataclass(frozen=True, slots=True)
 class ApplyError:

@@ -74,7 +74,7 @@ from kvstore.v1 import command_pb2, kv_pb2
 
 from . import alarms as alarm_set
 from . import boot_guard as guard
-from . import durable_base, history, keys, validation
+from . import durable_base, history, keys, quota, validation
 from .durable_files import fsync_dir, fsync_file
 from .errors import ApplyError, ErrorCode, InvalidRequest
 from .hash_kv import HashMark, hash_kv
@@ -269,6 +269,8 @@ class StateMachine:
                 compact = _COMPACT.pack(_META_HEAD.unpack_from(raw)[2])
                 txn.put(_COMPACT_KEY, compact, db=dbs[b"meta"])
             self._alarms = alarm_set.decode(txn.get(_ALARMS_KEY, db=dbs[b"meta"]))
+        self._nospace = alarm_set.has(self._alarms, alarm_set.NOSPACE)
+        self._dbs = tuple(dbs.values())
         self._env = env
         self._psize = env.stat()["psize"]
         self._reserved = 0  # bytes of the data file allocated ahead (see _reserve_disk)
@@ -408,6 +410,7 @@ class StateMachine:
             current = self._alarms if self._staged_alarms is None else self._staged_alarms
             self._staged_alarms = alarm_set.change(current, a.member_id, a.alarm, a.activate)
             txn.put(_ALARMS_KEY, alarm_set.encode(self._staged_alarms), db=self._meta)
+            self._nospace = alarm_set.has(self._staged_alarms, alarm_set.NOSPACE)
             return self._staged_alarms
         return PlainPuts(0, revision)  # nothing to do (an empty command)
 
@@ -481,6 +484,9 @@ class StateMachine:
             validation.check_request_id(rid)
         except InvalidRequest as e:
             return ApplyError(ErrorCode.INVALID_ARGUMENT, str(e))
+        if self._nospace and quota.command_adds_data(cmd):  # the same verdict on every member
+            return ApplyError(ErrorCode.RESOURCE_EXHAUSTED, f"{quota.NO_SPACE} (NOSPACE alarm raised); "
+                                                            "delete keys and compact the history to free space")
         if not rid.client_id:
             return _run_checked(ex, cmd)
         verdict, answer = sessions.check(rid, now_ms)
@@ -634,6 +640,11 @@ class StateMachine:
         """TESTING ONLY: write a record no log entry made, so this member silently diverges."""
         with self._env.begin(write=True) as txn:
             txn.put(key, keys.encode_record(1, 1, 1, b"diverged"), db=self._kv)
+
+    def used_bytes(self) -> int:
+        """Bytes of the pages holding data (what the quota counts; see quota.py)."""
+        with self._env.begin() as txn:
+            return quota.used_bytes(self._env, txn, self._dbs)
 
     def db_size(self) -> int:
         """Bytes of the LMDB file in use (high-water mark of its pages)."""
