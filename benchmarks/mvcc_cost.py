@@ -24,10 +24,10 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from metrics_overhead import TreeCluster, cluster_cpu_s  # noqa: E402
+from metrics_overhead import TreeCluster, cluster_cpu_s
 
-from kvstore.bench import LoadSpec, run_load  # noqa: E402
-from kvstore.launcher import LocalCluster  # noqa: E402
+from kvstore.bench import LoadSpec, run_load
+from kvstore.launcher import LocalCluster
 
 
 def main() -> None:
