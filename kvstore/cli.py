@@ -350,27 +350,63 @@ def put(ctx, key: str, value: str, prev_kv: bool, lease_id: str) -> None:
 @click.argument("key")
 @click.option("--serializable", is_flag=True, help="read locally from any member (may be stale)")
 @click.option("--prefix", is_flag=True, help="every key starting with KEY")
+@click.option("--rev", default=0, help="as of this revision (0: the latest)")
 @write_out_option
 @click.pass_context
 @client_errors
-def get(ctx, key: str, serializable: bool, prefix: bool, write_out: str) -> None:
+def get(ctx, key: str, serializable: bool, prefix: bool, rev: int, write_out: str) -> None:
     """Print the value of KEY (exit 1 if missing; -w json prints a document with count 0 instead)."""
     with make_client(ctx) as c:
         if prefix:
-            rr = c.range(key, prefix=True, serializable=serializable)
+            rr = c.range(key, prefix=True, serializable=serializable, revision=rev)
             if write_out == "json":
                 click.echo(wo.dumps(wo.kvs_doc(rr.revision, rr.kvs, count=rr.count, more=rr.more)))
                 return
             for kv in rr:
                 console.print(f"{show(kv.key)}\t{show(kv.value)}", highlight=False)
             return
-        r = c.get(key, serializable=serializable)
+        r = c.get(key, serializable=serializable, revision=rev)
     if write_out == "json":
         click.echo(wo.dumps(wo.kvs_doc(r.revision, [r.kv] if r.kv is not None else [])))
         return
     if r.value is None:
         fail(f"key {key!r} not found")
     console.print(show(r.value), highlight=False, soft_wrap=True)
+
+
+@main.command()
+@click.argument("revision", type=int)
+@click.pass_context
+@client_errors
+def compact(ctx, revision: int) -> None:
+    """Discard the history below REVISION (reads and watches before it are refused)."""
+    with make_client(ctx) as c:
+        c.compact(revision)
+    console.print(f"compacted revision {revision}", highlight=False)
+
+
+@main.command("watch")
+@click.argument("key")
+@click.argument("end", required=False)
+@click.option("--prefix", is_flag=True, help="every key starting with KEY")
+@click.option("--rev", default=0, help="start at this revision (0: from now)")
+@click.option("--prev-kv", is_flag=True, help="print each key's previous value too")
+@click.pass_context
+@client_errors
+def watch_cmd(ctx, key: str, end: str | None, prefix: bool, rev: int, prev_kv: bool) -> None:
+    """Print every change to KEY (or [KEY, END), or a prefix) until interrupted, as etcdctl does:
+    the event type, then the previous key and value (--prev-kv), then the key and value."""
+    with make_client(ctx) as c:
+        try:
+            for ev in c.watch(key, end, prefix=prefix, start_revision=rev, prev_kv=prev_kv):
+                lines = [ev.type]
+                if ev.prev_kv is not None:
+                    lines += [show(ev.prev_kv.key), show(ev.prev_kv.value)]
+                lines += [show(ev.key)] + ([show(ev.value)] if ev.type == "PUT" else [])
+                click.echo("\n".join(lines))
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            return
 
 
 @main.command("del")

@@ -7,7 +7,9 @@
 from kvstore.client.async_client import AsyncClient
 from kvstore.client.balancer import LeastOutstanding, RandomChoice, RoundRobin, Weighted
 from kvstore.client.errors import (
+    Compacted,
     DeadlineExceeded,
+    FutureRevision,
     InvalidArgument,
     KvstoreError,
     LeaseLost,
@@ -22,6 +24,7 @@ from kvstore.client.retry import ExponentialBackoff, FixedInterval, NoRetry, Ret
 from kvstore.client.sync_client import Client
 from kvstore.client.tls import TLS
 from kvstore.client.txn import Txn
+from kvstore.client.watch import WatchCanceled, WatchCompacted, WatchEvent
 from kvstore.client.types import (
     DeleteResult,
     GetResult,
@@ -47,6 +50,11 @@ __all__ = [
     "LeastOutstanding",
     "Weighted",
     "KvstoreError",
+    "Compacted",
+    "FutureRevision",
+    "WatchEvent",
+    "WatchCanceled",
+    "WatchCompacted",
     "Unavailable",
     "NotLeader",
     "NoLeader",

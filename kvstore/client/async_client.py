@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from typing import Any
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 
 import grpc
 
@@ -32,6 +32,7 @@ from kvstore.client.retry_budget import RetryBudget
 from kvstore.client.session import Session
 from kvstore.client.stream import KIND, MD_LEADER_ADDR, MD_LEADER_ID, MD_NOT_APPLIED, AttemptFailed
 from kvstore.client.txn import Txn, delete_request, range_request
+from kvstore.client.watch import WatchEvent, WatchPosition, watch_events
 from kvstore.client.types import (
     BytesLike,
     DeleteResult,
@@ -216,8 +217,13 @@ class AsyncClient:
         req = kv_pb2.PutRequest(key=k, value=v, prev_kv=prev_kv, lease=lease)
         return PutResult.from_pb(await self._call("Put", req, route=LEADER, mutation=True, timeout=timeout))
 
-    async def get(self, key: BytesLike, *, serializable: bool = False, timeout: float | None = None) -> GetResult:
-        """One key. Linearizable unless ``serializable=True`` (any member, maybe stale)."""
+    async def get(self, key: BytesLike, *, serializable: bool = False, revision: int = 0,
+                  timeout: float | None = None) -> GetResult:
+        """One key. Linearizable unless ``serializable=True`` (any member, maybe stale).
+
+        ``revision``: the key as it was at that revision (0: now); ``Compacted`` below the
+        compacted revision, ``FutureRevision`` past the current one.
+        """
         k = key if type(key) is bytes else to_bytes(key)
         route = ANY if serializable else LEADER
         c = self._coalescer
@@ -226,8 +232,10 @@ class AsyncClient:
             r.key = k
             if serializable:
                 r.serializable = True
+            if revision:
+                r.revision = revision
             return GetResult.from_pb(await fut if timeout is None else await self._wait(fut, timeout, False))
-        req = kv_pb2.RangeRequest(key=k, serializable=serializable)
+        req = kv_pb2.RangeRequest(key=k, serializable=serializable, revision=revision)
         return GetResult.from_pb(await self._call("Range", req, route=route, mutation=False, timeout=timeout))
 
     async def range(
@@ -240,15 +248,16 @@ class AsyncClient:
         keys_only: bool = False,
         count_only: bool = False,
         serializable: bool = False,
+        revision: int = 0,
         timeout: float | None = None,
     ) -> RangeResult:
         """Keys in ``[start, end)``, or every key starting with ``start`` when ``prefix=True``.
 
-        ``end="\\0"`` means every key >= start.
+        ``end="\\0"`` means every key >= start. ``revision``: as they were then (0: now).
         """
         req = range_request(
             start, end, prefix=prefix, limit=limit, keys_only=keys_only, count_only=count_only,
-            serializable=serializable,
+            serializable=serializable, revision=revision,
         )
         route = ANY if serializable else LEADER
         c = self._coalescer
@@ -340,6 +349,29 @@ class AsyncClient:
         return [ls.ID for ls in resp.leases]
 
     # --- Cluster -----------------------------------------------------------
+
+    async def compact(self, revision: int, *, timeout: float | None = None) -> int:
+        """Discard the history below ``revision`` (etcd's compact); the store's revision after it.
+
+        ``Compacted`` if it already is compacted that far, ``FutureRevision`` past the current revision.
+        """
+        resp = await self._call("Compact", kv_pb2.CompactionRequest(revision=revision), route=LEADER,
+                                mutation=False, timeout=timeout)  # no session: a retry after it applied
+        # is refused as compacted
+        return resp.header.revision
+
+    def watch(
+        self, key: BytesLike, end: BytesLike | None = None, *, prefix: bool = False, start_revision: int = 0,
+        prev_kv: bool = False, no_put: bool = False, no_delete: bool = False, progress_notify: bool = False,
+        position: WatchPosition | None = None,
+    ) -> AsyncIterator[WatchEvent]:
+        """``async for ev in client.watch(b"cfg/", prefix=True)``: every change from ``start_revision``
+        on (0: from now), in revision order, resumed on another member if one fails (watch.py).
+        Ends with ``WatchCompacted`` if the history it needs is gone."""
+        req = range_request(key, end, prefix=prefix)
+        return watch_events(self._endpoints, req.key, req.range_end, start_revision, prev_kv=prev_kv,
+                            no_put=no_put, no_delete=no_delete, progress_notify=progress_notify,
+                            position=position)
 
     async def status(self, endpoint: str | None = None, *, timeout: float | None = None) -> MemberStatus:
         """Status of ``endpoint``, or of the leader (else whichever member answers)."""
@@ -564,7 +596,7 @@ class AsyncClient:
                             addr = eps.next_untried(addr, tried)
                             if addr not in tried:
                                 continue
-                    elif not policy.is_retryable(code):
+                    elif not policy.is_retryable(code) or errors.is_final(code, details):
                         err = errors.from_status(code, details, addr)
                         if isinstance(err, errors.SessionExpired):
                             err.maybe_applied = maybe_applied  # this attempt was refused, an earlier one may not be

@@ -85,6 +85,7 @@ class Connection:
             "DeleteRange": kv.DeleteRange,
             "Txn": kv.Txn,
             "Batch": kv.Batch,
+            "Compact": kv.Compact,
             "Status": cl.Status,
             "MemberList": cl.MemberList,
             "TransferLeadership": cl.TransferLeadership,

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 import grpc
 
-from kvstore.storage.errors import SESSION_EXPIRED
+from kvstore.storage.errors import NO_SPACE, SESSION_EXPIRED
 
 __all__ = [
     "KvstoreError",
@@ -162,6 +162,30 @@ class ResourceExhausted(KvstoreError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class OutOfRange(KvstoreError):
+    """A revision outside the history: compacted away, or not reached yet."""
+
+    code = grpc.StatusCode.OUT_OF_RANGE
+
+
+class Compacted(OutOfRange):
+    """The revision asked for has been compacted (etcd's ErrCompacted)."""
+
+
+class FutureRevision(OutOfRange):
+    """The revision asked for is beyond the store's current one (etcd's ErrFutureRev)."""
+
+
+class NoSpace(ResourceExhausted):
+    """The store is past its --quota-backend-bytes: writes that add data are refused until
+    deletes and a compaction free space (reads, deletes and compaction still work)."""
+
+
+def is_final(code: grpc.StatusCode, message: str) -> bool:
+    """A status of a retryable code that a retry cannot change (a full store)."""
+    return code is grpc.StatusCode.RESOURCE_EXHAUSTED and message.startswith(NO_SPACE)
+
+
 class Cancelled(KvstoreError):
     code = grpc.StatusCode.CANCELLED
 
@@ -201,6 +225,11 @@ def from_status(code: grpc.StatusCode, message: str, endpoint: str | None = None
         return DeadlineExceeded(1, {endpoint or "?": message}, timeout=0.0)
     if code is grpc.StatusCode.FAILED_PRECONDITION and message.startswith(SESSION_EXPIRED):
         return SessionExpired(message, endpoint=endpoint)
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED and message.startswith(NO_SPACE):
+        return NoSpace(message, endpoint=endpoint)
+    if code is grpc.StatusCode.OUT_OF_RANGE:
+        return (Compacted if "compacted" in message else FutureRevision if "future" in message
+                else OutOfRange)(message, endpoint=endpoint)
     cls = _BY_CODE.get(code)
     if cls is None:
         return InternalError(f"{code.name}: {message}", code=code, endpoint=endpoint)

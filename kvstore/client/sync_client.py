@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from typing import Any, TypeVar
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import Coroutine, Iterable, Iterator, Sequence
 
 from kvstore.client import errors
 from kvstore.client.async_client import AsyncClient
@@ -22,6 +22,7 @@ from kvstore.client.balancer import Balancer
 from kvstore.client.lease import LeaseGrant, LeaseTimeToLive, SyncLease
 from kvstore.client.retry import RetryPolicy
 from kvstore.client.txn import Txn
+from kvstore.client.watch import WatchEvent, WatchPosition
 from kvstore.client.types import (
     BytesLike,
     DeleteResult,
@@ -199,9 +200,42 @@ class Client:
         """Set ``key`` to ``value``; ``prev_kv=True`` also returns what it replaced; ``lease``: attach it."""
         return self._run(self._aclient.put(key, value, prev_kv=prev_kv, lease=lease, timeout=timeout))
 
-    def get(self, key: BytesLike, *, serializable: bool = False, timeout: float | None = None) -> GetResult:
-        """One key. Linearizable unless ``serializable=True`` (any member, maybe stale)."""
-        return self._run(self._aclient.get(key, serializable=serializable, timeout=timeout))
+    def get(self, key: BytesLike, *, serializable: bool = False, revision: int = 0,
+            timeout: float | None = None) -> GetResult:
+        """One key. Linearizable unless ``serializable=True`` (any member, maybe stale);
+        ``revision``: as it was then (0: now)."""
+        return self._run(self._aclient.get(key, serializable=serializable, revision=revision, timeout=timeout))
+
+    def compact(self, revision: int, *, timeout: float | None = None) -> int:
+        """Discard the history below ``revision``; the store's revision after it."""
+        return self._run(self._aclient.compact(revision, timeout=timeout))
+
+    def watch(
+        self, key: BytesLike, end: BytesLike | None = None, *, prefix: bool = False, start_revision: int = 0,
+        prev_kv: bool = False, no_put: bool = False, no_delete: bool = False, progress_notify: bool = False,
+        position: WatchPosition | None = None,
+    ) -> Iterator[WatchEvent]:
+        """``for ev in client.watch(b"cfg/", prefix=True)``: every change from ``start_revision`` on
+        (0: from now), in revision order, resumed on another member if one fails. Close the
+        generator (or break out of the loop) to end the watch."""
+        agen = self._aclient.watch(key, end, prefix=prefix, start_revision=start_revision, prev_kv=prev_kv,
+                                   no_put=no_put, no_delete=no_delete, progress_notify=progress_notify,
+                                   position=position)
+        async def next_event() -> WatchEvent:
+            return await agen.__anext__()
+
+        async def close() -> None:
+            await agen.aclose()  # type: ignore[attr-defined]
+
+        try:
+            while True:
+                try:
+                    yield self._run(next_event())
+                except StopAsyncIteration:
+                    return
+        finally:
+            if not self._closed:
+                self._run(close())
 
     def range(
         self,
@@ -213,13 +247,15 @@ class Client:
         keys_only: bool = False,
         count_only: bool = False,
         serializable: bool = False,
+        revision: int = 0,
         timeout: float | None = None,
     ) -> RangeResult:
-        """Keys in ``[start, end)``, or every key starting with ``start`` when ``prefix=True``."""
+        """Keys in ``[start, end)``, or every key starting with ``start`` when ``prefix=True``;
+        ``revision``: as they were then (0: now)."""
         return self._run(
             self._aclient.range(
                 start, end, prefix=prefix, limit=limit, keys_only=keys_only, count_only=count_only,
-                serializable=serializable, timeout=timeout,
+                serializable=serializable, revision=revision, timeout=timeout,
             )
         )
 

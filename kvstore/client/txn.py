@@ -102,6 +102,7 @@ def range_request(
     keys_only: bool = False,
     count_only: bool = False,
     serializable: bool = False,
+    revision: int = 0,
 ) -> kv_pb2.RangeRequest:
     k = to_bytes(key)
     if prefix:
@@ -117,6 +118,7 @@ def range_request(
         keys_only=keys_only,
         count_only=count_only,
         serializable=serializable,
+        revision=revision,
     )
 
 

@@ -29,7 +29,8 @@ def jepsen() -> None:
                    "partition[-halves|-leader|-ring|-bridge], kill[-random|-leader], "
                    "pause[-random|-leader], power[-random|-leader|-all] (root: loop-mounted ext4), "
                    "clock[-{leader,random}-{ahead,behind}], none")
-@click.option("--workload", type=click.Choice(["register", "set", "bank", "lease"]), default="register",
+@click.option("--workload", type=click.Choice(["register", "set", "bank", "watch", "lease"]),
+              default="register",
               show_default=True)
 @click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False),
               help="parent directory of the run directory")
@@ -116,13 +117,15 @@ def _check(path: Path) -> tuple[int, str, dict]:
 
     if detect_format(path) == JSONL:
         from kvstore.jepsen.history import load_jsonl
-        from kvstore.jepsen.workloads import BankWorkload, check_bank, check_set, workload_of
+        from kvstore.jepsen.workloads import BankWorkload, check_bank, check_set, check_watch, workload_of
 
         ops = load_jsonl(path)
         kind = workload_of(ops)
         verdict = None
         if kind == "set":
             verdict = check_set(ops)
+        elif kind == "watch":
+            verdict = check_watch(ops)
         elif kind == "bank":
             bank = BankWorkload()  # the run's accounts and total are the workload's fixed ones
             verdict = check_bank(ops, bank.accounts, bank.total)

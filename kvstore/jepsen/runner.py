@@ -127,6 +127,42 @@ class ClientStore(Store):
     def outcome_of(self, error: BaseException, mutation: bool) -> str:
         return outcome_of(error, mutation)
 
+    async def put_revision(self, key: str, value: str) -> int:
+        return (await self.client.put(key, value)).revision
+
+    async def watch(self, prefix: str, start: int, max_events: int, seconds: float) -> tuple[list, str]:
+        """Events [revision, key, value, type] of a prefix watch from `start`, until max_events or
+        `seconds` pass; and how it ended ("" or the error that ended it)."""
+        events: list = []
+        stream = self.client.watch(prefix, prefix=True, start_revision=start)
+
+        async def collect() -> None:
+            async for ev in stream:
+                events.append([ev.revision, ev.key.decode(), ev.value.decode(), ev.type])
+                if len(events) >= max_events:
+                    return
+
+        ended = ""
+        try:
+            await asyncio.wait_for(collect(), seconds)
+        except TimeoutError:
+            pass
+        except Exception as e:  # the stream's own error: what it got so far still counts
+            ended = f"{type(e).__name__}: {e}"
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+        return events, ended
+
+    async def history(self, prefix: str) -> list:
+        """Every event under `prefix` from revision 1 to the current revision (one watch)."""
+        upto = (await self.client.range(prefix, prefix=True, count_only=True)).revision
+        events: list = []
+        async for ev in self.client.watch(prefix, prefix=True, start_revision=1, progress_notify=False):
+            events.append([ev.revision, ev.key.decode(), ev.value.decode(), ev.type])
+            if ev.revision >= upto:
+                break
+        return events
+
     async def close(self) -> None:
         await self.client.close()
 

@@ -8,6 +8,11 @@
   there, once (lost / duplicated / unexpected elements are reported).
 - ``bank``: transfers between accounts through a Txn that compares both
   balances; every read must see the initial total and no negative balance.
+- ``watch``: writers put unique values under one prefix; watchers open a
+  watch on it at a recent revision and record the events they get. Each
+  stream must be an ordered, gap-free, duplicate-free slice of the
+  committed history (read by one final watch from revision 1) starting at
+  the requested revision, and every acknowledged write must be in it.
 
 Workloads talk to a :class:`Store` (the harness's narrow view of the client),
 so they can be unit-tested against an in-memory store. Outcomes follow the
@@ -48,6 +53,10 @@ class Store(Protocol):
     async def get_prefix(self, prefix: str) -> dict[str, str]: ...
     async def swap(self, expected: dict[str, str], new: dict[str, str]) -> bool: ...
     def outcome_of(self, error: BaseException, mutation: bool) -> str: ...
+    # the watch workload's
+    async def put_revision(self, key: str, value: str) -> int: ...
+    async def watch(self, prefix: str, start: int, max_events: int, seconds: float) -> tuple[list, str]: ...
+    async def history(self, prefix: str) -> list: ...
 
 
 @dataclass(frozen=True)
@@ -341,8 +350,102 @@ def check_bank(operations: Iterable[Operation], accounts: int, total: int) -> Ve
                                     "final": reads[-1].output})
 
 
+# ------------------------------------------------------------------- watch
+
+class WatchWorkload(Workload):
+    """Puts of unique values under one prefix, and watches on it that record their streams.
+
+    A watch starts at a revision up to `lookback` below the newest write
+    this workload has seen acknowledged (so many start in the past and catch
+    up from history), and records up to `max_events` events or `seconds`.
+    Failures under it (a killed member, a partition) are the client's to
+    resume from; a stream that ends in an error still records what it got.
+    Events are [revision, key, value, type].
+    """
+
+    name = "watch"
+    mutations = frozenset({"write"})
+
+    def __init__(self, seed: int | None = None, keys: int = 8, watch_ratio: float = 0.25,
+                 lookback: int = 40, max_events: int = 60, seconds: float = 2.0) -> None:
+        super().__init__(seed)
+        self.keys = keys
+        self.watch_ratio = watch_ratio
+        self.lookback = lookback
+        self.max_events = max_events
+        self.seconds = seconds
+        self._next = 0
+        self._newest = 0  # the newest acknowledged write's revision
+
+    @property
+    def prefix(self) -> str:
+        return f"{PREFIX}watch/"
+
+    def next_op(self) -> Op:
+        with self._lock:
+            if self.rng.random() < self.watch_ratio:
+                start = max(1, self._newest + 1 - self.rng.randrange(self.lookback))
+                return Op("watch", None, start)
+            value, self._next = self._next, self._next + 1
+            return Op("write", self.rng.randrange(self.keys), value)
+
+    async def apply(self, store: Store, op: Op) -> tuple[str, Any]:
+        if op.f == "write":
+            rev = await store.put_revision(f"{self.prefix}{op.key}", str(op.value))
+            with self._lock:
+                self._newest = max(self._newest, rev)
+            return OK, [op.value, rev]
+        if op.f == "watch":
+            events, ended = await store.watch(self.prefix, op.value, self.max_events, self.seconds)
+            return OK, {"start": op.value, "events": events, "ended": ended}
+        return OK, await store.history(self.prefix)
+
+    def final_ops(self) -> list[Op]:
+        return [Op("history")]
+
+    def check(self, events: Sequence[Event]) -> Verdict:
+        return check_watch(pair_events(events), self.prefix)
+
+
+def check_watch(operations: Iterable[Operation], prefix: str = f"{PREFIX}watch/") -> Verdict:
+    """Each stream a slice of the committed history from its start; every acknowledged write in it."""
+    operations = list(operations)
+    finals = [op for op in operations if op.f == "history" and op.outcome == OK]
+    if not finals:
+        return Verdict(False, "no final history read succeeded: cannot judge", {}, unknown=True)
+    history = [tuple(e) for e in finals[-1].output or []]
+    problems: list[dict[str, Any]] = []
+    revs = [e[0] for e in history]
+    if revs != sorted(set(revs)):
+        problems.append({"history": "the final history is not in strictly increasing revision order"})
+    by_rev = {e[0]: e for e in history}
+    lost = []
+    for op in operations:
+        if op.f == "write" and op.outcome == OK:
+            value, rev = op.output
+            e = by_rev.get(rev)
+            if e is None or e[2] != str(value):
+                lost.append({"op": op.index, "revision": rev, "value": value, "history": e})
+    streams = [op for op in operations if op.f == "watch" and op.outcome == OK]
+    seen = 0
+    for op in streams:
+        start, got = op.output["start"], [tuple(e) for e in op.output["events"]]
+        seen += len(got)
+        expected = [e for e in history if e[0] >= start][:len(got)]
+        if got != expected:
+            first = next(i for i in range(len(got)) if i >= len(expected) or got[i] != expected[i])
+            problems.append({"op": op.index, "start": start, "at": first, "got": got[first:first + 3],
+                             "expected": expected[first:first + 3], "ended": op.output.get("ended", "")})
+    valid = not problems and not lost
+    summary = (f"{len(streams)} streams ({seen} events) are slices of the {len(history)}-event history; "
+               f"every acknowledged write is in it" if valid else
+               f"{len(problems)} bad streams, {len(lost)} acknowledged writes missing from the history")
+    return Verdict(valid, summary, {"streams": len(streams), "events_seen": seen, "history": len(history),
+                                    "bad_streams": problems[:10], "lost_writes": lost[:10]})
+
+
 WORKLOADS: dict[str, type[Workload]] = {
-    "register": RegisterWorkload, "set": SetWorkload, "bank": BankWorkload}
+    "register": RegisterWorkload, "set": SetWorkload, "bank": BankWorkload, "watch": WatchWorkload}
 
 
 def make_workload(name: str, seed: int | None = None) -> Workload:
@@ -361,6 +464,8 @@ def workload_of(operations: Sequence[Operation]) -> str:
     functions = {op.f for op in operations}
     if "grant" in functions:
         return "lease"
+    if "watch" in functions or "history" in functions:
+        return "watch"
     if "add" in functions:
         return "set"
     if "transfer" in functions:

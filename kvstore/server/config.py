@@ -117,6 +117,21 @@ OPTIONS: list[Option] = [
     Option("--corrupt-check-time", str, "0",
            "how often the leader compares every member's key/value hash and raises a CORRUPT alarm about "
            "one that differs, e.g. 30s or 5m (0: never)"),
+    # history, watches and space (etcd's flag names)
+    Option("--auto-compaction-mode", str, "periodic",
+           "'periodic': keep --auto-compaction-retention of time (e.g. 1h); 'revision': keep that many "
+           "revisions"),
+    Option("--auto-compaction-retention", str, "0",
+           "how much history auto-compaction keeps: a duration (periodic; a bare number is hours, as in "
+           "etcd) or a revision count (revision); 0: never compact automatically"),
+    Option("--auto-compaction-interval", str, "5m",
+           "how often 'revision' mode compacts (etcd's fixed 5m); 'periodic' compacts every tenth of its "
+           "retention, at most hourly"),
+    Option("--quota-backend-bytes", int, 0,
+           "space the store may use (0: 2 GiB, as etcd; at most 8 GiB); past it, writes that add data are "
+           "refused and the NOSPACE alarm is raised until deletes and compaction free space"),
+    Option("--watch-progress-notify-interval", str, "10m",
+           "how often an idle watch that asked for progress notifications is told the revision reached"),
     # test-only modes that deliberately break guarantees (the Jepsen harness's teeth tests)
     Option("--testing-unsafe-local-reads", bool, False,
            "TESTING ONLY, UNSAFE: every member answers linearizable reads locally without ReadIndex"),
@@ -210,6 +225,11 @@ class ServerConfig:
     log_level: str = "info"
     log_format: str = "text"
     corrupt_check_time: str = "0"
+    auto_compaction_mode: str = "periodic"
+    auto_compaction_retention: str = "0"
+    auto_compaction_interval: str = "5m"
+    watch_progress_notify_interval: str = "10m"
+    quota_backend_bytes: int = 0
     testing_unsafe_local_reads: bool = False
     cert_file: str = ""
     key_file: str = ""
@@ -342,6 +362,16 @@ def make_config(values: dict[str, Any]) -> ServerConfig:
         parse_duration(cfg.corrupt_check_time)
     except ValueError as e:
         raise ValueError(f"--corrupt-check-time: {e}") from None
+    from .auto_compaction import check_auto_compaction
+
+    check_auto_compaction(cfg.auto_compaction_mode, cfg.auto_compaction_retention, cfg.auto_compaction_interval)
+    if not 0 <= cfg.quota_backend_bytes <= 8 << 30:
+        raise ValueError(f"--quota-backend-bytes must be between 0 (the 2 GiB default) and {8 << 30} "
+                         f"(the store's map size), not {cfg.quota_backend_bytes}")
+    try:
+        parse_duration(cfg.watch_progress_notify_interval)
+    except ValueError as e:
+        raise ValueError(f"--watch-progress-notify-interval: {e}") from None
     if cfg.listen_metrics_addr and ":" not in cfg.listen_metrics_addr:
         raise ValueError(f"--listen-metrics-addr {cfg.listen_metrics_addr!r}: expected HOST:PORT")
     if cfg.state_machine_sync not in STATE_MACHINE_SYNC_MODES:

@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 
 from kvstore.storage.errors import ApplyError
+from kvstore.storage.history import RevisionError
 from kvstore.storage.errors import InvalidRequest as StorageInvalidRequest
 from kvstore.storage.leases import LEASE_NOT_FOUND, missing_lease
 from kvstore.storage.plain_puts import PlainPuts
@@ -65,6 +66,11 @@ def handles_errors(method):
     return wrapper
 
 
+def out_of_range(e: RevisionError) -> RequestFailed:
+    """A read at a compacted or future revision (etcd: "mvcc: required revision ...")."""
+    return RequestFailed(grpc.StatusCode.OUT_OF_RANGE, f"mvcc: {e}", not_applied=True)
+
+
 def apply_error(err: ApplyError) -> RequestFailed:
     """The state machine refused the command on every replica: certainly nothing applied."""
     return RequestFailed(grpc.StatusCode[err.code.name], err.message, not_applied=True)
@@ -109,7 +115,9 @@ class KVService(kv_pb2_grpc.KVServicer):
             self.node.check_serving()
         else:
             await self.node.read_barrier(timeout)
-        await self.node.range_many([request], [resp])  # validated just above
+        result = (await self.node.range_many([request], [resp]))[0]  # validated just above
+        if isinstance(result, RevisionError):
+            raise out_of_range(result)
 
     # ------------------------------------------------------------------ writes
 
@@ -259,10 +267,14 @@ class KVService(kv_pb2_grpc.KVServicer):
                         if not ops[i].request_range.serializable:
                             _set_op_error(slots[i], e.code, e.message)
                     reads = [i for i in reads if ops[i].request_range.serializable]
-            await self.node.range_many(  # validated by _check_op above
+            served = await self.node.range_many(  # validated by _check_op above
                 [ops[i].request_range for i in reads],
                 [slots[i].response.response_range for i in reads],
             )
+            for i, result in zip(reads, served):
+                if isinstance(result, RevisionError):
+                    slots[i].ClearField("response")
+                    _set_op_error(slots[i], grpc.StatusCode.OUT_OF_RANGE, f"mvcc: {result}")
         revision = None
         if write_task is not None:
             result = await write_task  # RequestFailed here fails the whole RPC: outcome unknown
@@ -286,6 +298,21 @@ class KVService(kv_pb2_grpc.KVServicer):
         resp.header.CopyFrom(self.node.header())
         if revision is not None:
             resp.header.revision = max(resp.header.revision, revision)
+
+    # ------------------------------------------------------------------ compaction
+
+    @handles_errors
+    async def Compact(self, request: kv_pb2.CompactionRequest, context) -> kv_pb2.CompactionResponse:
+        """Propose a compaction; answered once applied (the removal goes on in the background)."""
+        if request.revision <= 0:
+            raise invalid_argument("compaction revision must be >= 1")
+        cmd = command_pb2.Command(compaction=kv_pb2.CompactionRequest(revision=request.revision))
+        result = await self.node.propose_internal(cmd, self._timeout(context))
+        if isinstance(result, ApplyError):
+            raise apply_error(result)
+        resp = kv_pb2.CompactionResponse()
+        self._write_header(resp.header, result.revision)
+        return resp
 
     # ------------------------------------------------------------------ session stream
 

@@ -15,10 +15,11 @@ import sys
 import grpc
 
 from kvstore.storage.data_dir_lock import DataDirInUse, lock_data_dir
-from kvstore.v1 import cluster_pb2_grpc, kv_pb2_grpc, lease_pb2_grpc, maintenance_pb2_grpc
+from kvstore.v1 import cluster_pb2_grpc, kv_pb2_grpc, lease_pb2_grpc, maintenance_pb2_grpc, watch_pb2_grpc
 
+from .auto_compaction import AutoCompactor
 from .cluster_service import ClusterService
-from .config import ServerConfig, parse_args
+from .config import ServerConfig, parse_args, parse_duration
 from .corruption import CorruptionChecker
 from .kv_service import KVService
 from .lease_service import LeaseService
@@ -30,6 +31,7 @@ from .node import Node
 from .parent_death import die_with_parent
 from .peer_server import PeerServer
 from .tls import TLSConfigError, client_api_credentials, peer_tls
+from .watch_service import WatchService
 
 log = logging.getLogger("kvstore.server")
 
@@ -74,6 +76,8 @@ async def serve(cfg: ServerConfig) -> None:
     maintenance_pb2_grpc.add_MaintenanceServicer_to_server(MaintenanceService(node), client_server)
     lease_pb2_grpc.add_LeaseServicer_to_server(
         LeaseService(node, node.lessor, min_lease_ttl(cfg.tick_ms, cfg.election_ticks)), client_server)
+    watch_pb2_grpc.add_WatchServicer_to_server(
+        WatchService(node, parse_duration(cfg.watch_progress_notify_interval)), client_server)
     try:
         if client_tls is None:
             bound = client_server.add_insecure_port(cfg.listen_client_addr)
@@ -98,6 +102,9 @@ async def serve(cfg: ServerConfig) -> None:
             await peer_server.stop()
             await cannot_listen(node, "metrics", cfg.listen_metrics_addr, e.strerror or str(e))
         log.info("member %d serving /metrics and /health on http://%s", cfg.id, cfg.listen_metrics_addr)
+    compactor = AutoCompactor(node, cfg.auto_compaction_mode, cfg.auto_compaction_retention,
+                              cfg.auto_compaction_interval)
+    compactor.start()
     checker = CorruptionChecker(node, cfg.corrupt_check_s)
     if cfg.corrupt_check_s > 0:
         checker.start()
@@ -120,6 +127,7 @@ async def serve(cfg: ServerConfig) -> None:
     log.info("member %d shutting down", cfg.id)
     await node.shutdown()
     await checker.stop()
+    await compactor.stop()
     await client_server.stop(grace=2.0)
     if http is not None:
         await http.stop()

@@ -78,6 +78,8 @@ from .logs import event
 from .metrics import SLOW_APPLY_S, NodeMetrics
 from .proposals import Proposals
 from .read_index import ReadIndex
+from .space_quota import SpaceQuota
+from .watch_hub import WatchHub
 from .redirect import no_leader, not_leader
 from .supervisor import SupervisedReader, fatal, guarded, on_fatal, watch
 from .tls import PeerTLS
@@ -172,6 +174,8 @@ class Node:
         self.metrics = NodeMetrics()  # event counts and timings for /metrics (metrics.py)
         self.peer_received_bytes: dict[int, int] = {}  # counted by the peer server
         self.wal_append_since = 0.0  # time.monotonic() when the WAL append under way began; 0: none
+        self.watch_hub = WatchHub()  # fed after every applied batch (watch_hub.py)
+        self.space_quota = SpaceQuota(self, cfg.quota_backend_bytes)
 
     # ------------------------------------------------------------------ start / stop
 
@@ -205,6 +209,8 @@ class Node:
             log.warning("TESTING: corrupting this member's state (--testing-corrupt-state)")
             await self._in_storage(self.sm.testing_corrupt)
         await self._reconcile_storage()
+        self.watch_hub.attach(self.sm, self._sm_readable)
+        self.space_quota.measure(force=True)
         snap = self.log.snapshot()
         self.snapshot_index = snap.metadata.index
         raft_cfg = Config(
@@ -293,6 +299,10 @@ class Node:
             try:
                 self.raw.tick()
                 self.read_index.check_timeouts()
+                if self.sm.compacting and self._applying is None and self._sm_readable.is_set():
+                    self.sm.compact_pending()  # no writes to carry the compaction's steps
+                if self._sm_readable.is_set():
+                    self.space_quota.tick()
                 self.lessor.on_tick()  # the leader's lease expiry (lessor.py)
             except Exception as e:
                 fatal("the tick loop", e)
@@ -446,6 +456,7 @@ class Node:
         # The installed state machine is the durable base now (install_snapshot checkpoints it).
         await self._in_storage(self.snapshots.remove_through, meta.index)
         self.read_index.on_applied(self.sm.applied_index)
+        self.watch_hub.notify()
 
     async def _start_apply(self, entries) -> None:
         """Queue `entries` for the apply thread; wait only if the backlog is over its bound.
@@ -560,6 +571,8 @@ class Node:
         self.commit_index = max(self.commit_index, entries[-1].index)
         applied = self.sm.applied_index
         self.read_index.on_applied(applied)
+        self.watch_hub.notify()
+        self.space_quota.measure()
         while self._lmdb_waiters and self._lmdb_waiters[0][0] <= applied:
             _index, _tiebreak, fut = heapq.heappop(self._lmdb_waiters)
             if not fut.done():
@@ -728,6 +741,7 @@ class Node:
     async def propose(self, ops, request_id: kv_pb2.RequestId | None, timeout: float):
         """Propose mutations; return the state machine's CommandResult (or its ApplyError)."""
         self.check_leader()
+        self.space_quota.check(ops)
         pid = self.proposals.next_id()
         # CLOCK_MONOTONIC, never the wall clock: it drives session expiry (log_clock.py).
         stamp = time.time_ns() if self.cfg.testing_wall_clock_sessions else time.monotonic_ns()
@@ -811,13 +825,14 @@ class Node:
         resp.header.CopyFrom(self.header())
         return resp
 
-    async def range_many(self, requests: list, out: list) -> None:
-        """Serve already-validated reads into `out`, all from one LMDB read transaction."""
+    async def range_many(self, requests: list, out: list) -> list:
+        """Serve already-validated reads into `out`, all from one LMDB read transaction; their results
+        (a RevisionError where a read's revision is compacted or not reached)."""
         check_not_corrupt(self)
         await self._see_answered_writes()
         await self.wait_readable()
         # No await from here on: the environment cannot be swapped under the read.
-        self.sm.range_many(requests, out, header=self.header(), validated=True)
+        return self.sm.range_many(requests, out, header=self.header(), validated=True)
 
     def most_up_to_date_follower(self) -> int:
         progress = self.raw.status().progress

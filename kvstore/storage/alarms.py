@@ -3,13 +3,17 @@
 An alarm is raised and cleared through the log (Command.alarm), so every
 member holds the same list and it survives restarts and snapshots: it is
 stored in the state machine's meta database in the same transaction as the
-entry that changed it. Today's one alarm is CORRUPT: the member's key/value
-state differs from the others' at the same log index (see hash_kv.py).
+entry that changed it. CORRUPT: the member's key/value state differs from
+the others' at the same log index (see hash_kv.py). NOSPACE: the leader's
+store passed --quota-backend-bytes; while it is raised every member refuses
+commands that add data (see quota.py), and the leader clears it once space
+has been reclaimed.
 """
 from __future__ import annotations
 
 CORRUPT = "CORRUPT"
-KNOWN = (CORRUPT,)
+NOSPACE = "NOSPACE"
+KNOWN = (CORRUPT, NOSPACE)
 
 Alarms = frozenset  # of (member_id, alarm name)
 
@@ -35,3 +39,8 @@ def change(alarms: frozenset[tuple[int, str]], member_id: int, alarm: str,
         return alarms | {(member_id, alarm)}
     return frozenset((m, a) for m, a in alarms
                      if not ((member_id in (0, m)) and (alarm in ("", a))))
+
+
+def has(alarms: frozenset[tuple[int, str]], alarm: str) -> bool:
+    """Whether any member has `alarm` raised."""
+    return any(a == alarm for _, a in alarms)

@@ -21,11 +21,16 @@ class ErrorCode(enum.IntEnum):
     NOT_FOUND = 5  # a put or revoke names a lease that does not exist
     RESOURCE_EXHAUSTED = 8  # too many unacknowledged answers kept for one client
     FAILED_PRECONDITION = 9  # retry of a request whose answer was forgotten
+    OUT_OF_RANGE = 11  # a revision already compacted, or not yet reached
 
 
 #: How every refusal of a request whose session the cluster no longer holds begins
 #: (FAILED_PRECONDITION); the client library types it as SessionExpired by it.
 SESSION_EXPIRED = "session expired"
+
+#: How every refusal of a write past the space quota begins (RESOURCE_EXHAUSTED; see quota.py);
+#: the client library types it as NoSpace and does not retry it.
+NO_SPACE = "database space exceeded"
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,11 +6,11 @@ can have: every member still answers, with different data. Members detect it
 by comparing a hash of their whole key/value state at the same point of the
 log. The point is a hash barrier: an internal command that every member
 applies at the same index, and hashes at exactly that index, inside the apply
-transaction (see StateMachine.apply). The state machine keeps only the latest
-value of each key, so a hash "at a revision" must be taken there, not later.
+transaction (see StateMachine.apply).
 
 The hash is CRC-32 (etcd uses CRC-32C) over each key and its stored record
-(create and mod revision, version, value), in key order, with lengths so that
+(create and mod revision, version, value), in key order, and then over the
+MVCC history from the compacted revision on (history.py), with lengths so that
 no two different states run together into the same bytes. Hashing reads the
 whole store: about 0.3 us per key, once per check.
 """
@@ -32,11 +32,22 @@ class HashMark:
     hash: int
 
 
-def hash_kv(txn) -> int:
-    """CRC-32 of every (key, record) of `txn`'s default database (the kv one), in key order."""
+def hash_kv(txn, history_db=None, history_from: bytes = b"") -> int:
+    """CRC-32 of every (key, record) of `txn`'s default database (the kv one), in key order,
+    then of every history event from key `history_from` on, in revision order.
+
+    The history part starts at the compacted revision: what lies below it is
+    removed in steps whose progress may differ between members, and no read
+    can see it.
+    """
     h = 0
     crc = zlib.crc32
     pack = _LENGTHS.pack
     for key, record in txn.cursor():
         h = crc(record, crc(key, crc(pack(len(key), len(record)), h)))
+    if history_db is not None:
+        cur = txn.cursor(db=history_db)
+        if cur.set_range(history_from):
+            for key, event in cur:
+                h = crc(event, crc(key, crc(pack(len(key), len(event)), h)))
     return h

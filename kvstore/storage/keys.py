@@ -3,7 +3,8 @@
 The `kv` sub-database maps the user's key (bytes, as given) to a record:
 a fixed 24-byte header (create_revision, mod_revision, version as big-endian
 int64) followed by the value. Keeping the header fixed-size lets a keys-only or
-count-only range and a compare skip decoding the value.
+count-only range and a compare skip decoding the value. The same record is
+kept for every revision of a key in the history (see history.py).
 """
 from __future__ import annotations
 

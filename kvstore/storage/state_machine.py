@@ -27,6 +27,12 @@ gets its own mod_revision. Every response header carries the revision after
 its op; all responses inside a txn carry the txn's final revision.
 CommandResult.revision is the revision after the whole command.
 
+History (MVCC). Every write is also recorded as an event in the history and
+key_revs sub-databases (layout and compaction in history.py), in the same
+transaction: reads at an older revision, and watches, are served from there
+until a replicated compaction (Command.compaction) discards it. The removal
+runs in bounded steps, one per applied batch (or compact_pending when idle).
+
 Durability. By default each apply transaction is committed with LMDB's
 sync=True, metasync=False: one fdatasync of the data pages per batch, the meta
 page flushed by the next commit. LMDB then guarantees integrity across a power
@@ -68,7 +74,7 @@ from kvstore.v1 import command_pb2, kv_pb2
 
 from . import alarms as alarm_set
 from . import boot_guard as guard
-from . import durable_base, keys, validation
+from . import durable_base, history, keys, quota, validation
 from . import leases as lease_store
 from .durable_files import fsync_dir, fsync_file
 from .errors import ApplyError, ErrorCode, InvalidRequest
@@ -82,6 +88,9 @@ from .txn import compare_holds
 __all__ = ["StateMachine", "ApplyError", "ErrorCode", "SnapshotImageError", "StateMachineClosed"]
 
 _META_KEY = b"state"
+_HIST_KEY = history.REV.pack
+_KEY_LEN = struct.Struct(">H").pack
+_PUT_EVENT = bytes([history.PUT])
 _ALARMS_KEY = b"alarms"
 HASHES_KEPT = 64  # hash barriers remembered, newest first out (a check asks within seconds)
 _META = struct.Struct(">QQqQQQ")  # applied_index, applied_term, revision, then the LogClock
@@ -96,7 +105,10 @@ def _read_meta(txn: lmdb.Transaction[bytes], meta_db: lmdb._Database) -> tuple[i
     if raw is None:
         raise lmdb.CorruptedError(f"state machine metadata record {_META_KEY!r} is missing")
     return _META_HEAD.unpack_from(raw)
-_DB_NAMES = (b"kv", b"meta", b"sessions", b"answers", b"expiry", *lease_store.DB_NAMES)
+_DB_NAMES = (b"kv", b"meta", b"sessions", b"answers", b"expiry", b"history", b"key_revs", *lease_store.DB_NAMES)
+_DUPSORT_DBS = frozenset({b"key_revs"})  # key -> the sorted (revision, sub) values of its writes
+_COMPACT_KEY = b"compact"  # compacted-to revision, then where its removal resumes (absent: done)
+_COMPACT = struct.Struct(">q")
 _CURRENT = "current"
 _GEN_PREFIX = "gen-"
 
@@ -245,20 +257,33 @@ class StateMachine:
     def _open_current(self) -> None:
         env = _open_env(os.path.join(self._root, _CURRENT), self._map_size, self._fsync)
         with env.begin(write=True) as txn:
-            dbs = {name: env.open_db(name, txn=txn) for name in _DB_NAMES}
+            dbs = {
+                name: env.open_db(name, txn=txn, dupsort=name in _DUPSORT_DBS, dupfixed=name in _DUPSORT_DBS)
+                for name in _DB_NAMES
+            }
             raw = txn.get(_META_KEY, db=dbs[b"meta"])
             if raw is None:
                 raw = _META.pack(0, 0, 0, *LogClock())
                 txn.put(_META_KEY, raw, db=dbs[b"meta"])
+            compact = txn.get(_COMPACT_KEY, db=dbs[b"meta"])
+            if compact is None:  # a store from before MVCC: its history starts here
+                compact = _COMPACT.pack(_META_HEAD.unpack_from(raw)[2])
+                txn.put(_COMPACT_KEY, compact, db=dbs[b"meta"])
             self._alarms = alarm_set.decode(txn.get(_ALARMS_KEY, db=dbs[b"meta"]))
             self._leases = lease_store.LeaseStore(*(dbs[n] for n in lease_store.DB_NAMES))
             self._lease_ttls = self._leases.load(txn)
             self._staged_leases: dict[int, int] | None = None  # set by an apply, visible once it commits
+        self._nospace = alarm_set.has(self._alarms, alarm_set.NOSPACE)
+        self._dbs = tuple(dbs.values())
         self._env = env
         self._psize = env.stat()["psize"]
         self._reserved = 0  # bytes of the data file allocated ahead (see _reserve_disk)
         self._kv = dbs[b"kv"]
         self._meta = dbs[b"meta"]
+        self._hist = dbs[b"history"]
+        self._key_revs = dbs[b"key_revs"]
+        self._compact_rev = _COMPACT.unpack_from(compact)[0]
+        self._compact_resume: bytes | None = compact[_COMPACT.size:] or None
         self._sessions = SessionTable(
             dbs[b"sessions"], dbs[b"answers"], dbs[b"expiry"],
             ttl_ms=self._ttl_ms, max_pending=self._max_pending, max_sessions=self._max_sessions,
@@ -332,12 +357,12 @@ class StateMachine:
             self._reserve_disk(sum(len(e[2]) for e in entries))
         results: list[command_pb2.CommandResult | ApplyError | None] = []
         applied_index, applied_term = self._applied_index, self._applied_term
-        ex = _Executor(self._kv, self._revision, self._leases)
+        ex = _Executor(self._kv, self._hist, self._key_revs, self._revision, self._leases)
         clock = self._clock
         parse = command_pb2.Command.FromString
         # kv: the default db (positional calls are cheaper); a failed write or commit names the file
         with failing_as("LMDB commit", self.data_path), self._env.begin(write=True, db=self._kv) as txn:
-            ex.txn = txn
+            ex.begin(txn)
             ex.leased_keys = self._leases.any_attached(txn)
             sessions = self._sessions.batch(txn)
             for index, term, data in entries:
@@ -372,6 +397,7 @@ class StateMachine:
                 if origins is not None:
                     origins.append((cmd.proposal_id, (rid.client_id, rid.seq)))
             sessions.flush()
+            self._compact_some(txn)
             if applied_index != self._applied_index:
                 txn.put(_META_KEY, _META.pack(applied_index, applied_term, ex.revision, *clock), db=self._meta)
             if before_commit is not None:
@@ -389,16 +415,20 @@ class StateMachine:
         """A command without client ops: hash here (a barrier), change the alarm list, grant or revoke a lease."""
         revision = ex.revision
         if cmd.hash_barrier:
-            mark = HashMark(index, revision, hash_kv(txn))  # txn sees this batch's earlier entries
+            # txn sees this batch's earlier entries
+            mark = HashMark(index, revision, hash_kv(txn, self._hist, _HIST_KEY(self._compact_rev, 0)))
             self._hashes[index] = mark
             while len(self._hashes) > HASHES_KEPT:
                 del self._hashes[min(self._hashes)]
             return mark
+        if cmd.HasField("compaction"):
+            return self._compact(txn, cmd.compaction.revision, revision)
         if cmd.HasField("alarm"):
             a = cmd.alarm
             current = self._alarms if self._staged_alarms is None else self._staged_alarms
             self._staged_alarms = alarm_set.change(current, a.member_id, a.alarm, a.activate)
             txn.put(_ALARMS_KEY, alarm_set.encode(self._staged_alarms), db=self._meta)
+            self._nospace = alarm_set.has(self._staged_alarms, alarm_set.NOSPACE)
             return self._staged_alarms
         if cmd.HasField("lease"):
             return self._apply_lease(txn, cmd.lease, ex)
@@ -425,6 +455,46 @@ class StateMachine:
             staged.pop(lease_id, None)
         self._staged_leases = staged
         return command_pb2.CommandResult(revision=ex.revision)
+
+    def _compact(self, txn, to: int, revision: int):
+        """Apply a compaction to `to`: refused below the last one or past `revision` (etcd's rules)."""
+        if to <= self._compact_rev:
+            return ApplyError(ErrorCode.OUT_OF_RANGE, f"{history.COMPACTED} (asked for {to}, "
+                                                      f"compacted to {self._compact_rev})")
+        if to > revision:
+            return ApplyError(ErrorCode.OUT_OF_RANGE, f"{history.FUTURE} (asked for {to}, current is {revision})")
+        self._compact_rev, self._compact_resume = to, _HIST_KEY(0, 0)  # every kept event is rechecked
+        self._save_compaction(txn)
+        return PlainPuts(0, revision)
+
+    def _compact_some(self, txn) -> None:
+        """One bounded step of the pending compaction's removal (see history.py), in this batch."""
+        if self._compact_resume is None:
+            return
+        self._compact_resume = history.compact_step(
+            txn, self._hist, self._key_revs, self._compact_rev, self._compact_resume, history.COMPACT_STEP_EVENTS,
+        )
+        self._save_compaction(txn)
+
+    def _save_compaction(self, txn) -> None:
+        txn.put(_COMPACT_KEY, _COMPACT.pack(self._compact_rev) + (self._compact_resume or b""), db=self._meta)
+
+    @property
+    def compact_revision(self) -> int:
+        """Reads below this revision are refused (etcd's compacted revision)."""
+        return self._compact_rev
+
+    @property
+    def compacting(self) -> bool:
+        """Whether a compaction's removal still has history to walk (compact_pending drives it)."""
+        return self._compact_resume is not None
+
+    def compact_pending(self) -> None:
+        """Run one step of a pending compaction's removal with no entry to apply (an idle member)."""
+        if self._compact_resume is None:
+            return
+        with failing_as("LMDB commit", self.data_path), self._env.begin(write=True) as txn:
+            self._compact_some(txn)
 
     def _reserve_disk(self, batch_bytes: int) -> None:
         """Allocate disk for the pages a batch may write, before it writes them.
@@ -456,6 +526,9 @@ class StateMachine:
             validation.check_request_id(rid)
         except InvalidRequest as e:
             return ApplyError(ErrorCode.INVALID_ARGUMENT, str(e))
+        if self._nospace and quota.command_adds_data(cmd):  # the same verdict on every member
+            return ApplyError(ErrorCode.RESOURCE_EXHAUSTED, f"{quota.NO_SPACE} (NOSPACE alarm raised); "
+                                                            "delete keys and compact the history to free space")
         if not rid.client_id:
             return _run_checked(ex, cmd)
         verdict, answer = sessions.check(rid, now_ms)
@@ -471,11 +544,62 @@ class StateMachine:
     # ---- reads -------------------------------------------------------------
 
     def range(self, req: kv_pb2.RangeRequest) -> kv_pb2.RangeResponse:
-        """A local (serializable) read; raises InvalidRequest for a bad request."""
+        """A local (serializable) read; raises InvalidRequest for a bad request,
+        history.RevisionError for a revision compacted or not reached."""
         validation.check_range(req)
         with self._env.begin(db=self._kv) as txn:
             revision = _read_meta(txn, self._meta)[2]
+            if req.revision and req.revision != revision:
+                return self._range_at(txn, req, revision, kv_pb2.RangeResponse())
             return _range_leased(txn, req, revision, kv_pb2.RangeResponse(), self._lease_filler(txn))
+
+    def _range_at(self, txn, req: kv_pb2.RangeRequest, revision: int, resp: kv_pb2.RangeResponse):
+        """A read of the store as it was at req.revision, from the history (see history.py)."""
+        raw = txn.get(_COMPACT_KEY, db=self._meta)
+        history.check_revision(req.revision, _COMPACT.unpack_from(raw)[0], revision)
+        resp.header.revision = revision
+        at = req.revision
+        if not req.range_end:
+            record = history.record_at(txn, self._hist, self._key_revs, req.key, at)
+            found = [] if record is None else [(req.key, record)]
+        else:
+            end = keys.range_end_bound(req.key, req.range_end)
+            if end is not None and end <= req.key:
+                return resp
+            found = history.records_at(txn, self._hist, self._key_revs, req.key, end, at)
+        count = 0
+        for k, record in found:
+            count += 1
+            if not req.count_only and (not req.limit or count <= req.limit):
+                keys.add_key_value(resp.kvs, k, record, req.keys_only)
+        resp.count = count
+        if not req.count_only:
+            resp.more = count > len(resp.kvs)
+        return resp
+
+    def events(self, start: int, max_events: int, prev_kv: bool = False) -> tuple[list, int]:
+        """Up to max_events history events from revision `start` on, whole revisions only
+        (one revision's writes are never split), and the store's revision they were read at.
+
+        Each item is (Event, prev record or None; None also when prev_kv is false).
+        Raises history.RevisionError if `start` is below the compacted revision.
+        """
+        out: list = []
+        with self._env.begin() as txn:
+            revision = _read_meta(txn, self._meta)[2]
+            compacted = _COMPACT.unpack_from(txn.get(_COMPACT_KEY, db=self._meta))[0]
+            if start < compacted:
+                raise history.RevisionError(f"{history.COMPACTED} (asked for {start}, compacted to {compacted})")
+            last = 0
+            for ev in history.events_from(txn, self._hist, start, revision + 1):
+                if len(out) >= max_events and ev.revision != last:
+                    break
+                last = ev.revision
+                prev = None
+                if prev_kv:
+                    prev = history.prev_record(txn, self._hist, self._key_revs, ev.key, ev.revision, ev.sub)
+                out.append((ev, prev))
+        return out, revision
 
     def range_many(
         self,
@@ -484,7 +608,7 @@ class StateMachine:
         *,
         header: kv_pb2.ResponseHeader | None = None,
         validated: bool = False,
-    ) -> list[kv_pb2.RangeResponse | InvalidRequest]:
+    ) -> list[kv_pb2.RangeResponse | InvalidRequest | history.RevisionError]:
         """Serve many local reads from ONE read transaction (one snapshot, one meta read).
 
         A Batch's reads cost one LMDB transaction instead of one each. Each
@@ -493,9 +617,10 @@ class StateMachine:
         RangeResponse. `header`, if given, is copied into every answer with the
         revision of the snapshot read. validated=True skips the checks the
         caller has already made; otherwise a bad request yields its
-        InvalidRequest in its place and the others are still served.
+        InvalidRequest in its place and the others are still served. A read at
+        a revision compacted or not reached yields its history.RevisionError.
         """
-        results: list[kv_pb2.RangeResponse | InvalidRequest] = []
+        results: list[kv_pb2.RangeResponse | InvalidRequest | history.RevisionError] = []
         with self._env.begin(db=self._kv) as txn:  # kv: the default db, as _range needs
             revision = _read_meta(txn, self._meta)[2]
             leases = self._lease_filler(txn)
@@ -512,7 +637,14 @@ class StateMachine:
                         results.append(e)
                         continue
                 resp = kv_pb2.RangeResponse() if out is None else out[i]
-                _range_leased(txn, req, revision, resp, leases)
+                if req.revision and req.revision != revision:
+                    try:
+                        self._range_at(txn, req, revision, resp)
+                    except history.RevisionError as e:
+                        results.append(e)
+                        continue
+                else:
+                    _range_leased(txn, req, revision, resp, leases)
                 if header is not None:
                     resp.header.CopyFrom(header)
                 results.append(resp)
@@ -559,6 +691,11 @@ class StateMachine:
         """TESTING ONLY: write a record no log entry made, so this member silently diverges."""
         with self._env.begin(write=True) as txn:
             txn.put(key, keys.encode_record(1, 1, 1, b"diverged"), db=self._kv)
+
+    def used_bytes(self) -> int:
+        """Bytes of the pages holding data (what the quota counts; see quota.py)."""
+        with self._env.begin() as txn:
+            return quota.used_bytes(self._env, txn, self._dbs)
 
     def db_size(self) -> int:
         """Bytes of the LMDB file in use (high-water mark of its pages)."""
@@ -919,16 +1056,37 @@ def _run_checked(ex: _Executor, cmd: command_pb2.Command):
 class _Executor:
     """Runs the ops of commands inside one write transaction, tracking revision."""
 
-    def __init__(self, kv_db, revision: int, leases: lease_store.LeaseStore):
+    def __init__(self, kv_db, hist_db, key_revs_db, revision: int, leases: lease_store.LeaseStore):
         self.txn: lmdb.Transaction[bytes]  # the write transaction of the batch being applied, set by apply
         self._kv = kv_db
+        self._hist_db = hist_db
+        self._key_revs_db = key_revs_db
         self._leases = leases
-        self.leased_keys = False  # some key has a lease: puts and deletes keep the lease tables (set by apply)
+        self.leased_keys = False  # some key has a lease: puts and deletes keep the lease tables (set by begin's caller)
         self.revision = revision
+        self._sub_rev = 0  # the revision whose writes self._sub numbers
+        self._sub = 0
         self._txn_rev = 0  # revision shared by the writes of the txn being run
         self._txn_wrote = False
         # After run_command: the result is only plain put responses (see sessions.encode_answer).
         self.puts_only = False
+
+    def begin(self, txn: lmdb.Transaction) -> None:
+        """Run the commands of this batch in `txn` (its default db is kv)."""
+        self.txn = txn
+        # Cursors are cheaper than db= keyword calls; history only ever grows at its end.
+        self._hist = txn.cursor(db=self._hist_db)
+        self._key_revs = txn.cursor(db=self._key_revs_db)
+
+    def _record_event(self, key: bytes, rev: int, event: bytes) -> None:
+        """Add one write at `rev` to the history (its sub number follows the writes of that revision)."""
+        if rev == self._sub_rev:
+            self._sub += 1
+        else:
+            self._sub_rev, self._sub = rev, 0
+        hkey = _HIST_KEY(rev, self._sub)
+        self._hist.put(hkey, event, True, True, True)  # append: keys only grow
+        self._key_revs.put(key, hkey)
 
     def run_command(self, cmd: command_pb2.Command) -> command_pb2.CommandResult | PlainPuts:
         """Run a command's ops, each answer built in place in the result.
@@ -946,6 +1104,7 @@ class _Executor:
         InvalidRequest after the puts it ran are undone.
         """
         get, put, pack, unpack = self.txn.get, self.txn.put, _RECORD_HEADER.pack, _RECORD_HEADER.unpack_from
+        hput, kput, hkey_of, klen = self._hist.put, self._key_revs.put, _HIST_KEY, _KEY_LEN
         first = self.revision + 1
         plain = 0  # leading plain puts whose responses are not built
         result = responses = None
@@ -964,10 +1123,14 @@ class _Executor:
                 if undo is not None:
                     undo.append((key, old))
                 if old is None:
-                    put(key, pack(rev, rev, 1) + req.value)
+                    record = pack(rev, rev, 1) + req.value
                 else:
                     create, _, version = unpack(old)
-                    put(key, pack(create, rev, version + 1) + req.value)
+                    record = pack(create, rev, version + 1) + req.value
+                put(key, record)
+                hkey = hkey_of(rev, 0)  # a put of its own: the only write at its revision
+                hput(hkey, _PUT_EVENT + klen(len(key)) + key + record, True, True, True)
+                kput(key, hkey)
                 if responses is None:
                     if not req.prev_kv:
                         plain += 1
@@ -1000,11 +1163,16 @@ class _Executor:
                 error: InvalidRequest | None = None) -> NoReturn:
         """Undo the puts an invalid command ran (newest first) and raise what is wrong with it."""
         txn = self.txn
-        for key, old in reversed(undo):
+        rev = self.revision
+        for key, old in reversed(undo):  # each undone put had its own revision, newest last
             if old is None:
                 txn.delete(key)
             else:
                 txn.put(key, old)
+            hkey = _HIST_KEY(rev, 0)
+            txn.delete(hkey, db=self._hist_db)
+            txn.delete(key, hkey, db=self._key_revs_db)
+            rev -= 1
         self.revision = first - 1
         if error is not None:
             raise error
@@ -1062,7 +1230,9 @@ class _Executor:
                 resp.prev_kv.CopyFrom(keys.to_key_value(key, old))
                 if self.leased_keys:
                     resp.prev_kv.lease = self._leases.lease_of(txn, key)
-        txn.put(key, keys.encode_record(create, rev, version, req.value), db=self._kv)
+        record = keys.encode_record(create, rev, version, req.value)
+        txn.put(key, record, db=self._kv)
+        self._record_event(key, rev, history.encode_put(key, record))
         if req.lease or self.leased_keys:
             self._leases.attach(txn, key, req.lease)
             self.leased_keys = self.leased_keys or bool(req.lease)
@@ -1085,9 +1255,10 @@ class _Executor:
                         doomed.append((k, raw))
         if not doomed:
             return
-        self._write_revision()
+        rev = self._write_revision()
         for k, raw in doomed:
             txn.delete(k, db=self._kv)
+            self._record_event(k, rev, history.encode_delete(k, rev))
             if req.prev_kv:
                 prev = keys.to_key_value(k, raw)
                 if self.leased_keys:

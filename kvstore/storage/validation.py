@@ -74,6 +74,8 @@ def check_range(r: kv_pb2.RangeRequest) -> None:
     _check_key(r.key, "key")
     if r.limit < 0:
         raise InvalidRequest("range limit must be >= 0")
+    if r.revision < 0:
+        raise InvalidRequest("range revision must be >= 0")
 
 
 def _check_key(key: bytes, what: str) -> None:
@@ -101,6 +103,9 @@ def _check_txn(txn: kv_pb2.TxnRequest, depth: int) -> None:
             )
     for name, branch in (("success", txn.success), ("failure", txn.failure)):
         for i, op in enumerate(branch):
+            if op.WhichOneof("request") == "request_range" and op.request_range.revision:
+                raise InvalidRequest(f"txn {name} op {i}: a range inside a txn reads the txn's own "
+                                     "revision (revision must be 0)")
             try:
                 check_op(op, depth)
             except InvalidRequest as e:

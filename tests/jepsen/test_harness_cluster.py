@@ -147,6 +147,16 @@ def test_set_workload_under_kill(tmp_path: Path) -> None:
     assert summary["faults_by_kind"].get("kill", 0) >= 1
 
 
+def test_watch_workload_under_kill(tmp_path: Path) -> None:
+    code, summary, run_dir = jepsen_run(tmp_path, "watch", "--time", "12", "--nemesis", "kill",
+                                        "--workload", "watch", *FAST)
+    assert_complete_run_dir(run_dir, summary)
+    verdict = json.loads((run_dir / "verdict.json").read_text())
+    assert code == 0 and verdict["valid"], verdict
+    assert verdict["streams"] > 10 and verdict["events_seen"] > 100 and verdict["history"] > 50
+    assert summary["faults_by_kind"].get("kill", 0) >= 1
+
+
 def test_bank_workload_under_partition(tmp_path: Path) -> None:
     code, summary, run_dir = jepsen_run(tmp_path, "bank", "--time", "12", "--nemesis", "partition",
                                         "--workload", "bank", *FAST)

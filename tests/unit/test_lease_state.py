@@ -115,3 +115,15 @@ def test_a_failed_batch_does_not_show_its_leases(sm, log, monkeypatch):
     with pytest.raises(OSError):
         sm.apply([(1, 1, grant(9))], before_commit=boom)
     assert sm.leases == {}
+
+
+def test_a_revoke_is_recorded_in_history_as_deletes_at_one_revision(sm, log):
+    """Watchers see a lease's keys go: one DELETE event each, all at the revoke's revision."""
+    from kvstore.storage import history
+
+    log(grant(6))
+    log(cmd(lput(b"w/a", 6), lput(b"w/b", 6)))
+    res = log(revoke(6))
+    events, _ = sm.events(res.revision, 10)
+    assert [(ev.kind, ev.key, ev.revision) for ev, _prev in events] == [
+        (history.DELETE, b"w/a", res.revision), (history.DELETE, b"w/b", res.revision)]

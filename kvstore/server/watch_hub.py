@@ -1,0 +1,158 @@
+"""The member's watchers and how applied events reach them (etcd's watchable store).
+
+After every applied batch the node calls `notify`: the hub reads the new
+events from the history ONCE (one LMDB read, a bounded page at a time) and
+hands each synced watcher the ones it wants. Apply never waits for a
+watcher: `notify` runs on the event loop after the batch is committed, and
+only appends to in-memory buffers.
+
+A watcher whose buffer passes MAX_PENDING events (its client reads too
+slowly) is dropped from the synced set and stops receiving; its stream then
+catches it up from the history at its own pace (`catch_up`), a page at a
+time, and it rejoins the synced set once it has read past what the hub has
+delivered. A watcher created at an old revision starts that way too. If the
+history it still needs has been compacted, it is cancelled with the
+compacted revision (etcd's ErrCompacted).
+
+Every watcher keeps `next_rev`, the first revision it has not been given:
+the hub hands it only events at or after it, so a watcher that rejoins
+gets nothing twice, and since it rejoins only past the hub's revision it
+misses nothing. One revision's events are never split between deliveries.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+
+from kvstore.storage import history, keys
+from kvstore.storage.history import Event, RevisionError
+from kvstore.storage.state_machine import StateMachine
+
+__all__ = ["WatchHub", "Watcher", "RevisionError"]
+
+MAX_PENDING = 10_000  # events buffered for one watcher before it is moved to catch up from history
+PAGE = 1000  # events read from the history at once (the hub, and each catch-up)
+
+
+class Watcher:
+    """One watch: what it selects, where it is, and its buffer of events not yet sent."""
+
+    def __init__(self, watch_id: int, key: bytes, range_end: bytes, start: int, *, prev_kv: bool,
+                 no_put: bool, no_delete: bool, progress_notify: bool, wake: Callable[[], None]) -> None:
+        self.id = watch_id
+        self.key, self.range_end = key, range_end
+        self.end = keys.range_end_bound(key, range_end) if range_end else None
+        self.prev_kv, self.no_put, self.no_delete = prev_kv, no_put, no_delete
+        self.progress_notify = progress_notify
+        self.next_rev = start  # the first revision not yet given to this watcher
+        self.synced = False
+        self.pending: deque[tuple[Event, bytes | None]] = deque()
+        self.wake = wake  # tells the watcher's stream there is work
+
+    def selects(self, key: bytes) -> bool:
+        if not self.range_end:
+            return key == self.key
+        return key >= self.key and (self.end is None or key < self.end)
+
+    def wants(self, ev: Event) -> bool:
+        if ev.revision < self.next_rev:
+            return False
+        if ev.kind == history.PUT and self.no_put or ev.kind == history.DELETE and self.no_delete:
+            return False
+        return self.selects(ev.key)
+
+
+class WatchHub:
+    """Every watcher of this member; fed by `notify` after each applied batch."""
+
+    def __init__(self) -> None:
+        self.sm: StateMachine | None = None
+        self.revision = 0  # every event up to here has been handed to the synced watchers
+        self._synced: set[Watcher] = set()
+        self._readable: asyncio.Event | None = None
+        self.testing_max_pending = MAX_PENDING
+
+    def attach(self, sm: StateMachine, readable: asyncio.Event) -> None:
+        """Serve from `sm` (readable: cleared while a snapshot install swaps its environment)."""
+        self.sm, self._readable = sm, readable
+        self.revision = sm.revision
+
+    @property
+    def ready(self) -> bool:
+        return self.sm is not None and self._readable is not None and self._readable.is_set()
+
+    async def wait_ready(self) -> None:
+        while not self.ready:
+            if self._readable is None:
+                await asyncio.sleep(0.05)
+            else:
+                await self._readable.wait()
+
+    def add(self, w: Watcher) -> None:
+        """Start a watcher: synced if it starts after what the hub has delivered, else it catches up."""
+        if w.next_rev <= 0:
+            w.next_rev = self.revision + 1
+        if w.next_rev > self.revision:
+            w.synced = True
+            self._synced.add(w)
+        w.wake()
+
+    def remove(self, w: Watcher) -> None:
+        self._synced.discard(w)
+        w.pending.clear()
+
+    def notify(self) -> None:
+        """Hand the events applied since the last call to the synced watchers (one read for all)."""
+        sm = self.sm
+        if sm is None or not self.ready:
+            return  # the install's end notifies again
+        while self.revision < sm.revision:
+            if not self._synced:
+                self.revision = sm.revision
+                return
+            want_prev = any(w.prev_kv for w in self._synced)
+            try:
+                events, read_at = sm.events(self.revision + 1, PAGE, want_prev)
+            except RevisionError:  # a snapshot install jumped past compacted history
+                for w in list(self._synced):
+                    self._demote(w)
+                self.revision = sm.revision
+                return
+            upto = events[-1][0].revision if len(events) >= PAGE else read_at
+            for w in list(self._synced):
+                got = [(ev, prev if w.prev_kv else None) for ev, prev in events if w.wants(ev)]
+                if got:
+                    w.pending.extend(got)
+                    w.wake()
+                w.next_rev = max(w.next_rev, upto + 1)
+                if len(w.pending) > self.testing_max_pending:
+                    self._demote(w)
+            self.revision = upto
+
+    def _demote(self, w: Watcher) -> None:
+        """A slow watcher: no more deliveries; its stream catches it up from the history."""
+        self._synced.discard(w)
+        w.synced = False
+        w.wake()
+
+    def catch_up(self, w: Watcher) -> None:
+        """Read the next page of history for an unsynced watcher with an empty buffer.
+
+        Raises RevisionError when what it needs has been compacted. Rejoins the
+        synced set once it has read past the hub's revision.
+        """
+        assert self.sm is not None
+        events, read_at = self.sm.events(w.next_rev, PAGE, w.prev_kv)
+        w.pending.extend((ev, prev) for ev, prev in events if w.wants(ev))
+        if len(events) >= PAGE:
+            w.next_rev = events[-1][0].revision + 1
+        else:
+            w.next_rev = read_at + 1
+        if w.next_rev > self.revision:
+            w.synced = True
+            self._synced.add(w)
+
+    @property
+    def watcher_count(self) -> int:
+        return len(self._synced)

@@ -1,0 +1,217 @@
+"""MVCC history in the state machine: reads at a revision, compaction, events (history.py)."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from kvstore.storage import history
+from kvstore.storage.errors import ApplyError, ErrorCode
+from kvstore.storage.state_machine import StateMachine
+from kvstore.v1 import command_pb2, kv_pb2
+
+
+def put(k, v=b"v"):
+    return kv_pb2.RequestOp(request_put=kv_pb2.PutRequest(key=k, value=v))
+
+
+def delete(k, end=b""):
+    return kv_pb2.RequestOp(request_delete_range=kv_pb2.DeleteRangeRequest(key=k, range_end=end))
+
+
+def txn(*success):
+    return kv_pb2.RequestOp(request_txn=kv_pb2.TxnRequest(success=success))
+
+
+def cmd(*ops):
+    return command_pb2.Command(leader_clock_ms=1, ops=ops).SerializeToString()
+
+
+def compaction(rev):
+    return command_pb2.Command(compaction=kv_pb2.CompactionRequest(revision=rev)).SerializeToString()
+
+
+class Log:
+    def __init__(self, sm):
+        self.sm, self.index = sm, sm.applied_index
+
+    def __call__(self, *datas):
+        batch = []
+        for d in datas:
+            self.index += 1
+            batch.append((self.index, 1, d))
+        results = self.sm.apply(batch)
+        return results[0] if len(results) == 1 else results
+
+
+@pytest.fixture
+def sm(tmp_path):
+    s = StateMachine.open(str(tmp_path / "sm"), 256 << 20, fsync=False)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def log(sm):
+    return Log(sm)
+
+
+def get(sm, key, rev=0, end=b""):
+    resp = sm.range(kv_pb2.RangeRequest(key=key, range_end=end, revision=rev))
+    return [(kv.key, kv.value, kv.create_revision, kv.mod_revision, kv.version) for kv in resp.kvs]
+
+
+def history_size(sm):
+    with sm._env.begin() as t:
+        return t.stat(sm._hist)["entries"], t.stat(sm._key_revs)["entries"]
+
+
+def test_reads_at_a_revision(sm, log):
+    log(cmd(put(b"a", b"1")))                          # 1
+    log(cmd(put(b"b", b"1")))                          # 2
+    log(cmd(put(b"a", b"2")))                          # 3
+    log(cmd(delete(b"b")))                             # 4
+    log(cmd(txn(put(b"c", b"1"), put(b"a", b"3"))))    # 5: two writes, one revision
+    assert get(sm, b"a", 1) == [(b"a", b"1", 1, 1, 1)]
+    assert get(sm, b"a", 2) == [(b"a", b"1", 1, 1, 1)]
+    assert get(sm, b"a", 3) == [(b"a", b"2", 1, 3, 2)]
+    assert get(sm, b"b", 3) == [(b"b", b"1", 2, 2, 1)]
+    assert get(sm, b"b", 4) == []
+    assert get(sm, b"a", 5) == get(sm, b"a") == [(b"a", b"3", 1, 5, 3)]
+    assert [k for k, *_ in get(sm, b"a", 3, b"\0")] == [b"a", b"b"]
+    assert [k for k, *_ in get(sm, b"a", 4, b"\0")] == [b"a"]
+    resp = sm.range(kv_pb2.RangeRequest(key=b"a", range_end=b"\0", revision=3, limit=1))
+    assert (resp.count, resp.more, len(resp.kvs), resp.header.revision) == (2, True, 1, 5)
+    resp = sm.range(kv_pb2.RangeRequest(key=b"a", range_end=b"\0", revision=2, count_only=True))
+    assert (resp.count, len(resp.kvs)) == (2, 0)
+
+
+def test_future_and_compacted_revisions_are_refused(sm, log):
+    for i in range(5):
+        log(cmd(put(b"k", b"%d" % i)))
+    with pytest.raises(history.RevisionError, match="future revision"):
+        sm.range(kv_pb2.RangeRequest(key=b"k", revision=6))
+    assert log(compaction(6)) == ApplyError(ErrorCode.OUT_OF_RANGE, "required revision is a future revision "
+                                                                     "(asked for 6, current is 5)")
+    assert log(compaction(3)).revision == 5
+    assert sm.compact_revision == 3
+    with pytest.raises(history.RevisionError, match="required revision has been compacted"):
+        sm.range(kv_pb2.RangeRequest(key=b"k", revision=2))
+    assert get(sm, b"k", 3) == [(b"k", b"2", 1, 3, 3)]
+    err = log(compaction(3))
+    assert err.code is ErrorCode.OUT_OF_RANGE and "compacted" in err.message
+    out = sm.range_many([kv_pb2.RangeRequest(key=b"k", revision=1), kv_pb2.RangeRequest(key=b"k", revision=4)])
+    assert isinstance(out[0], history.RevisionError) and out[1].kvs[0].value == b"3"
+    with pytest.raises(history.RevisionError, match="compacted"):
+        sm.events(2, 10)
+
+
+def test_compaction_keeps_the_newest_write_below_and_drops_tombstones(sm, log):
+    log(cmd(put(b"a", b"1")), cmd(put(b"a", b"2")), cmd(put(b"b", b"1")), cmd(delete(b"b")))  # 1..4
+    log(cmd(put(b"c", b"1")))  # 5
+    assert history_size(sm) == (5, 5)
+    log(compaction(5))
+    assert not sm.compacting
+    assert history_size(sm) == (2, 2)  # a@2 and c@5 are all that stays
+    assert get(sm, b"a", 5, b"\0") == [(b"a", b"2", 1, 2, 2), (b"c", b"1", 5, 5, 1)]
+
+
+def test_an_invalid_command_leaves_no_history(sm, log):
+    log(cmd(put(b"a")))
+    bad = log(cmd(put(b"b"), put(b"c"), put(b"")))
+    assert isinstance(bad, ApplyError)
+    assert history_size(sm) == (1, 1)
+    assert [ev.key for ev, _ in sm.events(1, 100)[0]] == [b"a"]
+
+
+def test_events_in_revision_order_with_prev_kv(sm, log):
+    log(cmd(put(b"a", b"1")), cmd(put(b"a", b"2")), cmd(delete(b"a")), cmd(txn(put(b"x"), put(b"y"))))
+    events, rev = sm.events(1, 100, prev_kv=True)
+    assert rev == 4
+    got = [(e.revision, e.sub, e.kind, e.key, prev and history.value_of(prev)) for e, prev in events]
+    assert got == [(1, 0, history.PUT, b"a", None), (2, 0, history.PUT, b"a", b"1"),
+                   (3, 0, history.DELETE, b"a", b"2"), (4, 0, history.PUT, b"x", None),
+                   (4, 1, history.PUT, b"y", None)]
+    # a page never splits a revision
+    assert [e.revision for e, _ in sm.events(4, 1)[0]] == [4, 4]
+    assert [e.revision for e, _ in sm.events(2, 1)[0]] == [2]
+
+
+def test_hash_covers_history(tmp_path):
+    """Two stores with the same latest records but different histories hash differently."""
+    a = StateMachine.open(str(tmp_path / "a"), 64 << 20, fsync=False)
+    b = StateMachine.open(str(tmp_path / "b"), 64 << 20, fsync=False)
+    barrier = command_pb2.Command(hash_barrier=True).SerializeToString()
+    try:
+        la, lb = Log(a), Log(b)
+        la(cmd(put(b"k", b"1")), cmd(put(b"k", b"2")))
+        lb(cmd(put(b"k", b"x")), cmd(put(b"k", b"2")))
+        assert a.dump() == b.dump()
+        assert la(barrier).hash != lb(barrier).hash
+    finally:
+        a.close()
+        b.close()
+
+
+def test_compaction_in_steps_keeps_every_read_right(sm, log, monkeypatch):
+    """A model check: random writes, then compaction removed a few events per step; after
+    every step each readable revision answers as the model says it did."""
+    monkeypatch.setattr(history, "COMPACT_STEP_EVENTS", 3)
+    rnd = random.Random(7)
+    keys = [b"k%d" % i for i in range(6)]
+    model: dict[bytes, bytes] = {}
+    at: list[dict[bytes, bytes]] = [{}]  # at[rev] = the store at rev
+    for _ in range(120):
+        k = rnd.choice(keys)
+        if rnd.random() < 0.25:
+            if k in model:
+                del model[k]
+                log(cmd(delete(k)))
+                at.append(dict(model))
+        else:
+            model[k] = b"%d" % rnd.randrange(1000)
+            log(cmd(put(k, model[k])))
+            at.append(dict(model))
+    current = sm.revision
+    assert current == len(at) - 1
+
+    def check(low):
+        for rev in range(low, current + 1):
+            got = {kv.key: kv.value for kv in sm.range(kv_pb2.RangeRequest(key=b"k", range_end=b"l", revision=rev)).kvs}
+            assert got == at[rev], rev
+            for k in keys[:2]:
+                one = sm.range(kv_pb2.RangeRequest(key=k, revision=rev)).kvs
+                assert ([kv.value for kv in one] == [at[rev][k]]) if k in at[rev] else not one
+
+    for to in (current // 3, current // 2, current):
+        log(compaction(to))
+        steps = 0
+        while sm.compacting:
+            check(to)
+            sm.compact_pending()
+            steps += 1
+        check(to)
+        assert steps > 1  # it did run in steps
+    # Only each live key's newest write is left.
+    assert history_size(sm) == (len(model), len(model))
+
+
+def test_compaction_survives_reopen(tmp_path, monkeypatch):
+    monkeypatch.setattr(history, "COMPACT_STEP_EVENTS", 2)
+    path = str(tmp_path / "sm")
+    sm = StateMachine.open(path, 64 << 20, fsync=False)
+    log = Log(sm)
+    for i in range(10):
+        log(cmd(put(b"k", b"%d" % i)))
+    log(compaction(8))
+    assert sm.compacting
+    sm.close()
+    sm = StateMachine.open(path, 64 << 20, fsync=False)
+    try:
+        assert sm.compacting and sm.compact_revision == 8
+        while sm.compacting:
+            sm.compact_pending()
+        assert history_size(sm) == (3, 3)  # revisions 8, 9, 10
+        assert get(sm, b"k", 8) == [(b"k", b"7", 1, 8, 8)]
+    finally:
+        sm.close()
