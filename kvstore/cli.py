@@ -134,7 +134,8 @@ class _LazyGroup(click.Group):
     lazy = {"jepsen": ("kvstore.jepsen.cli", "jepsen"), "bench": ("kvstore.bench", "bench"),
             "certs": ("kvstore.certs", "certs"),
             "check": ("kvstore.maintenance_cli", "check"), "alarm": ("kvstore.maintenance_cli", "alarm"),
-            "lease": ("kvstore.lease_cli", "lease")}
+            "lease": ("kvstore.lease_cli", "lease"),
+            "lock": ("kvstore.lock_cli", "lock"), "elect": ("kvstore.lock_cli", "elect")}
 
 
     def list_commands(self, ctx: click.Context) -> list[str]:

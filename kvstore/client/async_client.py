@@ -25,7 +25,9 @@ from kvstore.client.balancer import Balancer, make_balancer
 from kvstore.client.breaker import CircuitBreaker
 from kvstore.client.coalescer import ANY, LEADER, Coalescer, response
 from kvstore.client.endpoints import DEFAULT_CHANNEL_OPTIONS, DEFAULT_ENDPOINTS, Endpoints
+from kvstore.client.election import Election
 from kvstore.client.lease import Lease, LeaseGrant, LeaseTimeToLive
+from kvstore.client.lock import Lock
 from kvstore.client.tls import TLS
 from kvstore.client.retry import ExponentialBackoff, RetryPolicy
 from kvstore.client.retry_budget import RetryBudget
@@ -311,6 +313,16 @@ class AsyncClient:
         """``async with ac.lease(ttl=10) as lease:`` grants a lease and keeps it alive until the block
         ends, then revokes it; see kvstore/client/lease.py for how loss is reported."""
         return Lease(self, ttl, lease_id)
+
+    def lock(self, name: BytesLike, *, ttl: int = 60, lease: Lease | None = None) -> Lock:
+        """``async with ac.lock("name", ttl=10) as lock:`` holds lock NAME (under its own lease of ``ttl``
+        seconds, or ``lease``); ``lock.token`` is its fencing token, ``lock.guard()`` the txn compare
+        that fences a write (kvstore/client/lock.py)."""
+        return Lock(self, name, ttl=ttl, lease=lease)
+
+    def election(self, name: BytesLike, *, ttl: int = 60, lease: Lease | None = None) -> Election:
+        """Election NAME: campaign, proclaim, leader, observe, resign (kvstore/client/election.py)."""
+        return Election(self, name, ttl=ttl, lease=lease)
 
     async def lease_grant(self, ttl: int, *, lease_id: int = 0, timeout: float | None = None) -> LeaseGrant:
         """A new lease of ``ttl`` seconds (raised to the cluster's minimum); ``lease_id`` 0: the leader picks."""

@@ -19,7 +19,9 @@ from collections.abc import Coroutine, Iterable, Iterator, Sequence
 from kvstore.client import errors
 from kvstore.client.async_client import AsyncClient
 from kvstore.client.balancer import Balancer
+from kvstore.client.election import SyncElection
 from kvstore.client.lease import LeaseGrant, LeaseTimeToLive, SyncLease
+from kvstore.client.lock import SyncLock
 from kvstore.client.retry import RetryPolicy
 from kvstore.client.txn import Txn
 from kvstore.client.watch import WatchEvent, WatchPosition
@@ -292,6 +294,16 @@ class Client:
         block ends, then revokes it. ``lease.lost`` (a threading.Event) is set and ``lease.check()``
         raises LeaseLost once it is lost (see kvstore/client/lease.py)."""
         return SyncLease(self, self._aclient.lease(ttl, lease_id=lease_id))
+
+    def lock(self, name: BytesLike, *, ttl: int = 60) -> SyncLock:
+        """``with c.lock("name", ttl=10) as lock:`` holds lock NAME under a lease kept alive in the
+        background; ``lock.token`` is its fencing token, ``lock.guard()`` the compare that fences a
+        write: ``c.txn(Txn().when(lock.guard()).then(put(k, v)))`` (kvstore/client/lock.py)."""
+        return SyncLock(self, self._aclient.lock(name, ttl=ttl))
+
+    def election(self, name: BytesLike, *, ttl: int = 60) -> SyncElection:
+        """Election NAME: campaign, proclaim, leader, observe, resign (kvstore/client/election.py)."""
+        return SyncElection(self, self._aclient.election(name, ttl=ttl))
 
     def lease_grant(self, ttl: int, *, lease_id: int = 0, timeout: float | None = None) -> LeaseGrant:
         return self._run(self._aclient.lease_grant(ttl, lease_id=lease_id, timeout=timeout))
