@@ -104,6 +104,17 @@ class Lease:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    async def stop_keep_alive(self) -> None:
+        """Stop renewing without revoking: the lease runs out by itself within its TTL (as a holder
+        that stopped would let it; the lock tests use it to strand a holder)."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
     async def close(self) -> None:
         """Stop the keep-alives and revoke the lease (a lease already gone is fine)."""
         if self._task is not None:

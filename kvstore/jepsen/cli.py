@@ -29,7 +29,7 @@ def jepsen() -> None:
                    "partition[-halves|-leader|-ring|-bridge], kill[-random|-leader], "
                    "pause[-random|-leader], power[-random|-leader|-all] (root: loop-mounted ext4), "
                    "clock[-{leader,random}-{ahead,behind}], none")
-@click.option("--workload", type=click.Choice(["register", "set", "bank", "watch", "lease"]),
+@click.option("--workload", type=click.Choice(["register", "set", "bank", "watch", "lease", "lock", "lock-unfenced"]),
               default="register",
               show_default=True)
 @click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False),
@@ -129,6 +129,10 @@ def _check(path: Path) -> tuple[int, str, dict]:
         elif kind == "bank":
             bank = BankWorkload()  # the run's accounts and total are the workload's fixed ones
             verdict = check_bank(ops, bank.accounts, bank.total)
+        elif kind == "lock":
+            from kvstore.jepsen.lock_workload import check_lock
+
+            verdict = check_lock(ops)
         elif kind == "lease":
             from kvstore.jepsen.lease_workload import check_leases
 

@@ -124,6 +124,37 @@ class ClientStore(Store):
     async def keep_alive(self, lease: int) -> int:
         return int((await self.client.lease_keep_alive_once(lease)).TTL)
 
+    async def locked_increment(self, lock: str, counter: str, ttl: int, hold_s: float, fenced: bool,
+                               acquire_timeout: float) -> tuple[int, int] | str:
+        """Take the lock, read the counter, hold, then write count + 1 blindly (fenced by the lock's
+        guard unless told not to). (count, token) if written, else why it certainly was not: "lock"
+        (not acquired, or the counter not read) or "fence" (the guard refused the write)."""
+        from kvstore.client import errors
+        from kvstore.client.lock import Lock
+        from kvstore.client.txn import Txn, put
+        from kvstore.jepsen.lock_workload import parse_counter
+
+        lk = Lock(self.client, lock, ttl=ttl)
+        try:
+            await lk.acquire(acquire_timeout)
+        except errors.KvstoreError:
+            return "lock"  # not acquired: nothing was written to the counter
+        try:
+            try:
+                count, _ = parse_counter(await self.get(counter))
+            except errors.KvstoreError:
+                return "lock"
+            if hold_s < 0:  # a stalled holder: its keep-alives stop too, its lease runs out
+                assert lk.lease is not None
+                await lk.lease.stop_keep_alive()
+            await asyncio.sleep(abs(hold_s))
+            txn = Txn().when(lk.guard()) if fenced else Txn()
+            r = await self.client.txn(txn.then(put(counter, f"{count + 1} {lk.token}")))
+            return (count + 1, lk.token) if r.succeeded else "fence"
+        finally:
+            # in the background: the increment is decided, and a release may wait out a fault
+            asyncio.ensure_future(_quietly(lk.release()))
+
     def outcome_of(self, error: BaseException, mutation: bool) -> str:
         return outcome_of(error, mutation)
 
@@ -165,6 +196,11 @@ class ClientStore(Store):
 
     async def close(self) -> None:
         await self.client.close()
+
+
+async def _quietly(aw: Any) -> None:
+    with contextlib.suppress(Exception):
+        await aw
 
 
 def outcome_of(error: BaseException, mutation: bool) -> str:

@@ -453,6 +453,10 @@ def make_workload(name: str, seed: int | None = None) -> Workload:
         from kvstore.jepsen.lease_workload import LeaseWorkload
 
         return LeaseWorkload(seed)
+    if name in ("lock", "lock-unfenced"):  # lock-unfenced: writes without the guard (the checker's teeth)
+        from kvstore.jepsen.lock_workload import LockWorkload
+
+        return LockWorkload(seed, fenced=name == "lock")
     try:
         return WORKLOADS[name](seed)
     except KeyError:
@@ -466,6 +470,8 @@ def workload_of(operations: Sequence[Operation]) -> str:
         return "lease"
     if "watch" in functions or "history" in functions:
         return "watch"
+    if "inc" in functions:
+        return "lock"
     if "add" in functions:
         return "set"
     if "transfer" in functions:

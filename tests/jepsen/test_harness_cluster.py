@@ -195,6 +195,30 @@ def test_teeth_lease_clocks_from_apply_are_caught(tmp_path: Path) -> None:
     assert any(code == 1 for code, _ in verdicts), f"the checker never caught early expiry: {verdicts}"
 
 
+@pytest.mark.slow
+def test_lock_workload_fences_stalled_holders(tmp_path: Path) -> None:
+    code, summary, run_dir = jepsen_run(tmp_path, "lock", "--time", "20", "--nemesis", "partition,pause",
+                                        "--workload", "lock", *FAST[:4], "--op-timeout", "2")
+    verdict = json.loads((run_dir / "verdict.json").read_text())
+    assert code == 0 and verdict["valid"], verdict
+    assert verdict["acknowledged"] > 20 and verdict["refused_by_fence"] > 0
+
+
+@pytest.mark.slow
+def test_teeth_unfenced_lock_writes_are_caught(tmp_path: Path) -> None:
+    """The same increments written without the guard: stalled holders' writes land after their
+    successors', and the checker finds the lost increments and stale tokens."""
+    verdicts = []
+    for attempt in range(3):
+        code, summary, _run_dir = jepsen_run(tmp_path, f"unfenced-{attempt}", "--time", "20", "--nemesis", "pause",
+                                             "--workload", "lock-unfenced", *FAST[:4], "--op-timeout", "2")
+        verdicts.append((code, summary["verdict"]))
+        if code == 1:
+            assert "lost increments" in summary["verdict"] or "stale token" in summary["verdict"]
+            break
+    assert any(code == 1 for code, _ in verdicts), f"unfenced writes were never caught: {verdicts}"
+
+
 def test_proxy_network_partitions_without_root(tmp_path: Path) -> None:
     """The no-root mode: peer links through TCP proxies that reset during a partition."""
     code, summary, run_dir = jepsen_run(tmp_path, "proxy", "--time", "12", "--nemesis",
