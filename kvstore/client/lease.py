@@ -138,8 +138,8 @@ class Lease:
             return
         self.why_lost = why
         self.lost.set()
-        if not quiet:
-            log.warning("lease %d lost: %s", self.id, why)
+        if not quiet:  # the caller hears of it through lost, check() and on_lost, not the log
+            log.info("lease %d lost: %s", self.id, why)
             for cb in self._callbacks:
                 try:
                     cb(self)

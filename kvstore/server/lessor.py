@@ -65,7 +65,7 @@ class Lessor:
         self._leading_term = 0  # the term the deadlines were set in (0: not leading)
         self._seen: dict[int, int] | None = None  # the lease list the deadlines were last matched with
         self._revoking: set[int] = set()
-        self.revoked = 0  # leases revoked by expiry (kvstore_server_lease_expired_total)
+        self.revoked = 0  # leases this member revoked because they expired (kvstore_server_lease_expired_total)
         # TESTING ONLY, UNSAFE: every member starts a lease's clock when it first sees it and keeps it
         # on becoming leader, so keep-alives the old leader took are forgotten (expires early).
         self.testing_deadlines_from_apply = testing_deadlines_from_apply

@@ -20,6 +20,7 @@ import pytest
 from kvstore.client import Client, ExponentialBackoff, LeaseLost, NotFound
 from kvstore.launcher import LocalCluster
 
+from metrics_cluster import http_get, metric
 from server_cluster import settled
 
 pytestmark = pytest.mark.timeout(240)
@@ -98,6 +99,10 @@ def test_key_vanishes_after_keep_alives_stop_never_before_ttl(cluster):
         assert gone >= sent + ttl, f"gone {sent + ttl - gone:.2f}s before its TTL ran out"
         assert gone <= answered + ttl + ELECTION_S, f"gone {gone - answered - ttl:.2f}s after its TTL"
         assert c.lease_time_to_live(g.id).ttl == -1
+    leader = cluster.leader()
+    _status, text = http_get(cluster.metrics_url(leader))
+    assert (metric(text, "kvstore_server_lease_expired_total") or 0) >= 1, "the expiry is not counted"
+    assert metric(text, "kvstore_server_leases") is not None
 
 
 def test_context_manager_keeps_alive_reports_loss_and_revokes(cluster):
