@@ -103,6 +103,9 @@ class LeaseStore:
         """Whether any key has a lease (if not, puts and deletes need no lease bookkeeping)."""
         return txn.stat(self._key_leases)["entries"] > 0
 
+    def has_lease(self, txn: lmdb.Transaction[bytes], key: bytes) -> bool:
+        return txn.get(key, db=self._key_leases) is not None
+
     def lease_of(self, txn: lmdb.Transaction[bytes], key: bytes) -> int:
         raw = txn.get(key, db=self._key_leases)
         return 0 if raw is None else _ID.unpack(raw)[0]

@@ -1111,9 +1111,12 @@ class _Executor:
         puts_only = True
         undo: list | None = []  # (key, old record) of each put run; None once the command is known valid
         max_key = keys.MAX_KEY_BYTES
+        has_lease = self._leases.has_lease
         for op in cmd.ops:
-            # Puts with no lease to keep track of run inline; the rest as any other op.
-            if op.WhichOneof("request") == "request_put" and not (self.leased_keys or op.request_put.lease):
+            # Puts that neither attach a lease nor overwrite a key that has one run inline; the
+            # rest (their lease bookkeeping) as any other op.
+            if op.WhichOneof("request") == "request_put" and not op.request_put.lease and not (
+                    self.leased_keys and has_lease(self.txn, op.request_put.key)):
                 req = op.request_put
                 key = req.key
                 if undo is not None and not (key and len(key) <= max_key and not req.lease):

@@ -127,3 +127,18 @@ def test_a_revoke_is_recorded_in_history_as_deletes_at_one_revision(sm, log):
     events, _ = sm.events(res.revision, 10)
     assert [(ev.kind, ev.key, ev.revision) for ev, _prev in events] == [
         (history.DELETE, b"w/a", res.revision), (history.DELETE, b"w/b", res.revision)]
+
+
+def test_plain_puts_beside_leased_keys(sm, log):
+    """Puts to keys without a lease stay on the inline path; one over a leased key detaches it, and
+    an invalid command undoes the puts before it, leases included."""
+    log(grant(2))
+    log(cmd(lput(b"a", 2)))
+    before = (sm.dump(), sm.revision, sm.lease_keys(2))
+    r = log(cmd(put(b"b"), put(b"a", b"plain"), delete(b""), client=5, seq=1))
+    assert isinstance(r, ApplyError) and r.code is ErrorCode.INVALID_ARGUMENT
+    assert (sm.dump(), sm.revision, sm.lease_keys(2)) == before
+    log(cmd(put(b"b"), put(b"a", b"plain"), put(b"c")))
+    assert sm.get(b"a").lease == 0 and sm.lease_keys(2) == []
+    log(revoke(2))
+    assert set(sm.dump()) == {b"a", b"b", b"c"}  # a left the lease before it was revoked
