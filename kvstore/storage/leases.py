@@ -20,7 +20,7 @@ A command whose puts name a lease that does not exist is refused as a whole
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import lmdb
 
@@ -103,8 +103,9 @@ class LeaseStore:
         """Whether any key has a lease (if not, puts and deletes need no lease bookkeeping)."""
         return txn.stat(self._key_leases)["entries"] > 0
 
-    def has_lease(self, txn: lmdb.Transaction[bytes], key: bytes) -> bool:
-        return txn.get(key, db=self._key_leases) is not None
+    def has_lease_lookup(self, txn: lmdb.Transaction[bytes]) -> Callable[[bytes], bool]:
+        """A fast `key -> whether it has a lease` for one transaction (a cursor: no keyword calls)."""
+        return txn.cursor(db=self._key_leases).set_key
 
     def lease_of(self, txn: lmdb.Transaction[bytes], key: bytes) -> int:
         raw = txn.get(key, db=self._key_leases)

@@ -364,6 +364,7 @@ class StateMachine:
         with failing_as("LMDB commit", self.data_path), self._env.begin(write=True, db=self._kv) as txn:
             ex.begin(txn)
             ex.leased_keys = self._leases.any_attached(txn)
+            ex.has_lease = self._leases.has_lease_lookup(txn)
             sessions = self._sessions.batch(txn)
             for index, term, data in entries:
                 if index <= applied_index:
@@ -1062,7 +1063,8 @@ class _Executor:
         self._hist_db = hist_db
         self._key_revs_db = key_revs_db
         self._leases = leases
-        self.leased_keys = False  # some key has a lease: puts and deletes keep the lease tables (set by begin's caller)
+        self.leased_keys = False  # some key has a lease: puts and deletes keep the lease tables (set by apply)
+        self.has_lease: Callable[[bytes], bool]  # key -> whether it has a lease, in this batch (set by apply)
         self.revision = revision
         self._sub_rev = 0  # the revision whose writes self._sub numbers
         self._sub = 0
@@ -1111,15 +1113,14 @@ class _Executor:
         puts_only = True
         undo: list | None = []  # (key, old record) of each put run; None once the command is known valid
         max_key = keys.MAX_KEY_BYTES
-        has_lease = self._leases.has_lease
+        has_lease = self.has_lease
         for op in cmd.ops:
             # Puts that neither attach a lease nor overwrite a key that has one run inline; the
             # rest (their lease bookkeeping) as any other op.
-            if op.WhichOneof("request") == "request_put" and not op.request_put.lease and not (
-                    self.leased_keys and has_lease(self.txn, op.request_put.key)):
-                req = op.request_put
+            if op.WhichOneof("request") == "request_put" and not (
+                    (req := op.request_put).lease or self.leased_keys and has_lease(req.key)):
                 key = req.key
-                if undo is not None and not (key and len(key) <= max_key and not req.lease):
+                if undo is not None and not (key and len(key) <= max_key):
                     self._refuse(cmd, undo, first)
                 self.revision = rev = self.revision + 1
                 old = get(key)  # the transaction's default db is kv (see apply)
