@@ -39,6 +39,8 @@ log = logging.getLogger("kvstore.client.lease")
 
 __all__ = ["LeaseGrant", "LeaseTimeToLive", "Lease", "SyncLease"]
 
+GONE = "the cluster has no such lease"  # how a loss the cluster reported begins (Lease.why_lost)
+
 
 @dataclass(frozen=True, slots=True)
 class LeaseGrant:
@@ -124,14 +126,15 @@ class Lease:
             except asyncio.CancelledError:
                 pass
             self._task = None
-        if not self.lost.is_set():
-            self._lose("closed", quiet=True)
-            try:
-                await self._client.lease_revoke(self.id, timeout=min(self._client.timeout, self.ttl))
-            except errors.NotFound:
-                pass
-            except errors.KvstoreError as e:  # it expires by itself
-                log.info("revoking lease %d on close failed (it expires within its TTL): %s", self.id, e)
+        if self.why_lost.startswith(GONE):
+            return  # the cluster said so: nothing to revoke
+        self._lose("closed", quiet=True)
+        try:  # also when lost only here (its deadline passed): the cluster may still hold it
+            await self._client.lease_revoke(self.id, timeout=min(self._client.timeout, self.ttl))
+        except errors.NotFound:
+            pass
+        except errors.KvstoreError as e:  # it expires by itself
+            log.info("revoking lease %d on close failed (it expires within its TTL): %s", self.id, e)
 
     def _lose(self, why: str, quiet: bool = False) -> None:
         if self.lost.is_set():
@@ -149,7 +152,7 @@ class Lease:
     def _answered(self, sent: float, resp: lease_pb2.LeaseKeepAliveResponse) -> bool:
         """Take a keep-alive answer; False once the lease is lost."""
         if resp.TTL <= 0:
-            self._lose("the cluster has no such lease (it expired or was revoked)")
+            self._lose(f"{GONE} (it expired or was revoked)")
             return False
         if asyncio.get_running_loop().time() >= self.deadline:
             self._lose("its TTL ran out before a keep-alive was answered")  # stays lost, whatever comes late
@@ -182,7 +185,7 @@ class Lease:
                     resp = await asyncio.wait_for(call.read(), left)
                     if resp is grpc.aio.EOF:
                         raise ConnectionError("the keep-alive stream ended")
-                except (grpc.aio.AioRpcError, grpc.aio.UsageError, ConnectionError, TimeoutError) as e:
+                except Exception as e:  # a broken stream, whatever its error: try the retrying path
                     if call is not None:
                         call.cancel()
                         call = None
@@ -190,12 +193,15 @@ class Lease:
                     sent = loop.time()
                     try:
                         resp = await client.lease_keep_alive_once(self.id, timeout=max(0.05, self.deadline - sent))
-                    except errors.KvstoreError as e2:
+                    except Exception as e2:  # not answered in time (or at all): soon again, until the deadline
                         log.debug("lease %d keep-alive failed: %s", self.id, e2)
                         wait = min(interval, 0.25)  # soon again, until the deadline
                         continue
                 if not self._answered(sent, resp):
                     return
+        except Exception as e:  # a bug here must not leave a lease silently unrenewed
+            self._lose(f"its keep-alives stopped: {e!r}")
+            raise
         finally:
             if call is not None:
                 call.cancel()

@@ -112,11 +112,16 @@ class Lock:
         self.token = rev
 
     async def release(self) -> None:
-        """Give the lock up (delete its key); a lock whose lease was lost is already released."""
+        """Give the lock up: delete its key (only our lease's id names it, so this never removes
+        another's); errors are raised only while the lease still holds."""
         self.token = 0
         try:
-            if self.key and self.lease is not None and not self.lease.lost.is_set():
-                await self._client.delete(self.key)
+            if self.key:
+                try:
+                    await self._client.delete(self.key)
+                except errors.KvstoreError:
+                    if self.lease is None or not self.lease.lost.is_set():
+                        raise  # else its key goes (or went) with the lease
         finally:
             self.key = b""
             if self._own_lease and self.lease is not None:

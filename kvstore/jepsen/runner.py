@@ -90,6 +90,7 @@ class ClientStore(Store):
 
         retry = ExponentialBackoff(base=0.02, cap=0.2, attempt_timeout=min(1.0, timeout))
         self.client = AsyncClient(endpoints, timeout=timeout, retry=retry, coalesce=False, tls=tls)
+        self._releases: set[asyncio.Future] = set()  # locks being released in the background
 
     async def get(self, key: str) -> str | None:
         value = (await self.client.get(key)).value
@@ -153,7 +154,9 @@ class ClientStore(Store):
             return (count + 1, lk.token) if r.succeeded else "fence"
         finally:
             # in the background: the increment is decided, and a release may wait out a fault
-            asyncio.ensure_future(_quietly(lk.release()))
+            task = asyncio.ensure_future(_quietly(lk.release()))
+            self._releases.add(task)
+            task.add_done_callback(self._releases.discard)
 
     def outcome_of(self, error: BaseException, mutation: bool) -> str:
         return outcome_of(error, mutation)

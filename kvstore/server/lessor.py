@@ -64,7 +64,7 @@ class Lessor:
         self._deadlines: dict[int, float] = {}  # lease id -> time.monotonic() deadline
         self._leading_term = 0  # the term the deadlines were set in (0: not leading)
         self._seen: dict[int, int] | None = None  # the lease list the deadlines were last matched with
-        self._revoking: set[int] = set()
+        self._revoking: dict[int, asyncio.Future] = {}  # lease id -> its revoke under way
         self.revoked = 0  # leases this member revoked because they expired (kvstore_server_lease_expired_total)
         # TESTING ONLY, UNSAFE: every member starts a lease's clock when it first sees it and keeps it
         # on becoming leader, so keep-alives the old leader took are forgotten (expires early).
@@ -96,8 +96,7 @@ class Lessor:
             return
         for lease_id, deadline in self._deadlines.items():
             if deadline <= now and lease_id not in self._revoking:
-                self._revoking.add(lease_id)
-                asyncio.ensure_future(self._revoke(lease_id))
+                self._revoking[lease_id] = asyncio.ensure_future(self._revoke(lease_id))
 
     async def _revoke(self, lease_id: int) -> None:
         try:
@@ -110,7 +109,7 @@ class Lessor:
         except RequestFailed as e:  # leadership lost or too slow: the next leader (or tick) tries again
             log.info("revoking expired lease %d failed: %s", lease_id, e.message)
         finally:
-            self._revoking.discard(lease_id)
+            self._revoking.pop(lease_id, None)
 
     def granted(self, lease_id: int, ttl: int) -> None:
         """A lease this leader granted: its clock starts now."""
