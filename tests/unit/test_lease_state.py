@@ -142,3 +142,22 @@ def test_plain_puts_beside_leased_keys(sm, log):
     assert sm.get(b"a").lease == 0 and sm.lease_keys(2) == []
     log(revoke(2))
     assert set(sm.dump()) == {b"a", b"b", b"c"}  # a left the lease before it was revoked
+
+
+def test_a_snapshot_carries_leases_and_their_keys(tmp_path):
+    """A follower installing an image gets the leases and attachments (the new leader's clocks start
+    from what it holds)."""
+    a = StateMachine.open(str(tmp_path / "a"), 64 << 20, fsync=False)
+    b = StateMachine.open(str(tmp_path / "b"), 64 << 20, fsync=False)
+    try:
+        lg = Log(a)
+        lg(grant(11, ttl=15))
+        lg(cmd(lput(b"s/k", 11)))
+        image = tmp_path / "image.mdb"
+        with open(image, "wb") as f:
+            a.copy_to(f.fileno())
+        b.install_snapshot(str(image))
+        assert b.leases == {11: 15} and b.lease_keys(11) == [b"s/k"] and b.get(b"s/k").lease == 11
+    finally:
+        a.close()
+        b.close()
