@@ -154,3 +154,40 @@ def test_election_campaign_proclaim_observe_resign(cluster):
         assert c.election("el/x").leader().value == b"b1"
         b.resign()
         assert c.election("el/x").leader() is None
+
+
+def test_elect_cli_campaigns_and_observes(cluster):
+    settled(cluster)
+    env = {**os.environ, "KVSTORE_ENDPOINTS": ",".join(cluster.endpoints), "PYTHONUNBUFFERED": "1"}
+
+    def start(*args: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "kvstore.cli", "elect", "--ttl", "3", "el/cli", *args],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def next_value(proc: subprocess.Popen) -> str:
+        key = proc.stdout.readline()  # the leader's key, then its proclamation
+        assert key.startswith("el/cli/"), (key, proc.stderr.read() if proc.poll() is not None else "")
+        return proc.stdout.readline().strip()
+
+    observer = start()
+    a = start("host-a")
+    b = None
+    try:
+        assert next_value(a) == "host-a"  # a leads
+        assert next_value(observer) == "host-a"
+        b = start("host-b")
+        time.sleep(1)
+        assert b.poll() is None  # b waits behind a
+        a.send_signal(signal.SIGINT)  # a resigns on Ctrl-C
+        assert a.wait(30) == 0
+        assert next_value(b) == "host-b"
+        assert next_value(observer) == "host-b"
+    finally:
+        for p in (observer, a, b):
+            if p is not None and p.poll() is None:
+                p.send_signal(signal.SIGINT)
+                try:
+                    p.wait(20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
