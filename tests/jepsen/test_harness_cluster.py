@@ -168,7 +168,9 @@ def test_bank_workload_under_partition(tmp_path: Path) -> None:
     assert summary["faults_by_kind"].get("partition", 0) >= 1
 
 
+@pytest.mark.slow
 def test_lease_workload_under_kill_and_pause(tmp_path: Path) -> None:
+    """(make soak: tests/integration/test_leases.py checks the same rules in make test.)"""
     code, summary, run_dir = jepsen_run(tmp_path, "lease", "--time", "14", "--nemesis", "kill-leader,pause-leader",
                                         "--workload", "lease", *FAST)
     assert_complete_run_dir(run_dir, summary)
