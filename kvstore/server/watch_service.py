@@ -48,7 +48,7 @@ class WatchService(watch_pb2_grpc.WatchServicer):
 
 
 def to_event(ev: history.Event, prev: bytes | None) -> watch_pb2.Event:
-    out = watch_pb2.Event(type=ev.kind)
+    out = watch_pb2.Event(type=watch_pb2.Event.PUT if ev.kind == history.PUT else watch_pb2.Event.DELETE)
     if ev.kind == history.PUT:
         create, mod, version = RECORD_HEADER.unpack_from(ev.record)
         out.kv.CopyFrom(kv_pb2.KeyValue(key=ev.key, create_revision=create, mod_revision=mod, version=version,
@@ -151,7 +151,8 @@ class _WatchStream:
                     try:
                         self.hub.catch_up(w)
                     except RevisionError:
-                        self._cancel(w.id, f"mvcc: {history.COMPACTED}", self.hub.sm.compact_revision)
+                        sm = self.hub.sm
+                        self._cancel(w.id, f"mvcc: {history.COMPACTED}", sm.compact_revision if sm else 0)
                         continue
                     except StateMachineClosed:
                         return
