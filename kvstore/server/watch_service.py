@@ -22,6 +22,7 @@ from kvstore.storage.keys import HEADER_SIZE, MAX_KEY_BYTES, RECORD_HEADER
 from kvstore.storage.state_machine import StateMachineClosed
 from kvstore.v1 import kv_pb2, watch_pb2, watch_pb2_grpc
 
+from .corruption import check_not_corrupt
 from .errors import RequestFailed
 from .node import Node
 from .watch_hub import RevisionError, Watcher, WatchHub
@@ -41,6 +42,7 @@ class WatchService(watch_pb2_grpc.WatchServicer):
     async def Watch(self, request_iterator, context) -> None:
         try:
             self.node.check_serving()
+            check_not_corrupt(self.node)  # its events would be wrong, as its reads would
         except RequestFailed as e:
             await e.abort(context)
         stream = _WatchStream(self.node, self.node.watch_hub, context, self.progress_interval_s)
