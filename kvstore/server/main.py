@@ -15,7 +15,7 @@ import sys
 import grpc
 
 from kvstore.storage.data_dir_lock import DataDirInUse, lock_data_dir
-from kvstore.v1 import cluster_pb2_grpc, kv_pb2_grpc, lease_pb2_grpc, maintenance_pb2_grpc, watch_pb2_grpc
+from kvstore.v1 import cluster_pb2_grpc, kv_pb2_grpc, lease_pb2_grpc, maintenance_pb2_grpc
 
 from .auto_compaction import AutoCompactor
 from .cluster_service import ClusterService
@@ -31,7 +31,7 @@ from .node import Node
 from .parent_death import die_with_parent
 from .peer_server import PeerServer
 from .tls import TLSConfigError, client_api_credentials, peer_tls
-from .watch_service import WatchService
+from .watch_service import WatchService, add_watch_service
 
 log = logging.getLogger("kvstore.server")
 
@@ -76,8 +76,7 @@ async def serve(cfg: ServerConfig) -> None:
     maintenance_pb2_grpc.add_MaintenanceServicer_to_server(MaintenanceService(node), client_server)
     lease_pb2_grpc.add_LeaseServicer_to_server(
         LeaseService(node, node.lessor, min_lease_ttl(cfg.tick_ms, cfg.election_ticks)), client_server)
-    watch_pb2_grpc.add_WatchServicer_to_server(
-        WatchService(node, parse_duration(cfg.watch_progress_notify_interval)), client_server)
+    add_watch_service(WatchService(node, parse_duration(cfg.watch_progress_notify_interval)), client_server)
     try:
         if client_tls is None:
             bound = client_server.add_insecure_port(cfg.listen_client_addr)

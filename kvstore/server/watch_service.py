@@ -17,11 +17,14 @@ import logging
 import time
 from collections import deque
 
+import grpc
+
 from kvstore.storage import history
 from kvstore.storage.keys import HEADER_SIZE, MAX_KEY_BYTES, RECORD_HEADER
 from kvstore.storage.state_machine import StateMachineClosed
 from kvstore.v1 import kv_pb2, watch_pb2, watch_pb2_grpc
 
+from .corruption import check_not_corrupt
 from .errors import RequestFailed
 from .node import Node
 from .watch_hub import RevisionError, Watcher, WatchHub
@@ -37,18 +40,67 @@ class WatchService(watch_pb2_grpc.WatchServicer):
     def __init__(self, node: Node, progress_interval_s: float) -> None:
         self.node = node
         self.progress_interval_s = progress_interval_s
+        self.event_fields = EventFields()
 
     async def Watch(self, request_iterator, context) -> None:
         try:
             self.node.check_serving()
+            check_not_corrupt(self.node)  # its events would be wrong, as its reads would
         except RequestFailed as e:
             await e.abort(context)
-        stream = _WatchStream(self.node, self.node.watch_hub, context, self.progress_interval_s)
+        stream = _WatchStream(self.node, self.node.watch_hub, context, self.progress_interval_s, self.event_fields)
         await stream.run(request_iterator)
 
 
+_EVENTS_FIELD = 11  # WatchResponse.events
+
+
+class EventFields:
+    """Encoded WatchResponse.events fields of recent events, shared by every stream of the member."""
+
+    MAX = 8192  # entries kept; cleared when full (the watchers of a burst read it together)
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[int, int, bool], bytes] = {}
+
+    def field(self, ev: history.Event, prev: bytes | None) -> bytes:
+        key = (ev.revision, ev.sub, prev is not None)
+        out = self._cache.get(key)
+        if out is None:
+            if len(self._cache) >= self.MAX:
+                self._cache.clear()
+            data = to_event(ev, prev).SerializeToString()
+            out = self._cache[key] = _tag_length(_EVENTS_FIELD, len(data)) + data
+        return out
+
+
+def _tag_length(field: int, n: int) -> bytes:
+    """A length-delimited field's tag and length (protobuf varints)."""
+    out = bytearray([(field << 3) | 2])
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def as_bytes(msg: watch_pb2.WatchResponse | bytes) -> bytes:
+    """The Watch method's response serializer: responses built as wire bytes pass as they are."""
+    return msg if isinstance(msg, bytes) else msg.SerializeToString()
+
+
+def add_watch_service(service: WatchService, server: grpc.aio.Server) -> None:
+    """Register the Watch service with a serializer that also takes ready-made bytes (see _responses)."""
+    handler = grpc.stream_stream_rpc_method_handler(
+        service.Watch, request_deserializer=watch_pb2.WatchRequest.FromString, response_serializer=as_bytes)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("kvstore.v1.Watch", {"Watch": handler}),))
+
+
 def to_event(ev: history.Event, prev: bytes | None) -> watch_pb2.Event:
-    out = watch_pb2.Event(type=ev.kind)
+    out = watch_pb2.Event(type=watch_pb2.Event.PUT if ev.kind == history.PUT else watch_pb2.Event.DELETE)
     if ev.kind == history.PUT:
         create, mod, version = RECORD_HEADER.unpack_from(ev.record)
         out.kv.CopyFrom(kv_pb2.KeyValue(key=ev.key, create_revision=create, mod_revision=mod, version=version,
@@ -63,8 +115,10 @@ def to_event(ev: history.Event, prev: bytes | None) -> watch_pb2.Event:
 
 
 class _WatchStream:
-    def __init__(self, node: Node, hub: WatchHub, context, progress_interval_s: float) -> None:
+    def __init__(self, node: Node, hub: WatchHub, context, progress_interval_s: float,
+                 event_fields: EventFields) -> None:
         self.node, self.hub, self.context = node, hub, context
+        self.hub_cache = event_fields
         self.progress_interval_s = progress_interval_s
         self.watchers: dict[int, Watcher] = {}
         self.control: deque[watch_pb2.WatchResponse] = deque()
@@ -151,7 +205,8 @@ class _WatchStream:
                     try:
                         self.hub.catch_up(w)
                     except RevisionError:
-                        self._cancel(w.id, f"mvcc: {history.COMPACTED}", self.hub.sm.compact_revision)
+                        sm = self.hub.sm
+                        self._cancel(w.id, f"mvcc: {history.COMPACTED}", sm.compact_revision if sm else 0)
                         continue
                     except StateMachineClosed:
                         return
@@ -188,26 +243,32 @@ class _WatchStream:
                                                             watch_id=w.id))
 
     def _responses(self, w: Watcher):
-        """Responses carrying the watcher's buffered events: whole revisions up to MAX_RESPONSE_BYTES each;
-        one revision larger than that is split into fragments."""
+        """Responses carrying the watcher's buffered events, as wire bytes: whole revisions up to
+        MAX_RESPONSE_BYTES each; one revision larger than that is split into fragments.
+
+        A message's fields may come in any order and repeat, so a response is its header
+        fields followed by each event's encoded field, which the watchers of one prefix share
+        (event_field): an event is encoded once, however many watch it."""
         while w.pending:
-            resp = watch_pb2.WatchResponse(watch_id=w.id)
+            fields = []
             size = 0
             rev = 0
+            fragment = False
             while w.pending:
                 ev, prev = w.pending[0]
                 n = len(ev.key) + len(ev.record) + (len(prev) if prev else 0) + 32
                 if size and size + n > MAX_RESPONSE_BYTES and ev.revision != rev:
                     break  # a revision boundary: this response is full
                 if size and size + n > MAX_RESPONSE_BYTES:  # one revision too large: a fragment ends here
-                    resp.fragment = True
+                    fragment = True
                     break
                 w.pending.popleft()
-                resp.events.append(to_event(ev, prev))
+                fields.append(self.hub_cache.field(ev, prev))
                 size += n
                 rev = ev.revision
             # Everything up to `rev` is sent; a synced watcher has everything up to the hub's revision
             # once its buffer is empty.
             done = self.hub.revision if w.synced and not w.pending else rev
-            resp.header.CopyFrom(self._header(done if not resp.fragment else rev - 1))
-            yield resp
+            head = watch_pb2.WatchResponse(watch_id=w.id, fragment=fragment,
+                                           header=self._header(done if not fragment else rev - 1))
+            yield head.SerializeToString() + b"".join(fields)

@@ -105,6 +105,13 @@ def _read_meta(txn: lmdb.Transaction[bytes], meta_db: lmdb._Database) -> tuple[i
     if raw is None:
         raise lmdb.CorruptedError(f"state machine metadata record {_META_KEY!r} is missing")
     return _META_HEAD.unpack_from(raw)
+def _required(raw: bytes | None) -> bytes:
+    """A record the store always holds (written at its creation)."""
+    if raw is None:
+        raise lmdb.CorruptedError("a state machine metadata record is missing")
+    return raw
+
+
 _DB_NAMES = (b"kv", b"meta", b"sessions", b"answers", b"expiry", b"history", b"key_revs", *lease_store.DB_NAMES)
 _DUPSORT_DBS = frozenset({b"key_revs"})  # key -> the sorted (revision, sub) values of its writes
 _COMPACT_KEY = b"compact"  # compacted-to revision, then where its removal resumes (absent: done)
@@ -556,10 +563,11 @@ class StateMachine:
 
     def _range_at(self, txn, req: kv_pb2.RangeRequest, revision: int, resp: kv_pb2.RangeResponse):
         """A read of the store as it was at req.revision, from the history (see history.py)."""
-        raw = txn.get(_COMPACT_KEY, db=self._meta)
-        history.check_revision(req.revision, _COMPACT.unpack_from(raw)[0], revision)
+        compacted = _COMPACT.unpack_from(_required(txn.get(_COMPACT_KEY, db=self._meta)))[0]
+        history.check_revision(req.revision, compacted, revision)
         resp.header.revision = revision
         at = req.revision
+        found: Iterable[tuple[bytes, bytes]]
         if not req.range_end:
             record = history.record_at(txn, self._hist, self._key_revs, req.key, at)
             found = [] if record is None else [(req.key, record)]
@@ -588,7 +596,7 @@ class StateMachine:
         out: list = []
         with self._env.begin() as txn:
             revision = _read_meta(txn, self._meta)[2]
-            compacted = _COMPACT.unpack_from(txn.get(_COMPACT_KEY, db=self._meta))[0]
+            compacted = _COMPACT.unpack_from(_required(txn.get(_COMPACT_KEY, db=self._meta)))[0]
             if start < compacted:
                 raise history.RevisionError(f"{history.COMPACTED} (asked for {start}, compacted to {compacted})")
             last = 0
@@ -1058,7 +1066,7 @@ class _Executor:
     """Runs the ops of commands inside one write transaction, tracking revision."""
 
     def __init__(self, kv_db, hist_db, key_revs_db, revision: int, leases: lease_store.LeaseStore):
-        self.txn: lmdb.Transaction[bytes]  # the write transaction of the batch being applied, set by apply
+        self.txn: lmdb.Transaction[bytes]  # the write transaction of the batch being applied, set by begin
         self._kv = kv_db
         self._hist_db = hist_db
         self._key_revs_db = key_revs_db
@@ -1073,7 +1081,7 @@ class _Executor:
         # After run_command: the result is only plain put responses (see sessions.encode_answer).
         self.puts_only = False
 
-    def begin(self, txn: lmdb.Transaction) -> None:
+    def begin(self, txn: lmdb.Transaction[bytes]) -> None:
         """Run the commands of this batch in `txn` (its default db is kv)."""
         self.txn = txn
         # Cursors are cheaper than db= keyword calls; history only ever grows at its end.

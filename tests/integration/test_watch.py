@@ -202,3 +202,64 @@ def test_cli_get_rev_compact_and_watch(wcluster):
     out = subprocess.run([*kv, "get", "w5/k", "--rev", str(r)], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode != 0 and "required revision has been compacted" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_revision_larger_than_a_response_arrives_in_fragments(wcluster):
+    f = follower_of(wcluster)
+    big = 700 << 10
+    with Client(wcluster.endpoints, timeout=20) as c:
+        from kvstore.client.txn import Txn, put
+
+        start = c.put("w6/marker", "0").revision
+        rev = c.txn(Txn().then(put("w6/a", b"a" * big), put("w6/b", b"b" * big))).revision
+        stub = watch_pb2_grpc.WatchStub(grpc.insecure_channel(wcluster.client_addr(f), options=[
+            ("grpc.max_receive_message_length", 64 << 20)]))
+        gate = threading.Event()
+
+        def requests():
+            yield watch_pb2.WatchRequest(create_request=watch_pb2.WatchCreateRequest(
+                key=b"w6/", range_end=b"w60", start_revision=rev, fragment=True))
+            gate.wait(60)
+
+        pieces = []
+        call = stub.Watch(requests(), timeout=60)
+        for resp in call:
+            if resp.events:
+                pieces.append((resp.fragment, [(e.kv.key, len(e.kv.value), e.kv.mod_revision) for e in resp.events]))
+                if not resp.fragment:
+                    break
+        gate.set()
+        call.cancel()
+        assert pieces == [(True, [(b"w6/a", big, rev)]), (False, [(b"w6/b", big, rev)])]
+        # The client library puts the fragments back together.
+        got = []
+        for ev in c.watch("w6/", prefix=True, start_revision=start):
+            got.append((ev.key, len(ev.value), ev.revision))
+            if len(got) == 3:
+                break
+        assert got == [(b"w6/marker", 1, start), (b"w6/a", big, rev), (b"w6/b", big, rev)]
+
+
+def test_auto_compaction_by_revision(tmp_path):
+    lc = LocalCluster.with_free_ports(str(tmp_path), extra_args=[
+        "--auto-compaction-mode", "revision", "--auto-compaction-retention", "10",
+        "--auto-compaction-interval", "500ms"])
+    lc.start()
+    try:
+        settled(lc)
+        with Client(lc.endpoints, timeout=20) as c:
+            first = c.put("ac/k", "0").revision
+            for i in range(30):
+                last = c.put("ac/k", str(i + 1)).revision
+
+            def compacted():
+                try:
+                    c.get("ac/k", revision=first)
+                except Compacted:
+                    return True
+                return None
+
+            lc.wait_for(compacted, 60, "auto-compaction")
+            assert c.get("ac/k", revision=last - 10).kv.value == str(last - 10 - first).encode()
+    finally:
+        lc.stop()
