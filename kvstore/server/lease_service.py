@@ -1,6 +1,7 @@
 """The Lease API (etcd's): grant, revoke, keep-alive, time-to-live, list.
 
-Grant and revoke are replicated (a LeaseChange entry). Keep-alive, time to
+Grant and revoke are replicated (a LeaseChange entry). Under the NOSPACE
+alarm a grant is refused (RESOURCE_EXHAUSTED), a revoke is not: it frees space. Keep-alive, time to
 live and the list are answered by the leader only, after a ReadIndex round
 has confirmed its leadership and its state machine caught up with it: a
 member that was deposed without knowing it cannot renew a lease that the
@@ -13,6 +14,8 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from kvstore.storage import alarms as alarm_set
+from kvstore.storage import quota
 from kvstore.storage.errors import ApplyError
 from kvstore.storage.leases import MAX_LEASE_TTL
 from kvstore.v1 import command_pb2, lease_pb2, lease_pb2_grpc
@@ -51,6 +54,9 @@ class LeaseService(lease_pb2_grpc.LeaseServicer):
             raise not_applied(grpc.StatusCode.OUT_OF_RANGE,
                               f"lease TTL {request.TTL} is too large; the limit is {MAX_LEASE_TTL} seconds")
         self.node.check_leader()
+        if alarm_set.has(self.node.sm.alarms, alarm_set.NOSPACE):  # a grant adds data (etcd refuses it too)
+            q = self.node.space_quota
+            raise not_applied(grpc.StatusCode.RESOURCE_EXHAUSTED, quota.space_exceeded(q.quota, q.used))
         ttl = max(request.TTL, self.min_ttl)
         lease_id = request.ID or random.getrandbits(62) + 1
         grant = command_pb2.LeaseGrant(id=lease_id, ttl=ttl)

@@ -195,3 +195,33 @@ def test_cli(cluster):
     assert f"lease {lid} expired or revoked" in run("lease", "keep-alive", lid, code=1)
     assert "not a lease id" in run("lease", "revoke", "xyz", code=2)
     assert "not a lease id" in run("put", "cli/b", "2", "--lease", "-5", code=1)
+
+
+def test_past_the_space_quota_grants_are_refused_and_revokes_free_space(tmp_path):
+    from kvstore.client.errors import ResourceExhausted
+
+    lc = LocalCluster.with_free_ports(str(tmp_path / "c"), extra_args=["--quota-backend-bytes", str(2 << 20)])
+    lc.start()
+    try:
+        settled(lc)
+        with client(lc) as c:
+            g = c.lease_grant(60)
+            with pytest.raises(ResourceExhausted):
+                for i in range(200):
+                    c.put(f"big/{i:03d}", b"x" * (64 << 10), lease=g.id)
+            lc.wait_for(lambda: any(a == "NOSPACE" for _, a in c.alarms()), 30, "the NOSPACE alarm")
+            with pytest.raises(ResourceExhausted, match="--quota-backend-bytes"):
+                c.lease_grant(60)
+            c.lease_revoke(g.id)  # allowed, and it frees the space its keys held
+            assert c.range("big/", prefix=True, count_only=True).count == 0
+            c.compact(c.get("big/000").revision)
+
+            def granted():
+                try:
+                    return c.lease_grant(60).id
+                except ResourceExhausted:
+                    return None
+
+            lc.wait_for(granted, 60, "grants to be accepted again")
+    finally:
+        lc.stop()
