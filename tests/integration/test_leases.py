@@ -17,7 +17,8 @@ import time
 
 import pytest
 
-from kvstore.client import Client, ExponentialBackoff, LeaseLost, NotFound
+from kvstore.client import Client, ExponentialBackoff, InvalidArgument, KvstoreError, LeaseLost, NotFound
+from kvstore.client.errors import FailedPrecondition
 from kvstore.launcher import LocalCluster
 
 from metrics_cluster import http_get, metric
@@ -85,6 +86,19 @@ def test_grant_attach_time_to_live_list_revoke(cluster):
         with pytest.raises(NotFound, match="lease not found"):
             c.lease_revoke(g.id)
         assert c.get("api/d").kv is None
+        # bad input: a clear error each, nothing granted
+        with pytest.raises(InvalidArgument, match="TTL is -1"):
+            c.lease_grant(-1)
+        with pytest.raises(InvalidArgument, match="lease ID is -5"):
+            c.lease_grant(10, lease_id=-5)
+        with pytest.raises(InvalidArgument, match="must be > 0"):
+            c.lease_revoke(0)
+        with pytest.raises(KvstoreError, match="too large; the limit is 9000000000 seconds"):
+            c.lease_grant(10**10)
+        held = c.lease_grant(10, lease_id=77)
+        with pytest.raises(FailedPrecondition, match="lease already exists"):
+            c.lease_grant(10, lease_id=77)
+        c.lease_revoke(held.id)
 
 
 def test_key_vanishes_after_keep_alives_stop_never_before_ttl(cluster):
