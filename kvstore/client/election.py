@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from kvstore.client import errors
 from kvstore.client.lease import Lease
-from kvstore.client.lock import owner, queue_up, wait_for_predecessors
+from kvstore.client.lock import owner, queue_up, wait_while_held
 from kvstore.client.txn import Txn, create_revision, delete, put
 from kvstore.client.types import BytesLike, KeyValue, to_bytes
 
@@ -54,7 +54,7 @@ class Election:
             self.key, self.revision = key, rev
             if not created:
                 await self.proclaim(val)
-            await wait_for_predecessors(self._client, self.prefix, rev)
+            await wait_while_held(self.lease, self._client, self.prefix, rev)
             mine = (await self._client.get(key)).kv
             if mine is None or mine.create_revision != rev:
                 raise errors.LeaseLost(f"election {self.prefix!r}: the lease ran out while campaigning")

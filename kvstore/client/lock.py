@@ -32,7 +32,7 @@ from kvstore.v1 import kv_pb2
 if TYPE_CHECKING:
     from kvstore.client.async_client import AsyncClient
 
-__all__ = ["Lock", "SyncLock", "queue_up", "wait_for_predecessors"]
+__all__ = ["Lock", "SyncLock", "queue_up", "wait_for_predecessors", "wait_while_held"]
 
 
 async def queue_up(client: AsyncClient, prefix: bytes, lease: Lease, value: bytes = b"") -> tuple[bytes, int, bool]:
@@ -60,6 +60,21 @@ async def wait_for_predecessors(client: AsyncClient, prefix: bytes, my_revision:
         async for ev in client.watch(last.key, start_revision=rr.revision + 1, no_put=True):
             if ev.type == "DELETE":
                 break
+
+
+async def wait_while_held(lease: Lease, client: AsyncClient, prefix: bytes, my_revision: int) -> None:
+    """wait_for_predecessors, given up with LeaseLost as soon as the lease is lost (its key is gone)."""
+    waiting = asyncio.ensure_future(wait_for_predecessors(client, prefix, my_revision))
+    lost = asyncio.ensure_future(lease.lost.wait())
+    try:
+        await asyncio.wait({waiting, lost}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (waiting, lost):
+            if not task.done():
+                task.cancel()
+    if not waiting.done() or waiting.cancelled():
+        raise errors.LeaseLost(f"{prefix!r}: the lease was lost while waiting ({lease.why_lost})")
+    waiting.result()  # its error, if it failed
 
 
 async def owner(client: AsyncClient, prefix: bytes) -> KeyValue | None:
@@ -104,7 +119,7 @@ class Lock:
             self.lease = self._client.lease(self._ttl)
             await self.lease.__aenter__()
         self.key, rev, _ = await queue_up(self._client, self.prefix, self.lease)
-        await wait_for_predecessors(self._client, self.prefix, rev)
+        await wait_while_held(self.lease, self._client, self.prefix, rev)
         mine = (await self._client.get(self.key)).kv
         if mine is None or mine.create_revision != rev:  # our lease ran out while we waited
             raise errors.LeaseLost(f"lock {self.prefix!r}: the lease ran out while waiting")

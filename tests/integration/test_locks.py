@@ -191,3 +191,30 @@ def test_elect_cli_campaigns_and_observes(cluster):
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
+
+
+def test_a_waiter_whose_lease_is_lost_gives_up_at_once(cluster):
+    from kvstore.client import LeaseLost
+
+    settled(cluster)
+    with client(cluster) as c:
+        holder = c.lock("mx/f", ttl=5).acquire()
+        before = set(c.leases())
+        outcome: list[BaseException | int] = []
+
+        def wait() -> None:
+            try:
+                outcome.append(c.lock("mx/f", ttl=3).acquire().token)
+            except BaseException as e:  # asserted below
+                outcome.append(e)
+
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        theirs = cluster.wait_for(lambda: (set(c.leases()) - before) or None, 30, "the waiter's lease")
+        time.sleep(0.5)  # queued and watching its predecessor
+        c.lease_revoke(theirs.pop())
+        waiter.join(10)
+        assert not waiter.is_alive(), "the waiter kept waiting on a lost lease"
+        assert isinstance(outcome[0], LeaseLost), outcome
+        assert c.txn(Txn().when(holder.guard()).then(put("mx/f-data", "still mine")))
+        holder.release()
