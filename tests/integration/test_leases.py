@@ -239,3 +239,19 @@ def test_past_the_space_quota_grants_are_refused_and_revokes_free_space(tmp_path
             lc.wait_for(granted, 60, "grants to be accepted again")
     finally:
         lc.stop()
+
+
+def test_a_watch_sees_an_expired_leases_keys_deleted_at_one_revision(cluster):
+    settled(cluster)
+    with client(cluster) as c:
+        g = c.lease_grant(MIN_TTL)
+        start = c.put("wl/a", "1", lease=g.id).revision
+        c.put("wl/b", "2", lease=g.id)
+        deletes = []
+        for ev in c.watch("wl/", prefix=True, start_revision=start, prev_kv=True):  # no keep-alives: it expires
+            if ev.type == "DELETE":
+                deletes.append((ev.key, ev.revision, ev.prev_kv.value if ev.prev_kv else None))
+                if len(deletes) == 2:
+                    break
+        assert [d[0] for d in deletes] == [b"wl/a", b"wl/b"] and deletes[0][1] == deletes[1][1]
+        assert [d[2] for d in deletes] == [b"1", b"2"]
