@@ -42,10 +42,8 @@ async def queue_up(client: AsyncClient, prefix: bytes, lease: Lease, value: byte
                          .otherwise(get(key)))
     if r.succeeded:
         return key, r.revision, True
-    kvs = r.responses[0].kvs  # type: ignore[union-attr]
-    if not kvs:  # deleted between the compare and now cannot happen inside a txn; be clear anyway
-        raise errors.LeaseLost(f"lock key {key!r} vanished while queueing")
-    return key, kvs[0].create_revision, False
+    existing = r.responses[0].kvs[0]  # type: ignore[union-attr]  # the compare failed: the txn's get sees it
+    return key, existing.create_revision, False
 
 
 async def wait_for_predecessors(client: AsyncClient, prefix: bytes, my_revision: int) -> None:
