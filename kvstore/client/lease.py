@@ -221,6 +221,11 @@ class SyncLease:
         return self._lease.id
 
     @property
+    def lease(self) -> Lease:
+        """The Lease underneath (runs on the client's loop)."""
+        return self._lease
+
+    @property
     def ttl(self) -> int:
         return self._lease.ttl
 

@@ -295,15 +295,16 @@ class Client:
         raises LeaseLost once it is lost (see kvstore/client/lease.py)."""
         return SyncLease(self, self._aclient.lease(ttl, lease_id=lease_id))
 
-    def lock(self, name: BytesLike, *, ttl: int = 60) -> SyncLock:
+    def lock(self, name: BytesLike, *, ttl: int = 60, lease: SyncLease | None = None) -> SyncLock:
         """``with c.lock("name", ttl=10) as lock:`` holds lock NAME under a lease kept alive in the
-        background; ``lock.token`` is its fencing token, ``lock.guard()`` the compare that fences a
-        write: ``c.txn(Txn().when(lock.guard()).then(put(k, v)))`` (kvstore/client/lock.py)."""
-        return SyncLock(self, self._aclient.lock(name, ttl=ttl))
+        background (its own of ``ttl`` seconds, or ``lease``, shared as etcd's sessions are);
+        ``lock.token`` is its fencing token, ``lock.guard()`` the compare that fences a write:
+        ``c.txn(Txn().when(lock.guard()).then(put(k, v)))`` (kvstore/client/lock.py)."""
+        return SyncLock(self, self._aclient.lock(name, ttl=ttl, lease=None if lease is None else lease.lease))
 
-    def election(self, name: BytesLike, *, ttl: int = 60) -> SyncElection:
+    def election(self, name: BytesLike, *, ttl: int = 60, lease: SyncLease | None = None) -> SyncElection:
         """Election NAME: campaign, proclaim, leader, observe, resign (kvstore/client/election.py)."""
-        return SyncElection(self, self._aclient.election(name, ttl=ttl))
+        return SyncElection(self, self._aclient.election(name, ttl=ttl, lease=None if lease is None else lease.lease))
 
     def lease_grant(self, ttl: int, *, lease_id: int = 0, timeout: float | None = None) -> LeaseGrant:
         return self._run(self._aclient.lease_grant(ttl, lease_id=lease_id, timeout=timeout))

@@ -218,3 +218,20 @@ def test_a_waiter_whose_lease_is_lost_gives_up_at_once(cluster):
         assert isinstance(outcome[0], LeaseLost), outcome
         assert c.txn(Txn().when(holder.guard()).then(put("mx/f-data", "still mine")))
         holder.release()
+
+
+def test_locks_and_campaigns_can_share_one_lease(cluster):
+    """As etcd's sessions: one lease under several locks and a campaign; revoking it frees them all."""
+    settled(cluster)
+    with client(cluster) as c:
+        with c.lease(ttl=5) as lease:
+            a = c.lock("mx/g1", lease=lease).acquire()
+            b = c.lock("mx/g2", lease=lease).acquire()
+            e = c.election("el/g", lease=lease)
+            e.campaign("me")
+            assert {a.key, b.key, e.key} == {f"mx/g1/{lease.id:x}".encode(), f"mx/g2/{lease.id:x}".encode(),
+                                             f"el/g/{lease.id:x}".encode()}
+            c.lease_revoke(lease.id)
+            assert c.range("mx/g", prefix=True, count_only=True).count == 0 and e.leader() is None
+            a.release()
+            b.release()
