@@ -16,9 +16,14 @@ is replicated as a revoke entry, never computed by the others.
     deadline is not renewed (it is being revoked).
   * Followers keep no clocks; a member that stops leading drops its clocks.
 
-Leases checkpointing (etcd's remaining-TTL checkpoints) is not done: a new
+Lease checkpointing (etcd's remaining-TTL checkpoints) is not done: a new
 leader always grants the full TTL, so a lease that is never kept alive lives
-at most TTL + one election per failover.
+at most TTL + one election per failover. Checkpoints would have to keep two
+rules to stay safe: a keep-alive of a checkpointed lease is answered only
+once the checkpoint's reset has been applied (else a new leader would use
+a remaining TTL older than the renewal), and a new leader reads checkpoints
+only after applying the first entry of its term (before that, a reset
+committed by its predecessor may not be applied yet).
 """
 from __future__ import annotations
 
