@@ -431,16 +431,17 @@ def delete(ctx, key: str, end: str | None, prefix: bool) -> None:
 @click.option("--keys-only", is_flag=True)
 @click.option("--count-only", is_flag=True)
 @click.option("--serializable", is_flag=True, help="read locally from any member (may be stale)")
+@click.option("--rev", default=0, help="as of this revision (0: the latest)")
 @write_out_option
 @click.pass_context
 @client_errors
-def range_(ctx, start, end, prefix, limit, keys_only, count_only, serializable, write_out: str) -> None:
+def range_(ctx, start, end, prefix, limit, keys_only, count_only, serializable, rev: int, write_out: str) -> None:
     """List keys in [START, END) (or with prefix START); END "\\0" means every key >= START."""
     if end == "\\0":
         end = "\0"
     with make_client(ctx) as c:
         r = c.range(start, end, prefix=prefix, limit=limit, keys_only=keys_only, count_only=count_only,
-                    serializable=serializable)
+                    serializable=serializable, revision=rev)
     if write_out == "json":
         click.echo(wo.dumps(wo.kvs_doc(r.revision, r.kvs, count=r.count, more=r.more, keys_only=keys_only)))
         return

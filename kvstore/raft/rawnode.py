@@ -4,6 +4,11 @@ The loop is: tick()/step() as events arrive; when has_ready(), take ready(),
 handle it (see Ready), then advance(ready). Stepping between ready() and
 advance() is allowed (e.g. while the fsync runs); a second ready() before
 advance() is not.
+
+Committed entries handed out by ready() are not thereby applied: the
+application reports what it has applied with advance_apply_to(index) (as
+raft-rs does), so an apply that lags (another thread, a big backlog) is seen
+by the core as not yet applied (e.g. membership changes wait for it).
 """
 from __future__ import annotations
 
@@ -139,13 +144,19 @@ class RawNode:
             last = rd.entries[-1]
             log.stable_to(last.index, last.term)
         if rd.committed_entries:
-            log.applied_to(rd.committed_entries[-1].index)
             if r.uncommitted_size:
                 size = 0
                 for e in rd.committed_entries:
                     size += len(e.data)
                 r.uncommitted_size = max(0, r.uncommitted_size - size)
         r.on_persisted()
+
+    def advance_apply_to(self, index: int) -> None:
+        """The application has applied every committed entry up to `index` (raft-rs's advance_apply_to)."""
+        log = self.raft.log
+        if index > log.committed:
+            raise AssertionError(f"applied index {index} reported beyond the commit index {log.committed}")
+        log.applied_to(index)
 
     # -- observation -----------------------------------------------------------------------
 

@@ -8,28 +8,26 @@ Follow a write from the client to the fsync and back:
    loop hands everything queued since the last one to `RawNode.propose_batch`:
    N concurrent puts become N entries in one log append and one AppendEntries
    per follower, not N of each.
-2. `_ready_loop` takes a `Ready` and, in this order (etcd's loop):
-   - sends `messages` now: the leader's AppendEntries leave before its own
-     fsync, so replication and local persistence overlap;
-   - persists the received snapshot (if any), then the new entries and hard
-     state with one `RaftLog.append` (one write, one fdatasync; the leader's
-     in the storage thread, a follower's on the loop). Proposals arriving
-     meanwhile are stepped into raft and form the next batch: that is the
-     group commit;
-   - sends `persisted_messages` (votes, acks), which promise what is now on disk;
-   - applies the committed entries (`_start_apply`), each batch as one
-     `StateMachine.apply` (one LMDB transaction): up to 256 KiB at once on
-     the loop; a bigger backlog (or any, when LMDB commits are fdatasynced)
-     on the apply thread without waiting for it, each apply taking
-     everything committed meanwhile. Committed entries already durable in
-     our log (the leader's usual case) are applied right after the messages
-     go out, before this Ready's fsync, not after it;
-   - advances the core, and every `--snapshot-count` entries starts a
-     checkpoint in the background (`_maybe_snapshot`): LMDB synced as the
-     durable base, then the log compacted behind it. Nothing waits for it.
+2. `_ready_loop` takes a `Ready` and runs the steps `ReadyHandler.handle`
+   yields for it (ready_handler.py decides them: what is sent before and
+   after the fsync, what is written, which committed entries are applied
+   before this Ready's write and which after it). This file only does the
+   I/O: messages go to the transport; the WAL write runs on the storage
+   thread for the leader (its loop keeps taking requests and acks meanwhile:
+   the group commit) and on the loop for a follower; a snapshot install runs
+   on the storage thread once earlier applies are done; committed entries go
+   to the `ApplyPipeline` (apply_pipeline.py), applied at once on the loop
+   when the backlog is small (up to 256 KiB, LMDB commits not fdatasynced),
+   else on the apply thread without waiting for it, each apply taking
+   everything committed meanwhile. After each Ready, every
+   `--snapshot-count` entries a checkpoint starts in the background
+   (`_maybe_snapshot`): LMDB synced as the durable base, then the log
+   compacted behind it. Nothing waits for it.
 3. Once the apply transaction has computed the results (the entries are
    durable on a majority by then), each goes to its waiting client while
-   LMDB commits, and `kv_service` answers (see `_submit_backlog`).
+   LMDB commits, and `kv_service` answers (see `_submit_backlog`). Once it
+   has committed, the core learns the applied index and the reads waiting
+   for it are released (`ApplyPipeline.finish`, then `applied`).
 
 Everything that touches the RawNode runs on the event loop thread; the
 blocking calls go to two threads: the storage thread (the leader's WAL
@@ -77,7 +75,9 @@ from .lessor import Lessor
 from .logs import event
 from .metrics import SLOW_APPLY_S, NodeMetrics
 from .proposals import Proposals
+from .apply_pipeline import ApplyBatch, ApplyPipeline, RecordConfState
 from .read_index import ReadIndex
+from .ready_handler import ReadyHandler, Step, Write
 from .space_quota import SpaceQuota
 from .watch_hub import WatchHub
 from .redirect import no_leader, not_leader
@@ -87,12 +87,6 @@ from .transport import ImageReader, Transport
 
 log = logging.getLogger("kvstore.node")
 
-APPLY_BACKLOG_MAX_BYTES = 64 << 20  # committed but not yet applied, before the Ready loop waits
-# A backlog up to this size is applied on the event loop when no apply is running (see
-# _apply_inline): on the apply thread, each py-lmdb call gives up the GIL and must win it back
-# from the loop, and the hop there and back costs more than applying a few entries.
-INLINE_APPLY_MAX_BYTES = 256 << 10
-SLOW_FSYNC_S = 1.0  # a WAL write + fdatasync slower than this is logged (etcd's "slow fdatasync")
 # A checkpoint is also due once the WAL holds this many segments (times a jitter of 1 to 1.5, drawn
 # anew after each checkpoint): coalesced entries carry many puts each, so --snapshot-count entries
 # may be GiBs of log.
@@ -136,8 +130,6 @@ class Node:
         self.storage_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="storage")
         self.apply_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="apply")
         self._applying: asyncio.Future | None = None  # applies the backlog, one batch at a time (see _start_apply)
-        self._apply_backlog: list = []  # committed entries waiting for the apply thread
-        self._apply_backlog_bytes = 0
         self._answered_index = 0  # the last entry whose waiters were answered (maybe not yet in LMDB)
         self._lmdb_waiters: list = []  # heap of (index, tiebreak, future): reads waiting for an LMDB commit
         # made by start(); close() also runs after a start that failed part way, so it checks for each
@@ -145,6 +137,8 @@ class Node:
         self.sm: StateMachine
         self.snapshots: SnapshotStore
         self.raw: RawNode
+        self.handler: ReadyHandler  # the Ready loop's decisions (ready_handler.py)
+        self.pipeline: ApplyPipeline  # committed entries into the state machine (apply_pipeline.py)
         self.transport: Transport
         self.proposals = Proposals(cfg.id)
         self.lessor = Lessor(lambda: self.is_leader, lambda: self.term, lambda: self.sm.leases, self.propose_internal,
@@ -161,7 +155,6 @@ class Node:
         self.draining = False  # shutting down: refuse new requests
         self._wake = asyncio.Event()
         self._leader_changed = asyncio.Event()
-        self._unsynced_hard_state = None  # a commit-only hard state not yet written (see _persist)
         self._sm_readable = asyncio.Event()
         self._sm_readable.set()
         self._tasks: list[asyncio.Task] = []
@@ -173,9 +166,13 @@ class Node:
         self._db_checkpoint_bytes = 0  # set from the state machine's size at start and at each checkpoint
         self.metrics = NodeMetrics()  # event counts and timings for /metrics (metrics.py)
         self.peer_received_bytes: dict[int, int] = {}  # counted by the peer server
-        self.wal_append_since = 0.0  # time.monotonic() when the WAL append under way began; 0: none
         self.watch_hub = WatchHub()  # fed after every applied batch (watch_hub.py)
         self.space_quota = SpaceQuota(self, cfg.quota_backend_bytes)
+
+    @property
+    def wal_append_since(self) -> float:
+        """time.monotonic() when the WAL append under way began; 0: none (health.py)."""
+        return self.handler.append_since if hasattr(self, "handler") else 0.0
 
     # ------------------------------------------------------------------ start / stop
 
@@ -221,6 +218,9 @@ class Node:
             applied=self.sm.applied_index,
         )
         self.raw = RawNode(raft_cfg, self.log)
+        self.pipeline = ApplyPipeline(self.raw, self.sm, self, RecordConfState(self.raw.conf_state()),
+                                      waiting=lambda: len(self.proposals) > 0)
+        self.handler = ReadyHandler(self.raw, self.log, self.sm, self.snapshots, self, time.monotonic)
         st = self.raw.status()
         self.term, self.commit_index = st.term, st.commit
         self.read_index.on_applied(self.sm.applied_index)
@@ -278,8 +278,8 @@ class Node:
         if hasattr(self, "transport"):
             await self.transport.stop()
         await self._drain_apply()
-        if hasattr(self, "log") and self._unsynced_hard_state is not None:
-            await self._in_storage(self.log.append, [], self._unsynced_hard_state)
+        if hasattr(self, "handler"):
+            await self._in_storage(self.handler.flush_hard_state)
         if hasattr(self, "sm"):
             await self._in_storage(self.sm.close)
         if hasattr(self, "log"):
@@ -328,7 +328,7 @@ class Node:
                 rd = self.raw.ready()
                 t0 = time.monotonic()
                 try:
-                    await self._handle_ready(rd)
+                    await self._run_steps(rd)
                     if log.isEnabledFor(logging.DEBUG):
                         log.debug("ready: %d entries, %d committed, %d+%d messages, %.1f ms",
                                   len(rd.entries), len(rd.committed_entries), len(rd.messages),
@@ -337,10 +337,21 @@ class Node:
                     raise
                 except Exception as e:  # a storage failure: never continue on a log we cannot trust
                     fatal("the Ready loop", e)
-                self.raw.advance(rd)
                 self.read_index.on_applied(self.sm.applied_index)
                 await self._maybe_snapshot()
                 self._propose_queued()
+
+    async def _run_steps(self, rd) -> None:
+        """Carry out the handler's steps for `rd` (it advances the core after the last one)."""
+        for step, payload in self.handler.handle(rd):
+            if step is Step.SEND:
+                self.transport.send(cast(list, payload))
+            elif step is Step.APPLY:
+                await self._start_apply(cast(list, payload))
+            elif step is Step.PERSIST:
+                await self._persist(cast(Write, payload))
+            else:
+                await self._install_snapshot(cast(SnapshotMetadata, payload))
 
     def _propose_queued(self) -> None:
         """Hand every proposal queued while the loop was busy to raft as one batch."""
@@ -355,69 +366,24 @@ class Node:
             for pid, _data in batch:
                 self.proposals.fail(pid, err)
 
-    async def _handle_ready(self, rd) -> None:
-        if rd.hard_state is not None:  # the term first: a leader change is logged with its term
-            self._on_hard_state(rd.hard_state)
-        if rd.soft_state is not None:
-            self._on_soft_state(rd.soft_state.leader_id, rd.soft_state.role)
-        for rs in rd.read_states:
-            self.read_index.on_read_state(rs.index, rs.ctx)
+    async def _persist(self, write: Write) -> None:
+        """The leader writes on the storage thread: meanwhile its loop keeps taking requests and acks.
+        Any other member writes on the loop: it has nothing to do before its ack but wait for the
+        fsync, and the hop to the thread and back (two GIL handoffs) costs more than the write."""
+        if self.is_leader:
+            await self._in_storage(self.handler.persist, write)
+        else:
+            self.handler.persist(write)
 
-        self.transport.send(rd.messages)
+    # ------------------------------------------------------------------ what the handler tells the node
 
-        # Committed entries that are already in our durable log need not wait for this Ready's
-        # write: they are applied (and their clients answered) now. Those among this Ready's
-        # own entries wait for it, so that the state machine never gets ahead of the log.
-        committed = rd.committed_entries
-        if committed and rd.committed_are_durable():
-            await self._start_apply(committed)
-            committed = None
+    def on_fsync(self, took_s: float, entries: int) -> None:
+        self.metrics.wal_fsync.observe(took_s)
 
-        if rd.snapshot is not None and not rd.snapshot.is_empty():
-            await self._install_snapshot(rd.snapshot)
-        await self._persist(rd)
+    def on_read_state(self, index: int, ctx: bytes) -> None:
+        self.read_index.on_read_state(index, ctx)
 
-        self.transport.send(rd.persisted_messages)
-
-        if committed:
-            await self._start_apply(committed)
-
-    async def _persist(self, rd) -> None:
-        """Entries and hard state: one write, one fdatasync.
-
-        A hard state whose only change is the commit index needs no fsync of
-        its own (raft relearns the commit index from the leader, and restarts
-        from at least the state machine's durable applied index), so it waits
-        and rides along with the next write of entries or term/vote.
-
-        The leader writes on the storage thread: meanwhile its loop keeps
-        taking requests and acks. Any other member writes on the loop: it has
-        nothing to do before its ack but wait for the fsync, and the hop to the
-        thread and back (two GIL handoffs) cost more than the write itself.
-        """
-        if rd.hard_state is not None:
-            self._unsynced_hard_state = rd.hard_state
-        if rd.entries or rd.must_sync:
-            hs, self._unsynced_hard_state = self._unsynced_hard_state, None
-            t0 = time.monotonic()
-            if self.is_leader:
-                await self._in_storage(self._append, rd.entries, hs)
-            else:
-                self._append(rd.entries, hs)
-            took = time.monotonic() - t0
-            if took > SLOW_FSYNC_S:
-                log.warning("slow fdatasync: the WAL write of %d entries took %.3fs (expected under %.0fs)",
-                            len(rd.entries), took, SLOW_FSYNC_S,
-                            extra=event("slow-fdatasync", took_s=round(took, 3), expected_s=SLOW_FSYNC_S))
-
-    def _append(self, entries, hs) -> None:
-        """RaftLog.append, timed for the fsync histogram; /health sees one that hangs."""
-        self.wal_append_since = t0 = time.monotonic()
-        self.log.append(entries, hs)
-        self.wal_append_since = 0.0
-        self.metrics.wal_fsync.observe(time.monotonic() - t0)
-
-    def _on_soft_state(self, leader_id: int, role: StateRole) -> None:
+    def on_soft_state(self, leader_id: int, role: StateRole) -> None:
         was_leader = self.role == StateRole.LEADER
         if leader_id != self.leader_id and leader_id:
             self.metrics.leader_changes += 1
@@ -432,56 +398,44 @@ class Node:
             self.proposals.fail_all(leadership_lost())
             self.read_index.fail_pending(self.redirect())
 
-    def _on_hard_state(self, hs) -> None:
+    def on_hard_state(self, hs) -> None:
         if hs.term > self.term:
             self.term = hs.term
             self.proposals.fail_older_than(hs.term, leadership_lost())
         self.commit_index = max(self.commit_index, hs.commit)
 
-    async def _install_snapshot(self, snap) -> None:
-        meta = snap.metadata
-        path = self._snapshot_path(meta.index)
-        log.info("installing snapshot at index %d term %d", meta.index, meta.term,
-                 extra=event("snapshot-install", index=meta.index, snapshot_term=meta.term))
+    async def _install_snapshot(self, meta: SnapshotMetadata) -> None:
+        """The INSTALL step, on the storage thread (ReadyHandler.install_snapshot orders its steps)."""
         await self._drain_apply()  # earlier entries first, and nothing may write the old environment
         if self._checkpointing is not None:  # its log record and compaction must not follow the reset
             await asyncio.shield(self._checkpointing)
         self._sm_readable.clear()  # range() must not run while the LMDB environment is swapped
         try:
-            await self._in_storage(self.sm.install_snapshot, path)
+            await self._in_storage(self.handler.install_snapshot, meta)
         finally:
             self._sm_readable.set()
-        self.snapshot_index = meta.index  # with the applied index it shows, not a step later
-        await self._in_storage(self.log.apply_snapshot, meta)
-        # The installed state machine is the durable base now (install_snapshot checkpoints it).
-        await self._in_storage(self.snapshots.remove_through, meta.index)
+        self.snapshot_index = meta.index
         self.read_index.on_applied(self.sm.applied_index)
         self.watch_hub.notify()
 
     async def _start_apply(self, entries) -> None:
-        """Queue `entries` for the apply thread; wait only if the backlog is over its bound.
+        """An APPLY step: queue `entries`; wait only if the backlog is over its bound.
 
         One apply runs at a time, in order, each taking everything committed
         while the previous one ran: under load the batches grow, so LMDB
         commits (and their fsync and page writes) are shared by more entries,
         and the Ready loop never waits for LMDB to start the next WAL fsync.
-        Raft's own `applied` marker (RawNode.advance) may run ahead of the
-        state machine; the core reads it only to gate membership changes,
-        which this server never proposes. Clients and reads wait for the
-        state machine itself: waiters resolve once the apply has computed
-        their results, and reads are released once the batch is in LMDB.
-        With no apply running, a backlog of at most INLINE_APPLY_MAX_BYTES is
-        applied at once on the loop instead (`_apply_inline`).
+        With no apply running, a small backlog is applied at once on the loop
+        instead (`_apply_inline`).
         """
-        self._apply_backlog.extend(entries)
-        self._apply_backlog_bytes += sum(len(e.data) for e in entries)
-        if self._applying is None and self._apply_backlog_bytes <= INLINE_APPLY_MAX_BYTES \
-                and not self.sm.syncs_commits:
+        pipeline = self.pipeline
+        pipeline.submit(entries)
+        if self._applying is None and pipeline.may_apply_inline():
             self._apply_inline()
         elif self._applying is None:
             self._applying = watch(asyncio.ensure_future(self._apply_backlog_loop(self._submit_backlog())),
                                    "applying committed entries")
-        elif self._apply_backlog_bytes > APPLY_BACKLOG_MAX_BYTES:
+        elif pipeline.over_bound():
             await self._drain_apply()
 
     def _apply_inline(self) -> None:
@@ -493,71 +447,54 @@ class Node:
         keeps the loop's stall to milliseconds; bigger backlogs (a member
         catching up) go to the apply thread.
         """
-        entries, batch, origins = self._take_backlog()
-        answer = None if origins is None else functools.partial(self._answer, entries[-1].index, origins)
+        batch = self.pipeline.take()
         try:
-            results = self._timed_apply(batch, origins, answer)
+            self._timed_apply(batch, None)
         except Exception as e:  # never go on past an entry we could not apply
             fatal("applying committed entries", e)
-        self._finish_apply(entries, results)
+        self.pipeline.finish(batch)
 
-    def _submit_backlog(self):
+    def _submit_backlog(self) -> tuple[ApplyBatch, asyncio.Future]:
         """Hand the whole backlog to the apply thread as one batch (one LMDB transaction).
 
-        Waiting clients are answered as soon as the transaction has computed
-        their results, while LMDB commits (page writes + fdatasync): the
-        entries are already committed in raft, i.e. durable on a majority of
-        WALs, and a crash before the LMDB commit replays them from the WAL to
-        the same results (etcd answers before its backend commits, too).
-        Reads keep seeing their own writes: a linearizable read waits for the
-        state machine to reach its read index, and any read on this member
-        waits until what was answered is committed to LMDB (`_answered_index`).
+        Reads keep seeing their own writes although clients are answered
+        before LMDB commits (ApplyPipeline.run): a linearizable read waits for
+        the state machine to reach its read index, and any read on this
+        member waits until what was answered is committed to LMDB
+        (`_answered_index`).
         """
-        entries, batch, origins = self._take_backlog()
+        batch = self.pipeline.take()
         loop = asyncio.get_running_loop()
-        answer_early = None
-        if origins is not None:
-            last = entries[-1].index
 
-            def answer_early(results) -> None:  # on the apply thread, just before the LMDB commit
-                loop.call_soon_threadsafe(self._answer, last, origins, results)
+        def answer_early(last: int, origins: list, results: list) -> None:  # on the apply thread
+            loop.call_soon_threadsafe(self.answer, last, origins, results)
 
-        apply = guarded("applying committed entries (apply thread)", self._timed_apply, batch, origins,
-                        answer_early)
-        return entries, loop.run_in_executor(self.apply_thread, apply)
+        apply = guarded("applying committed entries (apply thread)", self._timed_apply, batch, answer_early)
+        return batch, loop.run_in_executor(self.apply_thread, apply)
 
-    def _timed_apply(self, batch, origins, answer):
-        """StateMachine.apply, timed for the commit histogram and the slow-apply count."""
+    def _timed_apply(self, batch: ApplyBatch, answer) -> None:
+        """ApplyPipeline.run, timed for the commit histogram and the slow-apply count."""
         t0 = time.monotonic()
-        results = self.sm.apply(batch, origins, answer)
+        self.pipeline.run(batch, answer)
         took = time.monotonic() - t0
         self.metrics.backend_commit.observe(took)
         if took > SLOW_APPLY_S:
             self.metrics.slow_applies += 1
-        return results
 
-    def _take_backlog(self) -> tuple[list, list, list | None]:
-        """Empty the backlog: its entries, their (index, term, data) for StateMachine.apply, and
-        a list for the apply to fill with origins if someone here waits for them (this member
-        proposed them), else None."""
-        entries, self._apply_backlog, self._apply_backlog_bytes = self._apply_backlog, [], 0
-        origins: list | None = [] if len(self.proposals) else None
-        return entries, [(e.index, e.term, e.data) for e in entries], origins
-
-    def _answer(self, last_index: int, origins, results) -> None:
+    def answer(self, last_index: int, origins: list, results: list) -> None:
         self._answered_index = max(self._answered_index, last_index)
         self.proposals.resolve_applied(origins, results)
 
     async def _apply_backlog_loop(self, submitted) -> None:
         try:
             while submitted is not None:
-                entries, applying = submitted
+                batch, applying = submitted
                 try:
-                    results = await applying
+                    await applying
                 except Exception as e:  # never go on past an entry we could not apply
                     fatal("applying committed entries", e)
-                submitted = self._submit_backlog() if self._apply_backlog else None  # runs while we answer
-                self._finish_apply(entries, results)
+                submitted = self._submit_backlog() if self.pipeline.backlog else None  # runs while we answer
+                self.pipeline.finish(batch)
         finally:
             self._applying = None
 
@@ -566,14 +503,13 @@ class Node:
         while self._applying is not None:
             await asyncio.shield(self._applying)  # a cancelled loop must not cancel an apply half way
 
-    def _finish_apply(self, entries, results) -> None:
-        """The batch is committed to LMDB: release the reads waiting for it."""
-        self.commit_index = max(self.commit_index, entries[-1].index)
-        applied = self.sm.applied_index
-        self.read_index.on_applied(applied)
+    def applied(self, index: int) -> None:
+        """The state machine committed everything up to `index`: release the reads waiting for it."""
+        self.commit_index = max(self.commit_index, index)
+        self.read_index.on_applied(index)
         self.watch_hub.notify()
         self.space_quota.measure()
-        while self._lmdb_waiters and self._lmdb_waiters[0][0] <= applied:
+        while self._lmdb_waiters and self._lmdb_waiters[0][0] <= index:
             _index, _tiebreak, fut = heapq.heappop(self._lmdb_waiters)
             if not fut.done():
                 fut.set_result(None)
@@ -659,12 +595,6 @@ class Node:
         except Exception as e:
             fatal(f"streaming a snapshot image of {os.path.join(self.cfg.data_dir, 'db')}", e)
         return at, term, SupervisedReader(cast(BinaryIO, stream), f"streaming snapshot {at}")
-
-    def _snapshot_path(self, index: int) -> str:
-        for i, _term, _voters, path in self.snapshots.list():
-            if i == index:
-                return path
-        raise FileNotFoundError(f"snapshot {index} was announced but is not in {self.snapshots.dir}")
 
     def _open_log(self, applied_index: int) -> RaftLog:
         """Open the WAL; a torn write it refuses ends the process with the repair command."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 
+from kvstore.raft import faults
 from kvstore.raft.storage import CompactedError, UnavailableError
 from kvstore.raft.types import ConfState, SnapshotMetadata
 
@@ -41,18 +42,22 @@ class ReconcileError(Exception):
     """The log and the state machine cannot be brought together from what is on disk."""
 
 
-def log_holds(raft_log: RaftLog, index: int, term: int) -> bool:
+def log_holds(raft_log: RaftLog, index: int, term: int, bugs: frozenset[str] = frozenset()) -> bool:
     """Whether the log holds entry `index` (or its base is at it) with `term`."""
     if not raft_log.first_index() - 1 <= index <= raft_log.last_index():
         return False
+    if faults.RECONCILE_WITHOUT_TERM_CHECK in bugs:
+        return True  # TESTING: a stale entry of another term passes for the applied one
     try:
         return raft_log.term(index) == term
     except (CompactedError, UnavailableError):
         return False
 
 
-def reconcile(sm: StateMachine, raft_log: RaftLog, snapshots: SnapshotStore) -> None:
-    """Bring the log and the state machine together (see the module docstring); ReconcileError if impossible."""
+def reconcile(sm: StateMachine, raft_log: RaftLog, snapshots: SnapshotStore, bugs: frozenset[str] = frozenset()) -> None:
+    """Bring the log and the state machine together (see the module docstring); ReconcileError if impossible.
+
+    `bugs`: planted bugs (kvstore/raft/faults.py), for the simulator's tests only."""
     latest = snapshots.latest()
     if latest is not None and latest[0] > sm.applied_index:
         index, term, voters, path = latest
@@ -60,7 +65,7 @@ def reconcile(sm: StateMachine, raft_log: RaftLog, snapshots: SnapshotStore) -> 
                     sm.applied_index, index)
         sm.install_snapshot(path)
     applied, applied_term = sm.applied_index, sm.applied_term
-    if not log_holds(raft_log, applied, applied_term):
+    if not log_holds(raft_log, applied, applied_term, bugs):
         _finish_install(raft_log, snapshots, applied, applied_term)
     # Images the state machine covers are of no more use (an installed one is the live file now).
     snapshots.remove_through(applied)

@@ -12,7 +12,7 @@ import asyncio
 
 from kvstore.client import AsyncClient, Client
 from kvstore.launcher import LocalCluster
-from kvstore.server.node import INLINE_APPLY_MAX_BYTES
+from kvstore.server.apply_pipeline import INLINE_APPLY_MAX_BYTES
 from kvstore.v1 import kv_pb2
 
 from server_cluster import caught_up, kv_stub, settled

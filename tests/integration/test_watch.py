@@ -105,6 +105,28 @@ def test_watch_on_a_follower_in_order_with_prev_kv_and_filters(wcluster):
     assert by_id[2] == [(D, b"w1/x", b"", start + 3, b"")]
 
 
+def test_progress_request_and_cancel(wcluster):
+    f = follower_of(wcluster)
+    stub = watch_pb2_grpc.WatchStub(grpc.insecure_channel(wcluster.client_addr(f)))
+    with Client(wcluster.endpoints) as c:
+        rev = c.put("w7/k", "1").revision
+    wcluster.wait_for(lambda: wcluster.status(f).header.revision >= rev, 30, "the follower applying it")
+    reqs = [
+        watch_pb2.WatchRequest(create_request=watch_pb2.WatchCreateRequest(key=b"w7/none", watch_id=5)),
+        watch_pb2.WatchRequest(progress_request=watch_pb2.WatchProgressRequest()),
+        watch_pb2.WatchRequest(cancel_request=watch_pb2.WatchCancelRequest(watch_id=5)),
+        watch_pb2.WatchRequest(create_request=watch_pb2.WatchCreateRequest(key=b"")),
+    ]
+    out = list(stub.Watch(iter(reqs), timeout=30))
+    assert (out[0].watch_id, out[0].created) == (5, True)
+    progress = next(r for r in out if r.watch_id == -1)
+    assert progress.header.revision >= rev and not progress.events
+    cancelled = next(r for r in out if r.canceled and r.watch_id == 5)
+    assert not cancelled.cancel_reason
+    refused = out[-1]
+    assert refused.created and refused.canceled and "watch key must be" in refused.cancel_reason
+
+
 def test_watch_from_a_compacted_revision_is_cancelled(wcluster):
     settled(wcluster)
     with Client(wcluster.endpoints) as c:
@@ -261,5 +283,49 @@ def test_auto_compaction_by_revision(tmp_path):
 
             lc.wait_for(compacted, 60, "auto-compaction")
             assert c.get("ac/k", revision=last - 10).kv.value == str(last - 10 - first).encode()
+    finally:
+        lc.stop()
+
+
+def test_a_watch_on_a_paused_follower_goes_on_when_it_catches_up(tmp_path):
+    """A follower paused while 200 writes commit without it: its open watch delivers all of
+    them, in order, once it has caught up (in one large applied batch)."""
+    lc = LocalCluster.with_free_ports(str(tmp_path))
+    lc.start()
+    try:
+        leader = settled(lc)
+        f = next(i for i in lc.ids if i != leader)
+        with Client([lc.client_addr(leader)], timeout=20) as c:
+            start = c.put("snap/k", "start").revision
+            stub = watch_pb2_grpc.WatchStub(grpc.insecure_channel(lc.client_addr(f)))
+            gate = threading.Event()
+
+            def requests():
+                yield watch_pb2.WatchRequest(create_request=watch_pb2.WatchCreateRequest(
+                    key=b"snap/", range_end=b"snap0", start_revision=start))
+                gate.wait(120)
+
+            call = stub.Watch(requests(), timeout=120)
+            got: list[int] = []
+
+            def read():
+                for resp in call:
+                    got.extend(ev.kv.mod_revision for ev in resp.events)
+                    if got and got[-1] >= last[0]:
+                        return
+
+            last = [10**12]
+            reader = threading.Thread(target=read)
+            reader.start()
+            lc.wait_for(lambda: got == [start], 30, "the first event")
+            lc.pause(f)
+            written = [start] + [c.put("snap/k", str(i)).revision for i in range(200)]
+            last[0] = written[-1]
+            lc.resume(f)
+            reader.join(90)
+            gate.set()
+            call.cancel()
+            assert not reader.is_alive()
+            assert got == written
     finally:
         lc.stop()

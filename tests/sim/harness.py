@@ -76,6 +76,8 @@ class Cluster:
         self.applied[i].extend(rd.committed_entries)
         self.read_states[i].extend(rd.read_states)
         node.advance(rd)
+        if rd.committed_entries:  # applied at once here: say so, as the node's apply pipeline does
+            node.advance_apply_to(rd.committed_entries[-1].index)
         return rd
 
     def deliver(self, m: Message) -> None:

@@ -47,7 +47,16 @@ class Checker:
         return v
 
     def node_started(self, i: int) -> None:
-        self.seen_commit[i] = self.sim.nodes[i].node.raft.log.committed
+        """A restarted member's commit index must name the entry committed there (reconcile's job)."""
+        log = self.sim.nodes[i].node.raft.log
+        c = log.committed
+        want = self.commit_term.get(c)
+        if want is not None and c >= log.first_index() - 1:
+            have = log.term_or_zero(c)
+            if have != want:
+                raise self.fail(f"state machine safety: node {i} restarts with commit index {c} over an entry of "
+                                f"term {have}, where term {want} was committed")
+        self.seen_commit[i] = c
 
     def node_crashed(self, i: int) -> None:
         pass
@@ -121,7 +130,7 @@ class Checker:
                 tips[i] = (log.term(li), li)
                 has[i] = k < log.first_index() or (k <= li and log.term_or_zero(k) == term)
             else:
-                st = sn.storage
+                st = sn.disk.wal
                 li = st.last_index()
                 tips[i] = (st.term(li), li)
                 first = st.first_index()

@@ -1,9 +1,11 @@
 """Run seed ranges, report failures with a trace and the command that replays them."""
 from __future__ import annotations
 
+import logging
 import os
 import time
 import traceback
+from contextlib import contextmanager
 
 from .simulator import Simulation, format_record
 from .invariants import Violation
@@ -20,23 +22,44 @@ def replay_command(seed: int, nodes: int | None, bugs, chaos_ticks: int) -> str:
     return cmd + " --trace"
 
 
+@contextmanager
+def _quiet_server_logs():
+    """The server's code logs what it repairs and installs; in a simulation that is noise."""
+    logger = logging.getLogger("kvstore")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def run_seed(seed: int, nodes: int | None = None, bugs=frozenset(), chaos_ticks: int = 120,
              trace: bool = False) -> tuple[int, str | None]:
     """(steps, None) on success; (steps, report) on a violation or crash of the core."""
-    sim = Simulation(seed, nodes=nodes, bugs=frozenset(bugs), chaos_ticks=chaos_ticks, trace=trace)
+    with _quiet_server_logs():
+        return _run_seed(seed, nodes, bugs, chaos_ticks, trace)
+
+
+def _run_seed(seed: int, nodes: int | None, bugs, chaos_ticks: int, trace: bool) -> tuple[int, str | None]:
+    sim = None
     try:
+        sim = Simulation(seed, nodes=nodes, bugs=frozenset(bugs), chaos_ticks=chaos_ticks, trace=trace)
         sim.run()
         return sim.steps, None
     except Violation as v:
         kind = "VIOLATION"
         err = str(v)
+        sim = sim or v.sim
     except Exception:  # an assertion or bug inside the core is a failure too
         kind = "EXCEPTION"
         err = traceback.format_exc()
-    lines = [f"seed {seed}: {kind}: {err}", f"  params: {sim.p.describe()}", "  last events:"]
-    lines += ["    " + format_record(r) for r in list(sim.history)[-60:]]
+    lines = [f"seed {seed}: {kind}: {err}"]
+    if sim is not None:
+        lines += [f"  params: {sim.p.describe()}", "  last events:"]
+        lines += ["    " + format_record(r) for r in list(sim.history)[-60:]]
     lines.append(f"  replay: {replay_command(seed, nodes, bugs, chaos_ticks)}")
-    return sim.steps, "\n".join(lines)
+    return (sim.steps if sim is not None else 0), "\n".join(lines)
 
 
 def _worker(args):

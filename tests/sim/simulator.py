@@ -1,30 +1,38 @@
 """A deterministic, seeded simulation of a Raft cluster under faults.
 
 Everything random comes from one `random.Random(seed)`, so a seed replays
-exactly. Nodes run the real RawNode protocol on a MemoryStorage that plays the
-disk: a crash throws away the RawNode and any Ready not yet persisted. The
-network delays, drops, duplicates and reorders messages and is partitioned in
-the shapes Jepsen uses. The checks in invariants.py run after every event.
+exactly. Each member runs the server's own code: the RawNode, the Ready
+handler (kvstore/server/ready_handler.py) and the apply pipeline
+(kvstore/server/apply_pipeline.py), driven here step by step as node.py's
+asyncio shell drives them, and on restart the server's reconcile
+(kvstore/storage/reconcile.py). Its storage is the model in disk.py: a crash
+is a process kill or a power cut, inside a WAL write, between the steps of a
+snapshot install, or between two Ready steps, and loses what that crash
+would lose. The network delays, drops, duplicates and reorders messages and
+is partitioned in the shapes Jepsen uses. The checks in invariants.py run
+after every event, and disk.py's fakes check the durability rules as the
+handler acts: nothing is applied before it is durable locally, nothing is
+answered before it is durable on a majority.
 """
 from __future__ import annotations
 
 import heapq
 import random
-import struct
-import zlib
-from collections import deque
+from collections import Counter, deque
 
-from kvstore.raft import (
-    Config, MemoryStorage, Message, MessageType, ProposalDropped, RawNode, Ready, StateRole,
-)
+from kvstore.raft import Config, Message, MessageType, ProposalDropped, RawNode, StateRole
+from kvstore.raft.types import ConfState, SnapshotMetadata
+from kvstore.server.apply_pipeline import ApplyPipeline, RecordConfState
+from kvstore.server.ready_handler import ReadyHandler, Step
+from kvstore.storage.reconcile import ReconcileError, reconcile
+from kvstore.storage.storage_fault import StorageFault
 
+from .disk import Crash, Disk, Faults
 from .invariants import Checker, Violation
 
 TICK = 10  # time units per tick: message delays are fractions of a tick
-_SNAP = struct.Struct(">QI")
-
 # event kinds
-TICK_EV, DELIVER, PERSIST, CLIENT, FAULT, RESTART, SNAP_REPORT = range(7)
+TICK_EV, DELIVER, PERSIST, CLIENT, FAULT, RESTART, SNAP_REPORT, APPLY = range(8)
 
 
 class Params:
@@ -57,21 +65,57 @@ class Params:
             self.fault_every = 1.5
             self.client_rate = 3.0
             self.p_drop = min(self.p_drop, 0.02)
+        self.p_power = rng.choice((0.0, 0.5, 1.0))  # of crashes, the share that are power cuts
+        self.p_crash_install = rng.choice((0.0, 0.05, 0.2))  # per step of a snapshot install
+        self.p_fsync_error = rng.choice((0.0, 0.0, 0.005))  # per WAL write: the member must stop
+        self.p_apply_lag = rng.choice((0.0, 0.3))  # committed entries applied later (the apply thread)
 
     def describe(self) -> str:
         return " ".join(f"{k}={v}" for k, v in vars(self).items())
 
 
 class SimNode:
-    __slots__ = ("id", "storage", "node", "pending", "sm_index", "sm_hash", "rand")
+    """One member: its disk survives crashes; the process (RawNode, handler, pipeline) does not."""
 
-    def __init__(self, id: int) -> None:
+    __slots__ = ("id", "disk", "node", "handler", "pipeline", "steps", "pending", "apply_due")
+
+    def __init__(self, id: int, faults: Faults) -> None:
         self.id = id
-        self.storage = MemoryStorage()
+        self.disk = Disk(id, faults)
         self.node: RawNode | None = None
-        self.pending: Ready | None = None
-        self.sm_index = 0  # the state machine is durable with its applied index (like LMDB)
-        self.sm_hash = 0
+        self.handler: ReadyHandler | None = None
+        self.pipeline: ApplyPipeline | None = None
+        self.steps = None  # the handler's steps for the Ready under way
+        self.pending = None  # the PERSIST step waiting for its (simulated) fsync to finish
+        self.apply_due = False  # an APPLY event is scheduled for the backlog
+
+
+class SimEvents:
+    """What the handler and the pipeline tell the member; the simulator checks the answers."""
+
+    def __init__(self, sim: Simulation, id: int) -> None:
+        self.sim, self.id = sim, id
+
+    def on_hard_state(self, hs) -> None:
+        pass
+
+    def on_soft_state(self, leader_id: int, role) -> None:
+        pass
+
+    def on_read_state(self, index: int, ctx: bytes) -> None:
+        pass  # checked on the Ready itself (Checker.on_ready)
+
+    def on_fsync(self, took_s: float, entries: int) -> None:
+        pass
+
+    def answer(self, last_index: int, origins: list, results: list) -> None:
+        sim = self.sim
+        for origin in origins:
+            if origin is not None and sim.proposer.get(origin[2]) == self.id:
+                sim.check_answer(self.id, origin[0], origin[1])
+
+    def applied(self, index: int) -> None:
+        pass
 
 
 class Simulation:
@@ -84,7 +128,12 @@ class Simulation:
         self.p = Params(rng, n, chaos_ticks, churn)
         self.bugs = frozenset(bugs)
         self.ids = list(range(1, n + 1))
-        self.nodes = {i: SimNode(i) for i in self.ids}
+        p = self.p
+        self.faults = Faults(rng, p.p_crash_fsync, p.p_crash_install, p.p_fsync_error, p.p_power)
+        self.nodes = {i: SimNode(i, self.faults) for i in self.ids}
+        self.proposer: dict[bytes, int] = {}  # proposal data -> the member it was proposed to
+        self.crashes: Counter[str] = Counter()  # where members died: a storage step, "fail-stop", "kill"
+        self.repairs = 0  # restarts where reconcile had to finish an install or reinstall an image
         self.blocked: set[tuple[int, int]] = set()
         self.now = 0
         self.events: list = []
@@ -126,23 +175,54 @@ class Simulation:
                       rand=random.Random(self.rng.getrandbits(64)), testing_bugs=self.bugs)
 
     def start(self, i: int) -> None:
+        """Start member i's process on its disk: reconcile (the server's), then the core and handler."""
         sn = self.nodes[i]
-        sn.node = RawNode(self.config(i, sn.sm_index), sn.storage)
-        sn.pending = None
+        disk = sn.disk
+        before = (disk.sm.applied_index, disk.wal.first_index(), disk.wal.last_index())
+        try:
+            reconcile(disk.sm, disk.wal, disk.images, bugs=self.bugs)  # type: ignore[arg-type]
+        except ReconcileError as e:
+            raise self.fail(Violation(f"node {i} cannot restart: {e}")) from e
+        except Crash as c:  # a crash again, in the middle of finishing the last one's work
+            self.log("crash", i, f"in {c.point} while starting" + (" (power cut)" if c.power else ""))
+            self.crashes[c.point] += 1
+            if c.power:
+                disk.sm.power_loss()
+            self.push(self.rng.randint(1, 2 * TICK), RESTART, i)
+            return
+        if (disk.sm.applied_index, disk.wal.first_index(), disk.wal.last_index()) != before:
+            self.repairs += 1
+        disk.sm.on_apply = lambda index, term, data, h: self.on_apply(i, index, term, data, h)
+        sn.node = raw = RawNode(self.config(i, disk.sm.applied_index), disk.wal)
+        events = SimEvents(self, i)
+        sn.handler = ReadyHandler(raw, disk.wal, disk.sm, disk.images, events, clock=lambda: self.now / TICK,
+                                  bugs=self.bugs)
+        sn.pipeline = ApplyPipeline(raw, disk.sm, events, RecordConfState(raw.conf_state()), waiting=lambda: True)
+        sn.steps = sn.pending = None
+        sn.apply_due = False
         self.checker.node_started(i)
 
-    def crash(self, i: int, why: str) -> None:
+    def crash(self, i: int, why: str, power: bool | None = None) -> None:
         sn = self.nodes[i]
         if sn.node is None:
             return
-        self.log("crash", i, why)
-        sn.node = None
-        sn.pending = None  # an unpersisted Ready is simply lost
+        if power is None:
+            power = self.rng.random() < self.p.p_power
+        self.log("crash", i, why + (" (power cut)" if power else ""))
+        self.crashes[why.split(":")[0].removeprefix("in ")] += 1
+        if power:
+            self.crashes["power cut"] += 1
+        sn.node = sn.handler = sn.pipeline = None
+        sn.steps = sn.pending = None  # a Ready under way is simply lost, and the apply backlog with it
+        if power:
+            sn.disk.sm.power_loss()
         self.checker.node_crashed(i)
         if not self.healed:
             # often a quick restart (a supervisor), sometimes a long outage
             fast = self.rng.random() < 0.5
             self.push(self.rng.randint(1, 2 * TICK) if fast else self.rng.randint(2, 30) * TICK, RESTART, i)
+        else:
+            self.push(1, RESTART, i)
 
     def send(self, m: Message) -> None:
         rng = self.rng
@@ -160,64 +240,95 @@ class Simulation:
     def pump(self, i: int) -> None:
         """Drive node i's Ready loop as far as it goes right now."""
         sn = self.nodes[i]
-        while sn.node is not None and sn.pending is None and sn.node.has_ready():
+        while sn.node is not None and sn.steps is None and sn.node.has_ready():
             rd = sn.node.ready()
             self.checker.on_ready(i, rd)
-            for m in rd.messages:
-                self.send(m)
-            if self.p.p_async and self.rng.random() < self.p.p_async:
-                sn.pending = rd  # the fsync runs while the node keeps stepping
-                self.push(self.rng.randint(1, 15), PERSIST, i, rd)
-                return
-            self.persist(i, rd)
+            sn.steps = sn.handler.handle(rd)
+            self.run_steps(i)
 
-    def persist(self, i: int, rd: Ready) -> None:
+    def run_steps(self, i: int) -> None:
+        """Carry out the handler's steps as node.py does, until they end, wait for an fsync, or crash."""
         sn = self.nodes[i]
-        if self.p.p_crash_fsync and not self.healed and self.rng.random() < self.p.p_crash_fsync:
-            self.crash(i, "during fsync")
+        try:
+            if sn.pending is not None:  # the fsync of a PERSIST step has come back
+                write, sn.pending = sn.pending, None
+                sn.handler.persist(write)
+            for step, payload in sn.steps:
+                if step is Step.SEND:
+                    for m in payload:
+                        self.send(m)
+                elif step is Step.APPLY:
+                    self.apply(i, payload)
+                elif step is Step.PERSIST:
+                    if self.p.p_async and self.rng.random() < self.p.p_async:
+                        sn.pending = payload  # the fsync runs while the node keeps stepping
+                        self.push(self.rng.randint(1, 15), PERSIST, i, payload)
+                        return
+                    sn.handler.persist(payload)
+                else:
+                    self.drain_apply(i)  # node.py: earlier entries first
+                    sn.handler.install_snapshot(payload)
+                    self.checker.on_snapshot_installed(i, sn.disk.sm.applied_index, sn.disk.sm.hash)
+        except Crash as c:
+            self.crash(i, f"in {c.point}", power=c.power)
             return
-        st = sn.storage
-        if rd.snapshot is not None:
-            st.apply_snapshot(rd.snapshot)
-            idx, h = _SNAP.unpack(rd.snapshot.data)
-            self.checker.on_snapshot_installed(i, idx, h)
-            sn.sm_index, sn.sm_hash = idx, h
-        st.append(rd.entries)
-        if rd.hard_state is not None:
-            st.set_hard_state(rd.hard_state)
-        for m in rd.persisted_messages:
-            self.send(m)
-        if rd.committed_entries:
-            self.apply(sn, rd.committed_entries)
-        sn.pending = None
-        sn.node.advance(rd)
+        except StorageFault as e:  # fail-stop: the process exits; what the fsync lost stays lost
+            self.crash(i, f"fail-stop: {e}", power=False)
+            return
+        sn.steps = None
         self.checker.after_step(i)
+        self.maybe_checkpoint(i)
 
-    def apply(self, sn: SimNode, ents) -> None:
-        h = sn.sm_hash
-        chk = self.checker
-        live = self.live_applied
-        for e in ents:
-            if e.index != sn.sm_index + 1:
-                raise Violation(f"node {sn.id} applies {e.index} after {sn.sm_index}")
-            h = zlib.crc32(e.data, zlib.crc32(b"%d:%d;" % (e.index, e.term), h))
-            sn.sm_index = e.index
-            chk.on_apply(sn.id, e.index, h)
-            if e.data[:1] == b"L" and e.data in live:
-                live[e.data].add(sn.id)
-        sn.sm_hash = h
-        if sn.sm_index - sn.storage.snapshot().metadata.index >= self.p.snapshot_every:
-            self.compact(sn)
-
-    def compact(self, sn: SimNode) -> None:
-        st = sn.storage
-        idx = sn.sm_index
-        if idx > st.last_index() or idx <= st.snapshot().metadata.index:
+    def apply(self, i: int, entries) -> None:
+        """An APPLY step: the pipeline applies now, or later as the apply thread would (node.py)."""
+        sn = self.nodes[i]
+        sn.pipeline.submit(entries)
+        if self.p.p_apply_lag and not self.healed and self.rng.random() < self.p.p_apply_lag:
+            if not sn.apply_due:
+                sn.apply_due = True
+                self.push(self.rng.randint(1, 2 * TICK), APPLY, i, sn.pipeline)
             return
-        st.create_snapshot(idx, sn.node.conf_state(), _SNAP.pack(idx, sn.sm_hash))
+        self.drain_apply(i)
+
+    def drain_apply(self, i: int) -> None:
+        pipeline = self.nodes[i].pipeline
+        if pipeline.backlog:
+            batch = pipeline.take()
+            pipeline.run(batch)
+            pipeline.finish(batch)
+
+    def on_apply(self, i: int, index: int, term: int, data: bytes, h: int) -> None:
+        """The state machine of member i applies an entry: it must be durable in i's own log."""
+        if not self.nodes[i].disk.wal.holds(index, term):
+            raise self.fail(Violation(f"node {i} applied entry {index} (term {term}) that is not durable in its "
+                                      "own log"))
+        self.checker.on_apply(i, index, h)
+        live = self.live_applied.get(data)
+        if live is not None:
+            live.add(i)
+
+    def check_answer(self, i: int, index: int, term: int) -> None:
+        """Node i answers the client of entry (index, term): a majority must hold it durably."""
+        holders = [n for n, sn in self.nodes.items() if sn.disk.wal.holds(index, term)]
+        if len(holders) < len(self.ids) // 2 + 1:
+            raise self.fail(Violation(f"answered before durable on a majority: node {i} answered entry {index} "
+                                      f"(term {term}), durable only on nodes {holders}"))
+
+    def maybe_checkpoint(self, i: int) -> None:
+        """node.py's checkpoint: the state machine made the durable base, then the log compacted."""
+        sn = self.nodes[i]
+        disk = sn.disk
+        wal = disk.wal
+        if disk.sm.applied_index - wal.snapshot().metadata.index < self.p.snapshot_every:
+            return
+        index, term = disk.sm.checkpoint()
+        if index > wal.last_index() or index <= wal.snapshot().metadata.index:
+            return
+        meta = SnapshotMetadata(index=index, term=term, conf_state=ConfState(voters=list(self.ids)))
+        wal.set_snapshot(meta, disk.sm.image())
         keep = self.rng.randrange(4)
-        if idx - keep > st.first_index():
-            st.compact(idx - keep)
+        if index - keep > wal.first_index():
+            wal.compact(index - keep)
 
     # -- events ------------------------------------------------------------------------------------
 
@@ -251,6 +362,8 @@ class Simulation:
                         self.log("recv", a)
                     else:
                         self.history.append((t, "recv", a))
+                    if a.type == MessageType.SNAPSHOT:  # the peer server publishes the image first
+                        sn.disk.images.publish(a.snapshot.metadata, a.snapshot.data)
                     sn.node.step(a)
                     checker.after_step(a.to)
                     self.pump(a.to)
@@ -267,8 +380,16 @@ class Simulation:
                     sn = nodes[a]
                     if sn.node is not None and sn.pending is b:
                         self.log("persist", a)
-                        self.persist(a, b)
+                        self.run_steps(a)
                         self.pump(a)
+                elif kind == APPLY:
+                    sn = nodes[a]
+                    if sn.pipeline is b:
+                        sn.apply_due = False
+                        try:
+                            self.drain_apply(a)
+                        except Crash as c:
+                            self.crash(a, f"in {c.point}", power=c.power)
                 elif kind == CLIENT:
                     self.client()
                 elif kind == FAULT:
@@ -334,6 +455,7 @@ class Simulation:
                 data = b"P%d" % self.prop_ctr
                 self.log("propose", target, data)
                 node.propose(data)
+                self.proposer[data] = target
             elif r < 0.95:
                 self.read_ctr += 1
                 ctx = b"R%d" % self.read_ctr
@@ -364,6 +486,7 @@ class Simulation:
         data = b"L%d" % self.prop_ctr
         try:
             self.nodes[lead].node.propose(data)
+            self.proposer[data] = lead
         except ProposalDropped:
             return
         self.log("propose", lead, data)
@@ -440,6 +563,10 @@ class Simulation:
 
     def heal_all(self) -> None:
         self.healed = True
+        self.faults.enabled = False
+        for i in self.ids:
+            if self.nodes[i].pipeline is not None:
+                self.drain_apply(i)
         self.blocked = set()
         self.p.p_drop = 0.0
         self.p.p_dup = 0.0

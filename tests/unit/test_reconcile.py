@@ -13,11 +13,12 @@ import os
 
 import pytest
 
-from kvstore.raft import Config, RawNode
+from kvstore.raft import Config, RawNode, faults
 from kvstore.raft.types import ConfState, Entry, HardState, SnapshotMetadata
 from kvstore.server.config import ServerConfig
 from kvstore.server.node import Node
 from kvstore.storage.raft_log import RaftLog
+from kvstore.storage.reconcile import reconcile
 from kvstore.storage.snapshot import SnapshotStore
 from kvstore.storage.state_machine import StateMachine
 from kvstore.v1 import command_pb2, kv_pb2
@@ -181,4 +182,16 @@ def test_crash_at_any_install_step_over_a_stale_tail(tmp_path, step):
         m.sm.install_snapshot(path)
     m.restart()
     assert_log_continues_from_state_machine(m)
+    m.close()
+
+
+def test_the_planted_skip_of_the_term_check_leaves_a_commit_over_a_stale_entry(tmp_path):
+    """The switch the simulator plants (faults.RECONCILE_WITHOUT_TERM_CHECK), on real storage:
+    the check above then fails, so it would catch reconcile without the term check."""
+    image = leader_image(tmp_path, 9, 3)
+    m = stale_tail_member(tmp_path)
+    m.sm.install_snapshot(receive(m, image, 9, 3))
+    reconcile(m.sm, m.log, m.snapshots, bugs=frozenset({faults.RECONCILE_WITHOUT_TERM_CHECK}))
+    with pytest.raises(AssertionError, match="the log holds term 2 at 9"):
+        assert_log_continues_from_state_machine(m)
     m.close()

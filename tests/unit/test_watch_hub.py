@@ -76,9 +76,11 @@ def test_synced_watcher_gets_matching_events_once(fx):
     assert [e[2] for e in fx.drain(nodel)] == [b"cfg/d"]
 
 
+@pytest.mark.parametrize("recent", [1 << 20, 2000])  # catching up from the hub's recent events, or LMDB
 @pytest.mark.parametrize("page", [7, 9])  # the catch-up's last page full, or not
-def test_slow_watcher_is_moved_to_catch_up_and_misses_nothing(fx, monkeypatch, page):
+def test_slow_watcher_is_moved_to_catch_up_and_misses_nothing(fx, monkeypatch, page, recent):
     monkeypatch.setattr(watch_hub, "PAGE", page)
+    monkeypatch.setattr(watch_hub, "RECENT_BYTES", recent)
     fx.hub.testing_max_pending = 10
     w = fx.watcher(b"k", b"l")
     fast = fx.watcher(b"k", b"l")
@@ -136,3 +138,63 @@ def test_future_start_waits_for_its_revision(fx):
     for _ in range(4):
         fx.apply([put(b"k")])
     assert [r for r, _, _ in fx.drain(w)] == [4, 5]
+
+
+def test_a_snapshot_install_hands_its_history_to_synced_watchers(tmp_path):
+    """A member that installs an image jumps ahead: its watchers get the image's history events."""
+    leader = Fixture(str(tmp_path / "leader"))
+    member = Fixture(str(tmp_path / "member"))
+    try:
+        leader.apply([put(b"k", b"0")])
+        member.apply([put(b"k", b"0")])
+        w = member.watcher(b"k", b"l")
+        for i in range(1, 30):
+            leader.apply([put(b"k%d" % (i % 3), b"%d" % i)])
+            if i % 7 == 0:
+                leader.apply([delete(b"k%d" % (i % 3))])
+        image = str(tmp_path / "image.mdb")
+        with open(image, "wb") as f:
+            leader.sm.copy_to(f.fileno())
+        member.readable.clear()  # as the node does around an install
+        member.sm.install_snapshot(image)
+        member.hub.notify()  # refused while not readable: the install's end notifies
+        assert not w.pending
+        member.readable.set()
+        member.hub.notify()
+        expected = [(e.revision, e.sub, e.key) for e, _ in leader.sm.events(2, 1000)[0]]
+        assert member.drain(w) == expected and len(expected) == 33
+    finally:
+        leader.sm.close()
+        member.sm.close()
+
+
+def test_slow_watchers_of_one_burst_catch_up_from_memory(fx, monkeypatch):
+    """The hub keeps what it read (with prev records, as one watcher wants them): demoted watchers
+    catch up from it, not each from LMDB, and every one gets what it asked for."""
+    monkeypatch.setattr(watch_hub, "PAGE", 5)
+    fx.hub.testing_max_pending = 8
+    slow = [fx.watcher(b"k", b"l") for _ in range(3)]
+    with_prev = fx.watcher(b"k", b"l", prev_kv=True)
+    reads = []
+    real_events = fx.sm.events
+
+    def counted(start, n, prev=False):
+        reads.append((start, prev))
+        return real_events(start, n, prev)
+
+    monkeypatch.setattr(fx.sm, "events", counted)
+    for i in range(30):
+        fx.apply([put(b"k", b"%d" % i)])
+    assert all(not w.synced for w in slow)
+    hub_reads = len(reads)
+    got = [fx.drain(w) for w in slow]
+    assert got[0] == got[1] == got[2] == [(r, 0, b"k") for r in range(1, 31)]
+    assert len(reads) == hub_reads  # from memory: no LMDB read
+    events = []
+    while not with_prev.synced or with_prev.pending:
+        while with_prev.pending:
+            ev, prev = with_prev.pending.popleft()
+            events.append((ev.revision, prev and history.value_of(prev)))
+        if not with_prev.synced:
+            fx.hub.catch_up(with_prev)
+    assert events == [(1, None)] + [(r, b"%d" % (r - 2)) for r in range(2, 31)]
