@@ -189,8 +189,8 @@ class _WatchStream:
         while True:
             while self.control:
                 msg = self.control.popleft()
-                if msg is None:
-                    if not any(w.pending for w in self.watchers.values()):
+                if msg is None:  # the client closed its side: end once all that is due is sent
+                    if not self._progress_asked and not any(w.pending for w in self.watchers.values()):
                         return
                     self.control.append(msg)
                     break

@@ -123,8 +123,8 @@ def test_progress_request_and_cancel(wcluster):
     assert progress.header.revision >= rev and not progress.events
     cancelled = next(r for r in out if r.canceled and r.watch_id == 5)
     assert not cancelled.cancel_reason
-    refused = out[-1]
-    assert refused.created and refused.canceled and "watch key must be" in refused.cancel_reason
+    refused = next(r for r in out if r.created and r.canceled)
+    assert refused.watch_id != 5 and "watch key must be" in refused.cancel_reason
 
 
 def test_watch_from_a_compacted_revision_is_cancelled(wcluster):
@@ -295,7 +295,7 @@ def test_a_watch_on_a_paused_follower_goes_on_when_it_catches_up(tmp_path):
     try:
         leader = settled(lc)
         f = next(i for i in lc.ids if i != leader)
-        with Client([lc.client_addr(leader)], timeout=20) as c:
+        with Client([lc.client_addr(leader)], timeout=60) as c:
             start = c.put("snap/k", "start").revision
             stub = watch_pb2_grpc.WatchStub(grpc.insecure_channel(lc.client_addr(f)))
             gate = threading.Event()
@@ -303,9 +303,9 @@ def test_a_watch_on_a_paused_follower_goes_on_when_it_catches_up(tmp_path):
             def requests():
                 yield watch_pb2.WatchRequest(create_request=watch_pb2.WatchCreateRequest(
                     key=b"snap/", range_end=b"snap0", start_revision=start))
-                gate.wait(120)
+                gate.wait(240)
 
-            call = stub.Watch(requests(), timeout=120)
+            call = stub.Watch(requests(), timeout=240)
             got: list[int] = []
 
             def read():
@@ -317,12 +317,12 @@ def test_a_watch_on_a_paused_follower_goes_on_when_it_catches_up(tmp_path):
             last = [10**12]
             reader = threading.Thread(target=read)
             reader.start()
-            lc.wait_for(lambda: got == [start], 30, "the first event")
+            lc.wait_for(lambda: got == [start], 60, "the first event")
             lc.pause(f)
             written = [start] + [c.put("snap/k", str(i)).revision for i in range(200)]
             last[0] = written[-1]
             lc.resume(f)
-            reader.join(90)
+            reader.join(180)
             gate.set()
             call.cancel()
             assert not reader.is_alive()
