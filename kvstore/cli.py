@@ -135,7 +135,9 @@ class _LazyGroup(click.Group):
             "certs": ("kvstore.certs", "certs"),
             "check": ("kvstore.maintenance_cli", "check"), "alarm": ("kvstore.maintenance_cli", "alarm"),
             "user": ("kvstore.auth_cli", "user"), "role": ("kvstore.auth_cli", "role"),
-            "auth": ("kvstore.auth_cli", "auth")}
+            "auth": ("kvstore.auth_cli", "auth"),
+            "lease": ("kvstore.lease_cli", "lease"),
+            "lock": ("kvstore.lock_cli", "lock"), "elect": ("kvstore.lock_cli", "elect")}
 
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -332,12 +334,22 @@ def watch(lc, stopping: list) -> None:
 @click.argument("key")
 @click.argument("value")
 @click.option("--prev-kv", is_flag=True, help="print the value it replaced")
+@click.option("--lease", "lease_id", default="0", metavar="LEASE_ID",
+              help="attach KEY to this lease (hexadecimal, as `lease grant` prints it)")
 @click.pass_context
 @client_errors
-def put(ctx, key: str, value: str, prev_kv: bool) -> None:
+def put(ctx, key: str, value: str, prev_kv: bool, lease_id: str) -> None:
     """Set KEY to VALUE."""
+    lease = 0
+    if lease_id != "0":
+        from kvstore.lease_cli import parse_lease_id
+
+        try:
+            lease = parse_lease_id(lease_id)
+        except click.BadParameter as e:
+            fail(f"--lease: {e.message}")
     with make_client(ctx) as c:
-        r = c.put(key, value, prev_kv=prev_kv)
+        r = c.put(key, value, prev_kv=prev_kv, lease=lease)
     console.print(f"OK (revision {r.revision})", highlight=False)
     if prev_kv and r.prev_kv is not None:
         console.print(f"previous: {show(r.prev_kv.value)}", highlight=False)

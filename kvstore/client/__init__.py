@@ -12,13 +12,16 @@ from kvstore.client.errors import (
     FutureRevision,
     InvalidArgument,
     KvstoreError,
+    LeaseLost,
     NoEndpointAnswered,
     NoLeader,
+    NotFound,
     NotLeader,
     PermissionDenied,
     Unauthenticated,
     Unavailable,
 )
+from kvstore.client.lease import LeaseGrant, LeaseTimeToLive
 from kvstore.client.retry import ExponentialBackoff, FixedInterval, NoRetry, RetryPolicy
 from kvstore.client.sync_client import Client
 from kvstore.client.tls import TLS
@@ -62,6 +65,10 @@ __all__ = [
     "InvalidArgument",
     "Unauthenticated",
     "PermissionDenied",
+    "NotFound",
+    "LeaseLost",
+    "LeaseGrant",
+    "LeaseTimeToLive",
     "KeyValue",
     "PutResult",
     "GetResult",

@@ -27,6 +27,9 @@ from kvstore.client.breaker import CircuitBreaker
 from kvstore.client.credentials import Credentials
 from kvstore.client.coalescer import ANY, LEADER, Coalescer, response
 from kvstore.client.endpoints import DEFAULT_CHANNEL_OPTIONS, DEFAULT_ENDPOINTS, Endpoints
+from kvstore.client.election import Election
+from kvstore.client.lease import Lease, LeaseGrant, LeaseTimeToLive
+from kvstore.client.lock import Lock
 from kvstore.client.tls import TLS
 from kvstore.client.retry import ExponentialBackoff, RetryPolicy
 from kvstore.client.retry_budget import RetryBudget
@@ -46,7 +49,7 @@ from kvstore.client.types import (
     TxnResult,
     to_bytes,
 )
-from kvstore.v1 import auth_pb2, cluster_pb2, kv_pb2, maintenance_pb2
+from kvstore.v1 import auth_pb2, cluster_pb2, kv_pb2, lease_pb2, maintenance_pb2
 
 __all__ = ["AsyncClient", "DropReplyHook"]
 
@@ -212,9 +215,11 @@ class AsyncClient(AuthAdmin):
     # --- KV ----------------------------------------------------------------
 
     async def put(
-        self, key: BytesLike, value: BytesLike, *, prev_kv: bool = False, timeout: float | None = None
+        self, key: BytesLike, value: BytesLike, *, prev_kv: bool = False, lease: int = 0,
+        timeout: float | None = None,
     ) -> PutResult:
-        """Set ``key`` to ``value``; ``prev_kv=True`` also returns what it replaced."""
+        """Set ``key`` to ``value``; ``prev_kv=True`` also returns what it replaced. With ``lease``
+        (a lease id), the key is deleted when the lease expires or is revoked (NotFound: no such lease)."""
         k = key if type(key) is bytes else to_bytes(key)
         v = value if type(value) is bytes else to_bytes(value)
         c = self._coalescer
@@ -224,8 +229,10 @@ class AsyncClient(AuthAdmin):
             p.value = v
             if prev_kv:
                 p.prev_kv = True
+            if lease:
+                p.lease = lease
             return PutResult.from_pb(await fut if timeout is None else await self._wait(fut, timeout, True))
-        req = kv_pb2.PutRequest(key=k, value=v, prev_kv=prev_kv)
+        req = kv_pb2.PutRequest(key=k, value=v, prev_kv=prev_kv, lease=lease)
         return PutResult.from_pb(await self._call("Put", req, route=LEADER, mutation=True, timeout=timeout))
 
     async def get(self, key: BytesLike, *, serializable: bool = False, revision: int = 0,
@@ -315,6 +322,59 @@ class AsyncClient(AuthAdmin):
             op.CopyFrom(req)
             return TxnResult.from_pb(response(await self._wait(fut, timeout, True), "response_txn"))
         return TxnResult.from_pb(await self._call("Txn", req, route=LEADER, mutation=True, timeout=timeout))
+
+    # --- Lease -------------------------------------------------------------
+
+    def lease(self, ttl: int, *, lease_id: int = 0) -> Lease:
+        """``async with ac.lease(ttl=10) as lease:`` grants a lease and keeps it alive until the block
+        ends, then revokes it; see kvstore/client/lease.py for how loss is reported."""
+        return Lease(self, ttl, lease_id)
+
+    def lock(self, name: BytesLike, *, ttl: int = 60, lease: Lease | None = None) -> Lock:
+        """``async with ac.lock("name", ttl=10) as lock:`` holds lock NAME (under its own lease of ``ttl``
+        seconds, or ``lease``); ``lock.token`` is its fencing token, ``lock.guard()`` the txn compare
+        that fences a write (kvstore/client/lock.py)."""
+        return Lock(self, name, ttl=ttl, lease=lease)
+
+    def election(self, name: BytesLike, *, ttl: int = 60, lease: Lease | None = None) -> Election:
+        """Election NAME: campaign, proclaim, leader, observe, resign (kvstore/client/election.py)."""
+        return Election(self, name, ttl=ttl, lease=lease)
+
+    async def lease_grant(self, ttl: int, *, lease_id: int = 0, timeout: float | None = None) -> LeaseGrant:
+        """A new lease of ``ttl`` seconds (raised to the cluster's minimum); ``lease_id`` 0: the leader picks."""
+        req = lease_pb2.LeaseGrantRequest(TTL=ttl, ID=lease_id)
+        resp = await self._call("LeaseGrant", req, route=LEADER, mutation=False, timeout=timeout)
+        return LeaseGrant(resp.ID, resp.TTL)
+
+    async def lease_revoke(self, lease_id: int, *, timeout: float | None = None) -> int:
+        """Revoke a lease, deleting its keys (NotFound: no such lease); the revision after."""
+        req = lease_pb2.LeaseRevokeRequest(ID=lease_id)
+        resp = await self._call("LeaseRevoke", req, route=LEADER, mutation=False, timeout=timeout)
+        return int(resp.header.revision)
+
+    async def lease_keep_alive_once(self, lease_id: int, *, timeout: float | None = None
+                                    ) -> lease_pb2.LeaseKeepAliveResponse:
+        """One keep-alive: the answer's TTL is the new TTL, 0 if the lease no longer exists."""
+        req = lease_pb2.LeaseKeepAliveRequest(ID=lease_id)
+        return await self._call("LeaseKeepAliveOnce", req, route=LEADER, mutation=False, timeout=timeout)
+
+    def open_keep_alive_stream(self):
+        """A LeaseKeepAlive stream to the member believed to lead (a Lease's keep-alives ride on it)."""
+        eps = self._endpoints
+        return eps.conn(eps.leader or eps.first()).lease_keep_alive()
+
+    async def lease_time_to_live(self, lease_id: int, *, keys: bool = False,
+                                 timeout: float | None = None) -> LeaseTimeToLive:
+        """Seconds left on a lease (-1: no such lease), its granted TTL, and with ``keys`` its keys."""
+        req = lease_pb2.LeaseTimeToLiveRequest(ID=lease_id, keys=keys)
+        resp = await self._call("LeaseTimeToLive", req, route=LEADER, mutation=False, timeout=timeout)
+        return LeaseTimeToLive(resp.ID, resp.TTL, resp.grantedTTL, list(resp.keys))
+
+    async def leases(self, *, timeout: float | None = None) -> list[int]:
+        """The ids of every lease."""
+        resp = await self._call("LeaseLeases", lease_pb2.LeaseLeasesRequest(), route=LEADER, mutation=False,
+                                timeout=timeout)
+        return [ls.ID for ls in resp.leases]
 
     # --- Cluster -----------------------------------------------------------
 

@@ -7,6 +7,7 @@ grows with the client addresses the cluster reports (redirects, MemberList).
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -14,7 +15,15 @@ import grpc
 
 from kvstore.client.breaker import CircuitBreaker
 from kvstore.client.stream import SessionStream
-from kvstore.v1 import auth_pb2_grpc, cluster_pb2, cluster_pb2_grpc, kv_pb2_grpc, maintenance_pb2_grpc
+from kvstore.v1 import (
+    auth_pb2_grpc,
+    cluster_pb2,
+    cluster_pb2_grpc,
+    kv_pb2_grpc,
+    lease_pb2,
+    lease_pb2_grpc,
+    maintenance_pb2_grpc,
+)
 
 from .credentials import Credentials
 from .tls import TLS
@@ -53,10 +62,26 @@ def normalize(addr: str) -> str:
     return addr.rstrip("/")
 
 
+async def keep_alive_once(open_stream: Any, request: lease_pb2.LeaseKeepAliveRequest, *,
+                          timeout: float) -> lease_pb2.LeaseKeepAliveResponse:
+    """One keep-alive on a stream of its own (the unary shape the retrying call path takes)."""
+    call = open_stream(timeout=timeout)
+    try:
+        await call.write(request)
+        await call.done_writing()
+        resp = await call.read()
+        if resp is grpc.aio.EOF:  # ended without an error status (a failed stream raises from read)
+            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                       "the keep-alive stream ended without an answer")
+        return resp
+    finally:
+        call.cancel()
+
+
 class Connection:
     """A channel to one member with its stubs' bound methods, looked up by RPC name, and its session stream."""
 
-    __slots__ = ("addr", "channel", "methods", "_streams", "_turn", "_credentials", "_retiring")
+    __slots__ = ("addr", "channel", "methods", "lease_keep_alive", "_streams", "_turn", "_credentials", "_retiring")
 
     def __init__(self, addr: str, options: Sequence[tuple[str, Any]], streams: int = 1,
                  tls: TLS | None = None, credentials: Credentials | None = None) -> None:
@@ -70,6 +95,8 @@ class Connection:
         kv = kv_pb2_grpc.KVStub(self.channel)
         cl = cluster_pb2_grpc.ClusterStub(self.channel)
         mt = maintenance_pb2_grpc.MaintenanceStub(self.channel)
+        ls = lease_pb2_grpc.LeaseStub(self.channel)
+        self.lease_keep_alive = ls.LeaseKeepAlive  # a stream (see kvstore/client/lease.py)
         self.methods: dict[str, Any] = {
             "Range": kv.Range,
             "Put": kv.Put,
@@ -82,6 +109,11 @@ class Connection:
             "TransferLeadership": cl.TransferLeadership,
             "HashKV": mt.HashKV,
             "Alarm": mt.Alarm,
+            "LeaseGrant": ls.LeaseGrant,
+            "LeaseRevoke": ls.LeaseRevoke,
+            "LeaseTimeToLive": ls.LeaseTimeToLive,
+            "LeaseLeases": ls.LeaseLeases,
+            "LeaseKeepAliveOnce": functools.partial(keep_alive_once, ls.LeaseKeepAlive),
         }
         auth = auth_pb2_grpc.AuthStub(self.channel)
         for name in AUTH_METHODS:

@@ -150,6 +150,16 @@ class SessionExpired(FailedPrecondition):
     maybe_applied: bool = True
 
 
+class NotFound(KvstoreError):
+    """What the request names does not exist (e.g. "lease not found"); nothing was applied."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class LeaseLost(KvstoreError):
+    """A lease kept alive by the client ran out or was revoked: keys attached to it may be gone."""
+
+
 class ResourceExhausted(KvstoreError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -216,6 +226,7 @@ _BY_CODE: dict[grpc.StatusCode, type[KvstoreError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.CANCELLED: Cancelled,
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,

@@ -29,7 +29,8 @@ def jepsen() -> None:
                    "partition[-halves|-leader|-ring|-bridge], kill[-random|-leader], "
                    "pause[-random|-leader], power[-random|-leader|-all] (root: loop-mounted ext4), "
                    "clock[-{leader,random}-{ahead,behind}], none")
-@click.option("--workload", type=click.Choice(["register", "set", "bank", "watch"]), default="register",
+@click.option("--workload", type=click.Choice(["register", "set", "bank", "watch", "lease", "lock", "lock-unfenced"]),
+              default="register",
               show_default=True)
 @click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False),
               help="parent directory of the run directory")
@@ -130,6 +131,18 @@ def _check(path: Path) -> tuple[int, str, dict]:
         elif kind == "bank":
             bank = BankWorkload()  # the run's accounts and total are the workload's fixed ones
             verdict = check_bank(ops, bank.accounts, bank.total)
+        elif kind == "lock":
+            from kvstore.jepsen.lock_workload import check_lock
+
+            verdict = check_lock(ops)
+        elif kind == "lease":
+            from kvstore.jepsen.lease_workload import check_leases
+
+            # the run's election timeout and leader changes are in its summary.json, when there is one
+            summary_path = path.parent / "summary.json"
+            summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+            verdict = check_leases(ops, summary.get("election_s", 0.5),
+                                   [entry["time"] for entry in summary.get("leaders", [])])
         if verdict is not None:
             code = UNKNOWN if verdict.unknown else VALID if verdict.valid else INVALID
             return code, f"{kind}: {verdict.summary}", verdict.details

@@ -94,6 +94,7 @@ class ClientStore(Store):
         user, password = credentials or (None, None)
         self.client = AsyncClient(endpoints, timeout=timeout, retry=retry, coalesce=False, tls=tls, user=user,
                                   password=password)
+        self._releases: set[asyncio.Future] = set()  # locks being released in the background
 
     async def get(self, key: str) -> str | None:
         value = (await self.client.get(key)).value
@@ -117,6 +118,49 @@ class ClientStore(Store):
         txn = Txn().when(*(value(k) == v for k, v in expected.items())).then(
             *(put(k, v) for k, v in new.items()))
         return (await self.client.txn(txn)).succeeded
+
+    async def grant(self, ttl: int) -> tuple[int, int]:
+        granted = await self.client.lease_grant(ttl)
+        return granted.id, granted.ttl
+
+    async def put_leased(self, key: str, value: str, lease: int) -> None:
+        await self.client.put(key, value, lease=lease)
+
+    async def keep_alive(self, lease: int) -> int:
+        return int((await self.client.lease_keep_alive_once(lease)).TTL)
+
+    async def locked_increment(self, lock: str, counter: str, ttl: int, hold_s: float, fenced: bool,
+                               acquire_timeout: float) -> tuple[int, int] | str:
+        """Take the lock, read the counter, hold, then write count + 1 blindly (fenced by the lock's
+        guard unless told not to). (count, token) if written, else why it certainly was not: "lock"
+        (not acquired, or the counter not read) or "fence" (the guard refused the write)."""
+        from kvstore.client import errors
+        from kvstore.client.lock import Lock
+        from kvstore.client.txn import Txn, put
+        from kvstore.jepsen.lock_workload import parse_counter
+
+        lk = Lock(self.client, lock, ttl=ttl)
+        try:
+            await lk.acquire(acquire_timeout)
+        except errors.KvstoreError:
+            return "lock"  # not acquired: nothing was written to the counter
+        try:
+            try:
+                count, _ = parse_counter(await self.get(counter))
+            except errors.KvstoreError:
+                return "lock"
+            if hold_s < 0:  # a stalled holder: its keep-alives stop too, its lease runs out
+                assert lk.lease is not None
+                await lk.lease.stop_keep_alive()
+            await asyncio.sleep(abs(hold_s))
+            txn = Txn().when(lk.guard()) if fenced else Txn()
+            r = await self.client.txn(txn.then(put(counter, f"{count + 1} {lk.token}")))
+            return (count + 1, lk.token) if r.succeeded else "fence"
+        finally:
+            # in the background: the increment is decided, and a release may wait out a fault
+            task = asyncio.ensure_future(_quietly(lk.release()))
+            self._releases.add(task)
+            task.add_done_callback(self._releases.discard)
 
     def outcome_of(self, error: BaseException, mutation: bool) -> str:
         return outcome_of(error, mutation)
@@ -159,6 +203,11 @@ class ClientStore(Store):
 
     async def close(self) -> None:
         await self.client.close()
+
+
+async def _quietly(aw: Any) -> None:
+    with contextlib.suppress(Exception):
+        await aw
 
 
 def outcome_of(error: BaseException, mutation: bool) -> str:
@@ -541,6 +590,8 @@ async def _run_async(config: RunConfig, mode: str, run_dir: Path, procs: NodePro
         recorder.close()
 
     check_started = time.monotonic()
+    workload.observe_run(election_s=config.tick_ms * config.election_ticks / 1000,
+                         leader_changes=[entry["time"] for entry in watch.timeline])
     verdict = workload.check(recorder.events)
     timings["check"] = time.monotonic() - check_started
     timings["total"] = time.monotonic() - started
@@ -668,6 +719,7 @@ def summarize(config: RunConfig, mode: str, recorder: Recorder, watch: LeaderWat
     return {
         "workload": config.workload, "nemesis": config.nemesis, "nodes": config.nodes,
         "time": config.time, "network": mode, "seed": config.seed,
+        "election_s": config.tick_ms * config.election_ticks / 1000,
         "server_args": config.server_args, "tls": config.tls, "auth": config.auth,
         "valid": verdict.valid, "verdict": verdict.summary,
         "ops": {"total": sum(outcomes.values()), **outcomes},

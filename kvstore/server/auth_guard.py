@@ -181,6 +181,9 @@ class _RootOnly:
         self._servicer = servicer
         self._guard = guard
 
+    def _check(self, context: grpc.aio.ServicerContext, name: str, request: Any) -> None:
+        self._guard.check_root(context, name)
+
     def __getattr__(self, name: str) -> Any:
         method = getattr(self._servicer, name)
         if name in OPEN_METHODS or name.startswith("_") or not callable(method):
@@ -190,7 +193,7 @@ class _RootOnly:
             @functools.wraps(method)
             async def checked_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 try:
-                    self._guard.check_root(context, name)
+                    self._check(context, name, request)
                 except RequestFailed as e:
                     await e.abort(context)
                 async for item in method(request, context):
@@ -201,7 +204,7 @@ class _RootOnly:
         @functools.wraps(method)
         async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
-                self._guard.check_root(context, name)
+                self._check(context, name, request)
             except RequestFailed as e:
                 await e.abort(context)
             return await method(request, context)
@@ -211,3 +214,19 @@ class _RootOnly:
 
 def root_only(servicer: Any, guard: AuthGuard) -> Any:
     return _RootOnly(servicer, guard)
+
+
+class _LeaseChecked(_RootOnly):
+    """The Lease service under auth, as etcd has it: any authenticated user may grant, keep alive and
+    look up leases; a revoke deletes the lease's keys, so it needs write permission on every one."""
+
+    def _check(self, context: grpc.aio.ServicerContext, name: str, request: Any) -> None:
+        user = self._guard.user(context)  # UNAUTHENTICATED unless auth is off or the caller is known
+        if user is None or name != "LeaseRevoke":
+            return
+        for key in self._guard.node.sm.lease_keys(request.ID):
+            self._guard.check_op(user, kv_pb2.RequestOp(request_delete_range=kv_pb2.DeleteRangeRequest(key=key)))
+
+
+def lease_checked(servicer: Any, guard: AuthGuard) -> Any:
+    return _LeaseChecked(servicer, guard)

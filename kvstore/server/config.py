@@ -149,6 +149,9 @@ OPTIONS: list[Option] = [
            "TESTING ONLY, UNSAFE: the peer API accepts TLS connections without checking the peer's certificate"),
     Option("--testing-auth-skip-txn-check", bool, False,
            "TESTING ONLY, UNSAFE: the ops inside a txn are not checked against the user's permissions"),
+    Option("--testing-lease-deadlines-from-apply", bool, False,
+           "TESTING ONLY, UNSAFE: every member starts a lease's clock when it applies it and a new leader "
+           "keeps those clocks, forgetting the keep-alives its predecessor took (leases expire early)"),
     Option("--testing-corrupt-state", bool, False,
            "TESTING ONLY, UNSAFE: at start, write a key no log entry made, so this member's state diverges"),
 ]
@@ -249,6 +252,7 @@ class ServerConfig:
     testing_corrupt_state: bool = False
     auth_token_ttl: int = 300
     testing_auth_skip_txn_check: bool = False
+    testing_lease_deadlines_from_apply: bool = False
 
     @property
     def corrupt_check_s(self) -> float:

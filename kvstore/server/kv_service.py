@@ -25,6 +25,7 @@ from kvstore.storage.errors import ApplyError
 from kvstore.storage.history import RevisionError
 from kvstore.storage.errors import InvalidRequest as StorageInvalidRequest
 from kvstore.storage.permissions import READ, WRITE, Denied, UserPermissions
+from kvstore.storage.leases import LEASE_NOT_FOUND, missing_lease
 from kvstore.storage.plain_puts import PlainPuts
 from kvstore.storage.validation import check_op as storage_check_op
 from kvstore.v1 import command_pb2, kv_pb2, kv_pb2_grpc
@@ -262,6 +263,10 @@ class KVService(kv_pb2_grpc.KVServicer):
                 self._check_op(op)
             except (InvalidRequest, StorageInvalidRequest) as e:
                 _set_op_error(slots[i], grpc.StatusCode.INVALID_ARGUMENT, str(e))
+                continue
+            missing = missing_lease(op, self.node.sm.leases)
+            if missing:  # its own error, not the whole Command's (apply checks again: a revoke may race)
+                _set_op_error(slots[i], grpc.StatusCode.NOT_FOUND, f"{LEASE_NOT_FOUND} (lease {missing})")
                 continue
             (writes if is_mutation(op) else reads).append(i)
 

@@ -16,9 +16,9 @@ import grpc
 
 from kvstore.storage.data_dir_lock import DataDirInUse, lock_data_dir
 from kvstore.storage import permissions
-from kvstore.v1 import auth_pb2_grpc, cluster_pb2_grpc, kv_pb2_grpc, maintenance_pb2_grpc
+from kvstore.v1 import auth_pb2_grpc, cluster_pb2_grpc, kv_pb2_grpc, lease_pb2_grpc, maintenance_pb2_grpc
 
-from .auth_guard import AuthGuard, root_only
+from .auth_guard import AuthGuard, lease_checked, root_only
 from .auth_service import AuthService
 
 from .auto_compaction import AutoCompactor
@@ -26,6 +26,8 @@ from .cluster_service import ClusterService
 from .config import ServerConfig, parse_args, parse_duration
 from .corruption import CorruptionChecker
 from .kv_service import KVService
+from .lease_service import LeaseService
+from .lessor import min_lease_ttl
 from .limits import Limits
 from .logs import log_term_from, setup_logging
 from .maintenance_service import MaintenanceService
@@ -80,6 +82,8 @@ async def serve(cfg: ServerConfig) -> None:
     maintenance_pb2_grpc.add_MaintenanceServicer_to_server(root_only(MaintenanceService(node), guard), client_server)
     auth_pb2_grpc.add_AuthServicer_to_server(AuthService(node, guard, cfg.auth_token_ttl), client_server)
     add_watch_service(WatchService(node, parse_duration(cfg.watch_progress_notify_interval), guard), client_server)
+    lease_pb2_grpc.add_LeaseServicer_to_server(lease_checked(
+        LeaseService(node, node.lessor, min_lease_ttl(cfg.tick_ms, cfg.election_ticks)), guard), client_server)
     try:
         if client_tls is None:
             bound = client_server.add_insecure_port(cfg.listen_client_addr)

@@ -71,6 +71,7 @@ from .corruption import check_not_corrupt
 from .errors import (
     RequestFailed, leadership_lost, not_applied, shutting_down, stopped_while_pending,
 )
+from .lessor import Lessor
 from .logs import event
 from .metrics import SLOW_APPLY_S, NodeMetrics
 from .proposals import Proposals
@@ -143,6 +144,8 @@ class Node:
         self.pipeline: ApplyPipeline  # committed entries into the state machine (apply_pipeline.py)
         self.transport: Transport
         self.proposals = Proposals(cfg.id)
+        self.lessor = Lessor(lambda: self.is_leader, lambda: self.term, lambda: self.sm.leases, self.propose_internal,
+                             testing_deadlines_from_apply=cfg.testing_lease_deadlines_from_apply)
         election_s = cfg.tick_ms * cfg.election_ticks / 1000
         self.read_index = ReadIndex(self._request_read_index, timeout_s=2 * election_s, timeout_error=self._read_timeout,
                                     deadline_error=_read_deadline)
@@ -304,6 +307,7 @@ class Node:
                     self.sm.compact_pending()  # no writes to carry the compaction's steps
                 if self._sm_readable.is_set():
                     self.space_quota.tick()
+                self.lessor.on_tick()  # the leader's lease expiry (lessor.py)
             except Exception as e:
                 fatal("the tick loop", e)
             self._wake.set()

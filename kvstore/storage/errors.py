@@ -18,6 +18,7 @@ class ErrorCode(enum.IntEnum):
     """The subset of grpc.StatusCode the state machine can answer with."""
 
     INVALID_ARGUMENT = 3  # malformed command or op; names the limit broken
+    NOT_FOUND = 5  # a put or revoke names a lease that does not exist
     PERMISSION_DENIED = 7  # the command's user may not run one of its ops (auth_store.py)
     RESOURCE_EXHAUSTED = 8  # too many unacknowledged answers kept for one client
     FAILED_PRECONDITION = 9  # retry of a request whose answer was forgotten; an auth change that cannot apply
@@ -53,4 +54,6 @@ class ApplyError:
 
 
 class InvalidRequest(Exception):
-    """Raised by validation; turned into an INVALID_ARGUMENT ApplyError."""
+    """Raised by validation; turned into an ApplyError with its `code` (INVALID_ARGUMENT unless a subclass says)."""
+
+    code = ErrorCode.INVALID_ARGUMENT
