@@ -361,7 +361,9 @@ class AsyncClient(AuthAdmin):
     def open_keep_alive_stream(self):
         """A LeaseKeepAlive stream to the member believed to lead (a Lease's keep-alives ride on it)."""
         eps = self._endpoints
-        return eps.conn(eps.leader or eps.first()).lease_keep_alive()
+        creds = self._credentials  # the grant before it authenticated this client, when auth is on
+        return eps.conn(eps.leader or eps.first()).lease_keep_alive(
+            metadata=creds.metadata if creds is not None else None)
 
     async def lease_time_to_live(self, lease_id: int, *, keys: bool = False,
                                  timeout: float | None = None) -> LeaseTimeToLive:

@@ -63,9 +63,10 @@ def normalize(addr: str) -> str:
 
 
 async def keep_alive_once(open_stream: Any, request: lease_pb2.LeaseKeepAliveRequest, *,
-                          timeout: float) -> lease_pb2.LeaseKeepAliveResponse:
-    """One keep-alive on a stream of its own (the unary shape the retrying call path takes)."""
-    call = open_stream(timeout=timeout)
+                          timeout: float, metadata: Any = None) -> lease_pb2.LeaseKeepAliveResponse:
+    """One keep-alive on a stream of its own (the unary shape the retrying call path takes); metadata
+    carries the caller's auth token, as on every other call."""
+    call = open_stream(timeout=timeout, metadata=metadata)
     try:
         await call.write(request)
         await call.done_writing()
