@@ -42,14 +42,17 @@ from kvstore.launcher import LocalCluster
 
 
 class TreeCluster(LocalCluster):
-    """A LocalCluster whose nodes run the code of another source tree."""
+    """A LocalCluster whose nodes run the code of another source tree.
+
+    The nodes start in that tree: `python -m` puts the working directory first
+    on sys.path, so started from this checkout they would import this code."""
 
     def __init__(self, tree: str, *args, **kw) -> None:
         super().__init__(*args, **kw)
         self.tree = os.path.abspath(tree)
 
     def command(self, i: int) -> list[str]:
-        return ["env", f"PYTHONPATH={self.tree}", *super().command(i)]
+        return ["env", "-C", self.tree, f"PYTHONPATH={self.tree}", *super().command(i)]
 
 
 def cluster_cpu_s(lc: LocalCluster) -> float:

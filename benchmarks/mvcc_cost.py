@@ -24,24 +24,10 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from metrics_overhead import cluster_cpu_s
+from metrics_overhead import TreeCluster, cluster_cpu_s
 
 from kvstore.bench import LoadSpec, run_load
 from kvstore.launcher import LocalCluster
-
-
-class TreeCluster(LocalCluster):
-    """A LocalCluster whose nodes run the code of another source tree.
-
-    The nodes start in that tree: `python -m` puts the working directory first
-    on sys.path, so started from this checkout they would import this code."""
-
-    def __init__(self, tree: str, *args, **kw) -> None:
-        super().__init__(*args, **kw)
-        self.tree = os.path.abspath(tree)
-
-    def command(self, i: int) -> list[str]:
-        return ["env", "-C", self.tree, f"PYTHONPATH={self.tree}", *super().command(i)]
 
 
 def main() -> None:

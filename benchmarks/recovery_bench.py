@@ -56,8 +56,6 @@ from kvstore.v1 import kv_pb2, kv_pb2_grpc  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30
-KV_BASE_CLIENT_PORT = 43379
-KV_BASE_PEER_PORT = 43380
 POLL_S = 0.01
 # gRPC waits 1 s (then 1.6 s, ...) before reconnecting after a refused connection; polling a restarting
 # member through such a channel measures the backoff, not the member.
@@ -183,8 +181,9 @@ def main() -> int:
     if not a.no_bytecode_cache:
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         env["PYTHONPYCACHEPREFIX"] = str(workdir / "pycache")
-    cluster = LocalCluster(str(workdir / "kv"), 3, KV_BASE_CLIENT_PORT, KV_BASE_PEER_PORT, extra_args=node_args,
-                           env=env)
+    # Free ports: fixed ones collide with another run on a shared machine. No metrics endpoint (a node
+    # serving one imports prometheus_client at start, which the restart figures would count).
+    cluster = LocalCluster.with_free_ports(str(workdir / "kv"), 3, extra_args=node_args, env=env, metrics_addrs={})
     total = int(a.gib * GiB)
     out: dict = {"gib": a.gib, "value_kib": a.value_kib, "node_args": node_args,
                  "bytecode_cache": not a.no_bytecode_cache}

@@ -82,6 +82,8 @@ class LoadSpec:
     #: threaded application sees, the thread hand-off included), instead of
     #: coroutines on one AsyncClient.
     blocking: bool = False
+    user: str | None = None  # auth enabled: who the load runs as
+    password: str | None = None
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
@@ -167,7 +169,8 @@ async def _drive(spec: LoadSpec, nclients: int, slot: int, ready: Any, go: Any, 
     nkeys, op = spec.nkeys, spec.op
     loop = asyncio.get_running_loop()
     async with AsyncClient(
-        list(spec.endpoints), coalesce=spec.coalesce, timeout=spec.timeout, transport=spec.transport, tls=spec.tls
+        list(spec.endpoints), coalesce=spec.coalesce, timeout=spec.timeout, transport=spec.transport, tls=spec.tls,
+        user=spec.user, password=spec.password,
     ) as kv:
         # Find the leader and open a channel to every member a read may go to.
         await kv.put(b"warm", b"x")
@@ -241,7 +244,7 @@ def _drive_threads(spec: LoadSpec, nclients: int, slot: int, ready: Any, go: Any
     errors = [0] * nclients
     first_errors = [""] * nclients
     with Client(list(spec.endpoints), coalesce=spec.coalesce, timeout=spec.timeout, transport=spec.transport,
-                tls=spec.tls) as kv:
+                tls=spec.tls, user=spec.user, password=spec.password) as kv:
         kv.put(b"warm", b"x")
         for _ in range(2 * len(spec.endpoints)):
             kv.get(b"warm", serializable=True)
@@ -479,17 +482,23 @@ def _csv_list(value: str, conv: Callable[[str], Any]) -> list[Any]:
 def bench(endpoints: str, ops: str, clients: str, secs: float, procs: int, value_size: int, nkeys: int,
           coalesce: bool, transport: str, blocking: bool, json_path: str | None, cacert: str | None, cert: str | None,
           key: str | None) -> None:
-    """Closed-loop load against a running cluster: ops/s, p50, p99, p99.9 per op and client count."""
+    """Closed-loop load against a running cluster: ops/s, p50, p99, p99.9 per op and client count.
+
+    With auth enabled, run it as a user: `kvstore --user NAME[:PASSWORD] bench ...`.
+    """
     from rich.console import Console
 
+    from kvstore.auth_cli import credentials
     from kvstore.client.tls import TLS
 
+    root = click.get_current_context().find_root()
+    user, password = credentials((root.obj or {}).get("user"))
     try:
         tls = TLS(ca=cacert, cert=cert, key=key) if (cacert or cert or key) else None
         op_list = _csv_list(ops, str)
         client_list = _csv_list(clients, int)
         specs = [LoadSpec(tuple(_csv_list(endpoints, str)), op, n, secs, procs, value_size, nkeys, coalesce,
-                          transport=transport, tls=tls, blocking=blocking)
+                          transport=transport, tls=tls, blocking=blocking, user=user, password=password)
                  for op in op_list for n in client_list]
     except ValueError as e:
         raise click.BadParameter(str(e)) from e

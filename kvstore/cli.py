@@ -134,7 +134,11 @@ class _LazyGroup(click.Group):
     lazy = {"jepsen": ("kvstore.jepsen.cli", "jepsen"), "bench": ("kvstore.bench", "bench"),
             "certs": ("kvstore.certs", "certs"),
             "check": ("kvstore.maintenance_cli", "check"), "alarm": ("kvstore.maintenance_cli", "alarm"),
-            "snapshot": ("kvstore.snapshot_cli", "snapshot"), "member": ("kvstore.member_cli", "member")}
+            "snapshot": ("kvstore.snapshot_cli", "snapshot"), "member": ("kvstore.member_cli", "member"),
+            "user": ("kvstore.auth_cli", "user"), "role": ("kvstore.auth_cli", "role"),
+            "auth": ("kvstore.auth_cli", "auth"),
+            "lease": ("kvstore.lease_cli", "lease"),
+            "lock": ("kvstore.lock_cli", "lock"), "elect": ("kvstore.lock_cli", "elect")}
 
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -154,12 +158,14 @@ class _LazyGroup(click.Group):
 @click.option("--cacert", envvar="KVSTORE_CACERT", default=None, help="TLS: trust the CA in this PEM file")
 @click.option("--cert", envvar="KVSTORE_CERT", default=None, help="TLS: client certificate (PEM)")
 @click.option("--key", envvar="KVSTORE_KEY", default=None, help="TLS: key of --cert (PEM)")
+@click.option("--user", envvar="KVSTORE_USER", default=None, metavar="NAME[:PASSWORD]",
+              help="authenticate as this user (the password is asked for when not given)")
 @click.pass_context
 def main(ctx: click.Context, endpoints: str, timeout: float, cacert: str | None, cert: str | None,
-         key: str | None) -> None:
+         key: str | None, user: str | None) -> None:
     """kvstore: a replicated key-value store whose nodes agree through Raft."""
     ctx.obj = {"endpoints": [e.strip() for e in endpoints.split(",") if e.strip()], "timeout": timeout,
-               "tls": (cacert, cert, key)}
+               "tls": (cacert, cert, key), "user": user}
 
 
 def client_tls(ctx: click.Context):
@@ -175,8 +181,12 @@ def client_tls(ctx: click.Context):
 def make_client(ctx: click.Context, **kw):
     from kvstore.client import Client
 
+    from kvstore.auth_cli import credentials
+
     kw.setdefault("coalesce", False)
-    return Client(ctx.obj["endpoints"], timeout=ctx.obj["timeout"], tls=client_tls(ctx), **kw)
+    user, password = credentials(ctx.find_root().obj.get("user"))
+    return Client(ctx.obj["endpoints"], timeout=ctx.obj["timeout"], tls=client_tls(ctx), user=user,
+                  password=password, **kw)
 
 
 # ------------------------------------------------------------------------------ serve
@@ -325,12 +335,22 @@ def watch(lc, stopping: list) -> None:
 @click.argument("key")
 @click.argument("value")
 @click.option("--prev-kv", is_flag=True, help="print the value it replaced")
+@click.option("--lease", "lease_id", default="0", metavar="LEASE_ID",
+              help="attach KEY to this lease (hexadecimal, as `lease grant` prints it)")
 @click.pass_context
 @client_errors
-def put(ctx, key: str, value: str, prev_kv: bool) -> None:
+def put(ctx, key: str, value: str, prev_kv: bool, lease_id: str) -> None:
     """Set KEY to VALUE."""
+    lease = 0
+    if lease_id != "0":
+        from kvstore.lease_cli import parse_lease_id
+
+        try:
+            lease = parse_lease_id(lease_id)
+        except click.BadParameter as e:
+            fail(f"--lease: {e.message}")
     with make_client(ctx) as c:
-        r = c.put(key, value, prev_kv=prev_kv)
+        r = c.put(key, value, prev_kv=prev_kv, lease=lease)
     console.print(f"OK (revision {r.revision})", highlight=False)
     if prev_kv and r.prev_kv is not None:
         console.print(f"previous: {show(r.prev_kv.value)}", highlight=False)

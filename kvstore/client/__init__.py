@@ -12,11 +12,16 @@ from kvstore.client.errors import (
     FutureRevision,
     InvalidArgument,
     KvstoreError,
+    LeaseLost,
     NoEndpointAnswered,
     NoLeader,
+    NotFound,
     NotLeader,
+    PermissionDenied,
+    Unauthenticated,
     Unavailable,
 )
+from kvstore.client.lease import LeaseGrant, LeaseTimeToLive
 from kvstore.client.retry import ExponentialBackoff, FixedInterval, NoRetry, RetryPolicy
 from kvstore.client.sync_client import Client
 from kvstore.client.tls import TLS
@@ -58,6 +63,12 @@ __all__ = [
     "NoEndpointAnswered",
     "DeadlineExceeded",
     "InvalidArgument",
+    "Unauthenticated",
+    "PermissionDenied",
+    "NotFound",
+    "LeaseLost",
+    "LeaseGrant",
+    "LeaseTimeToLive",
     "KeyValue",
     "PutResult",
     "GetResult",

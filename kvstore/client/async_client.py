@@ -22,9 +22,14 @@ import grpc
 
 from kvstore.client import errors
 from kvstore.client.balancer import Balancer, make_balancer
+from kvstore.client.auth_admin import AuthAdmin
 from kvstore.client.breaker import CircuitBreaker
+from kvstore.client.credentials import Credentials
 from kvstore.client.coalescer import ANY, LEADER, Coalescer, response
 from kvstore.client.endpoints import DEFAULT_CHANNEL_OPTIONS, DEFAULT_ENDPOINTS, Endpoints
+from kvstore.client.election import Election
+from kvstore.client.lease import Lease, LeaseGrant, LeaseTimeToLive
+from kvstore.client.lock import Lock
 from kvstore.client.tls import TLS
 from kvstore.client.retry import ExponentialBackoff, RetryPolicy
 from kvstore.client.retry_budget import RetryBudget
@@ -32,6 +37,7 @@ from kvstore.client.session import Session
 from kvstore.client.stream import KIND, MD_LEADER_ADDR, MD_LEADER_ID, MD_NOT_APPLIED, AttemptFailed
 from kvstore.client.txn import Txn, delete_request, range_request
 from kvstore.client.watch import WatchEvent, WatchPosition, watch_events
+from kvstore.storage.errors import AUTH_NOT_ENABLED
 from kvstore.client.types import (
     BytesLike,
     DeleteResult,
@@ -43,7 +49,7 @@ from kvstore.client.types import (
     TxnResult,
     to_bytes,
 )
-from kvstore.v1 import cluster_pb2, kv_pb2, maintenance_pb2
+from kvstore.v1 import auth_pb2, cluster_pb2, kv_pb2, lease_pb2, maintenance_pb2
 
 __all__ = ["AsyncClient", "DropReplyHook"]
 
@@ -69,6 +75,9 @@ TRANSPORTS = ("stream", "unary")
 #: connection broke (UNAVAILABLE, outcome unknown), so it retries.
 DropReplyHook = Callable[[str, Any], bool]
 
+#: Calls sent without a token (they are how one gets a token).
+_NO_TOKEN = frozenset({"Authenticate"})
+
 _STATUS_REQ = cluster_pb2.StatusRequest()
 _MEMBERS_REQ = cluster_pb2.MemberListRequest()
 
@@ -92,7 +101,7 @@ def _metadata(err: grpc.aio.AioRpcError) -> dict[str, str]:
     return out
 
 
-class AsyncClient:
+class AsyncClient(AuthAdmin):
     """asyncio client for a kvstore cluster. Create once, share, close at the end.
 
     ``endpoints``: any members' client addresses (default: the local cluster).
@@ -109,6 +118,10 @@ class AsyncClient:
     turn (grpc.aio writes one message at a time per stream).
     ``tls``: a :class:`TLS` (CA, client certificate) for members serving TLS;
     ``https://`` endpoints without it trust the system's root CAs.
+    ``user`` and ``password``: credentials for a cluster with auth enabled;
+    the client authenticates before its first call (no token while auth is
+    disabled), and again whenever a member refuses its token (it expired, or
+    an auth change made it stale). See credentials.py.
     """
 
     def __init__(
@@ -128,6 +141,8 @@ class AsyncClient:
         retry_budget: RetryBudget | None = None,
         streams_per_member: int = DEFAULT_STREAMS_PER_MEMBER,
         tls: TLS | None = None,
+        user: str | None = None,
+        password: str | None = None,
         testing_drop_reply_after_send: DropReplyHook | None = None,
     ) -> None:
         if isinstance(endpoints, str):
@@ -139,8 +154,12 @@ class AsyncClient:
         self.transport = transport
         self.retry_budget = retry_budget if retry_budget is not None else RetryBudget()
         self._streamed = KIND if transport == "stream" else {}
+        if password is not None and not user:
+            raise ValueError("a password needs a user")
+        self._credentials = Credentials(user, password or "") if user else None
         self._endpoints = Endpoints(
-            endpoints or DEFAULT_ENDPOINTS, tuple(channel_options), breaker, streams_per_member, tls
+            endpoints or DEFAULT_ENDPOINTS, tuple(channel_options), breaker, streams_per_member, tls,
+            self._credentials,
         )
         self.timeout = timeout
         self.retry = retry or ExponentialBackoff()
@@ -150,7 +169,7 @@ class AsyncClient:
             Coalescer(
                 self._call, max_ops=max_batch_ops, max_bytes=max_batch_bytes, timeout=timeout,
                 retryable=lambda code: self.retry.is_retryable(errors.status_code(code)),
-                session_expired=self._session_expired,
+                session_expired=self._session_expired, session_unopened=self._session_unopened,
             )
             if coalesce
             else None
@@ -196,9 +215,11 @@ class AsyncClient:
     # --- KV ----------------------------------------------------------------
 
     async def put(
-        self, key: BytesLike, value: BytesLike, *, prev_kv: bool = False, timeout: float | None = None
+        self, key: BytesLike, value: BytesLike, *, prev_kv: bool = False, lease: int = 0,
+        timeout: float | None = None,
     ) -> PutResult:
-        """Set ``key`` to ``value``; ``prev_kv=True`` also returns what it replaced."""
+        """Set ``key`` to ``value``; ``prev_kv=True`` also returns what it replaced. With ``lease``
+        (a lease id), the key is deleted when the lease expires or is revoked (NotFound: no such lease)."""
         k = key if type(key) is bytes else to_bytes(key)
         v = value if type(value) is bytes else to_bytes(value)
         c = self._coalescer
@@ -208,8 +229,10 @@ class AsyncClient:
             p.value = v
             if prev_kv:
                 p.prev_kv = True
+            if lease:
+                p.lease = lease
             return PutResult.from_pb(await fut if timeout is None else await self._wait(fut, timeout, True))
-        req = kv_pb2.PutRequest(key=k, value=v, prev_kv=prev_kv)
+        req = kv_pb2.PutRequest(key=k, value=v, prev_kv=prev_kv, lease=lease)
         return PutResult.from_pb(await self._call("Put", req, route=LEADER, mutation=True, timeout=timeout))
 
     async def get(self, key: BytesLike, *, serializable: bool = False, revision: int = 0,
@@ -300,6 +323,61 @@ class AsyncClient:
             return TxnResult.from_pb(response(await self._wait(fut, timeout, True), "response_txn"))
         return TxnResult.from_pb(await self._call("Txn", req, route=LEADER, mutation=True, timeout=timeout))
 
+    # --- Lease -------------------------------------------------------------
+
+    def lease(self, ttl: int, *, lease_id: int = 0) -> Lease:
+        """``async with ac.lease(ttl=10) as lease:`` grants a lease and keeps it alive until the block
+        ends, then revokes it; see kvstore/client/lease.py for how loss is reported."""
+        return Lease(self, ttl, lease_id)
+
+    def lock(self, name: BytesLike, *, ttl: int = 60, lease: Lease | None = None) -> Lock:
+        """``async with ac.lock("name", ttl=10) as lock:`` holds lock NAME (under its own lease of ``ttl``
+        seconds, or ``lease``); ``lock.token`` is its fencing token, ``lock.guard()`` the txn compare
+        that fences a write (kvstore/client/lock.py)."""
+        return Lock(self, name, ttl=ttl, lease=lease)
+
+    def election(self, name: BytesLike, *, ttl: int = 60, lease: Lease | None = None) -> Election:
+        """Election NAME: campaign, proclaim, leader, observe, resign (kvstore/client/election.py)."""
+        return Election(self, name, ttl=ttl, lease=lease)
+
+    async def lease_grant(self, ttl: int, *, lease_id: int = 0, timeout: float | None = None) -> LeaseGrant:
+        """A new lease of ``ttl`` seconds (raised to the cluster's minimum); ``lease_id`` 0: the leader picks."""
+        req = lease_pb2.LeaseGrantRequest(TTL=ttl, ID=lease_id)
+        resp = await self._call("LeaseGrant", req, route=LEADER, mutation=False, timeout=timeout)
+        return LeaseGrant(resp.ID, resp.TTL)
+
+    async def lease_revoke(self, lease_id: int, *, timeout: float | None = None) -> int:
+        """Revoke a lease, deleting its keys (NotFound: no such lease); the revision after."""
+        req = lease_pb2.LeaseRevokeRequest(ID=lease_id)
+        resp = await self._call("LeaseRevoke", req, route=LEADER, mutation=False, timeout=timeout)
+        return int(resp.header.revision)
+
+    async def lease_keep_alive_once(self, lease_id: int, *, timeout: float | None = None
+                                    ) -> lease_pb2.LeaseKeepAliveResponse:
+        """One keep-alive: the answer's TTL is the new TTL, 0 if the lease no longer exists."""
+        req = lease_pb2.LeaseKeepAliveRequest(ID=lease_id)
+        return await self._call("LeaseKeepAliveOnce", req, route=LEADER, mutation=False, timeout=timeout)
+
+    def open_keep_alive_stream(self):
+        """A LeaseKeepAlive stream to the member believed to lead (a Lease's keep-alives ride on it)."""
+        eps = self._endpoints
+        creds = self._credentials  # the grant before it authenticated this client, when auth is on
+        return eps.conn(eps.leader or eps.first()).lease_keep_alive(
+            metadata=creds.metadata if creds is not None else None)
+
+    async def lease_time_to_live(self, lease_id: int, *, keys: bool = False,
+                                 timeout: float | None = None) -> LeaseTimeToLive:
+        """Seconds left on a lease (-1: no such lease), its granted TTL, and with ``keys`` its keys."""
+        req = lease_pb2.LeaseTimeToLiveRequest(ID=lease_id, keys=keys)
+        resp = await self._call("LeaseTimeToLive", req, route=LEADER, mutation=False, timeout=timeout)
+        return LeaseTimeToLive(resp.ID, resp.TTL, resp.grantedTTL, list(resp.keys))
+
+    async def leases(self, *, timeout: float | None = None) -> list[int]:
+        """The ids of every lease."""
+        resp = await self._call("LeaseLeases", lease_pb2.LeaseLeasesRequest(), route=LEADER, mutation=False,
+                                timeout=timeout)
+        return [ls.ID for ls in resp.leases]
+
     # --- Cluster -----------------------------------------------------------
 
     async def compact(self, revision: int, *, timeout: float | None = None) -> int:
@@ -323,7 +401,13 @@ class AsyncClient:
         req = range_request(key, end, prefix=prefix)
         return watch_events(self._endpoints, req.key, req.range_end, start_revision, prev_kv=prev_kv,
                             no_put=no_put, no_delete=no_delete, progress_notify=progress_notify,
-                            position=position)
+                            position=position, before_connect=self._authenticated)
+
+    async def _authenticated(self) -> None:
+        """Authenticate now if this client has credentials and has not yet (a watch carries the token)."""
+        creds = self._credentials
+        if creds is not None and creds.generation == 0:
+            await creds.renew(0, self._authenticate)
 
     async def status(self, endpoint: str | None = None, *, timeout: float | None = None) -> MemberStatus:
         """Status of ``endpoint``, or of the leader (else whichever member answers)."""
@@ -456,6 +540,11 @@ class AsyncClient:
         session = self.session
         balancer = self._balancer
         streamed = self._streamed
+        creds = None if method in _NO_TOKEN else self._credentials
+        renewals = 0
+        generation = 0
+        if creds is not None and creds.generation == 0:
+            await creds.renew(0, self._authenticate)  # the first call: authenticate first
         seq = 0
         rid = None
         if mutation:
@@ -507,6 +596,9 @@ class AsyncClient:
                             rid.opens_session = session.opens(seq, may_have_arrived)
                     conn = eps.conn(addr)
                     kind = streamed.get(method)
+                    call_md = None
+                    if creds is not None:
+                        generation, call_md = creds.generation, creds.metadata
                     # The call's deadline cuts this attempt short: its timing out says nothing about the member.
                     cut = remaining < policy.attempt_timeout
                     attempt_timeout = remaining if cut else policy.attempt_timeout
@@ -516,7 +608,7 @@ class AsyncClient:
                         if kind is not None:
                             resp = await conn.stream().call(kind, request, attempt_timeout)
                         else:
-                            resp = await conn.methods[method](request, timeout=attempt_timeout)
+                            resp = await conn.methods[method](request, timeout=attempt_timeout, metadata=call_md)
                         if self._drop_reply is not None and self._drop_reply(method, request):
                             raise _LostReply()
                     except AttemptFailed as e:
@@ -573,11 +665,28 @@ class AsyncClient:
                             addr = eps.next_untried(addr, tried)
                             if addr not in tried:
                                 continue
+                    elif code is grpc.StatusCode.UNAUTHENTICATED and creds is not None and renewals < 2:
+                        # No token yet, or it expired or went stale: authenticate and try again at
+                        # once (refused before anything was proposed, so not a retry).
+                        renewals += 1
+                        try:
+                            await creds.renew(generation, self._authenticate)
+                        except errors.KvstoreError as renew_error:
+                            if mutation:  # an earlier attempt of this call may have been applied
+                                renew_error.maybe_applied = maybe_applied  # type: ignore[attr-defined]
+                            raise
+                        tried.discard(addr)
+                        redirected = True
+                        continue
                     elif not policy.is_retryable(code) or errors.is_final(code, details):
                         err = errors.from_status(code, details, addr)
                         if isinstance(err, errors.SessionExpired):
                             err.maybe_applied = maybe_applied  # this attempt was refused, an earlier one may not be
                             self._session_expired(session.client_id)
+                        elif mutation and isinstance(err, errors.Unauthenticated | errors.PermissionDenied):
+                            err.maybe_applied = maybe_applied  # likewise
+                        if seq == 1 and not may_have_arrived:
+                            self._session_unopened(session.client_id)
                         raise err
                     else:
                         if mutation and md.get(MD_NOT_APPLIED) != "1":
@@ -612,6 +721,18 @@ class AsyncClient:
             raise errors.NoEndpointAnswered(attempts, causes, maybe_applied=maybe_applied)
         raise errors.DeadlineExceeded(attempts, causes, timeout=total, maybe_applied=maybe_applied)
 
+    async def _authenticate(self, user: str, password: str) -> str | None:
+        """A new token for ``user`` (Authenticate goes to the leader, which has every user change);
+        None while auth is disabled."""
+        req = auth_pb2.AuthenticateRequest(name=user, password=password)
+        try:
+            resp = await self._call("Authenticate", req, route=LEADER, mutation=False, timeout=None)
+        except errors.FailedPrecondition as e:
+            if AUTH_NOT_ENABLED in e.message:
+                return None
+            raise
+        return str(resp.token)
+
     def _next_addr(self, route: str, addr: str, tried: set[str]) -> str:
         """Where a failed (or skipped) call goes next: an untried member whose circuit is closed, if any."""
         eps = self._endpoints
@@ -627,6 +748,14 @@ class AsyncClient:
         go out under a new session (calls already under way finish on the old one)."""
         if self.session.client_id == client_id:
             log.info("session %d expired on the cluster; starting a new session", client_id)
+            self.session = Session()
+
+    def _session_unopened(self, client_id: int) -> None:
+        """Seq 1 of session ``client_id``, the request that opens it on the cluster, was refused
+        before it was applied anywhere (a permission, a limit): later requests of that session
+        would find none and be refused as expired, so they go out under a new session."""
+        if self.session.client_id == client_id:
+            log.debug("session %d never opened (its first request was refused); starting a new session", client_id)
             self.session = Session()
 
     def _refresh_members_soon(self) -> None:

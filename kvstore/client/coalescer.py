@@ -72,6 +72,7 @@ class Coalescer:
         timeout: float = 5.0,
         retryable: Callable[[int], bool] = lambda code: False,
         session_expired: Callable[[int], None] = lambda client_id: None,
+        session_unopened: Callable[[int], None] = lambda client_id: None,
     ) -> None:
         if max_ops < 1 or max_bytes < 1:
             raise ValueError("max_ops and max_bytes must be >= 1")
@@ -79,6 +80,8 @@ class Coalescer:
         self._timeout = timeout
         self._retryable = retryable
         self._session_expired = session_expired  # told the client_id whose session the cluster refused
+        # told the client_id whose seq 1 (the request that opens its session) no mutation of came through
+        self._session_unopened = session_unopened
         self.max_ops = max_ops
         self.max_bytes = max_bytes
         self._pending: dict[str, _Pending] = {}
@@ -153,6 +156,10 @@ class Coalescer:
                 if not f.done():
                     f.set_exception(err)
             return
+        rid = p.req.request_id
+        if rid.seq == 1 and not any(r.WhichOneof("result") == "response" and _is_mutation(op)
+                                    for r, op in zip(results, p.req.ops)):
+            self._session_unopened(rid.client_id)
         for i, (f, r) in enumerate(zip(futures, results)):
             if f.done():
                 continue  # the caller gave up (cancelled or timed out)
@@ -198,3 +205,7 @@ class Coalescer:
         """Wait until every pending batch has been sent and answered."""
         while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _is_mutation(op: kv_pb2.RequestOp) -> bool:
+    return op.WhichOneof("request") != "request_range"

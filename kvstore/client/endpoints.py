@@ -7,6 +7,7 @@ grows with the client addresses the cluster reports (redirects, MemberList).
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -14,11 +15,27 @@ import grpc
 
 from kvstore.client.breaker import CircuitBreaker
 from kvstore.client.stream import SessionStream
-from kvstore.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2_grpc, maintenance_pb2_grpc
+from kvstore.v1 import (
+    auth_pb2_grpc,
+    cluster_pb2,
+    cluster_pb2_grpc,
+    kv_pb2_grpc,
+    lease_pb2,
+    lease_pb2_grpc,
+    maintenance_pb2_grpc,
+)
 
+from .credentials import Credentials
 from .tls import TLS
 
 __all__ = ["Endpoints", "Connection", "DEFAULT_ENDPOINTS", "normalize", "DEFAULT_CHANNEL_OPTIONS"]
+
+#: The Auth service's RPCs, callable by name through Connection.methods.
+AUTH_METHODS: tuple[str, ...] = (
+    "AuthEnable", "AuthDisable", "AuthStatus", "Authenticate", "UserAdd", "UserGet", "UserList", "UserDelete",
+    "UserChangePassword", "UserGrantRole", "UserRevokeRole", "RoleAdd", "RoleGet", "RoleList", "RoleDelete",
+    "RoleGrantPermission", "RoleRevokePermission",
+)
 
 DEFAULT_ENDPOINTS: tuple[str, ...] = ("127.0.0.1:2379", "127.0.0.1:2479", "127.0.0.1:2579")
 
@@ -45,14 +62,33 @@ def normalize(addr: str) -> str:
     return addr.rstrip("/")
 
 
+async def keep_alive_once(open_stream: Any, request: lease_pb2.LeaseKeepAliveRequest, *,
+                          timeout: float, metadata: Any = None) -> lease_pb2.LeaseKeepAliveResponse:
+    """One keep-alive on a stream of its own (the unary shape the retrying call path takes); metadata
+    carries the caller's auth token, as on every other call."""
+    call = open_stream(timeout=timeout, metadata=metadata)
+    try:
+        await call.write(request)
+        await call.done_writing()
+        resp = await call.read()
+        if resp is grpc.aio.EOF:  # ended without an error status (a failed stream raises from read)
+            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                       "the keep-alive stream ended without an answer")
+        return resp
+    finally:
+        call.cancel()
+
+
 class Connection:
     """A channel to one member with its stubs' bound methods, looked up by RPC name, and its session stream."""
 
-    __slots__ = ("addr", "channel", "methods", "_streams", "_turn")
+    __slots__ = ("addr", "channel", "methods", "lease_keep_alive", "_streams", "_turn", "_credentials", "_retiring")
 
     def __init__(self, addr: str, options: Sequence[tuple[str, Any]], streams: int = 1,
-                 tls: TLS | None = None) -> None:
+                 tls: TLS | None = None, credentials: Credentials | None = None) -> None:
         self.addr = addr
+        self._credentials = credentials
+        self._retiring: list[SessionStream] = []  # opened with an older token, closed once idle
         if tls is None:
             self.channel = grpc.aio.insecure_channel(addr, options=list(options))
         else:
@@ -60,6 +96,8 @@ class Connection:
         kv = kv_pb2_grpc.KVStub(self.channel)
         cl = cluster_pb2_grpc.ClusterStub(self.channel)
         mt = maintenance_pb2_grpc.MaintenanceStub(self.channel)
+        ls = lease_pb2_grpc.LeaseStub(self.channel)
+        self.lease_keep_alive = ls.LeaseKeepAlive  # a stream (see kvstore/client/lease.py)
         self.methods: dict[str, Any] = {
             "Range": kv.Range,
             "Put": kv.Put,
@@ -76,7 +114,15 @@ class Connection:
             "MemberPromote": cl.MemberPromote,
             "HashKV": mt.HashKV,
             "Alarm": mt.Alarm,
+            "LeaseGrant": ls.LeaseGrant,
+            "LeaseRevoke": ls.LeaseRevoke,
+            "LeaseTimeToLive": ls.LeaseTimeToLive,
+            "LeaseLeases": ls.LeaseLeases,
+            "LeaseKeepAliveOnce": functools.partial(keep_alive_once, ls.LeaseKeepAlive),
         }
+        auth = auth_pb2_grpc.AuthStub(self.channel)
+        for name in AUTH_METHODS:
+            self.methods[name] = getattr(auth, name)
         self._streams: list[SessionStream | None] = [None] * streams
         self._turn = 0
 
@@ -84,12 +130,36 @@ class Connection:
         """A session stream to this member (the next in turn); a new one where there is none or it broke."""
         i = self._turn
         self._turn = (i + 1) % len(self._streams)
-        s = self._streams[i]
+        s: SessionStream | None = self._streams[i]
+        creds = self._credentials
+        if creds is not None:
+            if self._retiring:
+                self._retire_idle()
+            if s is not None and not s.broken and s.generation != creds.generation:
+                self._retiring.append(s)  # its token is stale: finish what it carries, then close it
+                s = None
         if s is None or s.broken:
-            s = self._streams[i] = SessionStream(self.channel)
+            if creds is None:
+                s = SessionStream(self.channel)
+            else:
+                s = SessionStream(self.channel, metadata=creds.metadata, generation=creds.generation)
+            self._streams[i] = s
         return s
 
+    def _retire_idle(self) -> None:
+        keep = []
+        for s in self._retiring:
+            if s.in_flight or s.broken:
+                if not s.broken:
+                    keep.append(s)
+                continue
+            s.close()
+        self._retiring = keep
+
     def close_streams(self) -> None:
+        for old in self._retiring:
+            old.close()
+        self._retiring = []
         for s in self._streams:
             if s is not None:
                 s.close()
@@ -110,6 +180,7 @@ class Endpoints:
         breaker: CircuitBreaker | None = None,
         streams_per_member: int = 1,
         tls: TLS | None = None,
+        credentials: Credentials | None = None,
     ) -> None:
         if streams_per_member < 1:
             raise ValueError("streams_per_member must be >= 1")
@@ -120,6 +191,7 @@ class Endpoints:
         if tls is not None:
             tls.credentials()  # a file that cannot be read fails here, named, not at the first call
         self.tls = tls
+        self.credentials = credentials
         self._addrs: list[str] = []
         for a in addrs:
             self.learn(a)
@@ -150,7 +222,8 @@ class Endpoints:
     def conn(self, addr: str) -> Connection:
         c = self._conns.get(addr)
         if c is None:
-            c = self._conns[addr] = Connection(addr, self._options, self.streams_per_member, self.tls)
+            c = self._conns[addr] = Connection(addr, self._options, self.streams_per_member, self.tls,
+                                                      self.credentials)
         return c
 
     def first(self) -> str:

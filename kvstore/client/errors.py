@@ -23,6 +23,8 @@ __all__ = [
     "FailedPrecondition",
     "SessionExpired",
     "ResourceExhausted",
+    "Unauthenticated",
+    "PermissionDenied",
     "Cancelled",
     "InternalError",
     "ClientClosed",
@@ -148,8 +150,35 @@ class SessionExpired(FailedPrecondition):
     maybe_applied: bool = True
 
 
+class NotFound(KvstoreError):
+    """What the request names does not exist (e.g. "lease not found"); nothing was applied."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class LeaseLost(KvstoreError):
+    """A lease kept alive by the client ran out or was revoked: keys attached to it may be gone."""
+
+
 class ResourceExhausted(KvstoreError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unauthenticated(KvstoreError):
+    """Auth is enabled and the call had no valid credentials: a wrong user name or password, or too many
+    failed attempts (the message says which). This attempt applied nothing; for a write retried after an
+    earlier attempt's outcome was lost, ``maybe_applied`` says whether that one may have been."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    maybe_applied: bool = False
+
+
+class PermissionDenied(KvstoreError):
+    """The user's roles do not allow the call; the message names the access and the key or range
+    (inside a txn, which op). This attempt applied nothing (``maybe_applied``: as for Unauthenticated)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    maybe_applied: bool = False
 
 
 class OutOfRange(KvstoreError):
@@ -197,7 +226,10 @@ _BY_CODE: dict[grpc.StatusCode, type[KvstoreError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.CANCELLED: Cancelled,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
 }
 
 _CODE_BY_VALUE: dict[int, grpc.StatusCode] = {c.value[0]: c for c in grpc.StatusCode}

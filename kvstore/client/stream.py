@@ -101,7 +101,8 @@ def _error(e: kv_pb2.RequestError) -> AttemptFailed:
 class SessionStream:
     """One open session stream to one member. ``broken`` once it failed; the owner then opens a new one."""
 
-    def __init__(self, channel: grpc.aio.Channel, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT) -> None:
+    def __init__(self, channel: grpc.aio.Channel, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+                 metadata: tuple[tuple[str, str], ...] | None = None, generation: int = 0) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be >= 1")
         method = channel.stream_stream(
@@ -109,7 +110,9 @@ class SessionStream:
             request_serializer=_identity,
             response_deserializer=kv_pb2.SessionResponse.FromString,
         )
-        self._call = method()
+        self._call = method(metadata=metadata)  # the auth token, sent once for the whole stream
+        #: The credentials' generation whose token the stream carries (see credentials.py).
+        self.generation = generation
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._slots = asyncio.Semaphore(max_in_flight)

@@ -18,7 +18,11 @@ from collections.abc import Coroutine, Iterable, Iterator, Sequence
 
 from kvstore.client import errors
 from kvstore.client.async_client import AsyncClient
+from kvstore.client.auth_admin import AUTH_ADMIN_METHODS
 from kvstore.client.balancer import Balancer
+from kvstore.client.election import SyncElection
+from kvstore.client.lease import LeaseGrant, LeaseTimeToLive, SyncLease
+from kvstore.client.lock import SyncLock
 from kvstore.client.retry import RetryPolicy
 from kvstore.client.txn import Txn
 from kvstore.client.watch import WatchEvent, WatchPosition
@@ -194,9 +198,10 @@ class Client:
 
     # --- KV ----------------------------------------------------------------
 
-    def put(self, key: BytesLike, value: BytesLike, *, prev_kv: bool = False, timeout: float | None = None) -> PutResult:
-        """Set ``key`` to ``value``; ``prev_kv=True`` also returns what it replaced."""
-        return self._run(self._aclient.put(key, value, prev_kv=prev_kv, timeout=timeout))
+    def put(self, key: BytesLike, value: BytesLike, *, prev_kv: bool = False, lease: int = 0,
+            timeout: float | None = None) -> PutResult:
+        """Set ``key`` to ``value``; ``prev_kv=True`` also returns what it replaced; ``lease``: attach it."""
+        return self._run(self._aclient.put(key, value, prev_kv=prev_kv, lease=lease, timeout=timeout))
 
     def get(self, key: BytesLike, *, serializable: bool = False, revision: int = 0,
             timeout: float | None = None) -> GetResult:
@@ -283,6 +288,42 @@ class Client:
             self._aclient.txn(txn, compare=compare, success=success, failure=failure, timeout=timeout)
         )
 
+    # --- Lease -------------------------------------------------------------
+
+    def lease(self, ttl: int, *, lease_id: int = 0) -> SyncLease:
+        """``with c.lease(ttl=10) as lease:`` grants a lease, keeps it alive in the background until the
+        block ends, then revokes it. ``lease.lost`` (a threading.Event) is set and ``lease.check()``
+        raises LeaseLost once it is lost (see kvstore/client/lease.py)."""
+        return SyncLease(self, self._aclient.lease(ttl, lease_id=lease_id))
+
+    def lock(self, name: BytesLike, *, ttl: int = 60, lease: SyncLease | None = None) -> SyncLock:
+        """``with c.lock("name", ttl=10) as lock:`` holds lock NAME under a lease kept alive in the
+        background (its own of ``ttl`` seconds, or ``lease``, shared as etcd's sessions are);
+        ``lock.token`` is its fencing token, ``lock.guard()`` the compare that fences a write:
+        ``c.txn(Txn().when(lock.guard()).then(put(k, v)))`` (kvstore/client/lock.py)."""
+        return SyncLock(self, self._aclient.lock(name, ttl=ttl, lease=None if lease is None else lease.lease))
+
+    def election(self, name: BytesLike, *, ttl: int = 60, lease: SyncLease | None = None) -> SyncElection:
+        """Election NAME: campaign, proclaim, leader, observe, resign (kvstore/client/election.py)."""
+        return SyncElection(self, self._aclient.election(name, ttl=ttl, lease=None if lease is None else lease.lease))
+
+    def lease_grant(self, ttl: int, *, lease_id: int = 0, timeout: float | None = None) -> LeaseGrant:
+        return self._run(self._aclient.lease_grant(ttl, lease_id=lease_id, timeout=timeout))
+
+    def lease_revoke(self, lease_id: int, *, timeout: float | None = None) -> int:
+        return self._run(self._aclient.lease_revoke(lease_id, timeout=timeout))
+
+    def lease_keep_alive_once(self, lease_id: int, *, timeout: float | None = None) -> int:
+        """One keep-alive; the new TTL, 0 if the lease no longer exists."""
+        return int(self._run(self._aclient.lease_keep_alive_once(lease_id, timeout=timeout)).TTL)
+
+    def lease_time_to_live(self, lease_id: int, *, keys: bool = False, timeout: float | None = None
+                           ) -> LeaseTimeToLive:
+        return self._run(self._aclient.lease_time_to_live(lease_id, keys=keys, timeout=timeout))
+
+    def leases(self, *, timeout: float | None = None) -> list[int]:
+        return self._run(self._aclient.leases(timeout=timeout))
+
     # --- Cluster -----------------------------------------------------------
 
     def status(self, endpoint: str | None = None, *, timeout: float | None = None) -> MemberStatus:
@@ -323,3 +364,18 @@ class Client:
         """Hand leadership to member ``target`` (0: the best other member); returns the new leader id."""
         return self._run(self._aclient.transfer_leader(target, timeout=timeout))
 
+
+def _blocking(name: str) -> Any:
+    """Client.<name>: AsyncClient.<name> run on the client's loop."""
+    async_method = getattr(AsyncClient, name)
+
+    def method(self: Client, *args: Any, **kwargs: Any) -> Any:
+        return self._run(getattr(self._aclient, name)(*args, **kwargs))
+
+    method.__name__ = name
+    method.__doc__ = async_method.__doc__
+    return method
+
+
+for _name in AUTH_ADMIN_METHODS:  # auth_enable, user_add, role_grant_permission, ... (auth_admin.py)
+    setattr(Client, _name, _blocking(_name))

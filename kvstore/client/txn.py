@@ -135,8 +135,10 @@ def delete_request(
     return kv_pb2.DeleteRangeRequest(key=k, range_end=range_end, prev_kv=prev_kv)
 
 
-def put(key: BytesLike, val: BytesLike, *, prev_kv: bool = False) -> kv_pb2.RequestOp:
-    return kv_pb2.RequestOp(request_put=kv_pb2.PutRequest(key=to_bytes(key), value=to_bytes(val), prev_kv=prev_kv))
+def put(key: BytesLike, val: BytesLike, *, prev_kv: bool = False, lease: int = 0) -> kv_pb2.RequestOp:
+    """A put inside a txn; ``lease``: attach the key to that lease."""
+    return kv_pb2.RequestOp(request_put=kv_pb2.PutRequest(key=to_bytes(key), value=to_bytes(val), prev_kv=prev_kv,
+                                                          lease=lease))
 
 
 def get(

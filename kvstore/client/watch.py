@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -99,16 +99,22 @@ class WatchPosition:
 async def watch_events(
     endpoints: Endpoints, key: bytes, range_end: bytes, start_revision: int = 0, *, prev_kv: bool = False,
     no_put: bool = False, no_delete: bool = False, progress_notify: bool = False,
-    position: WatchPosition | None = None,
+    position: WatchPosition | None = None, before_connect: Callable[[], Awaitable[None]] | None = None,
 ) -> AsyncIterator[WatchEvent]:
-    """Every event of [key, range_end) from start_revision on (0: from now), resuming across members."""
+    """Every event of [key, range_end) from start_revision on (0: from now), resuming across members.
+
+    ``before_connect`` runs before each (re)connection (the client authenticates there); each stream
+    carries the credentials' token of that moment (see credentials.py)."""
     pos = position if position is not None else WatchPosition(start_revision)
     addr = endpoints.first()
     backoff = RECONNECT_MIN_S
     while True:
         pos.endpoint = addr
+        if before_connect is not None:
+            await before_connect()
         stub = watch_pb2_grpc.WatchStub(endpoints.conn(addr).channel)
-        call = stub.Watch()
+        creds = endpoints.credentials
+        call = stub.Watch(metadata=creds.metadata if creds is not None else None)
         try:
             await call.write(create_request(key, range_end, pos.next_revision, prev_kv=prev_kv, no_put=no_put,
                                             no_delete=no_delete, progress_notify=progress_notify))

@@ -29,7 +29,8 @@ def jepsen() -> None:
                    "partition[-halves|-leader|-ring|-bridge], kill[-random|-leader], "
                    "pause[-random|-leader], power[-random|-leader|-all] (root: loop-mounted ext4), "
                    "clock[-{leader,random}-{ahead,behind}], none")
-@click.option("--workload", type=click.Choice(["register", "set", "bank", "watch"]), default="register",
+@click.option("--workload", type=click.Choice(["register", "set", "bank", "watch", "lease", "lock", "lock-unfenced"]),
+              default="register",
               show_default=True)
 @click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False),
               help="parent directory of the run directory")
@@ -47,10 +48,11 @@ def jepsen() -> None:
 @click.option("--keep-data", is_flag=True, help="keep the nodes' data directories in the run directory")
 @click.option("--name", default="", help="run directory name (default: time-workload-nemesis)")
 @click.option("--tls", is_flag=True, help="TLS for clients (client certificates) and peers (mutual)")
+@click.option("--auth", is_flag=True, help="enable auth; the workload runs as a non-root user")
 def run_command(nodes: int, time_: float, nemesis: str, workload: str, out: str, concurrency: int,
                 rate: float, fault_seconds: float, heal_seconds: float, op_timeout: float,
                 network: str, seed: int | None, server_args: tuple[str, ...], keep_data: bool,
-                name: str, tls: bool) -> None:
+                name: str, tls: bool, auth: bool) -> None:
     """Start a cluster, run WORKLOAD under NEMESIS for TIME seconds, heal, check."""
     from kvstore.jepsen.nemesis import parse_spec
     from kvstore.jepsen.runner import RunConfig, run
@@ -62,7 +64,8 @@ def run_command(nodes: int, time_: float, nemesis: str, workload: str, out: str,
     config = RunConfig(nodes=nodes, time=time_, nemesis=nemesis, workload=workload, out=out,
                        concurrency=concurrency, rate=rate, fault_seconds=fault_seconds,
                        heal_seconds=heal_seconds, op_timeout=op_timeout, network=network, seed=seed,
-                       server_args=list(server_args), keep_data=keep_data, name=name, tls=tls)
+                       server_args=list(server_args), keep_data=keep_data, name=name, tls=tls,
+                       auth=auth)
     # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so every finally runs:
     # nodes stopped, namespaces removed. Only SIGKILL needs `kvstore jepsen cleanup`.
     signal.signal(signal.SIGTERM, _terminate)
@@ -128,6 +131,18 @@ def _check(path: Path) -> tuple[int, str, dict]:
         elif kind == "bank":
             bank = BankWorkload()  # the run's accounts and total are the workload's fixed ones
             verdict = check_bank(ops, bank.accounts, bank.total)
+        elif kind == "lock":
+            from kvstore.jepsen.lock_workload import check_lock
+
+            verdict = check_lock(ops)
+        elif kind == "lease":
+            from kvstore.jepsen.lease_workload import check_leases
+
+            # the run's election timeout and leader changes are in its summary.json, when there is one
+            summary_path = path.parent / "summary.json"
+            summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+            verdict = check_leases(ops, summary.get("election_s", 0.5),
+                                   [entry["time"] for entry in summary.get("leaders", [])])
         if verdict is not None:
             code = UNKNOWN if verdict.unknown else VALID if verdict.valid else INVALID
             return code, f"{kind}: {verdict.summary}", verdict.details

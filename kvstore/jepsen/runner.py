@@ -65,6 +65,7 @@ class RunConfig:
     keep_data: bool = False
     name: str = ""
     tls: bool = False                  # client TLS (client certificates) and mutual peer TLS
+    auth: bool = False                 # auth enabled; clients run as a non-root user (JEPSEN_USER)
 
 
 @dataclass
@@ -85,11 +86,15 @@ class RunResult:
 class ClientStore(Store):
     """The workloads' Store over the real AsyncClient, with short deadlines."""
 
-    def __init__(self, endpoints: list[str], timeout: float, tls: Any = None) -> None:
+    def __init__(self, endpoints: list[str], timeout: float, tls: Any = None,
+                 credentials: tuple[str, str] | None = None) -> None:
         from kvstore.client import AsyncClient, ExponentialBackoff
 
         retry = ExponentialBackoff(base=0.02, cap=0.2, attempt_timeout=min(1.0, timeout))
-        self.client = AsyncClient(endpoints, timeout=timeout, retry=retry, coalesce=False, tls=tls)
+        user, password = credentials or (None, None)
+        self.client = AsyncClient(endpoints, timeout=timeout, retry=retry, coalesce=False, tls=tls, user=user,
+                                  password=password)
+        self._releases: set[asyncio.Future] = set()  # locks being released in the background
 
     async def get(self, key: str) -> str | None:
         value = (await self.client.get(key)).value
@@ -113,6 +118,49 @@ class ClientStore(Store):
         txn = Txn().when(*(value(k) == v for k, v in expected.items())).then(
             *(put(k, v) for k, v in new.items()))
         return (await self.client.txn(txn)).succeeded
+
+    async def grant(self, ttl: int) -> tuple[int, int]:
+        granted = await self.client.lease_grant(ttl)
+        return granted.id, granted.ttl
+
+    async def put_leased(self, key: str, value: str, lease: int) -> None:
+        await self.client.put(key, value, lease=lease)
+
+    async def keep_alive(self, lease: int) -> int:
+        return int((await self.client.lease_keep_alive_once(lease)).TTL)
+
+    async def locked_increment(self, lock: str, counter: str, ttl: int, hold_s: float, fenced: bool,
+                               acquire_timeout: float) -> tuple[int, int] | str:
+        """Take the lock, read the counter, hold, then write count + 1 blindly (fenced by the lock's
+        guard unless told not to). (count, token) if written, else why it certainly was not: "lock"
+        (not acquired, or the counter not read) or "fence" (the guard refused the write)."""
+        from kvstore.client import errors
+        from kvstore.client.lock import Lock
+        from kvstore.client.txn import Txn, put
+        from kvstore.jepsen.lock_workload import parse_counter
+
+        lk = Lock(self.client, lock, ttl=ttl)
+        try:
+            await lk.acquire(acquire_timeout)
+        except errors.KvstoreError:
+            return "lock"  # not acquired: nothing was written to the counter
+        try:
+            try:
+                count, _ = parse_counter(await self.get(counter))
+            except errors.KvstoreError:
+                return "lock"
+            if hold_s < 0:  # a stalled holder: its keep-alives stop too, its lease runs out
+                assert lk.lease is not None
+                await lk.lease.stop_keep_alive()
+            await asyncio.sleep(abs(hold_s))
+            txn = Txn().when(lk.guard()) if fenced else Txn()
+            r = await self.client.txn(txn.then(put(counter, f"{count + 1} {lk.token}")))
+            return (count + 1, lk.token) if r.succeeded else "fence"
+        finally:
+            # in the background: the increment is decided, and a release may wait out a fault
+            task = asyncio.ensure_future(_quietly(lk.release()))
+            self._releases.add(task)
+            task.add_done_callback(self._releases.discard)
 
     def outcome_of(self, error: BaseException, mutation: bool) -> str:
         return outcome_of(error, mutation)
@@ -155,6 +203,11 @@ class ClientStore(Store):
 
     async def close(self) -> None:
         await self.client.close()
+
+
+async def _quietly(aw: Any) -> None:
+    with contextlib.suppress(Exception):
+        await aw
 
 
 def outcome_of(error: BaseException, mutation: bool) -> str:
@@ -492,7 +545,11 @@ async def _run_async(config: RunConfig, mode: str, run_dir: Path, procs: NodePro
         await _wait_for(lambda: watch.leader() is not None, 60, "a leader to be elected", procs)
         timings["cluster_up"] = time.monotonic() - started
 
-        setup_store = ClientStore(endpoints, timeout=5.0, tls=tls)
+        creds = None
+        if config.auth:
+            await _retry(lambda: enable_auth(endpoints, tls), 30, "enabling auth")
+            creds = JEPSEN_USER
+        setup_store = ClientStore(endpoints, timeout=5.0, tls=tls, credentials=creds)
         stores.append(setup_store)
         await _retry(lambda: workload.setup(setup_store), 30, "workload setup")
 
@@ -500,7 +557,7 @@ async def _run_async(config: RunConfig, mode: str, run_dir: Path, procs: NodePro
         # node); the client still follows redirects to the leader.
         for slot in range(concurrency):
             first = slot % config.nodes
-            stores.append(ClientStore(endpoints[first:] + endpoints[:first], config.op_timeout, tls))
+            stores.append(ClientStore(endpoints[first:] + endpoints[:first], config.op_timeout, tls, creds))
         nemesis.start()
         load_started = time.monotonic()
         deadline = load_started + config.time
@@ -519,7 +576,7 @@ async def _run_async(config: RunConfig, mode: str, run_dir: Path, procs: NodePro
         await _wait_for(lambda: watch.leader() is not None and all(procs.alive(n) for n in procs.nodes),
                         60, "the healed cluster to elect a leader", procs)
         await asyncio.sleep(1.0)  # let restarted nodes catch up before the final reads
-        final_store = ClientStore(endpoints, timeout=5.0, tls=tls)
+        final_store = ClientStore(endpoints, timeout=5.0, tls=tls, credentials=creds)
         stores.append(final_store)
         await _final_reads(workload, final_store, recorder, 10_000_000)
     finally:
@@ -536,6 +593,8 @@ async def _run_async(config: RunConfig, mode: str, run_dir: Path, procs: NodePro
         recorder.close()
 
     check_started = time.monotonic()
+    workload.observe_run(election_s=config.tick_ms * config.election_ticks / 1000,
+                         leader_changes=[entry["time"] for entry in watch.timeline])
     verdict = workload.check(recorder.events)
     timings["check"] = time.monotonic() - check_started
     timings["total"] = time.monotonic() - started
@@ -558,6 +617,30 @@ async def _wait_for(condition: Any, timeout: float, what: str, procs: NodeProces
         if time.monotonic() > deadline:
             raise TimeoutError(f"gave up waiting {timeout:.0f}s for {what}")
         await asyncio.sleep(0.05)
+
+
+#: The user the workload runs as with --auth: not root, a role with readwrite on every key.
+JEPSEN_USER = ("jepsen", "jepsen-pw")
+
+
+async def enable_auth(endpoints: list[str], tls: Any) -> None:
+    """root, the JEPSEN_USER and its role, then auth enable; a step done by an earlier try is skipped."""
+    from kvstore.client import AsyncClient
+    from kvstore.client.errors import FailedPrecondition
+
+    async with AsyncClient(endpoints, timeout=5.0, coalesce=False, tls=tls) as c:
+        if (await c.auth_status())[0]:
+            return
+        steps = (lambda: c.user_add("root", "jepsen-root-pw"), lambda: c.role_add("jepsen"),
+                 lambda: c.role_grant_permission("jepsen", "readwrite", b"\0", b"\0"),  # every key
+                 lambda: c.user_add(*JEPSEN_USER), lambda: c.user_grant_role(JEPSEN_USER[0], "jepsen"))
+        for step in steps:
+            try:
+                await step()
+            except FailedPrecondition as e:  # "already exists": this step took effect on an earlier try
+                if "already exists" not in str(e):
+                    raise
+        await c.auth_enable()
 
 
 async def _retry(action: Any, timeout: float, what: str) -> None:
@@ -639,7 +722,8 @@ def summarize(config: RunConfig, mode: str, recorder: Recorder, watch: LeaderWat
     return {
         "workload": config.workload, "nemesis": config.nemesis, "nodes": config.nodes,
         "time": config.time, "network": mode, "seed": config.seed,
-        "server_args": config.server_args,
+        "election_s": config.tick_ms * config.election_ticks / 1000,
+        "server_args": config.server_args, "tls": config.tls, "auth": config.auth,
         "valid": verdict.valid, "verdict": verdict.summary,
         "ops": {"total": sum(outcomes.values()), **outcomes},
         "ops_by_function": {f: dict(c) for f, c in sorted(by_f.items())},

@@ -109,6 +109,10 @@ class Workload:
     def check(self, events: Sequence[Event]) -> Verdict:
         raise NotImplementedError
 
+    def observe_run(self, *, election_s: float, leader_changes: list[int]) -> None:
+        """What the runner saw besides the history, before check(): the election timeout and the
+        times (history clock) each new leader was first seen. Only the lease checker needs them."""
+
 
 # ---------------------------------------------------------------- register
 
@@ -445,17 +449,29 @@ WORKLOADS: dict[str, type[Workload]] = {
 
 
 def make_workload(name: str, seed: int | None = None) -> Workload:
+    if name == "lease":
+        from kvstore.jepsen.lease_workload import LeaseWorkload
+
+        return LeaseWorkload(seed)
+    if name in ("lock", "lock-unfenced"):  # lock-unfenced: writes without the guard (the checker's teeth)
+        from kvstore.jepsen.lock_workload import LockWorkload
+
+        return LockWorkload(seed, fenced=name == "lock")
     try:
         return WORKLOADS[name](seed)
     except KeyError:
-        raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}") from None
+        raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}, lease") from None
 
 
 def workload_of(operations: Sequence[Operation]) -> str:
     """Which workload recorded a history, from the functions it uses."""
     functions = {op.f for op in operations}
+    if "grant" in functions:
+        return "lease"
     if "watch" in functions or "history" in functions:
         return "watch"
+    if "inc" in functions:
+        return "lock"
     if "add" in functions:
         return "set"
     if "transfer" in functions:

@@ -91,6 +91,9 @@ OPTIONS: list[Option] = [
     # snapshots and the log
     Option("--snapshot-count", int, 10000, "applied entries between snapshots"),
     Option("--snapshot-catchup-entries", int, 5000, "entries kept in the log after a snapshot, for slow followers"),
+    Option("--backend-batch-interval", str, "10ms",
+           "pause between one checkpoint of LMDB (its durable base) and the next while writes are applied; "
+           "the file grows by the pages written from one to the next (etcd's name)"),
     Option("--wal-segment-bytes", int, 64 * MiB, "size of one WAL segment file"),
     Option("--state-machine-sync", str, "boot",
            "when LMDB commits are synced: 'boot' (left to the page cache; after an OS crash the state "
@@ -121,6 +124,8 @@ OPTIONS: list[Option] = [
            "peer API: this member's certificate, presented as server and as client (always mutual TLS)"),
     Option("--peer-key-file", str, "", "peer API: the key of --peer-cert-file (PEM)"),
     Option("--peer-trusted-ca-file", str, "", "peer API: the CA that signs every member's peer certificate (PEM)"),
+    # authentication (etcd's flag name)
+    Option("--auth-token-ttl", int, 300, "seconds an auth token stays valid after Authenticate"),
     # ops
     Option("--log-level", str, "info", "debug, info, warning or error"),
     Option("--log-format", str, "text", "text, or json: one object per line (ts, level, member, term, event, msg)"),
@@ -152,6 +157,11 @@ OPTIONS: list[Option] = [
            "jump expires every session)"),
     Option("--testing-peer-skip-client-verify", bool, False,
            "TESTING ONLY, UNSAFE: the peer API accepts TLS connections without checking the peer's certificate"),
+    Option("--testing-auth-skip-txn-check", bool, False,
+           "TESTING ONLY, UNSAFE: the ops inside a txn are not checked against the user's permissions"),
+    Option("--testing-lease-deadlines-from-apply", bool, False,
+           "TESTING ONLY, UNSAFE: every member starts a lease's clock when it applies it and a new leader "
+           "keeps those clocks, forgetting the keep-alives its predecessor took (leases expire early)"),
     Option("--testing-corrupt-state", bool, False,
            "TESTING ONLY, UNSAFE: at start, write a key no log entry made, so this member's state diverges"),
 ]
@@ -222,6 +232,7 @@ class ServerConfig:
     heartbeat_ticks: int = 1
     snapshot_count: int = 10000
     snapshot_catchup_entries: int = 5000
+    backend_batch_interval: str = "10ms"
     wal_segment_bytes: int = 64 * MiB
     state_machine_sync: str = "boot"
     max_key_bytes: int = 511
@@ -253,11 +264,19 @@ class ServerConfig:
     testing_wall_clock_sessions: bool = False
     testing_peer_skip_client_verify: bool = False
     testing_corrupt_state: bool = False
+    auth_token_ttl: int = 300
+    testing_auth_skip_txn_check: bool = False
+    testing_lease_deadlines_from_apply: bool = False
 
     @property
     def corrupt_check_s(self) -> float:
         """--corrupt-check-time in seconds (0: no periodic check)."""
         return parse_duration(self.corrupt_check_time)
+
+    @property
+    def backend_batch_interval_s(self) -> float:
+        """--backend-batch-interval in seconds."""
+        return parse_duration(self.backend_batch_interval)
 
     @property
     def member_ids(self) -> list[int]:
@@ -389,11 +408,17 @@ def make_config(values: dict[str, Any]) -> ServerConfig:
         parse_duration(cfg.watch_progress_notify_interval)
     except ValueError as e:
         raise ValueError(f"--watch-progress-notify-interval: {e}") from None
+    try:
+        parse_duration(cfg.backend_batch_interval)
+    except ValueError as e:
+        raise ValueError(f"--backend-batch-interval: {e}") from None
     if cfg.listen_metrics_addr and ":" not in cfg.listen_metrics_addr:
         raise ValueError(f"--listen-metrics-addr {cfg.listen_metrics_addr!r}: expected HOST:PORT")
     if cfg.state_machine_sync not in STATE_MACHINE_SYNC_MODES:
         raise ValueError(f"--state-machine-sync must be one of {', '.join(STATE_MACHINE_SYNC_MODES)}, "
                          f"not {cfg.state_machine_sync!r}")
+    if cfg.auth_token_ttl < 1:
+        raise ValueError(f"--auth-token-ttl must be >= 1 (seconds), not {cfg.auth_token_ttl}")
     if cfg.max_stream_in_flight < 1:
         raise ValueError(f"--max-stream-in-flight must be >= 1, not {cfg.max_stream_in_flight}")
     if cfg.log_format not in LOG_FORMATS:

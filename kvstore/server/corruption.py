@@ -30,6 +30,7 @@ from kvstore.storage.hash_kv import HashMark
 from kvstore.storage.state_machine import HASHES_KEPT
 from kvstore.v1 import command_pb2, maintenance_pb2, maintenance_pb2_grpc
 
+from .auth_guard import member_metadata
 from .errors import RequestFailed
 
 if TYPE_CHECKING:
@@ -152,7 +153,8 @@ class CorruptionChecker:
         if ch is None:
             ch = self._channels[peer_id] = self._channel(peer_id)
         stub = maintenance_pb2_grpc.MaintenanceStub(ch)
-        r = await stub.HashKV(maintenance_pb2.HashKVRequest(index=index), timeout=HASH_TIMEOUT_S)
+        r = await stub.HashKV(maintenance_pb2.HashKVRequest(index=index), timeout=HASH_TIMEOUT_S,
+                              metadata=member_metadata(self.node))  # HashKV needs root with auth on
         return HashMark(r.index, r.revision, r.hash)
 
     async def check_once(self) -> list[int]:

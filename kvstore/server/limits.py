@@ -76,14 +76,14 @@ class Limits:
             raise InvalidRequest(
                 f"value is {len(r.value)} bytes; the limit is {self.max_value_bytes} (--max-value-bytes)"
             )
-        if r.lease:
-            raise InvalidRequest("leases are not supported yet; lease must be 0")
+        if r.lease < 0:
+            raise InvalidRequest(f"lease is {r.lease}; it must be >= 0 (0: no lease)")
 
     def check_put_request(self, r: kv_pb2.PutRequest) -> None:
         """check_request_size and check_put in one call: a unary Put's whole check."""
         self.check_request_size(r)
         key, value = r.key, r.value
-        if not key or len(key) > self.max_key_bytes or len(value) > self.max_value_bytes or r.lease:
+        if not key or len(key) > self.max_key_bytes or len(value) > self.max_value_bytes or r.lease < 0:
             self.check_put(r)  # names the problem
 
     def check_delete(self, r: kv_pb2.DeleteRangeRequest) -> None:

@@ -17,8 +17,12 @@ import grpc
 
 from kvstore.storage import cluster_identity
 from kvstore.storage.data_dir_lock import DataDirInUse, lock_data_dir
+from kvstore.storage import permissions
 from kvstore.storage.members import MemberSet
-from kvstore.v1 import cluster_pb2_grpc, kv_pb2_grpc, maintenance_pb2_grpc
+from kvstore.v1 import auth_pb2_grpc, cluster_pb2_grpc, kv_pb2_grpc, lease_pb2_grpc, maintenance_pb2_grpc
+
+from .auth_guard import AuthGuard, lease_checked, root_only
+from .auth_service import AuthService
 
 from .auto_compaction import AutoCompactor
 from .cluster_service import ClusterService
@@ -26,6 +30,8 @@ from .config import ServerConfig, parse_args, parse_duration
 from .corruption import CorruptionChecker
 from .join import JoinError, ask_members
 from .kv_service import KVService
+from .lease_service import LeaseService
+from .lessor import min_lease_ttl
 from .limits import Limits
 from .logs import log_term_from, setup_logging
 from .maintenance_service import MaintenanceService
@@ -73,10 +79,15 @@ async def serve(cfg: ServerConfig, join_members: MemberSet | None = None) -> Non
     except OSError as e:
         await cannot_listen(node, "peer", cfg.listen_peer_addr, e.strerror or str(e))
     client_server = grpc.aio.server(options=client_server_options(cfg))
-    kv_pb2_grpc.add_KVServicer_to_server(KVService(node, Limits.from_config(cfg)), client_server)
-    cluster_pb2_grpc.add_ClusterServicer_to_server(ClusterService(node), client_server)
-    maintenance_pb2_grpc.add_MaintenanceServicer_to_server(MaintenanceService(node), client_server)
-    add_watch_service(WatchService(node, parse_duration(cfg.watch_progress_notify_interval)), client_server)
+    guard = AuthGuard(node)
+    permissions.testing_skip_txn_ops = cfg.testing_auth_skip_txn_check
+    kv_pb2_grpc.add_KVServicer_to_server(KVService(node, Limits.from_config(cfg), guard), client_server)
+    cluster_pb2_grpc.add_ClusterServicer_to_server(root_only(ClusterService(node), guard), client_server)
+    maintenance_pb2_grpc.add_MaintenanceServicer_to_server(root_only(MaintenanceService(node), guard), client_server)
+    auth_pb2_grpc.add_AuthServicer_to_server(AuthService(node, guard, cfg.auth_token_ttl), client_server)
+    add_watch_service(WatchService(node, parse_duration(cfg.watch_progress_notify_interval), guard), client_server)
+    lease_pb2_grpc.add_LeaseServicer_to_server(lease_checked(
+        LeaseService(node, node.lessor, min_lease_ttl(cfg.tick_ms, cfg.election_ticks)), guard), client_server)
     try:
         if client_tls is None:
             bound = client_server.add_insecure_port(cfg.listen_client_addr)
@@ -114,6 +125,8 @@ async def serve(cfg: ServerConfig, join_members: MemberSet | None = None) -> Non
         log.warning("TESTING MODE: the peer API does not check peer certificates (unsafe flag set)")
     if cfg.testing_unsafe_local_reads or cfg.testing_ack_before_commit or cfg.testing_corrupt_state:
         log.warning("TESTING MODE: linearizability is deliberately broken (unsafe flags set)")
+    if cfg.testing_auth_skip_txn_check:
+        log.warning("TESTING MODE: ops inside a txn are not checked against permissions (unsafe flag set)")
     if cfg.testing_wall_clock_sessions:
         log.warning("TESTING MODE: session expiry follows the leader's wall clock (unsafe flag set)")
 

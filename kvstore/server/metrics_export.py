@@ -86,6 +86,11 @@ class NodeCollector(Collector):
         yield _counter("kvstore_server_heartbeat_send_failures_total",
                        "The total number of leader heartbeat send failures (likely overloaded from slow disk).",
                        dropped_heartbeats)
+        yield _gauge("kvstore_server_leases", "The number of leases (granted, not yet revoked or expired).",
+                     len(sm.leases))
+        yield _counter("kvstore_server_lease_expired_total",
+                       "The total number of leases this member revoked as their leader because they expired.",
+                       node.lessor.revoked)
         yield _gauge("kvstore_server_quota_backend_bytes",
                      "Current backend storage quota size in bytes (the LMDB map size).", sm.quota_bytes)
         alarms = GaugeMetricFamily("kvstore_server_alarms_active",

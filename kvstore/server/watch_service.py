@@ -21,9 +21,11 @@ import grpc
 
 from kvstore.storage import history
 from kvstore.storage.keys import HEADER_SIZE, MAX_KEY_BYTES, RECORD_HEADER
+from kvstore.storage.permissions import READ
 from kvstore.storage.state_machine import StateMachineClosed
 from kvstore.v1 import kv_pb2, watch_pb2, watch_pb2_grpc
 
+from .auth_guard import AuthGuard
 from .corruption import check_not_corrupt
 from .errors import RequestFailed
 from .node import Node
@@ -37,18 +39,21 @@ _NODELETE = watch_pb2.WatchCreateRequest.NODELETE
 
 
 class WatchService(watch_pb2_grpc.WatchServicer):
-    def __init__(self, node: Node, progress_interval_s: float) -> None:
+    def __init__(self, node: Node, progress_interval_s: float, guard: AuthGuard | None = None) -> None:
         self.node = node
         self.progress_interval_s = progress_interval_s
         self.event_fields = EventFields()
+        self.guard = guard if guard is not None else AuthGuard(node)
 
     async def Watch(self, request_iterator, context) -> None:
         try:
             self.node.check_serving()
             check_not_corrupt(self.node)  # its events would be wrong, as its reads would
+            user = self.guard.user(context)  # with auth enabled: who watches (each watch needs read permission)
         except RequestFailed as e:
             await e.abort(context)
         stream = _WatchStream(self.node, self.node.watch_hub, context, self.progress_interval_s, self.event_fields)
+        stream.user, stream.guard = user, self.guard
         await stream.run(request_iterator)
 
 
@@ -118,6 +123,8 @@ class _WatchStream:
     def __init__(self, node: Node, hub: WatchHub, context, progress_interval_s: float,
                  event_fields: EventFields) -> None:
         self.node, self.hub, self.context = node, hub, context
+        self.user: str | None = None  # with auth enabled, each watch is checked for read permission
+        self.guard: AuthGuard | None = None
         self.hub_cache = event_fields
         self.progress_interval_s = progress_interval_s
         self.watchers: dict[int, Watcher] = {}
@@ -162,6 +169,12 @@ class _WatchStream:
             problem = "start_revision must be >= 0"
         elif wid in self.watchers:
             problem = f"watch id {wid} is already in use on this stream"
+        elif self.user is not None and self.guard is not None:
+            perms = self.guard.node.sm.auth.permissions(self.user)
+            if perms is None:
+                problem = f"user {self.user!r} does not exist"
+            elif not perms.allows(READ, c.key, c.range_end):
+                problem = f"permission denied: user {self.user!r} may not read what the watch covers"
         if problem:
             self.control.append(watch_pb2.WatchResponse(header=self._header(self.hub.revision), watch_id=wid,
                                                         created=True, canceled=True, cancel_reason=problem))

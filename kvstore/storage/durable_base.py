@@ -28,8 +28,12 @@ index. After an OS crash the boot guard restores the base instead of
 discarding the state machine, and the WAL replays from base + 1. After a
 process crash the page cache survived, so the file is intact and newer; but
 its pin is gone, so every open takes a fresh checkpoint before the first new
-commit. The pin costs space: pages freed since the base are reused only after
-the next checkpoint, one --snapshot-count of churn.
+commit. The pin costs space: a page freed after the base is reused only once
+the next base is saved, and a random put frees about one 4 KiB page. So the
+node checkpoints every fraction of a second while writes go on (not per
+--snapshot-count entries, which let the file grow by GiBs), and each
+checkpoint syncs once before its pin and once after, so that the pin is held
+for little more than the second, short sync.
 
 File layout: magic, applied index, applied term, page size, the two meta
 pages, CRC32C of all before it.

@@ -18,9 +18,12 @@ class ErrorCode(enum.IntEnum):
     """The subset of grpc.StatusCode the state machine can answer with."""
 
     INVALID_ARGUMENT = 3  # malformed command or op; names the limit broken
+    NOT_FOUND = 5  # a put or revoke names a lease that does not exist
+    PERMISSION_DENIED = 7  # the command's user may not run one of its ops (auth_store.py)
     RESOURCE_EXHAUSTED = 8  # too many unacknowledged answers kept for one client
-    FAILED_PRECONDITION = 9  # retry of a request whose answer was forgotten
+    FAILED_PRECONDITION = 9  # retry of a request whose answer was forgotten; an auth change that cannot apply
     OUT_OF_RANGE = 11  # a revision already compacted, or not yet reached
+    UNAUTHENTICATED = 16  # auth is enabled and the command carries no known user
 
 
 #: How every refusal of a request whose session the cluster no longer holds begins
@@ -30,6 +33,9 @@ SESSION_EXPIRED = "session expired"
 #: How every refusal of a write past the space quota begins (RESOURCE_EXHAUSTED; see quota.py);
 #: the client library types it as NoSpace and does not retry it.
 NO_SPACE = "database space exceeded"
+
+#: How Authenticate is refused (FAILED_PRECONDITION) while auth is disabled; the client then sends no token.
+AUTH_NOT_ENABLED = "auth is not enabled"
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,4 +54,6 @@ class ApplyError:
 
 
 class InvalidRequest(Exception):
-    """Raised by validation; turned into an INVALID_ARGUMENT ApplyError."""
+    """Raised by validation; turned into an ApplyError with its `code` (INVALID_ARGUMENT unless a subclass says)."""
+
+    code = ErrorCode.INVALID_ARGUMENT

@@ -33,6 +33,7 @@ import tempfile
 import threading
 from typing import BinaryIO
 
+from .direct_file import DirectFile
 from .durable_files import fsync_dir, fsync_file
 from .state_machine import SnapshotImageError, StateMachine, read_image_meta
 from .wal import crc32c
@@ -176,27 +177,27 @@ class SnapshotStore:
 
 
 class SnapshotWriter:
-    """Receives a snapshot image in chunks into a temporary file."""
+    """Receives a snapshot image in chunks into a temporary file, past the page cache (direct_file.py)."""
 
     def __init__(self, store: SnapshotStore, index: int, term: int, voters: list[int]):
         self._store = store
         self.index, self.term, self.voters = index, term, voters
-        fd, self._tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=_SNAP, dir=store.dir)
-        self._file = os.fdopen(fd, "wb")
+        self._fd, self._tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=_SNAP, dir=store.dir)
+        self._out = DirectFile(self._fd, self._tmp)
         self.size = 0
         self.crc = 0
 
     def write(self, chunk: bytes) -> None:
-        self._file.write(chunk)
+        self._out.write(chunk)
         self.size += len(chunk)
         self.crc = crc32c(chunk, self.crc)
 
     def commit(self, size: int, crc: int) -> str:
         """Check the sender's size and CRC32C, fsync, verify the image is at (index, term), publish;
         the image path."""
-        self._file.flush()
-        fsync_file(self._file.fileno(), self._tmp)
-        self._file.close()
+        self._out.finish()
+        fsync_file(self._fd, self._tmp)
+        self._close()
         try:
             if (self.size, self.crc) != (size, crc):
                 raise SnapshotImageError(
@@ -214,10 +215,15 @@ class SnapshotWriter:
         return self._store._publish(self._tmp, self.index, self.term, self.voters, self.crc)
 
     def abort(self) -> None:
-        if not self._file.closed:
-            self._file.close()
+        self._close()
         if os.path.exists(self._tmp):
             os.unlink(self._tmp)
+
+    def _close(self) -> None:
+        if self._fd >= 0:
+            self._out.close()
+            os.close(self._fd)
+            self._fd = -1
 
     def __enter__(self) -> SnapshotWriter:
         return self

@@ -76,6 +76,8 @@ from kvstore.v1 import command_pb2, kv_pb2
 from . import alarms as alarm_set
 from . import boot_guard as guard
 from . import durable_base, history, keys, quota, validation
+from .auth_store import AuthState, AuthStore
+from . import leases as lease_store
 from .durable_files import fsync_dir, fsync_file
 from .errors import ApplyError, ErrorCode, InvalidRequest
 from .hash_kv import HashMark, hash_kv
@@ -114,7 +116,8 @@ def _required(raw: bytes | None) -> bytes:
     return raw
 
 
-_DB_NAMES = (b"kv", b"meta", b"sessions", b"answers", b"expiry", b"history", b"key_revs")
+_DB_NAMES = (b"kv", b"meta", b"sessions", b"answers", b"expiry", b"history", b"key_revs", b"auth",
+             *lease_store.DB_NAMES)
 _DUPSORT_DBS = frozenset({b"key_revs"})  # key -> the sorted (revision, sub) values of its writes
 _COMPACT_KEY = b"compact"  # compacted-to revision, then where its removal resumes (absent: done)
 _COMPACT = struct.Struct(">q")
@@ -124,6 +127,7 @@ _GEN_PREFIX = "gen-"
 log = logging.getLogger("kvstore.storage")
 
 DISK_RESERVE_MIN = 256 << 10  # data file allocated ahead of use, with MDB_WRITEMAP (see _reserve_disk)
+DISK_RESERVE_MAX = 64 << 20  # ... and at most this much ahead, however large the file
 
 
 class SnapshotImageError(Exception):
@@ -298,6 +302,10 @@ class StateMachine:
             self._alarms = alarm_set.decode(txn.get(_ALARMS_KEY, db=dbs[b"meta"]))
             raw_members = txn.get(_MEMBERS_KEY, db=dbs[b"meta"])
             self._members = None if raw_members is None else MemberSet.decode(raw_members)
+            self._auth = AuthStore(dbs[b"auth"], txn)
+            self._leases = lease_store.LeaseStore(*(dbs[n] for n in lease_store.DB_NAMES))
+            self._lease_ttls = self._leases.load(txn)
+            self._staged_leases: dict[int, int] | None = None  # set by an apply, visible once it commits
         self._nospace = alarm_set.has(self._alarms, alarm_set.NOSPACE)
         self._dbs = tuple(dbs.values())
         self._env = env
@@ -339,6 +347,16 @@ class StateMachine:
         return self._fsync
 
     @property
+    def leases(self) -> dict[int, int]:
+        """Every lease as of the last committed apply: id -> granted TTL in seconds (do not modify)."""
+        return self._lease_ttls
+
+    def lease_keys(self, lease_id: int) -> list[bytes]:
+        """The keys attached to a lease, in key order."""
+        with self._env.begin() as txn:
+            return self._leases.keys_of(txn, lease_id)
+
+    @property
     def alarms(self) -> frozenset[tuple[int, str]]:
         """The active alarms: (member_id, alarm name) pairs (see alarms.py)."""
         return self._alarms
@@ -362,6 +380,11 @@ class StateMachine:
             txn.put(_MEMBERS_KEY, members.encode(), db=self._meta)
         self._members = members
         return members
+
+    @property
+    def auth(self) -> AuthState:
+        """The users, roles and permissions as of the last committed apply (see auth_store.py)."""
+        return self._auth.state
 
     def hash_at(self, index: int) -> HashMark | None:
         """This member's hash at the barrier applied at `index`, if it applied one there recently."""
@@ -392,12 +415,14 @@ class StateMachine:
             self._reserve_disk(sum(len(e[2]) for e in entries))
         results: list[command_pb2.CommandResult | ApplyError | None] = []
         applied_index, applied_term = self._applied_index, self._applied_term
-        ex = _Executor(self._kv, self._hist, self._key_revs, self._revision)
+        ex = _Executor(self._kv, self._hist, self._key_revs, self._revision, self._leases)
         clock = self._clock
         parse = command_pb2.Command.FromString
         # kv: the default db (positional calls are cheaper); a failed write or commit names the file
         with failing_as("LMDB commit", self.data_path), self._env.begin(write=True, db=self._kv) as txn:
             ex.begin(txn)
+            ex.leased_keys = self._leases.any_attached(txn)
+            ex.has_lease = self._leases.has_lease_lookup(txn)
             sessions = self._sessions.batch(txn)
             for index, term, data in entries:
                 if index <= applied_index:
@@ -423,7 +448,7 @@ class StateMachine:
                     clock = LogClock(max(clock.log_time_ms, cmd.leader_clock_ms), term, cmd.leader_clock_ms)
                 if not cmd.ops:  # internal: a hash barrier or an alarm change (clients' commands have ops)
                     ex.flush_history()  # a hash or a compaction reads it
-                    results.append(self._apply_internal(txn, cmd, index, ex.revision))
+                    results.append(self._apply_internal(txn, cmd, index, ex))
                     if origins is not None:
                         origins.append((cmd.proposal_id, (0, 0)))
                     continue
@@ -445,10 +470,14 @@ class StateMachine:
             self._alarms, self._staged_alarms = self._staged_alarms, None
         if self._staged_members is not None:
             self._members, self._staged_members = self._staged_members, None
+        self._auth.publish()
+        if self._staged_leases is not None:
+            self._lease_ttls, self._staged_leases = self._staged_leases, None
         return results
 
-    def _apply_internal(self, txn, cmd: command_pb2.Command, index: int, revision: int):
-        """A command without client ops: hash here (a barrier) or change the alarm list."""
+    def _apply_internal(self, txn, cmd: command_pb2.Command, index: int, ex: _Executor):
+        """A command without client ops: hash here (a barrier), change the alarm list, grant or revoke a lease."""
+        revision = ex.revision
         if cmd.hash_barrier:
             # txn sees this batch's earlier entries
             mark = HashMark(index, revision, hash_kv(txn, self._hist, _HIST_KEY(self._compact_rev, 0)))
@@ -477,7 +506,33 @@ class StateMachine:
             txn.put(_ALARMS_KEY, alarm_set.encode(self._staged_alarms), db=self._meta)
             self._nospace = alarm_set.has(self._staged_alarms, alarm_set.NOSPACE)
             return self._staged_alarms
+        if cmd.HasField("auth"):
+            return self._auth.apply(txn, cmd)
+        if cmd.HasField("lease"):
+            return self._apply_lease(txn, cmd.lease, ex)
         return PlainPuts(0, revision)  # nothing to do (an empty command)
+
+    def _apply_lease(self, txn, change: command_pb2.LeaseChange, ex: _Executor):
+        """Grant a lease, or revoke one: its keys deleted by one txn of deletes (one revision)."""
+        staged = dict(self._lease_ttls if self._staged_leases is None else self._staged_leases)
+        if change.WhichOneof("change") == "grant":
+            g = change.grant
+            if not self._leases.grant(txn, g.id, g.ttl):
+                return ApplyError(ErrorCode.FAILED_PRECONDITION, lease_store.LEASE_EXISTS)
+            staged[g.id] = g.ttl
+        else:
+            lease_id = change.revoke
+            if not self._leases.exists(txn, lease_id):
+                return ApplyError(ErrorCode.NOT_FOUND, lease_store.LEASE_NOT_FOUND)
+            doomed = self._leases.keys_of(txn, lease_id)
+            if doomed:
+                deletes = kv_pb2.TxnRequest(success=[
+                    kv_pb2.RequestOp(request_delete_range=kv_pb2.DeleteRangeRequest(key=k)) for k in doomed])
+                ex.run_internal_op(kv_pb2.RequestOp(request_txn=deletes))
+            self._leases.drop(txn, lease_id)
+            staged.pop(lease_id, None)
+        self._staged_leases = staged
+        return command_pb2.CommandResult(revision=ex.revision)
 
     def _compact(self, txn, to: int, revision: int):
         """Apply a compaction to `to`: refused below the last one or past `revision` (etcd's rules)."""
@@ -526,15 +581,16 @@ class StateMachine:
         and a page written into a hole of it on a full disk kills the process
         (SIGBUS). Allocated ahead, a full disk is an OSError (ENOSPC) before
         anything is written, and the node stops with that message. The
-        reservation grows by a quarter of the size in use (at least
-        DISK_RESERVE_MIN; no more, so the file stays within 1.25x of what
-        is in use), and always covers 16 bytes of file per byte of the
-        batch: a put of a few hundred bytes dirties about one 4 KiB page.
+        reservation grows by an eighth of the size in use, within
+        DISK_RESERVE_MIN and DISK_RESERVE_MAX (a large file is not allocated
+        an eighth ahead: that would be disk held for nothing), and always
+        covers 16 bytes of file per byte of the batch: a put of a few hundred
+        bytes dirties about one 4 KiB page.
         """
         used = (self._env.info()["last_pgno"] + 1) * self._psize
         if used + 16 * batch_bytes + DISK_RESERVE_MIN // 2 <= self._reserved:
             return
-        want = min(self._map_size, used + max(DISK_RESERVE_MIN, used // 4, 32 * batch_bytes))
+        want = min(self._map_size, used + max(DISK_RESERVE_MIN, min(used // 8, DISK_RESERVE_MAX), 32 * batch_bytes))
         with failing_as("fallocate", self.data_path):
             fd = os.open(self.data_path, os.O_RDWR)
             try:
@@ -553,13 +609,13 @@ class StateMachine:
             return ApplyError(ErrorCode.RESOURCE_EXHAUSTED, f"{quota.NO_SPACE} (NOSPACE alarm raised); "
                                                             "delete keys and compact the history to free space")
         if not rid.client_id:
-            return _run_checked(ex, cmd)
+            return self._auth.refusal(cmd) or _run_checked(ex, cmd)
         verdict, answer = sessions.check(rid, now_ms)
         if verdict is Verdict.REPLAY and self.testing_disable_dedup:
             verdict = Verdict.APPLY
         if verdict is not Verdict.APPLY:
             return answer
-        result = _run_checked(ex, cmd)
+        result = self._auth.refusal(cmd) or _run_checked(ex, cmd)  # refused: recorded, a retry gets the same
         if not self.testing_disable_dedup:
             sessions.record(rid, result, puts_only=ex.puts_only)
         return result
@@ -574,7 +630,7 @@ class StateMachine:
             revision = _read_meta(txn, self._meta)[2]
             if req.revision and req.revision != revision:
                 return self._range_at(txn, req, revision, kv_pb2.RangeResponse())
-            return _range(txn, req, revision, kv_pb2.RangeResponse())
+            return _range_leased(txn, req, revision, kv_pb2.RangeResponse(), self._lease_filler(txn))
 
     def _range_at(self, txn, req: kv_pb2.RangeRequest, revision: int, resp: kv_pb2.RangeResponse):
         """A read of the store as it was at req.revision, from the history (see history.py)."""
@@ -647,6 +703,7 @@ class StateMachine:
         results: list[kv_pb2.RangeResponse | InvalidRequest | history.RevisionError] = []
         with self._env.begin(db=self._kv) as txn:  # kv: the default db, as _range needs
             revision = _read_meta(txn, self._meta)[2]
+            leases = self._lease_filler(txn)
             if header is not None:
                 header = kv_pb2.ResponseHeader(
                     cluster_id=header.cluster_id, member_id=header.member_id,
@@ -667,17 +724,25 @@ class StateMachine:
                         results.append(e)
                         continue
                 else:
-                    _range(txn, req, revision, resp)
+                    _range_leased(txn, req, revision, resp, leases)
                 if header is not None:
                     resp.header.CopyFrom(header)
                 results.append(resp)
         return results
 
+    def _lease_filler(self, txn) -> lease_store.LeaseStore | None:
+        """What fills KeyValue.lease in a range: None while no key has a lease (nothing to look up)."""
+        return self._leases if self._leases.any_attached(txn) else None
+
     def get(self, key: bytes) -> kv_pb2.KeyValue | None:
         """The current record of one key, or None (convenience for tests/tools)."""
         with self._env.begin() as txn:
             raw = txn.get(key, db=self._kv)
-            return None if raw is None else keys.to_key_value(key, raw)
+            if raw is None:
+                return None
+            kv = keys.to_key_value(key, raw)
+            kv.lease = self._leases.lease_of(txn, key)
+            return kv
 
     def dump(self) -> dict[bytes, tuple[int, int, int, bytes]]:
         """Every key -> (create_revision, mod_revision, version, value); for tests."""
@@ -734,14 +799,21 @@ class StateMachine:
         """Make the newest commit the durable base (see durable_base.py); its (applied index, term).
 
         The WAL may then drop entries up to that index. The write lock is held
-        only to pin the base and read its meta pages (microseconds); the sync
-        runs while applies go on. Called from any thread, one at a time.
+        only to pin the base and read its meta pages (microseconds); the syncs
+        run while applies go on. Called from any thread, one at a time.
+
+        Every page freed after the old base stays unused until the new base
+        is saved, so the time from one pin to the next base saved is what the
+        file grows by. Hence two syncs: the first, before the pin, writes what
+        was dirtied since the last checkpoint; the second, after it, only what
+        was dirtied during the first.
         """
         with self._lifecycle:
             env = self._env
             if self._closed:
                 raise StateMachineClosed(f"the state machine in {self._root} is closed")
             gen_dir = os.path.realpath(os.path.join(self._root, _CURRENT))
+            self.sync()  # most of what is dirty goes now, before the pin: the pinned window stays short
             writer = env.begin(write=True)  # no commit between the pin and the meta pages read
             try:
                 pin = env.begin()
@@ -1014,6 +1086,15 @@ def _remove_stale_generations(root: str) -> None:
         fsync_dir(root)
 
 
+def _range_leased(txn, req: kv_pb2.RangeRequest, revision: int, resp: kv_pb2.RangeResponse,
+                  leases: lease_store.LeaseStore | None) -> kv_pb2.RangeResponse:
+    """_range, and with `leases` (some key has a lease) each KeyValue's lease too."""
+    _range(txn, req, revision, resp)
+    if leases is not None and not req.count_only:
+        leases.fill(txn, resp.kvs)
+    return resp
+
+
 def _range(txn, req: kv_pb2.RangeRequest, revision: int, resp: kv_pb2.RangeResponse) -> kv_pb2.RangeResponse:
     """Fill resp (in place, so callers can hand in a slot of a larger message).
 
@@ -1059,17 +1140,20 @@ def _run_checked(ex: _Executor, cmd: command_pb2.Command):
     try:
         return ex.run_command(cmd)
     except InvalidRequest as e:
-        return ApplyError(ErrorCode.INVALID_ARGUMENT, str(e))
+        return ApplyError(e.code, str(e))
 
 
 class _Executor:
     """Runs the ops of commands inside one write transaction, tracking revision."""
 
-    def __init__(self, kv_db, hist_db, key_revs_db, revision: int):
+    def __init__(self, kv_db, hist_db, key_revs_db, revision: int, leases: lease_store.LeaseStore):
         self.txn: lmdb.Transaction[bytes]  # the write transaction of the batch being applied, set by begin
         self._kv = kv_db
         self._hist_db = hist_db
         self._key_revs_db = key_revs_db
+        self._leases = leases
+        self.leased_keys = False  # some key has a lease: puts and deletes keep the lease tables (set by apply)
+        self.has_lease: Callable[[bytes], bool]  # key -> whether it has a lease, in this batch (set by apply)
         self.revision = revision
         self._sub_rev = 0  # the revision whose writes self._sub numbers
         self._sub = 0
@@ -1127,11 +1211,14 @@ class _Executor:
         puts_only = True
         undo: list | None = []  # (key, old record) of each put run; None once the command is known valid
         max_key = keys.MAX_KEY_BYTES
+        has_lease = self.has_lease
         for op in cmd.ops:
-            if op.WhichOneof("request") == "request_put":
-                req = op.request_put
+            # Puts that neither attach a lease nor overwrite a key that has one run inline; the
+            # rest (their lease bookkeeping) as any other op.
+            if op.WhichOneof("request") == "request_put" and not (
+                    (req := op.request_put).lease or self.leased_keys and has_lease(req.key)):
                 key = req.key
-                if undo is not None and not (key and len(key) <= max_key and not req.lease):
+                if undo is not None and not (key and len(key) <= max_key):
                     self._refuse(cmd, undo, first)
                 self.revision = rev = self.revision + 1
                 old = get(key)  # the transaction's default db is kv (see apply)
@@ -1160,8 +1247,9 @@ class _Executor:
             if undo is not None:
                 try:
                     validation.check_command(cmd)
-                except InvalidRequest:
-                    self._refuse(cmd, undo, first)
+                    self._leases.check_puts(self.txn, cmd.ops)
+                except InvalidRequest as e:
+                    self._refuse(cmd, undo, first, e)
                 undo = None
             if responses is None:
                 result, responses = self._built(first, plain)
@@ -1173,7 +1261,8 @@ class _Executor:
         result.revision = self.revision
         return result
 
-    def _refuse(self, cmd: command_pb2.Command, undo: list, first: int) -> NoReturn:
+    def _refuse(self, cmd: command_pb2.Command, undo: list, first: int,
+                error: InvalidRequest | None = None) -> NoReturn:
         """Undo the puts an invalid command ran (newest first) and raise what is wrong with it."""
         txn = self.txn
         for key, old in reversed(undo):
@@ -1185,6 +1274,8 @@ class _Executor:
             del self.events[-len(undo):]
             del self.key_revs[-len(undo):]
         self.revision = first - 1
+        if error is not None:
+            raise error
         validation.check_command(cmd)  # raises, naming the problem
         raise InvalidRequest("invalid command")  # not reached: the same rules found it invalid
 
@@ -1196,6 +1287,12 @@ class _Executor:
         for rev in range(first, first + plain):
             responses.add().response_put.header.revision = rev
         return result, responses
+
+    def run_internal_op(self, op: kv_pb2.RequestOp) -> kv_pb2.ResponseOp:
+        """Run an op the cluster itself issues (a lease revoke's deletes) through the ordinary path."""
+        out = kv_pb2.ResponseOp()
+        self._run_op(op, out)
+        return out
 
     def _write_revision(self) -> int:
         if self._txn_rev:
@@ -1215,7 +1312,8 @@ class _Executor:
             out.response_delete_range.header.revision = self.revision
         elif kind == "request_range":
             rev = self._txn_rev or self.revision
-            _range(self.txn, op.request_range, rev, out.response_range)
+            _range_leased(self.txn, op.request_range, rev, out.response_range,
+                          self._leases if self.leased_keys else None)
         else:
             self._txn(op.request_txn, out.response_txn)
 
@@ -1230,9 +1328,14 @@ class _Executor:
             version += 1
             if req.prev_kv:
                 resp.prev_kv.CopyFrom(keys.to_key_value(key, old))
+                if self.leased_keys:
+                    resp.prev_kv.lease = self._leases.lease_of(txn, key)
         record = keys.encode_record(create, rev, version, req.value)
         txn.put(key, record, db=self._kv)
         self._record_event(key, rev, history.encode_put(key, record))
+        if req.lease or self.leased_keys:
+            self._leases.attach(txn, key, req.lease)
+            self.leased_keys = self.leased_keys or bool(req.lease)
 
     def _delete(self, req: kv_pb2.DeleteRangeRequest, resp: kv_pb2.DeleteRangeResponse) -> None:
         txn, key = self.txn, req.key
@@ -1257,7 +1360,12 @@ class _Executor:
             txn.delete(k, db=self._kv)
             self._record_event(k, rev, history.encode_delete(k, rev))
             if req.prev_kv:
-                resp.prev_kvs.append(keys.to_key_value(k, raw))
+                prev = keys.to_key_value(k, raw)
+                if self.leased_keys:
+                    prev.lease = self._leases.lease_of(txn, k)
+                resp.prev_kvs.append(prev)
+            if self.leased_keys:
+                self._leases.detach(txn, k)
         resp.deleted = len(doomed)
 
     def _txn(self, req: kv_pb2.TxnRequest, resp: kv_pb2.TxnResponse) -> None:

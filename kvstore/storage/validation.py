@@ -43,7 +43,7 @@ def check_command(cmd: command_pb2.Command) -> None:
             # rules as check_op, which is still what names a problem.
             p = op.request_put
             key = p.key
-            if key and len(key) <= MAX_KEY_BYTES and not p.lease:
+            if key and len(key) <= MAX_KEY_BYTES and p.lease >= 0:
                 continue
         try:
             check_op(op)
@@ -59,8 +59,8 @@ def check_op(op: kv_pb2.RequestOp, depth: int = 0) -> None:
     elif kind == "request_put":
         p = op.request_put
         _check_key(p.key, "key")
-        if p.lease:
-            raise InvalidRequest("leases are not supported yet (lease must be 0)")
+        if p.lease < 0:
+            raise InvalidRequest("lease must be >= 0 (0: no lease)")
     elif kind == "request_delete_range":
         _check_key(op.request_delete_range.key, "key")
     elif kind == "request_txn":

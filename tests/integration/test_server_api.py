@@ -82,7 +82,7 @@ def test_batch_with_one_bad_op(cluster):
         kv_pb2.RequestOp(request_range=kv_pb2.RangeRequest(key=b"batch/", range_end=b"batch0")),
         put_op(b"batch/" + b"k" * 600, b"long key"),
         put_op(b"batch/big", b"v" * ((1 << 20) + 1)),
-        kv_pb2.RequestOp(request_put=kv_pb2.PutRequest(key=b"batch/lease", value=b"x", lease=7)),
+        kv_pb2.RequestOp(request_put=kv_pb2.PutRequest(key=b"batch/lease", value=b"x", lease=-7)),
         get_op(b"batch/absent"),
         get_op(b""),
         get_op(b"batch/" + b"k" * 600),

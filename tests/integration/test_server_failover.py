@@ -74,9 +74,11 @@ def assert_all_present(lc: LocalCluster, member: int, keys: list[str], serializa
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    # small snapshot thresholds so the catch-up-by-snapshot test compacts past a stopped member quickly
+    # small snapshot thresholds so the catch-up-by-snapshot test compacts past a stopped member quickly;
+    # the durable base moves only at snapshots, so the torn-file test can copy the file at its base
     lc = LocalCluster.with_free_ports(str(tmp_path_factory.mktemp("failover")),
-                                      extra_args=["--snapshot-count", "200", "--snapshot-catchup-entries", "50"])
+                                      extra_args=["--snapshot-count", "200", "--snapshot-catchup-entries", "50",
+                                                  "--backend-batch-interval", "1h"])
     lc.start()
     try:
         lc.wait_for_leader(60)

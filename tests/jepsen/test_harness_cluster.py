@@ -168,6 +168,59 @@ def test_bank_workload_under_partition(tmp_path: Path) -> None:
     assert summary["faults_by_kind"].get("partition", 0) >= 1
 
 
+@pytest.mark.slow
+def test_lease_workload_under_kill_and_pause(tmp_path: Path) -> None:
+    """(make soak: tests/integration/test_leases.py checks the same rules in make test.)"""
+    code, summary, run_dir = jepsen_run(tmp_path, "lease", "--time", "14", "--nemesis", "kill-leader,pause-leader",
+                                        "--workload", "lease", *FAST)
+    assert_complete_run_dir(run_dir, summary)
+    verdict = json.loads((run_dir / "verdict.json").read_text())
+    assert code == 0 and verdict["valid"], verdict
+    assert verdict["leases"] > 20 and verdict["expired_seen"] > 10 and verdict["left_at_final_read"] == []
+    assert summary["leader_changes"] >= 2
+
+
+@pytest.mark.slow
+def test_teeth_lease_clocks_from_apply_are_caught(tmp_path: Path) -> None:
+    """(make soak; test_leases.py shows the same switch caught in make test.) With ``--testing-lease-deadlines-from-apply`` a new leader keeps the clocks its members started
+    when they applied each grant, forgetting the keep-alives the old leader took: leases kept alive
+    past their first TTL expire at once when the leader is killed."""
+    verdicts = []
+    for attempt in range(3):
+        code, summary, run_dir = jepsen_run(
+            tmp_path, f"lease-teeth-{attempt}", "--time", "14", "--nemesis", "kill-leader",
+            "--workload", "lease", *FAST, "--server-arg=--testing-lease-deadlines-from-apply")
+        verdicts.append((code, summary["verdict"]))
+        if code == 1:
+            assert "gone before their TTL" in summary["verdict"]
+            break
+    assert any(code == 1 for code, _ in verdicts), f"the checker never caught early expiry: {verdicts}"
+
+
+@pytest.mark.slow
+def test_lock_workload_fences_stalled_holders(tmp_path: Path) -> None:
+    code, summary, run_dir = jepsen_run(tmp_path, "lock", "--time", "20", "--nemesis", "partition,pause",
+                                        "--workload", "lock", *FAST[:4], "--op-timeout", "2")
+    verdict = json.loads((run_dir / "verdict.json").read_text())
+    assert code == 0 and verdict["valid"], verdict
+    assert verdict["acknowledged"] > 20 and verdict["refused_by_fence"] > 0
+
+
+@pytest.mark.slow
+def test_teeth_unfenced_lock_writes_are_caught(tmp_path: Path) -> None:
+    """The same increments written without the guard: stalled holders' writes land after their
+    successors', and the checker finds the lost increments and stale tokens."""
+    verdicts = []
+    for attempt in range(3):
+        code, summary, _run_dir = jepsen_run(tmp_path, f"unfenced-{attempt}", "--time", "20", "--nemesis", "pause",
+                                             "--workload", "lock-unfenced", *FAST[:4], "--op-timeout", "2")
+        verdicts.append((code, summary["verdict"]))
+        if code == 1:
+            assert "lost increments" in summary["verdict"] or "stale token" in summary["verdict"]
+            break
+    assert any(code == 1 for code, _ in verdicts), f"unfenced writes were never caught: {verdicts}"
+
+
 def test_proxy_network_partitions_without_root(tmp_path: Path) -> None:
     """The no-root mode: peer links through TCP proxies that reset during a partition."""
     code, summary, run_dir = jepsen_run(tmp_path, "proxy", "--time", "12", "--nemesis",

@@ -1,13 +1,16 @@
-"""When each member checkpoints: every --snapshot-count entries (never two members together), or
-when the WAL or the LMDB file outgrows its bound."""
+"""When each member checkpoints: every --snapshot-count entries (never two members together) or
+when the WAL outgrows its bound, a snapshot; in between, the durable base alone, every fraction of
+a second while entries are applied."""
 from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 from kvstore.raft.types import Entry, HardState
 from kvstore.server.config import ServerConfig
 from kvstore.server.node import CHECKPOINT_WAL_SEGMENTS, Node, next_checkpoint_at
+from kvstore.storage import durable_base
 from kvstore.storage.raft_log import RaftLog
 from kvstore.storage.snapshot import SnapshotStore
 from kvstore.storage.state_machine import StateMachine
@@ -79,10 +82,11 @@ def test_a_wal_over_its_size_bound_brings_a_checkpoint_and_goes(tmp_path):
         node.apply_thread.shutdown()
 
 
-def test_an_lmdb_file_grown_past_its_bound_brings_a_checkpoint(tmp_path):
-    """Small random writes rewrite pages that stay pinned until the next checkpoint: the file's
-    growth since the last one brings the next, whatever the entry count and WAL size."""
-    cfg = ServerConfig(id=1, peers={1: "127.0.0.1:1"}, data_dir=str(tmp_path), snapshot_count=1_000_000)
+def test_between_snapshots_the_base_alone_moves_on_after_a_short_gap(tmp_path):
+    """Pages rewritten after the durable base stay pinned until the next one: a base sync (the log
+    untouched) follows any applied entry --backend-batch-interval after the last, whatever the entry count."""
+    cfg = ServerConfig(id=1, peers={1: "127.0.0.1:1"}, data_dir=str(tmp_path), snapshot_count=1_000_000,
+                       backend_batch_interval="1s")
     node = Node(cfg)
     node.sm = StateMachine.open(os.path.join(tmp_path, "db"), 64 << 20, fsync=False)
     node.log = RaftLog.open(os.path.join(tmp_path, "wal"))
@@ -95,20 +99,30 @@ def test_an_lmdb_file_grown_past_its_bound_brings_a_checkpoint(tmp_path):
         entries.append(Entry(term=1, index=i, data=data))
     node.log.append(entries, HardState(term=1, vote=1, commit=40))
 
+    def saved_base() -> int:
+        return durable_base.load(os.path.realpath(os.path.join(tmp_path, "db", "current")))[0]
+
     async def main() -> None:
-        await node._maybe_snapshot()  # sets the bound from the empty store's size
-        assert node._checkpointing is None
-        node._db_checkpoint_bytes = node.sm.db_size() + (256 << 10)  # a small bound, for the test
-        node.sm.apply([(e.index, e.term, e.data) for e in entries])
-        assert node.sm.db_size() >= node._db_checkpoint_bytes
         await node._maybe_snapshot()
-        assert node._checkpointing is not None, "no checkpoint started for an LMDB file over its bound"
+        assert node._checkpointing is None, "a base sync with nothing applied since the last base"
+        node.sm.apply([(e.index, e.term, e.data) for e in entries[:20]])
+        await node._maybe_snapshot()
+        assert node._checkpointing is not None, "no base sync for entries applied since the base"
         await node._checkpointing
+        assert node._base_index == 20 == saved_base()
+        assert time.monotonic() + 0.5 < node._next_base_sync_at
+        node.sm.apply([(e.index, e.term, e.data) for e in entries[20:]])
+        await node._maybe_snapshot()
+        assert node._checkpointing is None, "a base sync before the gap since the last one ended"
+        node._next_base_sync_at = time.monotonic()  # the gap has passed
+        await node._maybe_snapshot()
+        assert node._checkpointing is not None
+        await node._checkpointing
+        assert node._base_index == 40 == saved_base()
 
     try:
         asyncio.run(main())
-        assert node.snapshot_index == 40
-        assert node._db_checkpoint_bytes > node.sm.db_size()
+        assert node.snapshot_index == 0 and node.log.first_index() == 1, "a base sync compacted the log"
     finally:
         node.sm.close()
         node.log.close()

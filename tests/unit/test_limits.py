@@ -77,7 +77,7 @@ def test_is_mutation():
 @pytest.mark.parametrize("req", [
     put(), put(value=b"v" * (1 << 20)), put(key=b"k" * 511),  # fine
     put(key=b""), put(key=b"k" * 512), put(value=b"v" * (1 << 20 | 1)),
-    kv_pb2.PutRequest(key=b"k", lease=5), put(value=b"v" * 200),
+    kv_pb2.PutRequest(key=b"k", lease=-5), put(value=b"v" * 200),
 ])
 def test_put_request_check_is_size_then_put_check(req):
     """A unary Put's one-call check refuses exactly what the two checks refuse, with their message."""

@@ -55,3 +55,11 @@ def test_state_machine_sync_mode(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--state-machine-sync", "never"])
     assert "--state-machine-sync must be one of boot, commit, not 'never'" in capsys.readouterr().err
+
+
+def test_backend_batch_interval(capsys):
+    assert parse_args([]).backend_batch_interval_s == 0.01
+    assert parse_args(["--backend-batch-interval", "2s"]).backend_batch_interval_s == 2.0
+    with pytest.raises(SystemExit):
+        parse_args(["--backend-batch-interval", "soon"])
+    assert "--backend-batch-interval: 'soon' is not a duration" in capsys.readouterr().err

@@ -270,7 +270,7 @@ def test_invalid_command_applies_nothing(sm, log):
     (txn(failure=[put(b"b"), delete(b"a", b"c")]), "both put and deleted"),
     (txn(success=[put(b"a"), txn(success=[put(b"a")])]), "duplicate key"),
     (txn(compare=[C(key=b"a", target=C.VERSION, value=b"x")]), "but value given"),
-    (kv_pb2.RequestOp(request_put=kv_pb2.PutRequest(key=b"a", lease=3)), "leases"),
+    (kv_pb2.RequestOp(request_put=kv_pb2.PutRequest(key=b"a", lease=-3)), "lease must be >= 0"),
 ])
 def test_txn_validation(bad, why):
     with pytest.raises(InvalidRequest, match=why):
@@ -368,7 +368,7 @@ def test_a_full_disk_fails_the_apply_before_anything_is_written(tmp_path, monkey
 
 @pytest.mark.parametrize("bad_op, why", [
     (put(b""), "key is empty"),
-    (kv_pb2.RequestOp(request_put=kv_pb2.PutRequest(key=b"z", lease=5)), "leases"),
+    (kv_pb2.RequestOp(request_put=kv_pb2.PutRequest(key=b"z", lease=-5)), "lease must be >= 0"),
     (delete(b""), "key is empty"),
     (txn(success=[put(b"q"), put(b"q")]), "duplicate key"),
 ])

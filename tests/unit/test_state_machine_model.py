@@ -126,7 +126,7 @@ class Model:
             return self.conflicting(r.success) or self.conflicting(r.failure)
         if not r.key:
             return True
-        if kind == "request_put" and r.lease:
+        if kind == "request_put" and r.lease < 0:
             return True
         if kind == "request_range" and r.limit < 0:
             return True
@@ -294,7 +294,7 @@ deletes = st.builds(
 invalid_ops = st.sampled_from([
     kv_pb2.RequestOp(),
     kv_pb2.RequestOp(request_put=kv_pb2.PutRequest(key=b"", value=b"v")),
-    kv_pb2.RequestOp(request_put=kv_pb2.PutRequest(key=b"a", value=b"v", lease=7)),
+    kv_pb2.RequestOp(request_put=kv_pb2.PutRequest(key=b"a", value=b"v", lease=-7)),
     kv_pb2.RequestOp(request_range=kv_pb2.RangeRequest(key=b"a", limit=-1)),
     kv_pb2.RequestOp(request_delete_range=kv_pb2.DeleteRangeRequest(key=b"")),
 ])
