@@ -12,6 +12,7 @@ Use the token to fence what the command writes (lock.guard() in Python).
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -19,6 +20,12 @@ import threading
 import click
 
 from kvstore.cli import client_errors, console, fail, make_client, show
+
+
+def _ctrl_c_interrupts() -> None:
+    """Ctrl-C (SIGINT) raises KeyboardInterrupt here even when this process was started with SIGINT
+    ignored (as a shell starts background jobs): these commands release and resign on it."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _lost_signal(sync_lock_or_election) -> threading.Event:
@@ -36,6 +43,7 @@ def _lost_signal(sync_lock_or_election) -> threading.Event:
 @client_errors
 def lock(ctx: click.Context, name: str, command: tuple[str, ...], ttl: int) -> None:
     """Take lock NAME; run COMMAND holding it (exit with its status), or hold it until Ctrl-C."""
+    _ctrl_c_interrupts()
     with make_client(ctx) as c:
         lk = c.lock(name, ttl=ttl)
         lk.acquire()
@@ -78,6 +86,7 @@ def lock(ctx: click.Context, name: str, command: tuple[str, ...], ttl: int) -> N
 def elect(ctx: click.Context, name: str, proposal: str | None, ttl: int) -> None:
     """Campaign in election NAME with PROPOSAL and lead until Ctrl-C; without PROPOSAL, print the
     leader's proclamation now and at every change."""
+    _ctrl_c_interrupts()
     with make_client(ctx) as c:
         e = c.election(name, ttl=ttl)
         if proposal is None:
