@@ -55,6 +55,15 @@ class TreeCluster(LocalCluster):
         return ["env", "-C", self.tree, f"PYTHONPATH={self.tree}", *super().command(i)]
 
 
+def ab_clusters(base_tree: str, workdir: str, new_name: str, base_metrics: bool = True
+                ) -> tuple[LocalCluster, LocalCluster]:
+    """Two 3-member clusters on free ports under workdir: the base tree's code, and this checkout's."""
+    extra = {} if base_metrics else {"metrics_addrs": {}}
+    free = LocalCluster.with_free_ports(os.path.join(workdir, "base"), **extra)
+    base = TreeCluster(base_tree, free.base_dir, 3, client_addrs=free.client_addrs, peer_addrs=free.peer_addrs)
+    return base, LocalCluster.with_free_ports(os.path.join(workdir, new_name))
+
+
 def cluster_cpu_s(lc: LocalCluster) -> float:
     """User + system CPU seconds the cluster's node processes have used so far."""
     total = 0
@@ -203,10 +212,7 @@ def main() -> None:
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="kv-metrics-ab-") as d:
-        base = LocalCluster.with_free_ports(os.path.join(d, "base"), metrics_addrs={})
-        base = TreeCluster(args.base_tree, base.base_dir, 3, client_addrs=base.client_addrs,
-                           peer_addrs=base.peer_addrs)
-        new = LocalCluster.with_free_ports(os.path.join(d, "new"))
+        base, new = ab_clusters(args.base_tree, d, "new", base_metrics=False)
         clusters = {"base": base, "metrics": new}
         for lc in clusters.values():
             lc.start()

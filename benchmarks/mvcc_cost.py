@@ -24,10 +24,9 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from metrics_overhead import TreeCluster, cluster_cpu_s
+from metrics_overhead import ab_clusters, cluster_cpu_s
 
 from kvstore.bench import LoadSpec, run_load
-from kvstore.launcher import LocalCluster
 
 
 def main() -> None:
@@ -40,10 +39,7 @@ def main() -> None:
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="kv-mvcc-ab-") as d:
-        base = LocalCluster.with_free_ports(os.path.join(d, "base"))
-        base = TreeCluster(args.base_tree, base.base_dir, 3, client_addrs=base.client_addrs,
-                           peer_addrs=base.peer_addrs)
-        new = LocalCluster.with_free_ports(os.path.join(d, "mvcc"))
+        base, new = ab_clusters(args.base_tree, d, "mvcc")
         clusters = {"base": base, "mvcc": new}
         for lc in clusters.values():
             lc.start()
