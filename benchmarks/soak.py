@@ -154,9 +154,10 @@ def soak_kvstore(a: argparse.Namespace, workdir: Path) -> Soak:
 class Etcd:
     """A 3-member etcd on free ports, with the backend quota raised."""
 
-    def __init__(self, workdir: Path, quota: int) -> None:
+    def __init__(self, workdir: Path, quota: int, extra_args: list[str]) -> None:
         self.dir = workdir
         self.quota = quota
+        self.extra_args = extra_args
         ports = free_ports(6)
         self.client = {i: f"127.0.0.1:{ports[2 * (i - 1)]}" for i in (1, 2, 3)}
         self.peer = {i: f"127.0.0.1:{ports[2 * (i - 1) + 1]}" for i in (1, 2, 3)}
@@ -173,7 +174,7 @@ class Etcd:
                    f"http://{self.client[i]}", "--listen-peer-urls", f"http://{self.peer[i]}",
                    "--initial-advertise-peer-urls", f"http://{self.peer[i]}", "--initial-cluster", cluster,
                    "--initial-cluster-token", "soak", "--initial-cluster-state", "new",
-                   "--quota-backend-bytes", str(self.quota), "--log-level", "info"]
+                   "--quota-backend-bytes", str(self.quota), "--log-level", "info", *self.extra_args]
             with open(self.dir / f"e{i}.log", "ab") as log:
                 self.procs[i] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
                                                  stderr=subprocess.STDOUT, start_new_session=True)
@@ -211,7 +212,7 @@ class Etcd:
 
 
 def soak_etcd(a: argparse.Namespace, workdir: Path) -> Soak:
-    etcd = Etcd(workdir / "etcd", a.etcd_quota)
+    etcd = Etcd(workdir / "etcd", a.etcd_quota, a.etcd_args.split())
     out = Soak("etcd")
     etcd.start()
     procs = max(p for p in range(1, a.procs + 1) if a.clients % p == 0)
@@ -278,6 +279,7 @@ def main() -> int:
     ap.add_argument("--systems", default="kvstore,etcd")
     ap.add_argument("--etcd-quota", type=int, default=8 << 30, help="etcd --quota-backend-bytes")
     ap.add_argument("--node-args", default="", help="extra flags for every kvstore member")
+    ap.add_argument("--etcd-args", default="", help="extra flags for every etcd member (e.g. the same auto-compaction)")
     ap.add_argument("--dir", default=None, help="where the data goes (default: a temp dir, removed)")
     a = ap.parse_args()
     workdir = Path(a.dir) if a.dir else Path(tempfile.mkdtemp(prefix="soak-"))
