@@ -401,9 +401,11 @@ def make_config(values: dict[str, Any]) -> ServerConfig:
     from .auto_compaction import check_auto_compaction
 
     check_auto_compaction(cfg.auto_compaction_mode, cfg.auto_compaction_retention, cfg.auto_compaction_interval)
-    if not 0 <= cfg.quota_backend_bytes <= 8 << 30:
-        raise ValueError(f"--quota-backend-bytes must be between 0 (the 2 GiB default) and {8 << 30} "
-                         f"(the store's map size), not {cfg.quota_backend_bytes}")
+    from kvstore.storage.quota import MAX_QUOTA_BYTES
+
+    if not 0 <= cfg.quota_backend_bytes <= MAX_QUOTA_BYTES:
+        raise ValueError(f"--quota-backend-bytes must be between 0 (the 2 GiB default) and {MAX_QUOTA_BYTES}, "
+                         f"not {cfg.quota_backend_bytes}")
     try:
         parse_duration(cfg.watch_progress_notify_interval)
     except ValueError as e:

@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 import grpc
 
 from kvstore.storage import alarms as alarm_set
-from kvstore.storage import quota
 from kvstore.storage.errors import ApplyError
 from kvstore.storage.leases import MAX_LEASE_TTL
 from kvstore.v1 import command_pb2, lease_pb2, lease_pb2_grpc
@@ -56,7 +55,7 @@ class LeaseService(lease_pb2_grpc.LeaseServicer):
         self.node.check_leader()
         if alarm_set.has(self.node.sm.alarms, alarm_set.NOSPACE):  # a grant adds data (etcd refuses it too)
             q = self.node.space_quota
-            raise not_applied(grpc.StatusCode.RESOURCE_EXHAUSTED, quota.space_exceeded(q.quota, q.used))
+            raise not_applied(grpc.StatusCode.RESOURCE_EXHAUSTED, q.refusal())
         ttl = max(request.TTL, self.min_ttl)
         lease_id = request.ID or random.getrandbits(62) + 1
         grant = command_pb2.LeaseGrant(id=lease_id, ttl=ttl)

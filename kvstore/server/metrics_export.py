@@ -92,7 +92,7 @@ class NodeCollector(Collector):
                        "The total number of leases this member revoked as their leader because they expired.",
                        node.lessor.revoked)
         yield _gauge("kvstore_server_quota_backend_bytes",
-                     "Current backend storage quota size in bytes (the LMDB map size).", sm.quota_bytes)
+                     "Current backend storage quota size in bytes (--quota-backend-bytes).", node.space_quota.quota)
         alarms = GaugeMetricFamily("kvstore_server_alarms_active",
                                    "Members with this alarm raised (CORRUPT: their state differs from the others').",
                                    labels=["alarm"])

@@ -58,7 +58,7 @@ import grpc
 from kvstore import __version__
 from kvstore.raft import ConfChange, ConfChangeRefused, Config, ProposalDropped, RawNode
 from kvstore.raft.types import Message, SnapshotMetadata, StateRole
-from kvstore.storage import boot_guard
+from kvstore.storage import boot_guard, quota
 from kvstore.storage.raft_log import RaftLog
 from kvstore.storage.reconcile import ReconcileError, reconcile
 from kvstore.storage.snapshot import SnapshotStore
@@ -212,7 +212,8 @@ class Node:
         # applied batch ('commit') cost ~20% of a write's CPU on every member.
         by_boot = self.cfg.state_machine_sync == "boot"  # see StateMachine.open and boot_guard.py
         self.sm = await self._in_storage(
-            functools.partial(StateMachine.open, os.path.join(d, "db"), fsync=not by_boot, boot_guard=by_boot,
+            functools.partial(StateMachine.open, os.path.join(d, "db"), quota.map_size_for(self.cfg.quota_backend_bytes),
+                              fsync=not by_boot, boot_guard=by_boot,
                               session_ttl_ms=self.cfg.session_ttl_ms, max_sessions=self.cfg.max_sessions))
         self.sm.testing_log_time_from_absolute_stamps = self.cfg.testing_wall_clock_sessions
         # The state machine first: the entries it has applied are checksummed when read, not at open.

@@ -39,6 +39,8 @@ class SpaceQuota:
         self.node = node
         self.quota = quota_bytes or quota.DEFAULT_QUOTA_BYTES
         self.used = 0
+        self.file_bytes = 0
+        self.map_full = False
         self.over = False
         self._measured_at = 0.0
         self._changing: asyncio.Task | None = None
@@ -49,8 +51,11 @@ class SpaceQuota:
         if not force and now - self._measured_at < REFRESH_S:
             return
         self._measured_at = now
-        self.used = self.node.sm.used_bytes()
-        self.over = self.used >= self.quota
+        sm = self.node.sm
+        self.used = sm.used_bytes()
+        self.file_bytes = sm.db_size()
+        self.map_full = quota.map_nearly_full(self.file_bytes, sm.map_size)
+        self.over = self.used >= self.quota or self.map_full
 
     def check(self, ops) -> None:
         """Raise RESOURCE_EXHAUSTED (nothing proposed) for ops that add data to a store past its quota."""
@@ -60,8 +65,12 @@ class SpaceQuota:
         if not self.over:
             return
         self._raise_alarm()
-        raise RequestFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, quota.space_exceeded(self.quota, self.used),
-                            not_applied=True)
+        raise RequestFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, self.refusal(), not_applied=True)
+
+    def refusal(self) -> str:
+        if self.map_full:
+            return quota.map_exceeded(self.file_bytes, self.node.sm.map_size)
+        return quota.space_exceeded(self.quota, self.used)
 
     def tick(self) -> None:
         """Leader only: clear NOSPACE once the space in use is back under the quota."""
@@ -91,6 +100,6 @@ class SpaceQuota:
             log.warning("could not %s the NOSPACE alarm: %s", "raise" if activate else "clear", e.message)
             return
         if activate:
-            log.warning("NOSPACE: %s", quota.space_exceeded(self.quota, self.used))
+            log.warning("NOSPACE: %s", self.refusal())
         else:
             log.info("NOSPACE cleared: %d bytes in use of the %d-byte quota", self.used, self.quota)

@@ -22,10 +22,30 @@ from kvstore.v1 import command_pb2
 from .errors import NO_SPACE
 
 __all__ = ["adds_data", "command_adds_data", "used_bytes", "DEFAULT_QUOTA_BYTES", "MAX_QUOTA_BYTES",
-           "space_exceeded"]
+           "map_size_for", "map_nearly_full", "space_exceeded", "map_exceeded"]
 
 DEFAULT_QUOTA_BYTES = 2 << 30  # etcd's default
-MAX_QUOTA_BYTES = 8 << 30  # the LMDB map size: the store cannot grow past it
+MAX_QUOTA_BYTES = 8 << 30  # etcd's suggested maximum
+
+
+def map_size_for(quota: int) -> int:
+    """The LMDB map for a quota: twice it, at least 8 GiB.
+
+    The file runs past the space in use by the pages freed while a read
+    transaction still saw them (see above), so a map only as large as the
+    quota fills (MDB_MAP_FULL, every member at once) while the quota is still
+    met. The map is address space, not disk: the file is sparse past its
+    last page."""
+    return max(8 << 30, 2 * (quota or DEFAULT_QUOTA_BYTES))
+
+
+def map_nearly_full(file_bytes: int, map_size: int) -> bool:
+    """The second brake: the file's last page is within an eighth of the map.
+
+    Past this, writes that add data are refused like past the quota, so that
+    deletes and compactions (which copy pages too) still have room, and the
+    store never dies of MDB_MAP_FULL."""
+    return file_bytes >= map_size - map_size // 8
 
 
 def adds_data(ops) -> bool:
@@ -58,4 +78,11 @@ def space_exceeded(quota: int, used: int) -> str:
     """The refusal's message: names the quota and the size in use."""
     return (f"{NO_SPACE}: {used} bytes in use of the {quota}-byte quota (--quota-backend-bytes); "
             "delete keys and compact the history to free space")
+
+
+def map_exceeded(file_bytes: int, map_size: int) -> str:
+    """The refusal's message when the file, not the data, has run out of room."""
+    return (f"{NO_SPACE}: the LMDB file has grown to {file_bytes} bytes of its {map_size}-byte map "
+            "(pages freed while a snapshot or checkpoint held them); delete keys and compact the history, "
+            "then restore a `snapshot save` image to shrink the file")
 

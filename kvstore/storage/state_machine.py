@@ -763,8 +763,8 @@ class StateMachine:
             return txn.stat(self._kv)["entries"]
 
     @property
-    def quota_bytes(self) -> int:
-        """The most the LMDB file may grow to (its map size): a full map fails every write."""
+    def map_size(self) -> int:
+        """The most the LMDB file may grow to: a full map fails every write (see quota.map_size_for)."""
         return self._map_size
 
     def testing_corrupt(self, key: bytes = b"\xffkvstore-testing-corruption") -> None:
