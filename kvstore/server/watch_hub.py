@@ -51,7 +51,7 @@ class Watcher:
         self.progress_notify = progress_notify
         self.next_rev = start  # the first revision not yet given to this watcher
         self.synced = False
-        self.pending: deque[tuple[Event, bytes | None]] = deque()
+        self.pending: deque[tuple[Event, Event | None]] = deque()
         self.wake = wake  # tells the watcher's stream there is work
 
     @property
@@ -84,7 +84,7 @@ class WatchHub:
         self.testing_max_pending = MAX_PENDING
         # The events of revisions recent_from..revision, as the hub read them: slow watchers of
         # one burst catch up from here together instead of each reading LMDB (see catch_up).
-        self._recent: list[tuple[Event, bytes | None]] = []
+        self._recent: list[tuple[Event, Event | None]] = []
         self._recent_revs: list[int] = []
         self._recent_bytes = 0
         self._recent_from = 1

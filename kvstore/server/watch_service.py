@@ -68,7 +68,7 @@ class EventFields:
     def __init__(self) -> None:
         self._cache: dict[tuple[int, int, bool], bytes] = {}
 
-    def field(self, ev: history.Event, prev: bytes | None) -> bytes:
+    def field(self, ev: history.Event, prev: history.Event | None) -> bytes:
         key = (ev.revision, ev.sub, prev is not None)
         out = self._cache.get(key)
         if out is None:
@@ -104,19 +104,22 @@ def add_watch_service(service: WatchService, server: grpc.aio.Server) -> None:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("kvstore.v1.Watch", {"Watch": handler}),))
 
 
-def to_event(ev: history.Event, prev: bytes | None) -> watch_pb2.Event:
+def to_event(ev: history.Event, prev: history.Event | None) -> watch_pb2.Event:
+    """The watch Event of a history event; prev is the key's previous put (prev_kv), if wanted."""
     out = watch_pb2.Event(type=watch_pb2.Event.PUT if ev.kind == history.PUT else watch_pb2.Event.DELETE)
     if ev.kind == history.PUT:
-        create, mod, version = RECORD_HEADER.unpack_from(ev.record)
-        out.kv.CopyFrom(kv_pb2.KeyValue(key=ev.key, create_revision=create, mod_revision=mod, version=version,
-                                        value=ev.record[HEADER_SIZE:]))
+        _put_key_value(out.kv, ev)
     else:
-        out.kv.CopyFrom(kv_pb2.KeyValue(key=ev.key, mod_revision=ev.revision))
+        out.kv.key, out.kv.mod_revision = ev.key, ev.revision
     if prev is not None:
-        create, mod, version = RECORD_HEADER.unpack_from(prev)
-        out.prev_kv.CopyFrom(kv_pb2.KeyValue(key=ev.key, create_revision=create, mod_revision=mod,
-                                             version=version, value=prev[HEADER_SIZE:]))
+        _put_key_value(out.prev_kv, prev)
     return out
+
+
+def _put_key_value(kv: kv_pb2.KeyValue, ev: history.Event) -> None:
+    create, mod, _, version = RECORD_HEADER.unpack_from(ev.record)
+    kv.key, kv.create_revision, kv.mod_revision, kv.version = ev.key, create, mod, version
+    kv.value, kv.lease = ev.record[HEADER_SIZE:], ev.lease
 
 
 class _WatchStream:

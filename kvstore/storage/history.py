@@ -2,33 +2,53 @@
 
 LMDB layout, three sub-databases written in the same transaction:
 
-  kv       key -> record (create, mod, version header + value): the latest
-           value only, as before MVCC. Latest reads, compares and the plain-put
-           fast path touch this one db, so MVCC costs them nothing to read.
-  history  (revision, sub) -> event, 12-byte big-endian keys, so the db is in
-           revision order and every write appends at its end (MDB_APPEND: no
-           page search, pages filled full). sub numbers the writes that share
-           one revision (a txn, a delete of a range). A watch replays history
-           from any revision with one cursor walk.
-  key_revs key -> (revision, sub), a DUPSORT/DUPFIXED db: per key the sorted
-           list of revisions at which it was written. A read at revision R
-           finds each key's newest write <= R with one seek (set_range_dup),
-           then reads that event from history.
+  kv         key -> record (keys.py: create, mod, sub, version header + value):
+             the latest value only, as before MVCC. Latest reads, compares and
+             the plain-put fast path touch this one db, so MVCC costs them
+             nothing to read. (mod, sub) is the history key of the write that
+             made the record: the head of the key's chain (below).
+  history    (revision, sub) -> event, 12-byte big-endian keys, so the db is in
+             revision order and every write appends at its end (MDB_APPEND: no
+             page search, pages filled full). sub numbers the writes that share
+             one revision (a txn, a delete of a range). A watch replays history
+             from any revision with one cursor walk.
+  tombstones key -> (revision, sub) of its last delete: the chain head of a
+             key that is deleted now. Written by deletes only; a put that
+             re-creates the key leaves it (kv is then the head), and compaction
+             removes it with that delete's event.
 
-Event encoding: kind (1 byte: PUT or DELETE) + key length (2 bytes) + key +
-a stored record (keys.py: 24-byte header + value). A delete's record is the
-header (0, revision, 0) and no value, as etcd's tombstone reports it.
+Chains, not an index. Each event names the history key of the previous write
+of its key (`prev`, zeros for a key's first write), so a key's writes form a
+chain from its head, newest first. A read at revision R takes the kv record
+when its mod revision is <= R (no history read at all); otherwise it follows
+the chain from the head to the newest write <= R: a put is the answer, a
+delete or the chain's end means the key was absent. A key -> revisions index
+(DUPSORT) cost an insert per put into a random page, about a third of the
+apply path's instructions and as many pages written as kv itself; a chain
+link costs 12 bytes in an event that is appended anyway.
 
-Compaction to R (etcd semantics): reads below R are refused, and for each key
-only its newest write <= R survives, unless that write is a delete, which goes
-too. The physical removal walks history from its start in revision order and
-runs in bounded steps (compact_step), a few thousand events per applied
-batch, so a large history never stalls apply. Removing in revision order
-keeps every read at a revision >= R right at every step in between: an event
-is removed only when a newer write of its key <= R exists, and a tombstone
-only after every older write of its key is gone. Events of a key's newest
-write <= R stay, so each later compaction rewalks from the start; that costs
-one step per live key.
+Event encoding: kind (1 byte: PUT or DELETE, with the LEASED bit when the put
+attached a lease) + prev (12 bytes) + the lease id (8 bytes, only with
+LEASED) + key length (2 bytes) + key + a stored record (keys.py). A delete's
+record is the header (0, revision, sub, 0) and no value, as etcd's tombstone
+reports it.
+
+Compaction to C (etcd semantics): reads below C are refused, and for each key
+only its newest write <= C survives, unless that write is a delete, which goes
+too. So an event below C goes when the next write of its key is <= C (the
+write whose prev names it), or when it is a delete. The removal walks history
+in revision order over the events up to C, each visit removing the event's
+prev when below C and the event itself when it is a delete below C (with its
+tombstone), in bounded steps (compact_step), a few thousand events per
+applied batch, so a large history never stalls apply. Every read at a
+revision R >= C stays right at every step in between: a chain walk stops at
+the newest write <= R, and nothing at or above it is removed before it (a
+removed event lies below the next write of its key, which is <= C <= R), so a
+missing link can only be a removed delete or what lies beyond a read's answer:
+the key was absent. A walk that ends at C has dealt with every event below C
+for good; the next compaction walks on from C (the events at C, whose prev or
+own removal waited for a larger C, are visited again), so each event is
+visited about once over all compactions.
 """
 from __future__ import annotations
 
@@ -38,17 +58,23 @@ from typing import NamedTuple
 
 import lmdb
 
-from .keys import HEADER_SIZE, RECORD_HEADER
+from .keys import HEADER_SIZE, RECORD_HEADER, WRITE_KEY
 
 PUT = 0
 DELETE = 1
+LEASED = 0x80  # a flag on a PUT's kind byte: the lease id follows prev
 
-REV = struct.Struct(">QI")  # (revision, sub): a history key and a key_revs value
+REV = struct.Struct(">QI")  # (revision, sub): a history key
+NO_PREV = bytes(REV.size)  # prev of a key's first write (a revision is never 0)
 _KEY_LEN = struct.Struct(">H")
+_LEASE = struct.Struct(">q")
+_MOD = struct.Struct(">q")  # a record's mod revision, at offset 8 (keys.py)
 _PUT_PREFIX = bytes([PUT])
+_LEASED_PUT_PREFIX = bytes([PUT | LEASED])
 _DELETE_PREFIX = bytes([DELETE])
+_PREV_END = 1 + REV.size  # prev is event[1:_PREV_END]
 
-COMPACT_STEP_EVENTS = 2000  # events examined per compaction step (~1 ms)
+COMPACT_STEP_EVENTS = 2000  # events visited per compaction step (~1 ms)
 
 COMPACTED = "required revision has been compacted"
 FUTURE = "required revision is a future revision"
@@ -65,26 +91,32 @@ class Event(NamedTuple):
     sub: int
     kind: int
     key: bytes
-    record: bytes  # header + value (a delete: header (0, revision, 0), no value)
+    record: bytes  # header + value (a delete: header (0, revision, sub, 0), no value)
+    lease: int  # the lease the put attached the key to (0: none; always 0 for a delete)
+    prev: bytes  # history key of the key's previous write (NO_PREV: none)
 
 
-def encode_put(key: bytes, record: bytes) -> bytes:
-    return _PUT_PREFIX + _KEY_LEN.pack(len(key)) + key + record
+def encode_put(key: bytes, record: bytes, prev: bytes, lease: int = 0) -> bytes:
+    if lease:
+        return b"".join((_LEASED_PUT_PREFIX, prev, _LEASE.pack(lease), _KEY_LEN.pack(len(key)), key, record))
+    return b"".join((_PUT_PREFIX, prev, _KEY_LEN.pack(len(key)), key, record))
 
 
-def encode_delete(key: bytes, revision: int) -> bytes:
-    return _DELETE_PREFIX + _KEY_LEN.pack(len(key)) + key + RECORD_HEADER.pack(0, revision, 0)
+def encode_delete(key: bytes, revision: int, sub: int, prev: bytes) -> bytes:
+    return b"".join((_DELETE_PREFIX, prev, _KEY_LEN.pack(len(key)), key, RECORD_HEADER.pack(0, revision, sub, 0)))
 
 
 def decode(hkey: bytes, raw: bytes) -> Event:
     rev, sub = REV.unpack(hkey)
-    n = _KEY_LEN.unpack_from(raw, 1)[0]
-    return Event(rev, sub, raw[0], raw[3:3 + n], raw[3 + n:])
-
-
-def event_key(raw: bytes) -> bytes:
-    n = _KEY_LEN.unpack_from(raw, 1)[0]
-    return raw[3:3 + n]
+    kind = raw[0]
+    at = _PREV_END
+    lease = 0
+    if kind & LEASED:
+        lease = _LEASE.unpack_from(raw, at)[0]
+        at += _LEASE.size
+    n = _KEY_LEN.unpack_from(raw, at)[0]
+    at += _KEY_LEN.size
+    return Event(rev, sub, kind & ~LEASED, raw[at:at + n], raw[at + n:], lease, raw[1:_PREV_END])
 
 
 def check_revision(revision: int, compact_revision: int, current: int) -> None:
@@ -95,57 +127,91 @@ def check_revision(revision: int, compact_revision: int, current: int) -> None:
         raise RevisionError(f"{FUTURE} (asked for {revision}, current is {current})")
 
 
-def record_at(txn: lmdb.Transaction, hist: lmdb._Database, key_revs: lmdb._Database, key: bytes,
-              revision: int) -> bytes | None:
-    """The stored record of `key` as it was at `revision` (None: absent then)."""
-    cur = txn.cursor(db=key_revs)
-    return _record_at(txn, hist, cur, key, revision)
+class Version(NamedTuple):
+    """A key as it was at some revision: its stored record and lease (None: the key's lease now)."""
+
+    record: bytes
+    lease: int | None
 
 
-def _record_at(txn, hist, cur: lmdb.Cursor, key: bytes, revision: int) -> bytes | None:
-    if not cur.set_key(key):
+def version_at(txn: lmdb.Transaction, kv: lmdb._Database, hist: lmdb._Database, tombs: lmdb._Database,
+               key: bytes, revision: int) -> Version | None:
+    """`key` as it was at `revision` (None: absent then); revision must not be compacted."""
+    raw = txn.get(key, db=kv)
+    if raw is None:
+        head = txn.get(key, db=tombs)
+        return None if head is None else _walk(txn, hist, key, head, REV.pack(revision + 1, 0))
+    if _MOD.unpack_from(raw, 8)[0] <= revision:
+        return Version(raw, None)
+    return _walk(txn, hist, key, raw[WRITE_KEY], REV.pack(revision + 1, 0))
+
+
+def _walk(txn: lmdb.Transaction, hist: lmdb._Database, key: bytes, hkey: bytes, limit: bytes) -> Version | None:
+    """Follow key's chain from history key `hkey` to its newest write below `limit`."""
+    while hkey >= limit:
+        raw = txn.get(hkey, db=hist)
+        if raw is None:  # nothing at or above a readable revision is ever removed
+            raise lmdb.CorruptedError(f"history event {REV.unpack(hkey)} of {key!r} is missing")
+        hkey = raw[1:_PREV_END]
+    if hkey == NO_PREV:
         return None
-    if cur.set_range_dup(key, REV.pack(revision + 1, 0)):
-        if not cur.prev_dup():
-            return None
-    else:
-        cur.last_dup()
-    raw = txn.get(cur.value(), db=hist)
-    if raw is None or raw[0] == DELETE:
+    raw = txn.get(hkey, db=hist)
+    if raw is None or raw[0] == DELETE:  # absent: deleted (a removed delete, below the compacted revision)
         return None
-    n = _KEY_LEN.unpack_from(raw, 1)[0]
-    return raw[3 + n:]
+    ev = decode(hkey, raw)
+    return Version(ev.record, ev.lease)
 
 
-def prev_record(txn, hist, key_revs, key: bytes, revision: int, sub: int) -> bytes | None:
-    """The record of `key` just before its write at (revision, sub) (a watch's prev_kv)."""
-    cur = txn.cursor(db=key_revs)
-    if not cur.set_key_dup(key, REV.pack(revision, sub)) or not cur.prev_dup():
-        return None
-    raw = txn.get(cur.value(), db=hist)
-    if raw is None or raw[0] == DELETE:
-        return None
-    return raw[3 + _KEY_LEN.unpack_from(raw, 1)[0]:]
+def versions_at(txn: lmdb.Transaction, kv: lmdb._Database, hist: lmdb._Database, tombs: lmdb._Database,
+                key: bytes, end: bytes | None, revision: int) -> Iterator[tuple[bytes, Version]]:
+    """(key, Version) of every key in [key, end) (end None: no bound) that existed at `revision`, in key order.
 
-
-def records_at(txn, hist, key_revs, key: bytes, end: bytes | None, revision: int) -> Iterator[tuple[bytes, bytes]]:
-    """(key, record) of every key in [key, end) (end None: no bound) that existed at `revision`, in key order."""
-    cur = txn.cursor(db=key_revs)
-    if not cur.set_range(key):
-        return
+    The keys are those of kv and tombstones merged (a key in both is in kv now:
+    its chain runs through the delete).
+    """
+    limit = REV.pack(revision + 1, 0)
+    live = txn.cursor(db=kv)
+    dead = txn.cursor(db=tombs)
+    k_live = live.key() if live.set_range(key) else None
+    k_dead = dead.key() if dead.set_range(key) else None
+    unpack = _MOD.unpack_from
     while True:
-        k = cur.key()
-        if end is not None and k >= end:
+        if k_live is not None and (k_dead is None or k_live <= k_dead):
+            k = k_live
+            if end is not None and k >= end:
+                return
+            raw = live.value()
+            if k_dead == k:
+                k_dead = dead.key() if dead.next() else None
+            k_live = live.key() if live.next() else None
+            if unpack(raw, 8)[0] <= revision:
+                yield k, Version(raw, None)
+                continue
+            found = _walk(txn, hist, k, raw[WRITE_KEY], limit)
+        elif k_dead is not None:
+            k = k_dead
+            if end is not None and k >= end:
+                return
+            head = dead.value()
+            k_dead = dead.key() if dead.next() else None
+            found = _walk(txn, hist, k, head, limit)
+        else:
             return
-        walker = txn.cursor(db=key_revs)
-        record = _record_at(txn, hist, walker, k, revision)
-        if record is not None:
-            yield k, record
-        if not cur.next_nodup():
-            return
+        if found is not None:
+            yield k, found
 
 
-def events_from(txn, hist, start: int, stop: int | None = None) -> Iterator[Event]:
+def previous(txn: lmdb.Transaction, hist: lmdb._Database, ev: Event) -> Event | None:
+    """The put of ev's key just before ev (a watch's prev_kv); None: absent before, or compacted."""
+    if ev.prev == NO_PREV:
+        return None
+    raw = txn.get(ev.prev, db=hist)
+    if raw is None or raw[0] == DELETE:
+        return None
+    return decode(ev.prev, raw)
+
+
+def events_from(txn: lmdb.Transaction, hist: lmdb._Database, start: int, stop: int | None = None) -> Iterator[Event]:
     """Every event with revision >= start (and < stop, when given), in revision order."""
     cur = txn.cursor(db=hist)
     if not cur.set_range(REV.pack(start, 0)):
@@ -161,37 +227,46 @@ def value_of(record: bytes) -> bytes:
     return record[HEADER_SIZE:]
 
 
-def compact_step(txn, hist, key_revs, compact_to: int, resume: bytes, budget: int) -> bytes | None:
-    """Remove up to `budget` events' worth of history below compact_to, from history key `resume`.
+def compaction_start(compacted: int, resume: bytes | None) -> bytes:
+    """Where the walk of a new compaction starts, the last one having compacted to `compacted`
+    and stopped at `resume` (None: it finished)."""
+    start = REV.pack(compacted, 0)
+    return start if resume is None else min(resume, start)
 
-    Returns where to resume, or None once everything below compact_to is done.
+
+def compact_step(txn: lmdb.Transaction, hist: lmdb._Database, tombs: lmdb._Database, compact_to: int,
+                 resume: bytes, budget: int) -> bytes | None:
+    """Visit up to `budget` events of the walk to compact_to, from history key `resume`, removing
+    what they make obsolete (module docstring). Returns where to resume, or None once the walk is done.
     """
     cur = txn.cursor(db=hist)
-    idx = txn.cursor(db=key_revs)
     if not cur.set_range(resume):
         return None
-    examined = 0
-    while True:
-        hkey = cur.key()
-        rev = REV.unpack(hkey)[0]
-        if rev >= compact_to:
-            return None
-        if examined >= budget:
-            return hkey
-        examined += 1
-        raw = cur.value()
-        key = event_key(raw)
-        if not idx.set_key_dup(key, hkey):
-            raise lmdb.CorruptedError(f"history event {REV.unpack(hkey)} of {key!r} is missing from key_revs")
-        newer = idx.next_dup() and REV.unpack(idx.value())[0] <= compact_to
-        if newer or raw[0] == DELETE:
-            idx.set_key_dup(key, hkey)  # a failed next_dup leaves the cursor unpositioned
-            if not idx.delete():
-                raise lmdb.CorruptedError(f"cannot remove {REV.unpack(hkey)} of {key!r} from key_revs")
-            if not cur.delete():  # the cursor now points at the next event
-                return None
-            if not cur.key():
-                return None
-            continue
-        if not cur.next():
-            return None
+    below = REV.pack(compact_to, 0)  # events below this may go
+    stop = REV.pack(compact_to + 1, 0)  # the walk visits events up to compact_to
+    doomed: list[bytes] = []
+    deletes: list[tuple[bytes, bytes]] = []  # (history key, event) of deletes that go
+    resume_at: bytes | None = None
+    visited = 0
+    for hkey, raw in cur:
+        if hkey >= stop:
+            break
+        if visited >= budget:
+            resume_at = hkey
+            break
+        visited += 1
+        prev = raw[1:_PREV_END]
+        if prev != NO_PREV and prev < below:
+            doomed.append(prev)
+        if raw[0] == DELETE and hkey < below:
+            deletes.append((hkey, raw))
+    # Removed after the walk: only events already visited (a prev lies before its event).
+    delete = txn.delete
+    for hkey in doomed:
+        delete(hkey, db=hist)
+    for hkey, raw in deletes:
+        delete(hkey, db=hist)
+        key = decode(hkey, raw).key
+        if txn.get(key, db=tombs) == hkey:
+            delete(key, db=tombs)
+    return resume_at

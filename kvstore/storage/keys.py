@@ -1,10 +1,14 @@
 """How keys, key ranges and per-key records are laid out in LMDB.
 
 The `kv` sub-database maps the user's key (bytes, as given) to a record:
-a fixed 24-byte header (create_revision, mod_revision, version as big-endian
-int64) followed by the value. Keeping the header fixed-size lets a keys-only or
-count-only range and a compare skip decoding the value. The same record is
-kept for every revision of a key in the history (see history.py).
+a fixed 28-byte header (create_revision and mod_revision as big-endian int64,
+sub as uint32, version as int64) followed by the value. Keeping the header
+fixed-size lets a keys-only or count-only range and a compare skip decoding the
+value. (mod_revision, sub) number the write that made the record, and its 12
+bytes at WRITE_KEY are that write's history key, packed as history.REV packs
+it (sub numbers the writes that share a revision: 0 but in a txn or a range
+delete). The same record is kept for every revision of a key in the history
+(see history.py).
 """
 from __future__ import annotations
 
@@ -18,18 +22,20 @@ MAX_KEY_BYTES = 511
 # range_end meaning "every key >= key" (etcd's convention).
 ALL_KEYS_END = b"\0"
 
-_HEADER = struct.Struct(">qqq")
+_HEADER = struct.Struct(">qqIq")  # create_revision, mod_revision, sub, version
 HEADER_SIZE = _HEADER.size
 RECORD_HEADER = _HEADER  # for hot paths that pack/unpack inline
+WRITE_KEY = slice(8, 20)  # record[WRITE_KEY]: (mod_revision, sub) as a history key
 
 
-def encode_record(create_revision: int, mod_revision: int, version: int, value: bytes) -> bytes:
-    return _HEADER.pack(create_revision, mod_revision, version) + value
+def encode_record(create_revision: int, mod_revision: int, version: int, value: bytes, sub: int = 0) -> bytes:
+    return _HEADER.pack(create_revision, mod_revision, sub, version) + value
 
 
 def decode_header(raw: bytes) -> tuple[int, int, int]:
     """(create_revision, mod_revision, version) of a stored record."""
-    return _HEADER.unpack_from(raw)
+    create, mod, _, version = _HEADER.unpack_from(raw)
+    return create, mod, version
 
 
 def decode_value(raw: bytes) -> bytes:
@@ -37,7 +43,7 @@ def decode_value(raw: bytes) -> bytes:
 
 
 def to_key_value(key: bytes, raw: bytes, keys_only: bool = False) -> kv_pb2.KeyValue:
-    create, mod, version = _HEADER.unpack_from(raw)
+    create, mod, _, version = _HEADER.unpack_from(raw)
     kv = kv_pb2.KeyValue(key=key, create_revision=create, mod_revision=mod, version=version)
     if not keys_only:
         kv.value = raw[HEADER_SIZE:]
@@ -46,7 +52,7 @@ def to_key_value(key: bytes, raw: bytes, keys_only: bool = False) -> kv_pb2.KeyV
 
 def add_key_value(kvs, key: bytes, raw: bytes, keys_only: bool = False) -> None:
     """Append the KeyValue of a stored record to a repeated field, built in place."""
-    create, mod, version = _HEADER.unpack_from(raw)
+    create, mod, _, version = _HEADER.unpack_from(raw)
     if keys_only:
         kvs.add(key=key, create_revision=create, mod_revision=mod, version=version)
     else:

@@ -27,9 +27,9 @@ gets its own mod_revision. Every response header carries the revision after
 its op; all responses inside a txn carry the txn's final revision.
 CommandResult.revision is the revision after the whole command.
 
-History (MVCC). Every write is also recorded as an event in the history and
-key_revs sub-databases (layout and compaction in history.py), in the same
-transaction: reads at an older revision, and watches, are served from there
+History (MVCC). Every write is also recorded as an event in the history
+sub-database, and a delete in the tombstones one (layout and compaction in
+history.py), in the same transaction: reads at an older revision, and watches, are served from there
 until a replicated compaction (Command.compaction) discards it. The removal
 runs in bounded steps, one per applied batch (or compact_pending when idle).
 
@@ -94,6 +94,8 @@ _META_KEY = b"state"
 _HIST_KEY = history.REV.pack
 _KEY_LEN = struct.Struct(">H").pack
 _PUT_EVENT = bytes([history.PUT])
+_NO_PREV = history.NO_PREV
+_WRITE_KEY = keys.WRITE_KEY
 _ALARMS_KEY = b"alarms"
 _MEMBERS_KEY = b"members"  # the member set (members.py), changed by applied entries only
 HASHES_KEPT = 64  # hash barriers remembered, newest first out (a check asks within seconds)
@@ -116,9 +118,8 @@ def _required(raw: bytes | None) -> bytes:
     return raw
 
 
-_DB_NAMES = (b"kv", b"meta", b"sessions", b"answers", b"expiry", b"history", b"key_revs", b"auth",
+_DB_NAMES = (b"kv", b"meta", b"sessions", b"answers", b"expiry", b"history", b"tombstones", b"auth",
              *lease_store.DB_NAMES)
-_DUPSORT_DBS = frozenset({b"key_revs"})  # key -> the sorted (revision, sub) values of its writes
 _COMPACT_KEY = b"compact"  # compacted-to revision, then where its removal resumes (absent: done)
 _COMPACT = struct.Struct(">q")
 _CURRENT = "current"
@@ -287,10 +288,7 @@ class StateMachine:
     def _open_current(self) -> None:
         env = _open_env(os.path.join(self._root, _CURRENT), self._map_size, self._fsync)
         with env.begin(write=True) as txn:
-            dbs = {
-                name: env.open_db(name, txn=txn, dupsort=name in _DUPSORT_DBS, dupfixed=name in _DUPSORT_DBS)
-                for name in _DB_NAMES
-            }
+            dbs = {name: env.open_db(name, txn=txn) for name in _DB_NAMES}
             raw = txn.get(_META_KEY, db=dbs[b"meta"])
             if raw is None:
                 raw = _META.pack(0, 0, 0, *LogClock())
@@ -314,7 +312,7 @@ class StateMachine:
         self._kv = dbs[b"kv"]
         self._meta = dbs[b"meta"]
         self._hist = dbs[b"history"]
-        self._key_revs = dbs[b"key_revs"]
+        self._tombs = dbs[b"tombstones"]
         self._compact_rev = _COMPACT.unpack_from(compact)[0]
         self._compact_resume: bytes | None = compact[_COMPACT.size:] or None
         self._sessions = SessionTable(
@@ -415,7 +413,7 @@ class StateMachine:
             self._reserve_disk(sum(len(e[2]) for e in entries))
         results: list[command_pb2.CommandResult | ApplyError | None] = []
         applied_index, applied_term = self._applied_index, self._applied_term
-        ex = _Executor(self._kv, self._hist, self._key_revs, self._revision, self._leases)
+        ex = _Executor(self._kv, self._hist, self._tombs, self._revision, self._leases)
         clock = self._clock
         parse = command_pb2.Command.FromString
         # kv: the default db (positional calls are cheaper); a failed write or commit names the file
@@ -541,7 +539,8 @@ class StateMachine:
                                                       f"compacted to {self._compact_rev})")
         if to > revision:
             return ApplyError(ErrorCode.OUT_OF_RANGE, f"{history.FUTURE} (asked for {to}, current is {revision})")
-        self._compact_rev, self._compact_resume = to, _HIST_KEY(0, 0)  # every kept event is rechecked
+        self._compact_resume = history.compaction_start(self._compact_rev, self._compact_resume)
+        self._compact_rev = to
         self._save_compaction(txn)
         return PlainPuts(0, revision)
 
@@ -550,7 +549,7 @@ class StateMachine:
         if self._compact_resume is None:
             return
         self._compact_resume = history.compact_step(
-            txn, self._hist, self._key_revs, self._compact_rev, self._compact_resume, history.COMPACT_STEP_EVENTS,
+            txn, self._hist, self._tombs, self._compact_rev, self._compact_resume, history.COMPACT_STEP_EVENTS,
         )
         self._save_compaction(txn)
 
@@ -638,20 +637,25 @@ class StateMachine:
         history.check_revision(req.revision, compacted, revision)
         resp.header.revision = revision
         at = req.revision
-        found: Iterable[tuple[bytes, bytes]]
+        found: Iterable[tuple[bytes, history.Version]]
         if not req.range_end:
-            record = history.record_at(txn, self._hist, self._key_revs, req.key, at)
-            found = [] if record is None else [(req.key, record)]
+            version = history.version_at(txn, self._kv, self._hist, self._tombs, req.key, at)
+            found = [] if version is None else [(req.key, version)]
         else:
             end = keys.range_end_bound(req.key, req.range_end)
             if end is not None and end <= req.key:
                 return resp
-            found = history.records_at(txn, self._hist, self._key_revs, req.key, end, at)
+            found = history.versions_at(txn, self._kv, self._hist, self._tombs, req.key, end, at)
+        leases = self._lease_filler(txn)
         count = 0
-        for k, record in found:
+        for k, (record, lease) in found:
             count += 1
             if not req.count_only and (not req.limit or count <= req.limit):
                 keys.add_key_value(resp.kvs, k, record, req.keys_only)
+                if lease is None:  # the latest version: the key's lease now
+                    lease = 0 if leases is None else leases.lease_of(txn, k)
+                if lease:
+                    resp.kvs[-1].lease = lease
         resp.count = count
         if not req.count_only:
             resp.more = count > len(resp.kvs)
@@ -661,7 +665,7 @@ class StateMachine:
         """Up to max_events history events from revision `start` on, whole revisions only
         (one revision's writes are never split), and the store's revision they were read at.
 
-        Each item is (Event, prev record or None; None also when prev_kv is false).
+        Each item is (Event, the key's previous put or None; None also when prev_kv is false).
         Raises history.RevisionError if `start` is below the compacted revision.
         """
         out: list = []
@@ -675,10 +679,7 @@ class StateMachine:
                 if len(out) >= max_events and ev.revision != last:
                     break
                 last = ev.revision
-                prev = None
-                if prev_kv:
-                    prev = history.prev_record(txn, self._hist, self._key_revs, ev.key, ev.revision, ev.sub)
-                out.append((ev, prev))
+                out.append((ev, history.previous(txn, self._hist, ev) if prev_kv else None))
         return out, revision
 
     def range_many(
@@ -1146,11 +1147,11 @@ def _run_checked(ex: _Executor, cmd: command_pb2.Command):
 class _Executor:
     """Runs the ops of commands inside one write transaction, tracking revision."""
 
-    def __init__(self, kv_db, hist_db, key_revs_db, revision: int, leases: lease_store.LeaseStore):
+    def __init__(self, kv_db, hist_db, tombs_db, revision: int, leases: lease_store.LeaseStore):
         self.txn: lmdb.Transaction[bytes]  # the write transaction of the batch being applied, set by begin
         self._kv = kv_db
         self._hist_db = hist_db
-        self._key_revs_db = key_revs_db
+        self._tombs_db = tombs_db
         self._leases = leases
         self.leased_keys = False  # some key has a lease: puts and deletes keep the lease tables (set by apply)
         self.has_lease: Callable[[bytes], bool]  # key -> whether it has a lease, in this batch (set by apply)
@@ -1165,27 +1166,35 @@ class _Executor:
     def begin(self, txn: lmdb.Transaction[bytes]) -> None:
         """Run the commands of this batch in `txn` (its default db is kv)."""
         self.txn = txn
-        # The batch's history writes, written by flush_history in two calls (putmulti): one
+        # The batch's history writes, written by flush_history in one call (putmulti): one
         # LMDB call per write cost ~1 us per put on every member. History only grows at its end.
         self.events: list[tuple[bytes, bytes]] = []  # (history key, event)
-        self.key_revs: list[tuple[bytes, bytes]] = []  # (key, history key)
+        # Deleted keys' chain heads (history.py): a put of a key absent from kv looks there.
+        tombs = txn.cursor(db=self._tombs_db)
+        self._tomb_at = tombs.set_key if tombs.first() else None  # None: no tombstone (yet) to look at
+        self._tomb_cursor = tombs
 
     def flush_history(self) -> None:
         """Write the history of what ran so far (before anything reads it: a hash, a compaction step)."""
         if self.events:
             self.txn.cursor(db=self._hist_db).putmulti(self.events, append=True)
-            self.txn.cursor(db=self._key_revs_db).putmulti(self.key_revs)
-            self.events, self.key_revs = [], []
+            self.events = []
 
-    def _record_event(self, key: bytes, rev: int, event: bytes) -> None:
-        """Add one write at `rev` to the history (its sub number follows the writes of that revision)."""
+    def _chain_head(self, key: bytes, old: bytes | None) -> bytes:
+        """The history key of key's newest write, which a new write's event names as prev."""
+        if old is not None:
+            return old[_WRITE_KEY]
+        if self._tomb_at is not None and self._tomb_at(key):
+            return self._tomb_cursor.value()
+        return history.NO_PREV
+
+    def _next_sub(self, rev: int) -> int:
+        """The sub number of the next write at `rev` (it follows the writes of that revision)."""
         if rev == self._sub_rev:
             self._sub += 1
         else:
             self._sub_rev, self._sub = rev, 0
-        hkey = _HIST_KEY(rev, self._sub)
-        self.events.append((hkey, event))
-        self.key_revs.append((key, hkey))
+        return self._sub
 
     def run_command(self, cmd: command_pb2.Command) -> command_pb2.CommandResult | PlainPuts:
         """Run a command's ops, each answer built in place in the result.
@@ -1203,8 +1212,8 @@ class _Executor:
         InvalidRequest after the puts it ran are undone.
         """
         get, put, pack, unpack = self.txn.get, self.txn.put, _RECORD_HEADER.pack, _RECORD_HEADER.unpack_from
-        events, key_revs = self.events.append, self.key_revs.append
-        hkey_of, klen, join = _HIST_KEY, _KEY_LEN, b"".join
+        events = self.events.append
+        hkey_of, klen, join, write_key = _HIST_KEY, _KEY_LEN, b"".join, _WRITE_KEY
         first = self.revision + 1
         plain = 0  # leading plain puts whose responses are not built
         result = responses = None
@@ -1225,14 +1234,15 @@ class _Executor:
                 if undo is not None:
                     undo.append((key, old))
                 if old is None:
-                    record = pack(rev, rev, 1) + req.value
+                    record = pack(rev, rev, 0, 1) + req.value
+                    prev = _NO_PREV if self._tomb_at is None else self._chain_head(key, None)
                 else:
-                    create, _, version = unpack(old)
-                    record = pack(create, rev, version + 1) + req.value
+                    create, _, _, version = unpack(old)
+                    record = pack(create, rev, 0, version + 1) + req.value
+                    prev = old[write_key]
                 put(key, record)
-                hkey = hkey_of(rev, 0)  # a put of its own: the only write at its revision
-                events((hkey, join((_PUT_EVENT, klen(len(key)), key, record))))
-                key_revs((key, hkey))
+                # A put of its own: the only write at its revision (sub 0). See history.py's encode_put.
+                events((hkey_of(rev, 0), join((_PUT_EVENT, prev, klen(len(key)), key, record))))
                 if responses is None:
                     if not req.prev_kv:
                         plain += 1
@@ -1272,7 +1282,6 @@ class _Executor:
                 txn.put(key, old)
         if undo:  # their history is the last of the batch's, not yet written
             del self.events[-len(undo):]
-            del self.key_revs[-len(undo):]
         self.revision = first - 1
         if error is not None:
             raise error
@@ -1321,6 +1330,7 @@ class _Executor:
         txn, key = self.txn, req.key
         old = txn.get(key, db=self._kv)
         rev = self._write_revision()
+        sub = self._next_sub(rev)
         if old is None:
             create, version = rev, 1
         else:
@@ -1330,9 +1340,9 @@ class _Executor:
                 resp.prev_kv.CopyFrom(keys.to_key_value(key, old))
                 if self.leased_keys:
                     resp.prev_kv.lease = self._leases.lease_of(txn, key)
-        record = keys.encode_record(create, rev, version, req.value)
+        record = keys.encode_record(create, rev, version, req.value, sub)
         txn.put(key, record, db=self._kv)
-        self._record_event(key, rev, history.encode_put(key, record))
+        self.events.append((_HIST_KEY(rev, sub), history.encode_put(key, record, self._chain_head(key, old), req.lease)))
         if req.lease or self.leased_keys:
             self._leases.attach(txn, key, req.lease)
             self.leased_keys = self.leased_keys or bool(req.lease)
@@ -1358,7 +1368,10 @@ class _Executor:
         rev = self._write_revision()
         for k, raw in doomed:
             txn.delete(k, db=self._kv)
-            self._record_event(k, rev, history.encode_delete(k, rev))
+            sub = self._next_sub(rev)
+            hkey = _HIST_KEY(rev, sub)
+            self.events.append((hkey, history.encode_delete(k, rev, sub, raw[_WRITE_KEY])))
+            txn.put(k, hkey, db=self._tombs_db)
             if req.prev_kv:
                 prev = keys.to_key_value(k, raw)
                 if self.leased_keys:
@@ -1366,6 +1379,8 @@ class _Executor:
                 resp.prev_kvs.append(prev)
             if self.leased_keys:
                 self._leases.detach(txn, k)
+        if self._tomb_at is None:  # a put that re-creates a key now looks for its tombstone
+            self._tomb_at = self._tomb_cursor.set_key
         resp.deleted = len(doomed)
 
     def _txn(self, req: kv_pb2.TxnRequest, resp: kv_pb2.TxnResponse) -> None:

@@ -161,3 +161,33 @@ def test_a_snapshot_carries_leases_and_their_keys(tmp_path):
     finally:
         a.close()
         b.close()
+
+
+def test_history_keeps_each_versions_lease(sm, log):
+    """KeyValue.lease at an old revision and in watch events (and their prev_kv) is the lease
+    the key had then, not 0 and not today's."""
+    from kvstore.server.watch_service import to_event
+    from kvstore.storage import history
+
+    log(grant(5))
+    r1 = log(cmd(lput(b"a", 5), lput(b"b", 5))).revision  # a at r1 - 1, b at r1
+    r2 = log(cmd(put(b"a", b"plain"))).revision  # a leaves the lease
+    r3 = log(cmd(delete(b"b"))).revision
+    log(cmd(put(b"c")))
+
+    def leases_at(rev):
+        return [(kv.key, kv.lease) for kv in sm.range(kv_pb2.RangeRequest(key=b"a", range_end=b"z", revision=rev)).kvs]
+
+    assert leases_at(r1) == [(b"a", 5), (b"b", 5)]  # a from history, b from history too (deleted since)
+    assert leases_at(r2) == [(b"a", 0), (b"b", 5)]
+    assert leases_at(r3) == [(b"a", 0)]
+    assert sm.range(kv_pb2.RangeRequest(key=b"b", revision=r2)).kvs[0].lease == 5
+    log(cmd(lput(b"d", 5)))
+    r4 = log(cmd(put(b"e"))).revision
+    assert [kv.lease for kv in sm.range(kv_pb2.RangeRequest(key=b"d", revision=r4)).kvs] == [5]  # kv's record
+
+    events, _ = sm.events(r1 - 1, 100, prev_kv=True)
+    got = [to_event(ev, prev) for ev, prev in events]
+    assert [(e.kv.key, e.kv.lease, e.prev_kv.lease) for e in got] == [
+        (b"a", 5, 0), (b"b", 5, 0), (b"a", 0, 5), (b"b", 0, 5), (b"c", 0, 0), (b"d", 5, 0), (b"e", 0, 0)]
+    assert [e.type for e in got][3] == history.DELETE

@@ -62,8 +62,9 @@ def get(sm, key, rev=0, end=b""):
 
 
 def history_size(sm):
+    """(events in history, tombstones)"""
     with sm._env.begin() as t:
-        return t.stat(sm._hist)["entries"], t.stat(sm._key_revs)["entries"]
+        return t.stat(sm._hist)["entries"], t.stat(sm._tombs)["entries"]
 
 
 def test_reads_at_a_revision(sm, log):
@@ -109,10 +110,10 @@ def test_future_and_compacted_revisions_are_refused(sm, log):
 def test_compaction_keeps_the_newest_write_below_and_drops_tombstones(sm, log):
     log(cmd(put(b"a", b"1")), cmd(put(b"a", b"2")), cmd(put(b"b", b"1")), cmd(delete(b"b")))  # 1..4
     log(cmd(put(b"c", b"1")))  # 5
-    assert history_size(sm) == (5, 5)
+    assert history_size(sm) == (5, 1)
     log(compaction(5))
     assert not sm.compacting
-    assert history_size(sm) == (2, 2)  # a@2 and c@5 are all that stays
+    assert history_size(sm) == (2, 0)  # a@2 and c@5 are all that stays, b's tombstone went with its delete
     assert get(sm, b"a", 5, b"\0") == [(b"a", b"2", 1, 2, 2), (b"c", b"1", 5, 5, 1)]
 
 
@@ -120,7 +121,7 @@ def test_an_invalid_command_leaves_no_history(sm, log):
     log(cmd(put(b"a")))
     bad = log(cmd(put(b"b"), put(b"c"), put(b"")))
     assert isinstance(bad, ApplyError)
-    assert history_size(sm) == (1, 1)
+    assert history_size(sm) == (1, 0)
     assert [ev.key for ev, _ in sm.events(1, 100)[0]] == [b"a"]
 
 
@@ -128,7 +129,7 @@ def test_events_in_revision_order_with_prev_kv(sm, log):
     log(cmd(put(b"a", b"1")), cmd(put(b"a", b"2")), cmd(delete(b"a")), cmd(txn(put(b"x"), put(b"y"))))
     events, rev = sm.events(1, 100, prev_kv=True)
     assert rev == 4
-    got = [(e.revision, e.sub, e.kind, e.key, prev and history.value_of(prev)) for e, prev in events]
+    got = [(e.revision, e.sub, e.kind, e.key, prev and history.value_of(prev.record)) for e, prev in events]
     assert got == [(1, 0, history.PUT, b"a", None), (2, 0, history.PUT, b"a", b"1"),
                    (3, 0, history.DELETE, b"a", b"2"), (4, 0, history.PUT, b"x", None),
                    (4, 1, history.PUT, b"y", None)]
@@ -153,47 +154,103 @@ def test_hash_covers_history(tmp_path):
         b.close()
 
 
+class Model:
+    """The store at every revision, and every write, as the state machine should have them."""
+
+    def __init__(self) -> None:
+        self.now: dict[bytes, tuple[bytes, int, int, int]] = {}  # key -> (value, create, mod, version)
+        self.at = [dict(self.now)]  # at[rev]: the store at rev
+        self.writes: list[tuple[int, bytes, int]] = []  # (revision, key, kind), in history order
+
+    def write(self, puts: dict[bytes, bytes], deletes: list[bytes]) -> None:
+        """One revision's writes (nothing at all: no revision)."""
+        deletes = [k for k in deletes if k in self.now]
+        if not puts and not deletes:
+            return
+        rev = len(self.at)
+        for k in deletes:
+            del self.now[k]
+            self.writes.append((rev, k, history.DELETE))
+        for k, v in puts.items():
+            old = self.now.get(k)
+            self.now[k] = (v, rev, rev, 1) if old is None else (v, old[1], rev, old[3] + 1)
+            self.writes.append((rev, k, history.PUT))
+        self.at.append(dict(self.now))
+
+    def kept_after_compaction(self, to: int) -> tuple[int, int]:
+        """(events, tombstones) left once compaction to `to` is done (etcd's rule, history.py)."""
+        later: dict[bytes, int] = {}  # key -> revision of its next write, walking back
+        events, tombstones, last_delete_seen = 0, 0, set()
+        for rev, k, kind in reversed(self.writes):
+            nxt = later.get(k)
+            if rev >= to or (kind == history.PUT and (nxt is None or nxt > to)):
+                events += 1
+                if kind == history.DELETE and k not in last_delete_seen:
+                    tombstones += 1
+            if kind == history.DELETE:
+                last_delete_seen.add(k)
+            later[k] = rev
+        return events, tombstones
+
+
 def test_compaction_in_steps_keeps_every_read_right(sm, log, monkeypatch):
-    """A model check: random writes, then compaction removed a few events per step; after
-    every step each readable revision answers as the model says it did."""
+    """A model check: random puts, deletes, range deletes, re-creations and txns (several writes
+    at one revision); then compactions, each removed a few events per step and the next one
+    applied before the last one is done. After every step each readable revision answers as
+    the model says it did, and what is left in the end is exactly etcd's rule."""
     monkeypatch.setattr(history, "COMPACT_STEP_EVENTS", 3)
     rnd = random.Random(7)
-    keys = [b"k%d" % i for i in range(6)]
-    model: dict[bytes, bytes] = {}
-    at: list[dict[bytes, bytes]] = [{}]  # at[rev] = the store at rev
-    for _ in range(120):
+    keys = [b"k%d" % i for i in range(8)]
+    model = Model()
+    for _ in range(150):
         k = rnd.choice(keys)
-        if rnd.random() < 0.25:
-            if k in model:
-                del model[k]
-                log(cmd(delete(k)))
-                at.append(dict(model))
+        roll = rnd.random()
+        value = b"%d" % rnd.randrange(1000)
+        if roll < 0.15:
+            log(cmd(delete(k)))
+            model.write({}, [k])
+        elif roll < 0.25:  # a range delete: one revision, a write per key
+            lo, hi = sorted(rnd.sample(range(len(keys) + 1), 2))
+            end = keys[hi] if hi < len(keys) else b"l"
+            log(cmd(delete(keys[lo], end)))
+            model.write({}, keys[lo:hi])
+        elif roll < 0.35:  # a delete, then a put of the same key, in one Batch: two revisions
+            log(cmd(delete(k), put(k, value)))
+            model.write({}, [k])
+            model.write({k: value}, [])
+        elif roll < 0.5:  # a txn: a delete and two puts at one revision (subs 0..2)
+            a, b, c = rnd.sample(keys, 3)
+            log(cmd(txn(delete(c), put(a, value), put(b, value + b"'"))))
+            model.write({a: value, b: value + b"'"}, [c])
         else:
-            model[k] = b"%d" % rnd.randrange(1000)
-            log(cmd(put(k, model[k])))
-            at.append(dict(model))
+            log(cmd(put(k, value)))
+            model.write({k: value}, [])
     current = sm.revision
-    assert current == len(at) - 1
+    assert current == len(model.at) - 1
 
     def check(low):
         for rev in range(low, current + 1):
-            got = {kv.key: kv.value for kv in sm.range(kv_pb2.RangeRequest(key=b"k", range_end=b"l", revision=rev)).kvs}
-            assert got == at[rev], rev
-            for k in keys[:2]:
-                one = sm.range(kv_pb2.RangeRequest(key=k, revision=rev)).kvs
-                assert ([kv.value for kv in one] == [at[rev][k]]) if k in at[rev] else not one
+            resp = sm.range(kv_pb2.RangeRequest(key=b"k", range_end=b"l", revision=rev))
+            got = {kv.key: (kv.value, kv.create_revision, kv.mod_revision, kv.version) for kv in resp.kvs}
+            assert got == model.at[rev], rev
+            for k in keys[:3]:
+                one = [(kv.value, kv.create_revision, kv.mod_revision, kv.version)
+                       for kv in sm.range(kv_pb2.RangeRequest(key=k, revision=rev)).kvs]
+                assert one == ([model.at[rev][k]] if k in model.at[rev] else []), (rev, k)
 
-    for to in (current // 3, current // 2, current):
+    check(1)
+    for to in (current // 4, current // 3, current // 2, current - 3):
         log(compaction(to))
         steps = 0
-        while sm.compacting:
-            check(to)
-            sm.compact_pending()
-            steps += 1
+        sm.compact_pending()  # one step; the next compaction comes in before this one is done
+        assert sm.compacting
         check(to)
-        assert steps > 1  # it did run in steps
-    # Only each live key's newest write is left.
-    assert history_size(sm) == (len(model), len(model))
+    while sm.compacting:
+        sm.compact_pending()
+        steps += 1
+        check(to)
+    assert steps > 1  # it did run in steps
+    assert history_size(sm) == model.kept_after_compaction(to)
 
 
 def test_compaction_survives_reopen(tmp_path, monkeypatch):
@@ -211,7 +268,7 @@ def test_compaction_survives_reopen(tmp_path, monkeypatch):
         assert sm.compacting and sm.compact_revision == 8
         while sm.compacting:
             sm.compact_pending()
-        assert history_size(sm) == (3, 3)  # revisions 8, 9, 10
+        assert history_size(sm) == (3, 0)  # revisions 8, 9, 10
         assert get(sm, b"k", 8) == [(b"k", b"7", 1, 8, 8)]
     finally:
         sm.close()

@@ -194,7 +194,7 @@ def test_slow_watchers_of_one_burst_catch_up_from_memory(fx, monkeypatch):
     while not with_prev.synced or with_prev.pending:
         while with_prev.pending:
             ev, prev = with_prev.pending.popleft()
-            events.append((ev.revision, prev and history.value_of(prev)))
+            events.append((ev.revision, prev and history.value_of(prev.record)))
         if not with_prev.synced:
             fx.hub.catch_up(with_prev)
     assert events == [(1, None)] + [(r, b"%d" % (r - 2)) for r in range(2, 31)]
