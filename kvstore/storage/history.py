@@ -27,27 +27,28 @@ delete or the chain's end means the key was absent. A key -> revisions index
 apply path's instructions and as many pages written as kv itself; a chain
 link costs 12 bytes in an event that is appended anyway.
 
-Event encoding: kind (1 byte: PUT or DELETE, with the LEASED bit when the put
-attached a lease) + prev (12 bytes) + the lease id (8 bytes, only with
-LEASED) + key length (2 bytes) + key + a stored record (keys.py). A delete's
+Event encoding: prev (12 bytes) + kind (1 byte: PUT or DELETE, with the
+LEASED bit when the put attached a lease) + key length (2 bytes) + key + the
+lease id (8 bytes, only with LEASED) + a stored record (keys.py). A delete's
 record is the header (0, revision, sub, 0) and no value, as etcd's tombstone
-reports it.
+reports it. (kind and key length are one precomputed prefix per key length
+on the put path.)
 
 Compaction to C (etcd semantics): reads below C are refused, and for each key
 only its newest write <= C survives, unless that write is a delete, which goes
 too. So an event below C goes when the next write of its key is <= C (the
 write whose prev names it), or when it is a delete. The removal walks history
-in revision order over the events up to C, each visit removing the event's
-prev when below C and the event itself when it is a delete below C (with its
-tombstone), in bounded steps (compact_step), a few thousand events per
-applied batch, so a large history never stalls apply. Every read at a
-revision R >= C stays right at every step in between: a chain walk stops at
-the newest write <= R, and nothing at or above it is removed before it (a
-removed event lies below the next write of its key, which is <= C <= R), so a
-missing link can only be a removed delete or what lies beyond a read's answer:
-the key was absent. A walk that ends at C has dealt with every event below C
-for good; the next compaction walks on from C (the events at C, whose prev or
-own removal waited for a larger C, are visited again), so each event is
+in revision order over the events up to C; visiting an event removes its prev
+(older than the event, as a txn writes a key at most once) and the event
+itself when it is a delete below C, with its tombstone. It runs in bounded
+steps (compact_step), a few thousand events per applied batch, so a large
+history never stalls apply. Every read at a revision R >= C stays right at
+every step in between: a chain walk stops at the newest write <= R, and
+nothing at or above it is removed (a removed event lies below the next write
+of its key, which is <= C <= R), so a missing link can only be a removed
+delete or lie beyond a read's answer: the key was absent. A walk that ends at
+C has dealt with every event below C for good; the next compaction walks on
+from C (a delete at C, kept by the last walk, goes now), so each event is
 visited about once over all compactions.
 """
 from __future__ import annotations
@@ -58,21 +59,21 @@ from typing import NamedTuple
 
 import lmdb
 
-from .keys import HEADER_SIZE, RECORD_HEADER, WRITE_KEY
+from .keys import HEADER_SIZE, MAX_KEY_BYTES, RECORD_HEADER, WRITE_KEY
 
 PUT = 0
 DELETE = 1
-LEASED = 0x80  # a flag on a PUT's kind byte: the lease id follows prev
+LEASED = 0x80  # a flag on a PUT's kind byte: the lease id follows the key
 
 REV = struct.Struct(">QI")  # (revision, sub): a history key
 NO_PREV = bytes(REV.size)  # prev of a key's first write (a revision is never 0)
 _KEY_LEN = struct.Struct(">H")
 _LEASE = struct.Struct(">q")
 _MOD = struct.Struct(">q")  # a record's mod revision, at offset 8 (keys.py)
-_PUT_PREFIX = bytes([PUT])
-_LEASED_PUT_PREFIX = bytes([PUT | LEASED])
-_DELETE_PREFIX = bytes([DELETE])
-_PREV_END = 1 + REV.size  # prev is event[1:_PREV_END]
+_PREV_END = REV.size  # prev is event[:_PREV_END], the kind byte event[_PREV_END]
+_KEY_AT = _PREV_END + 1 + _KEY_LEN.size
+# kind + key length of a put, by key length: what a put's event holds between prev and key
+PUT_HEADS = tuple(bytes([PUT]) + _KEY_LEN.pack(n) for n in range(MAX_KEY_BYTES + 1))
 
 COMPACT_STEP_EVENTS = 2000  # events visited per compaction step (~1 ms)
 
@@ -97,26 +98,30 @@ class Event(NamedTuple):
 
 
 def encode_put(key: bytes, record: bytes, prev: bytes, lease: int = 0) -> bytes:
+    """A put's event (the inline put path builds the same bytes from PUT_HEADS)."""
     if lease:
-        return b"".join((_LEASED_PUT_PREFIX, prev, _LEASE.pack(lease), _KEY_LEN.pack(len(key)), key, record))
-    return b"".join((_PUT_PREFIX, prev, _KEY_LEN.pack(len(key)), key, record))
+        return b"".join((prev, bytes([PUT | LEASED]), _KEY_LEN.pack(len(key)), key, _LEASE.pack(lease), record))
+    return b"".join((prev, PUT_HEADS[len(key)], key, record))
 
 
 def encode_delete(key: bytes, revision: int, sub: int, prev: bytes) -> bytes:
-    return b"".join((_DELETE_PREFIX, prev, _KEY_LEN.pack(len(key)), key, RECORD_HEADER.pack(0, revision, sub, 0)))
+    return b"".join((prev, bytes([DELETE]), _KEY_LEN.pack(len(key)), key, RECORD_HEADER.pack(0, revision, sub, 0)))
+
+
+def _is_delete(raw: bytes) -> bool:
+    return raw[_PREV_END] == DELETE
 
 
 def decode(hkey: bytes, raw: bytes) -> Event:
     rev, sub = REV.unpack(hkey)
-    kind = raw[0]
-    at = _PREV_END
+    kind = raw[_PREV_END]
+    end = _KEY_AT + _KEY_LEN.unpack_from(raw, _PREV_END + 1)[0]
     lease = 0
+    at = end
     if kind & LEASED:
-        lease = _LEASE.unpack_from(raw, at)[0]
+        lease = _LEASE.unpack_from(raw, end)[0]
         at += _LEASE.size
-    n = _KEY_LEN.unpack_from(raw, at)[0]
-    at += _KEY_LEN.size
-    return Event(rev, sub, kind & ~LEASED, raw[at:at + n], raw[at + n:], lease, raw[1:_PREV_END])
+    return Event(rev, sub, kind & ~LEASED, raw[_KEY_AT:end], raw[at:], lease, raw[:_PREV_END])
 
 
 def check_revision(revision: int, compact_revision: int, current: int) -> None:
@@ -152,11 +157,11 @@ def _walk(txn: lmdb.Transaction, hist: lmdb._Database, key: bytes, hkey: bytes, 
         raw = txn.get(hkey, db=hist)
         if raw is None:  # nothing at or above a readable revision is ever removed
             raise lmdb.CorruptedError(f"history event {REV.unpack(hkey)} of {key!r} is missing")
-        hkey = raw[1:_PREV_END]
+        hkey = raw[:_PREV_END]
     if hkey == NO_PREV:
         return None
     raw = txn.get(hkey, db=hist)
-    if raw is None or raw[0] == DELETE:  # absent: deleted (a removed delete, below the compacted revision)
+    if raw is None or _is_delete(raw):  # absent: deleted (a removed delete, below the compacted revision)
         return None
     ev = decode(hkey, raw)
     return Version(ev.record, ev.lease)
@@ -206,7 +211,7 @@ def previous(txn: lmdb.Transaction, hist: lmdb._Database, ev: Event) -> Event | 
     if ev.prev == NO_PREV:
         return None
     raw = txn.get(ev.prev, db=hist)
-    if raw is None or raw[0] == DELETE:
+    if raw is None or _is_delete(raw):
         return None
     return decode(ev.prev, raw)
 
@@ -255,10 +260,10 @@ def compact_step(txn: lmdb.Transaction, hist: lmdb._Database, tombs: lmdb._Datab
             resume_at = hkey
             break
         visited += 1
-        prev = raw[1:_PREV_END]
-        if prev != NO_PREV and prev < below:
+        prev = raw[:_PREV_END]
+        if prev != NO_PREV:  # below the event, so below compact_to (a key has one write per revision)
             doomed.append(prev)
-        if raw[0] == DELETE and hkey < below:
+        if _is_delete(raw) and hkey < below:
             deletes.append((hkey, raw))
     # Removed after the walk: only events already visited (a prev lies before its event).
     delete = txn.delete

@@ -92,8 +92,7 @@ __all__ = ["StateMachine", "ApplyError", "ErrorCode", "SnapshotImageError", "Sta
 
 _META_KEY = b"state"
 _HIST_KEY = history.REV.pack
-_KEY_LEN = struct.Struct(">H").pack
-_PUT_EVENT = bytes([history.PUT])
+_PUT_HEADS = history.PUT_HEADS
 _NO_PREV = history.NO_PREV
 _WRITE_KEY = keys.WRITE_KEY
 _ALARMS_KEY = b"alarms"
@@ -1213,7 +1212,7 @@ class _Executor:
         """
         get, put, pack, unpack = self.txn.get, self.txn.put, _RECORD_HEADER.pack, _RECORD_HEADER.unpack_from
         events = self.events.append
-        hkey_of, klen, join, write_key = _HIST_KEY, _KEY_LEN, b"".join, _WRITE_KEY
+        put_heads, join, write_key = _PUT_HEADS, b"".join, _WRITE_KEY
         first = self.revision + 1
         plain = 0  # leading plain puts whose responses are not built
         result = responses = None
@@ -1241,8 +1240,9 @@ class _Executor:
                     record = pack(create, rev, 0, version + 1) + req.value
                     prev = old[write_key]
                 put(key, record)
-                # A put of its own: the only write at its revision (sub 0). See history.py's encode_put.
-                events((hkey_of(rev, 0), join((_PUT_EVENT, prev, klen(len(key)), key, record))))
+                # A put of its own, the only write at its revision: its history key is (rev, 0), the
+                # record's WRITE_KEY. The event as history.encode_put makes it.
+                events((record[write_key], join((prev, put_heads[len(key)], key, record))))
                 if responses is None:
                     if not req.prev_kv:
                         plain += 1

@@ -117,6 +117,23 @@ def test_compaction_keeps_the_newest_write_below_and_drops_tombstones(sm, log):
     assert get(sm, b"a", 5, b"\0") == [(b"a", b"2", 1, 2, 2), (b"c", b"1", 5, 5, 1)]
 
 
+def test_a_delete_at_the_compacted_revision_goes_with_the_next_compaction(sm, log):
+    log(cmd(put(b"a")), cmd(delete(b"a")), cmd(put(b"b")))  # 1, 2, 3
+    log(compaction(2))  # the delete at 2 is the newest write <= 2 and a read at 2 needs none: it stays
+    assert history_size(sm) == (2, 1)
+    assert get(sm, b"a", 2) == [] and get(sm, b"a", 2, b"\0") == []
+    log(compaction(3))  # the walk picks up at 2
+    assert history_size(sm) == (1, 0)
+    assert get(sm, b"a", 3, b"\0") == [(b"b", b"v", 3, 3, 1)]
+
+
+def test_a_recreated_key_reads_right_on_both_sides_of_its_delete(sm, log):
+    log(cmd(put(b"a", b"1")), cmd(delete(b"a"), put(b"a", b"2")), cmd(put(b"a", b"3")))  # 1; 2, 3; 4
+    assert [get(sm, b"a", r) for r in (1, 2, 3, 4)] == [
+        [(b"a", b"1", 1, 1, 1)], [], [(b"a", b"2", 3, 3, 1)], [(b"a", b"3", 3, 4, 2)]]
+    assert [get(sm, b"a", r, b"b") for r in (1, 2)] == [[(b"a", b"1", 1, 1, 1)], []]
+
+
 def test_an_invalid_command_leaves_no_history(sm, log):
     log(cmd(put(b"a")))
     bad = log(cmd(put(b"b"), put(b"c"), put(b"")))
