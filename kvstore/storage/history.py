@@ -139,7 +139,7 @@ class Version(NamedTuple):
     lease: int | None
 
 
-def version_at(txn: lmdb.Transaction, kv: lmdb._Database, hist: lmdb._Database, tombs: lmdb._Database,
+def version_at(txn: lmdb.Transaction[bytes], kv: lmdb._Database, hist: lmdb._Database, tombs: lmdb._Database,
                key: bytes, revision: int) -> Version | None:
     """`key` as it was at `revision` (None: absent then); revision must not be compacted."""
     raw = txn.get(key, db=kv)
@@ -151,7 +151,7 @@ def version_at(txn: lmdb.Transaction, kv: lmdb._Database, hist: lmdb._Database, 
     return _walk(txn, hist, key, raw[WRITE_KEY], REV.pack(revision + 1, 0))
 
 
-def _walk(txn: lmdb.Transaction, hist: lmdb._Database, key: bytes, hkey: bytes, limit: bytes) -> Version | None:
+def _walk(txn: lmdb.Transaction[bytes], hist: lmdb._Database, key: bytes, hkey: bytes, limit: bytes) -> Version | None:
     """Follow key's chain from history key `hkey` to its newest write below `limit`."""
     while hkey >= limit:
         raw = txn.get(hkey, db=hist)
@@ -167,7 +167,7 @@ def _walk(txn: lmdb.Transaction, hist: lmdb._Database, key: bytes, hkey: bytes, 
     return Version(ev.record, ev.lease)
 
 
-def versions_at(txn: lmdb.Transaction, kv: lmdb._Database, hist: lmdb._Database, tombs: lmdb._Database,
+def versions_at(txn: lmdb.Transaction[bytes], kv: lmdb._Database, hist: lmdb._Database, tombs: lmdb._Database,
                 key: bytes, end: bytes | None, revision: int) -> Iterator[tuple[bytes, Version]]:
     """(key, Version) of every key in [key, end) (end None: no bound) that existed at `revision`, in key order.
 
@@ -206,7 +206,7 @@ def versions_at(txn: lmdb.Transaction, kv: lmdb._Database, hist: lmdb._Database,
             yield k, found
 
 
-def previous(txn: lmdb.Transaction, hist: lmdb._Database, ev: Event) -> Event | None:
+def previous(txn: lmdb.Transaction[bytes], hist: lmdb._Database, ev: Event) -> Event | None:
     """The put of ev's key just before ev (a watch's prev_kv); None: absent before, or compacted."""
     if ev.prev == NO_PREV:
         return None
@@ -216,7 +216,7 @@ def previous(txn: lmdb.Transaction, hist: lmdb._Database, ev: Event) -> Event | 
     return decode(ev.prev, raw)
 
 
-def events_from(txn: lmdb.Transaction, hist: lmdb._Database, start: int, stop: int | None = None) -> Iterator[Event]:
+def events_from(txn: lmdb.Transaction[bytes], hist: lmdb._Database, start: int, stop: int | None = None) -> Iterator[Event]:
     """Every event with revision >= start (and < stop, when given), in revision order."""
     cur = txn.cursor(db=hist)
     if not cur.set_range(REV.pack(start, 0)):
@@ -239,7 +239,7 @@ def compaction_start(compacted: int, resume: bytes | None) -> bytes:
     return start if resume is None else min(resume, start)
 
 
-def compact_step(txn: lmdb.Transaction, hist: lmdb._Database, tombs: lmdb._Database, compact_to: int,
+def compact_step(txn: lmdb.Transaction[bytes], hist: lmdb._Database, tombs: lmdb._Database, compact_to: int,
                  resume: bytes, budget: int) -> bytes | None:
     """Visit up to `budget` events of the walk to compact_to, from history key `resume`, removing
     what they make obsolete (module docstring). Returns where to resume, or None once the walk is done.

@@ -88,7 +88,7 @@ from .sessions import DEFAULT_MAX_PENDING, DEFAULT_MAX_SESSIONS, DEFAULT_SESSION
 from .storage_fault import failing_as
 from .txn import compare_holds
 
-__all__ = ["StateMachine", "ApplyError", "ErrorCode", "SnapshotImageError", "StateMachineClosed"]
+__all__ = ["StateMachine", "ApplyError", "ErrorCode", "SnapshotImageError", "StateMachineClosed", "StoreLayoutError"]
 
 _META_KEY = b"state"
 _HIST_KEY = history.REV.pack
@@ -134,6 +134,20 @@ class SnapshotImageError(Exception):
     """A snapshot image is not a usable state machine image."""
 
 
+class StoreLayoutError(SnapshotImageError):
+    """A store or image written with the layout before history chains, which this version cannot read."""
+
+
+_OLD_LAYOUT_DB = b"key_revs"  # the key -> revisions index that history chains replaced (history.py)
+
+
+def _check_layout(txn: lmdb.Transaction[bytes], where: str) -> None:
+    """Refuse the layout before history chains (24-byte record headers, a key_revs db): no migration."""
+    if txn.get(_OLD_LAYOUT_DB) is not None:  # the main db names every named db
+        raise StoreLayoutError(f"{where}: written by an older version (its history has a key_revs index); "
+                               "this one cannot read it: start the member with an empty data dir")
+
+
 class StateMachineClosed(Exception):
     """The state machine was closed (by another thread) before the call."""
 
@@ -169,6 +183,7 @@ def read_image_meta(image_path: str) -> tuple[int, int, int]:
         if have < need:
             raise SnapshotImageError(f"{image_path}: truncated ({have} of {need} bytes)")
         with env.begin() as txn:
+            _check_layout(txn, image_path)
             try:
                 meta_db = env.open_db(b"meta", txn=txn, create=False)
             except lmdb.Error:
@@ -286,6 +301,12 @@ class StateMachine:
 
     def _open_current(self) -> None:
         env = _open_env(os.path.join(self._root, _CURRENT), self._map_size, self._fsync)
+        try:
+            with env.begin() as txn:
+                _check_layout(txn, self.data_path)
+        except StoreLayoutError:
+            env.close()
+            raise
         with env.begin(write=True) as txn:
             dbs = {name: env.open_db(name, txn=txn) for name in _DB_NAMES}
             raw = txn.get(_META_KEY, db=dbs[b"meta"])

@@ -289,3 +289,22 @@ def test_compaction_survives_reopen(tmp_path, monkeypatch):
         assert get(sm, b"k", 8) == [(b"k", b"7", 1, 8, 8)]
     finally:
         sm.close()
+
+
+def test_a_store_of_the_layout_before_history_chains_is_refused(tmp_path):
+    """No migration: a data dir or snapshot image with the old key_revs index fails clearly, not misread."""
+    import lmdb
+
+    from kvstore.storage.state_machine import StoreLayoutError, read_image_meta
+
+    path = str(tmp_path / "sm")
+    sm = StateMachine.open(path, 64 << 20, fsync=False)
+    data = sm.data_path
+    sm.close()
+    env = lmdb.open(str(tmp_path / "sm" / "current"), max_dbs=16)
+    env.open_db(b"key_revs", dupsort=True)
+    env.close()
+    with pytest.raises(StoreLayoutError, match="key_revs"):
+        read_image_meta(data)
+    with pytest.raises(StoreLayoutError, match="older version"):
+        StateMachine.open(path, 64 << 20, fsync=False)
