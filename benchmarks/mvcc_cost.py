@@ -1,7 +1,7 @@
 """What MVCC history costs: put throughput at 256 clients, this tree vs another, same run.
 
 Two local 3-node clusters run side by side, one from this tree (every write
-also goes to the history and key_revs databases) and one from --base-tree,
+also goes to the history database) and one from --base-tree,
 a built checkout of the commit before MVCC. Rounds alternate between them
 (A B, then B A, ...) so drift in the machine's load hits both; each round is
 one `kvstore bench` point (closed-loop puts, 256-byte values, 100k keys).
