@@ -1243,11 +1243,11 @@ class _Executor:
         has_lease = self.has_lease
         for op in cmd.ops:
             # Puts that neither attach a lease nor overwrite a key that has one run inline; the
-            # rest (their lease bookkeeping) as any other op.
-            if op.WhichOneof("request") == "request_put" and not (
-                    (req := op.request_put).lease or self.leased_keys and has_lease(req.key)):
-                key = req.key
-                if undo is not None and not (key and len(key) <= max_key):
+            # rest (their lease bookkeeping) as any other op. An op that is no put reads as a put
+            # of the empty key (protobuf's default), which no put may have: it, and a put that
+            # does, go the general way (which refuses the latter).
+            if (key := (req := op.request_put).key) and not (req.lease or self.leased_keys and has_lease(key)):
+                if undo is not None and len(key) > max_key:
                     self._refuse(cmd, undo, first)
                 self.revision = rev = self.revision + 1
                 old = get(key)  # the transaction's default db is kv (see apply)
