@@ -246,14 +246,15 @@ class KVService(kv_pb2_grpc.KVServicer):
             # The ops nearly every batch is made of, a put or a single-key get, are checked
             # inline: the same rules as _check_op (max_key <= the storage's key limit), which
             # is still what names the problem of an op that breaks one.
-            kind = op.WhichOneof("request")
-            if kind == "request_put":
-                p = op.request_put
-                key = p.key
-                if key and len(key) <= max_key and len(p.value) <= max_value and not p.lease:
+            # An op of another kind reads as a put (or range) of the empty key, protobuf's default,
+            # which no valid op has: WhichOneof cost ~1,700 instructions per op.
+            p = op.request_put
+            key = p.key
+            if key:
+                if len(key) <= max_key and len(p.value) <= max_value and not p.lease:
                     writes.append(i)
                     continue
-            elif kind == "request_range":
+            else:
                 r = op.request_range
                 key = r.key
                 if key and len(key) <= max_key and not r.range_end and r.limit >= 0:
