@@ -216,7 +216,8 @@ def previous(txn: lmdb.Transaction[bytes], hist: lmdb._Database, ev: Event) -> E
     return decode(ev.prev, raw)
 
 
-def events_from(txn: lmdb.Transaction[bytes], hist: lmdb._Database, start: int, stop: int | None = None) -> Iterator[Event]:
+def events_from(txn: lmdb.Transaction[bytes], hist: lmdb._Database, start: int,
+                stop: int | None = None) -> Iterator[Event]:
     """Every event with revision >= start (and < stop, when given), in revision order."""
     cur = txn.cursor(db=hist)
     if not cur.set_range(REV.pack(start, 0)):

@@ -29,9 +29,10 @@ CommandResult.revision is the revision after the whole command.
 
 History (MVCC). Every write is also recorded as an event in the history
 sub-database, and a delete in the tombstones one (layout and compaction in
-history.py), in the same transaction: reads at an older revision, and watches, are served from there
-until a replicated compaction (Command.compaction) discards it. The removal
-runs in bounded steps, one per applied batch (or compact_pending when idle).
+history.py), in the same transaction: reads at an older revision, and
+watches, are served from there until a replicated compaction
+(Command.compaction) discards it. The removal runs in bounded steps, one per
+applied batch (or compact_pending when idle).
 
 Durability. By default each apply transaction is committed with LMDB's
 sync=True, metasync=False: one fdatasync of the data pages per batch, the meta
@@ -1363,7 +1364,8 @@ class _Executor:
                     resp.prev_kv.lease = self._leases.lease_of(txn, key)
         record = keys.encode_record(create, rev, version, req.value, sub)
         txn.put(key, record, db=self._kv)
-        self.events.append((_HIST_KEY(rev, sub), history.encode_put(key, record, self._chain_head(key, old), req.lease)))
+        event = history.encode_put(key, record, self._chain_head(key, old), req.lease)
+        self.events.append((_HIST_KEY(rev, sub), event))
         if req.lease or self.leased_keys:
             self._leases.attach(txn, key, req.lease)
             self.leased_keys = self.leased_keys or bool(req.lease)
