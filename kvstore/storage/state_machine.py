@@ -65,6 +65,7 @@ import os
 import shutil
 import struct
 import threading
+import time
 from typing import NoReturn
 from collections.abc import Callable, Iterable, Sequence
 
@@ -76,7 +77,7 @@ from kvstore.v1 import command_pb2, kv_pb2
 
 from . import alarms as alarm_set
 from . import boot_guard as guard
-from . import durable_base, history, keys, quota, validation
+from . import durable_base, history, keys, map_pages, quota, validation
 from .auth_store import AuthState, AuthStore
 from . import leases as lease_store
 from .durable_files import fsync_dir, fsync_file
@@ -129,6 +130,9 @@ log = logging.getLogger("kvstore.storage")
 
 DISK_RESERVE_MIN = 256 << 10  # data file allocated ahead of use, with MDB_WRITEMAP (see _reserve_disk)
 DISK_RESERVE_MAX = 64 << 20  # ... and at most this much ahead, however large the file
+#: A checkpoint gives back the map's resident pages (map_pages.py) at most this often: what a node
+#: writes or reads within it is all of the map it holds; its hot pages fault back in after each.
+MAP_RELEASE_INTERVAL_S = 1.0
 
 
 class SnapshotImageError(Exception):
@@ -233,6 +237,9 @@ class StateMachine:
         self.testing_install_hook: Callable[[str], None] | None = None
         # Test switch: checkpoint() leaves its base unpinned (shows what the pin protects).
         self.testing_unpinned_base = False
+        # Test switch: checkpoint() leaves the map's pages resident (shows what releasing them does).
+        self.testing_keep_map_resident = False
+        self._map_released_at = float("-inf")  # time.monotonic() of the last map_pages.release
         self._env: lmdb.Environment  # opened by _open_current
         self._closed = False
         self._hashes: dict[int, HashMark] = {}  # barrier index -> this member's hash there
@@ -859,7 +866,22 @@ class StateMachine:
             if self.testing_unpinned_base:
                 self._pin.abort()
                 self._pin = None
+            self._release_map()
             return index, term
+
+    def _release_map(self) -> None:
+        """Give back the pages of the map this process holds, every MAP_RELEASE_INTERVAL_S at most.
+
+        Everything committed was just synced, so the pages are clean; with
+        MDB_WRITEMAP every page ever written would otherwise stay resident.
+        Called under the lifecycle lock: the map stays mapped throughout.
+        """
+        now = time.monotonic()
+        if self.testing_keep_map_resident or now - self._map_released_at < MAP_RELEASE_INTERVAL_S:
+            return
+        self._map_released_at = now
+        with failing_as("madvise", self.data_path):
+            map_pages.release(self.data_path)
 
     def close(self) -> None:
         with self._lifecycle:
