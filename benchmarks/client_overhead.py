@@ -177,7 +177,7 @@ async def closed_loop(endpoints: list[str], callers: int, secs: float, coalesce:
 class _CannedConn:
     """Stubs that serialize the request and answer from canned bytes (the client's share of a real RPC)."""
 
-    def __init__(self, op: str) -> None:
+    def __init__(self, op: str, rtt: float = 0.0) -> None:
         one = kv_pb2.BatchResult()
         if op == "put":
             one.response.response_put.header.revision = 123456
@@ -199,7 +199,7 @@ class _CannedConn:
 
         async def batch(req, timeout=None):  # type: ignore[no-untyped-def]
             req.SerializeToString()
-            await asyncio.sleep(0)
+            await asyncio.sleep(rtt)  # 0: the next loop turn
             return kv_pb2.BatchResponse.FromString(reply(len(req.ops)))
 
         alone = one.response.response_put if op == "put" else one.response.response_range
@@ -210,6 +210,20 @@ class _CannedConn:
             return alone
 
         self.methods = {"Batch": batch, "Put": unary, "Range": unary}
+        self._stream = _CannedStream({"batch": batch, "put": unary, "range": unary})
+
+    def stream(self) -> _CannedStream:
+        return self._stream
+
+
+class _CannedStream:
+    """The session stream's call, answered by the canned stubs (the framing is the client's share too)."""
+
+    def __init__(self, by_kind: dict) -> None:  # type: ignore[type-arg]
+        self.by_kind = by_kind
+
+    async def call(self, kind: str, request, timeout: float):  # type: ignore[no-untyped-def]
+        return await self.by_kind[kind](request)
 
 
 async def client_cpu(op: str, callers: int = 128, per_caller: int = 200, rounds: int = 7) -> float:
@@ -245,13 +259,60 @@ async def client_cpu(op: str, callers: int = 128, per_caller: int = 200, rounds:
         return best
 
 
-def cpu_main(ops: list[str]) -> None:
+def blocking_cpu(op: str, threads: int = 32, per_thread: int = 300, rounds: int = 7,
+                 rtt: float = 0.0) -> tuple[float, float]:
+    """The blocking Client from ``threads`` threads, canned transport answering a batch ``rtt``
+    seconds later: (least CPU µs per op, ops per batch)."""
+    import random
+    import threading
+
+    value = os.urandom(256)
+    keys = [b"k%08d" % i for i in range(100_000)]
+    with Client(["canned:1", "canned:2", "canned:3"]) as kv:
+        conn = _CannedConn(op, rtt)
+        kv.async_client._endpoints.conn = lambda addr: conn  # type: ignore[method-assign]
+        co = kv.async_client.coalescer
+        assert co is not None
+        serializable = op == "sget"
+
+        def caller(seed: int) -> None:
+            rand = random.Random(seed).random
+            for _ in range(per_thread):
+                k = keys[int(rand() * 100_000)]
+                if op == "put":
+                    kv.put(k, value)
+                else:
+                    kv.get(k, serializable=serializable)
+
+        best, per_batch = float("inf"), 0.0
+        for r in range(rounds + 1):
+            rpcs0, ops0 = co.rpcs, co.ops
+            ts = [threading.Thread(target=caller, args=(i,)) for i in range(threads)]
+            c0 = time.process_time()
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+            cpu = (time.process_time() - c0) / (threads * per_thread) * 1e6
+            if r and cpu < best:  # the first round warms up
+                best, per_batch = cpu, (co.ops - ops0) / max(1, co.rpcs - rpcs0)
+        return best, per_batch
+
+
+def cpu_main(ops: list[str], threads: int, rtt: float) -> None:
     try:
         import uvloop
 
         run = uvloop.run
     except ImportError:  # pragma: no cover
         run = asyncio.run
+    if threads:
+        print(f"blocking Client CPU per op, {threads} threads, canned transport, batches answered after "
+              f"{rtt * 1e3:g} ms (least of 7 rounds):")
+        for op in ops:
+            cpu, per_batch = blocking_cpu(op, threads, rtt=rtt)
+            print(f"  {op:<5} {cpu:6.2f} us/op   {per_batch:5.1f} ops/batch")
+        return
     print("client CPU per op on the coalesced path, 128 callers, canned transport (least of 7 rounds):")
     for op in ops:
         print(f"  {op:<5} {run(client_cpu(op)):6.2f} us/op")
@@ -265,9 +326,13 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="data directory (default: a temp dir)")
     ap.add_argument("--cpu", action="store_true", help="only the client's CPU per op, canned transport, no cluster")
     ap.add_argument("--ops", default="put,get,sget", help="with --cpu: which ops")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="with --cpu: the blocking Client from this many threads instead of the AsyncClient")
+    ap.add_argument("--rtt-ms", type=float, default=0.0,
+                    help="with --cpu --threads: the canned transport answers a batch this much later (a round trip)")
     args = ap.parse_args()
     if args.cpu:
-        cpu_main([o for o in args.ops.split(",") if o])
+        cpu_main([o for o in args.ops.split(",") if o], args.threads, args.rtt_ms / 1e3)
         return
 
     base = args.dir or tempfile.mkdtemp(prefix="kvstore-client-bench-")
