@@ -220,20 +220,33 @@ class AsyncClient(AuthAdmin):
     ) -> PutResult:
         """Set ``key`` to ``value``; ``prev_kv=True`` also returns what it replaced. With ``lease``
         (a lease id), the key is deleted when the lease expires or is revoked (NotFound: no such lease)."""
+        if self._coalescer is not None:
+            fut = self.put_soon(key, value, prev_kv, lease, timeout)
+            return PutResult.from_pb(await fut if timeout is None else await self._wait(fut, timeout, True))
+        k = key if type(key) is bytes else to_bytes(key)
+        v = value if type(value) is bytes else to_bytes(value)
+        req = kv_pb2.PutRequest(key=k, value=v, prev_kv=prev_kv, lease=lease)
+        return PutResult.from_pb(await self._call("Put", req, route=LEADER, mutation=True, timeout=timeout))
+
+    def put_soon(self, key: BytesLike, value: BytesLike, prev_kv: bool = False, lease: int = 0,
+                 timeout: float | None = None) -> asyncio.Future[Any]:
+        """The put added to the coalescer's next batch, without a task (coalescing on, on the client's loop).
+
+        Its future's result becomes a PutResult with ``PutResult.from_pb``; a
+        ``timeout`` given here bounds the batch, not the wait for the future.
+        """
         k = key if type(key) is bytes else to_bytes(key)
         v = value if type(value) is bytes else to_bytes(value)
         c = self._coalescer
-        if c is not None:
-            p, fut = c.add(LEADER, "request_put", True, len(k) + len(v) + 16, timeout)
-            p.key = k
-            p.value = v
-            if prev_kv:
-                p.prev_kv = True
-            if lease:
-                p.lease = lease
-            return PutResult.from_pb(await fut if timeout is None else await self._wait(fut, timeout, True))
-        req = kv_pb2.PutRequest(key=k, value=v, prev_kv=prev_kv, lease=lease)
-        return PutResult.from_pb(await self._call("Put", req, route=LEADER, mutation=True, timeout=timeout))
+        assert c is not None, "put_soon needs coalescing on"
+        p, fut = c.add(LEADER, "request_put", True, len(k) + len(v) + 16, timeout)
+        p.key = k
+        p.value = v
+        if prev_kv:
+            p.prev_kv = True
+        if lease:
+            p.lease = lease
+        return fut
 
     async def get(self, key: BytesLike, *, serializable: bool = False, revision: int = 0,
                   timeout: float | None = None) -> GetResult:
@@ -242,19 +255,27 @@ class AsyncClient(AuthAdmin):
         ``revision``: the key as it was at that revision (0: now); ``Compacted`` below the
         compacted revision, ``FutureRevision`` past the current one.
         """
+        if self._coalescer is not None:
+            fut = self.get_soon(key, serializable, revision, timeout)
+            return GetResult.from_pb(await fut if timeout is None else await self._wait(fut, timeout, False))
         k = key if type(key) is bytes else to_bytes(key)
         route = ANY if serializable else LEADER
-        c = self._coalescer
-        if c is not None:
-            r, fut = c.add(route, "request_range", False, len(k) + 8, timeout)
-            r.key = k
-            if serializable:
-                r.serializable = True
-            if revision:
-                r.revision = revision
-            return GetResult.from_pb(await fut if timeout is None else await self._wait(fut, timeout, False))
         req = kv_pb2.RangeRequest(key=k, serializable=serializable, revision=revision)
         return GetResult.from_pb(await self._call("Range", req, route=route, mutation=False, timeout=timeout))
+
+    def get_soon(self, key: BytesLike, serializable: bool = False, revision: int = 0,
+                 timeout: float | None = None) -> asyncio.Future[Any]:
+        """The get added to the coalescer's next batch, as ``put_soon`` (``GetResult.from_pb`` of its result)."""
+        k = key if type(key) is bytes else to_bytes(key)
+        c = self._coalescer
+        assert c is not None, "get_soon needs coalescing on"
+        r, fut = c.add(ANY if serializable else LEADER, "request_range", False, len(k) + 8, timeout)
+        r.key = k
+        if serializable:
+            r.serializable = True
+        if revision:
+            r.revision = revision
+        return fut
 
     async def range(
         self,

@@ -7,12 +7,22 @@ them into Batch RPCs (16 threads each doing a put cost about one round trip,
 not sixteen). The price is one thread hand-off per call (tens of
 microseconds), small next to a replicated write.
 
+The hand-off is built for many threads. Calls go into one queue, and only a
+call that finds no drain already scheduled wakes the loop
+(call_soon_threadsafe): the loop then takes every call queued meanwhile in
+one turn, so they also leave in one batch. A put or get (coalescing on, no
+per-call timeout) is added to the coalescer directly, with no task; its
+future's done callback releases the caller's lock, and the caller converts
+the answer itself, off the loop thread. The loop thread is the one every
+call goes through, so the less it does per call, the more threads it serves.
+
 Thread-safe: any number of threads may share one Client.
 """
 from __future__ import annotations
 
 import asyncio
 import threading
+from collections import deque
 from typing import Any, TypeVar
 from collections.abc import Coroutine, Iterable, Iterator, Sequence
 
@@ -71,8 +81,14 @@ class _Call:
         self.result: Any = None
         self.error: BaseException | None = None
 
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.task = loop.create_task(self.coro)
+    def start(self) -> None:
+        try:
+            self.task = asyncio.get_running_loop().create_task(self.coro)
+        except BaseException as e:  # never leave the caller blocked (nor the calls queued after it)
+            self.coro.close()
+            self.error = e
+            self.finished.release()
+            return
         self.task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[Any]) -> None:
@@ -93,6 +109,50 @@ class _Call:
             error, self.error = self.error, None  # no reference cycle through the traceback
             raise error
         return self.result
+
+
+class _Soon:
+    """One blocking put or get handed to the loop as a coalescer op, with no task.
+
+    ``start`` (on the loop) adds the op and hooks the caller's pre-acquired
+    lock to its future; the caller reads the future once the lock is free.
+    """
+
+    __slots__ = ("add", "args", "finished", "fut", "error")
+
+    def __init__(self, add: Any, args: tuple[Any, ...]) -> None:
+        self.add = add  # AsyncClient.put_soon or get_soon
+        self.args = args
+        self.finished = threading.Lock()
+        self.finished.acquire()  # released by _done, on the loop thread
+        self.fut: asyncio.Future[Any] | None = None
+        self.error: BaseException | None = None
+
+    def start(self) -> None:
+        try:
+            fut = self.fut = self.add(*self.args)
+        except BaseException as e:  # bad arguments: the caller raises it
+            self.error = e
+            self.finished.release()
+            return
+        fut.add_done_callback(self._done)
+
+    def _done(self, fut: asyncio.Future[Any]) -> None:
+        self.finished.release()
+
+    def cancel(self) -> None:
+        if self.fut is not None:
+            self.fut.cancel()
+
+    def outcome(self) -> Any:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+        fut = self.fut
+        assert fut is not None and fut.done()
+        if fut.cancelled():
+            raise errors.Cancelled("call cancelled (client closing)")
+        return fut.result()
 
 
 class Client:
@@ -118,6 +178,8 @@ class Client:
     ) -> None:
         kwargs.update(timeout=timeout, retry=retry, balancer=balancer, coalesce=coalesce)
         self._loop = _new_loop()
+        self._submitted: deque[_Call | _Soon] = deque()  # calls waiting for the loop to start them
+        self._drain_due = False  # a _drain is scheduled and has not begun
         self._thread = threading.Thread(target=self._run_loop, name="kvstore-client", daemon=True)
         self._thread.start()
         self._closed = False
@@ -131,6 +193,7 @@ class Client:
         except BaseException:
             self._stop_loop()
             raise
+        self._coalesced = self._aclient.coalescer is not None
 
     def _run_loop(self) -> None:
         asyncio.set_event_loop(self._loop)
@@ -141,14 +204,38 @@ class Client:
         if self._closed:
             coro.close()
             raise errors.ClientClosed("client is closed")
-        call = _Call(coro)
-        self._loop.call_soon_threadsafe(call.start, self._loop)
+        return self._wait(_Call(coro))
+
+    def _wait(self, call: _Call | _Soon) -> Any:
+        """Hand ``call`` to the loop and block until it finished; its result (or raise its error)."""
+        self._submitted.append(call)
+        if not self._drain_due:  # else the drain already scheduled will find it
+            self._drain_due = True
+            try:
+                self._loop.call_soon_threadsafe(self._drain)
+            except BaseException:  # the loop is closed: nothing will drain
+                self._drain_due = False
+                raise
         try:
             call.finished.acquire()
         except KeyboardInterrupt:
             self._loop.call_soon_threadsafe(call.cancel)
             raise
         return call.outcome()
+
+    def _drain(self) -> None:
+        """Start every call queued so far (on the loop). The flag drops first: a call queued after
+        the last pop below sees it down and schedules the next drain."""
+        self._drain_due = False
+        submitted = self._submitted
+        while submitted:
+            submitted.popleft().start()
+
+    def _soon(self, add: Any, args: tuple[Any, ...]) -> Any:
+        """A put or get as a coalescer op (see _Soon); ClientClosed once closed."""
+        if self._closed:
+            raise errors.ClientClosed("client is closed")
+        return self._wait(_Soon(add, args))
 
     # --- lifecycle ---------------------------------------------------------
 
@@ -201,12 +288,16 @@ class Client:
     def put(self, key: BytesLike, value: BytesLike, *, prev_kv: bool = False, lease: int = 0,
             timeout: float | None = None) -> PutResult:
         """Set ``key`` to ``value``; ``prev_kv=True`` also returns what it replaced; ``lease``: attach it."""
+        if timeout is None and self._coalesced:
+            return PutResult.from_pb(self._soon(self._aclient.put_soon, (key, value, prev_kv, lease)))
         return self._run(self._aclient.put(key, value, prev_kv=prev_kv, lease=lease, timeout=timeout))
 
     def get(self, key: BytesLike, *, serializable: bool = False, revision: int = 0,
             timeout: float | None = None) -> GetResult:
         """One key. Linearizable unless ``serializable=True`` (any member, maybe stale);
         ``revision``: as it was then (0: now)."""
+        if timeout is None and self._coalesced:
+            return GetResult.from_pb(self._soon(self._aclient.get_soon, (key, serializable, revision)))
         return self._run(self._aclient.get(key, serializable=serializable, revision=revision, timeout=timeout))
 
     def compact(self, revision: int, *, timeout: float | None = None) -> int:
