@@ -12,7 +12,7 @@ call that finds no drain already scheduled wakes the loop
 (call_soon_threadsafe): the loop then takes every call queued meanwhile in
 one turn, so they also leave in one batch. A put or get (coalescing on, no
 per-call timeout) is added to the coalescer directly, with no task; its
-future's done callback releases the caller's lock, and the caller converts
+future's done callback wakes the caller (see _Wakeup), and the caller converts
 the answer itself, off the loop thread. The loop thread is the one every
 call goes through, so the less it does per call, the more threads it serves.
 
@@ -21,6 +21,7 @@ Thread-safe: any number of threads may share one Client.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections import deque
 from typing import Any, TypeVar
@@ -63,20 +64,64 @@ def _new_loop() -> asyncio.AbstractEventLoop:
         return asyncio.new_event_loop()
 
 
+class _Wakeup:
+    """One thread's wake-up call: an eventfd (a pipe where there is none).
+
+    Why not a lock: releasing a threading.Lock wakes the waiting thread with
+    the GIL held, so on a busy machine the woken thread preempts the loop
+    thread only to find the GIL taken and sleep again (measured with 32
+    threads: 4.2 context switches per call; 1.8 with this). Writing to an
+    eventfd lets go of the GIL during the syscall: the woken thread runs.
+    """
+
+    __slots__ = ("_r", "_w")
+
+    def __init__(self) -> None:
+        if hasattr(os, "eventfd"):
+            self._r = self._w = os.eventfd(0, os.EFD_CLOEXEC)
+        else:  # pragma: no cover - not Linux
+            self._r, self._w = os.pipe()
+
+    def set(self) -> None:
+        """Wake the thread (once per wait: the eventfd counts, the pipe holds a byte)."""
+        os.write(self._w, b"\x01\0\0\0\0\0\0\0")
+
+    def wait(self) -> None:
+        os.read(self._r, 8)
+
+    def __del__(self) -> None:
+        try:
+            os.close(self._r)
+            if self._w != self._r:
+                os.close(self._w)
+        except OSError:  # pragma: no cover - nothing to do about it
+            pass
+
+
+_per_thread = threading.local()
+
+
+def _my_wakeup() -> _Wakeup:
+    """The calling thread's _Wakeup (one per thread, closed when the thread ends)."""
+    w: _Wakeup | None = getattr(_per_thread, "wakeup", None)
+    if w is None:
+        w = _per_thread.wakeup = _Wakeup()
+    return w
+
+
 class _Call:
     """One blocking call's hand-off to the loop thread and back.
 
     Cheaper than run_coroutine_threadsafe + concurrent.futures.Future (about
-    9 vs 16 us a round on this machine): a pre-acquired lock is the only thing
-    the caller waits on, and no future is chained across threads.
+    9 vs 16 us a round on this machine): the caller waits on its thread's
+    _Wakeup alone, and no future is chained across threads.
     """
 
     __slots__ = ("coro", "finished", "task", "result", "error")
 
-    def __init__(self, coro: Coroutine[Any, Any, Any]) -> None:
+    def __init__(self, coro: Coroutine[Any, Any, Any], finished: _Wakeup) -> None:
         self.coro = coro
-        self.finished = threading.Lock()
-        self.finished.acquire()  # released by _done, on the loop thread
+        self.finished = finished  # set by _done, on the loop thread
         self.task: asyncio.Task[Any] | None = None
         self.result: Any = None
         self.error: BaseException | None = None
@@ -87,7 +132,7 @@ class _Call:
         except BaseException as e:  # never leave the caller blocked (nor the calls queued after it)
             self.coro.close()
             self.error = e
-            self.finished.release()
+            self.finished.set()
             return
         self.task.add_done_callback(self._done)
 
@@ -98,7 +143,7 @@ class _Call:
             self.error = exc
         else:
             self.result = task.result()
-        self.finished.release()
+        self.finished.set()
 
     def cancel(self) -> None:
         if self.task is not None:
@@ -114,17 +159,16 @@ class _Call:
 class _Soon:
     """One blocking put or get handed to the loop as a coalescer op, with no task.
 
-    ``start`` (on the loop) adds the op and hooks the caller's pre-acquired
-    lock to its future; the caller reads the future once the lock is free.
+    ``start`` (on the loop) adds the op and hooks the caller's _Wakeup to its
+    future; the caller reads the future once woken.
     """
 
     __slots__ = ("add", "args", "finished", "fut", "error")
 
-    def __init__(self, add: Any, args: tuple[Any, ...]) -> None:
+    def __init__(self, add: Any, args: tuple[Any, ...], finished: _Wakeup) -> None:
         self.add = add  # AsyncClient.put_soon or get_soon
         self.args = args
-        self.finished = threading.Lock()
-        self.finished.acquire()  # released by _done, on the loop thread
+        self.finished = finished  # set by _done, on the loop thread
         self.fut: asyncio.Future[Any] | None = None
         self.error: BaseException | None = None
 
@@ -133,12 +177,12 @@ class _Soon:
             fut = self.fut = self.add(*self.args)
         except BaseException as e:  # bad arguments: the caller raises it
             self.error = e
-            self.finished.release()
+            self.finished.set()
             return
         fut.add_done_callback(self._done)
 
     def _done(self, fut: asyncio.Future[Any]) -> None:
-        self.finished.release()
+        self.finished.set()
 
     def cancel(self) -> None:
         if self.fut is not None:
@@ -204,7 +248,7 @@ class Client:
         if self._closed:
             coro.close()
             raise errors.ClientClosed("client is closed")
-        return self._wait(_Call(coro))
+        return self._wait(_Call(coro, _my_wakeup()))
 
     def _wait(self, call: _Call | _Soon) -> Any:
         """Hand ``call`` to the loop and block until it finished; its result (or raise its error)."""
@@ -217,8 +261,9 @@ class Client:
                 self._drain_due = False
                 raise
         try:
-            call.finished.acquire()
+            call.finished.wait()
         except KeyboardInterrupt:
+            _per_thread.wakeup = None  # the call will still set this one: the thread's next call takes another
             self._loop.call_soon_threadsafe(call.cancel)
             raise
         return call.outcome()
@@ -235,7 +280,7 @@ class Client:
         """A put or get as a coalescer op (see _Soon); ClientClosed once closed."""
         if self._closed:
             raise errors.ClientClosed("client is closed")
-        return self._wait(_Soon(add, args))
+        return self._wait(_Soon(add, args, _my_wakeup()))
 
     # --- lifecycle ---------------------------------------------------------
 

@@ -1,6 +1,8 @@
 """The blocking Client's hand-off: calls from many threads meet on one loop, woken once per batch of calls."""
 from __future__ import annotations
 
+import gc
+import os
 import threading
 import time
 
@@ -152,3 +154,23 @@ def test_calls_after_close_are_refused():
             c.put("k", "v")
         with pytest.raises(errors.ClientClosed):
             c.get("k")
+
+
+def test_each_thread_has_one_wakeup_and_gives_it_back_when_it_ends():
+    with FakeCluster(leader=1) as fc, Client(fc.endpoints) as c:
+        c.put("warm", "x")
+        gc.collect()
+        fds = len(os.listdir("/proc/self/fd"))
+
+        def caller() -> None:
+            for _ in range(5):
+                c.put("k", "v")
+
+        for _ in range(3):  # 3 generations of 20 threads: a leak would grow by 60 descriptors
+            threads = [threading.Thread(target=caller) for _ in range(20)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(10)
+        gc.collect()
+        assert len(os.listdir("/proc/self/fd")) <= fds + 2
