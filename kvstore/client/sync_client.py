@@ -77,35 +77,56 @@ class _Wakeup:
     __slots__ = ("_r", "_w")
 
     def __init__(self) -> None:
+        self._r = self._w = -1  # __del__ runs even if no descriptor could be made
         if hasattr(os, "eventfd"):
             self._r = self._w = os.eventfd(0, os.EFD_CLOEXEC)
         else:  # pragma: no cover - not Linux
             self._r, self._w = os.pipe()
 
     def set(self) -> None:
-        """Wake the thread (once per wait: the eventfd counts, the pipe holds a byte)."""
+        """Wake the thread (once per wait: its read takes the eventfd's count, or the pipe's 8 bytes)."""
         os.write(self._w, b"\x01\0\0\0\0\0\0\0")
 
     def wait(self) -> None:
         os.read(self._r, 8)
 
     def __del__(self) -> None:
-        try:
-            os.close(self._r)
-            if self._w != self._r:
-                os.close(self._w)
-        except OSError:  # pragma: no cover - nothing to do about it
-            pass
+        for fd in {self._r, self._w}:
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:  # pragma: no cover - nothing to do about it
+                    pass
+
+
+class _LockWakeup:
+    """_Wakeup's stand-in where this process has no file descriptor to spare (EMFILE)."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+
+    def set(self) -> None:
+        self._lock.release()
+
+    def wait(self) -> None:
+        self._lock.acquire()
 
 
 _per_thread = threading.local()
 
 
-def _my_wakeup() -> _Wakeup:
-    """The calling thread's _Wakeup (one per thread, closed when the thread ends)."""
-    w: _Wakeup | None = getattr(_per_thread, "wakeup", None)
+def _my_wakeup() -> _Wakeup | _LockWakeup:
+    """The calling thread's wake-up call (one per thread, closed when the thread ends)."""
+    w: _Wakeup | _LockWakeup | None = getattr(_per_thread, "wakeup", None)
     if w is None:
-        w = _per_thread.wakeup = _Wakeup()
+        try:
+            w = _Wakeup()
+        except OSError:  # out of descriptors (thousands of threads): a lock does the same, slower
+            w = _LockWakeup()
+        _per_thread.wakeup = w
     return w
 
 
@@ -119,7 +140,7 @@ class _Call:
 
     __slots__ = ("coro", "finished", "task", "result", "error")
 
-    def __init__(self, coro: Coroutine[Any, Any, Any], finished: _Wakeup) -> None:
+    def __init__(self, coro: Coroutine[Any, Any, Any], finished: _Wakeup | _LockWakeup) -> None:
         self.coro = coro
         self.finished = finished  # set by _done, on the loop thread
         self.task: asyncio.Task[Any] | None = None
@@ -165,7 +186,7 @@ class _Soon:
 
     __slots__ = ("add", "args", "finished", "fut", "error")
 
-    def __init__(self, add: Any, args: tuple[Any, ...], finished: _Wakeup) -> None:
+    def __init__(self, add: Any, args: tuple[Any, ...], finished: _Wakeup | _LockWakeup) -> None:
         self.add = add  # AsyncClient.put_soon or get_soon
         self.args = args
         self.finished = finished  # set by _done, on the loop thread

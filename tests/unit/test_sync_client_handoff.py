@@ -174,3 +174,17 @@ def test_each_thread_has_one_wakeup_and_gives_it_back_when_it_ends():
                 t.join(10)
         gc.collect()
         assert len(os.listdir("/proc/self/fd")) <= fds + 2
+
+
+def test_without_a_descriptor_to_spare_a_thread_waits_on_a_lock(monkeypatch):
+    def no_fds(*args: object) -> int:
+        raise OSError(24, "Too many open files")
+
+    with FakeCluster(leader=1) as fc, Client(fc.endpoints) as c:
+        monkeypatch.setattr(os, "eventfd", no_fds)
+        monkeypatch.setattr(os, "pipe", no_fds)
+        out: list[object] = []
+        t = threading.Thread(target=lambda: out.extend([c.put("k", "v"), c.get("k")]))
+        t.start()
+        t.join(10)
+        assert len(out) == 2 and out[1].value == b"v"  # type: ignore[attr-defined]
