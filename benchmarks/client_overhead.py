@@ -16,7 +16,10 @@ shape of one `kvstore bench` load process at 256 clients) on one AsyncClient
 whose stubs serialize each request and parse a canned reply of the right size.
 It is stable enough to compare two versions of the client on a busy machine
 (the least of several rounds is printed); the end-to-end figure including
-gRPC is `client_cpu` in `kvstore bench --json`/format_line.
+gRPC is `client_cpu` in `kvstore bench --json`/format_line. ``--cpu --threads
+32 --rtt-ms 1`` does the same for the blocking Client from 32 threads (one
+`kvstore bench --blocking` load process at 64 clients), each canned batch
+answered 1 ms later, and also prints the ops per batch.
 
 Everything runs in this one process against the cluster, so the figures
 include the client's own CPU, as a user would see it. 256-byte values.
