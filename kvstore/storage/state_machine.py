@@ -47,6 +47,9 @@ A node runs fsync=False with boot_guard=True: no fdatasync per batch (it cost
 tear an unsynced LMDB file, is detected at the next open by the kernel's boot
 id (see boot_guard.py); the state machine is then rolled back to its durable
 base, and the WAL, which is always synced, replays the rest.
+Unsynced commits write through the map (MDB_WRITEMAP), which keeps every
+page ever written resident in the node; checkpoint() gives them back to the
+page cache (map_pages.py), so the node holds its working set, not its file.
 
 Layout. `path` is a directory holding generations of the LMDB environment
 (gen-000001/, ...) and a `current` symlink naming the live one; installing a
@@ -132,6 +135,9 @@ DISK_RESERVE_MIN = 256 << 10  # data file allocated ahead of use, with MDB_WRITE
 DISK_RESERVE_MAX = 64 << 20  # ... and at most this much ahead, however large the file
 #: A checkpoint gives back the map's resident pages (map_pages.py) at most this often: what a node
 #: writes or reads within it is all of the map it holds; its hot pages fault back in after each.
+#: Measured (3 members, 256 clients, 100k keys, 90 s of puts): peak RSS 353-369 MiB against 516-540
+#: (and growing with the file) without; the refaults cost ~3.6% of put throughput. Every 0.25 s:
+#: 278-295 MiB, but ~7%.
 MAP_RELEASE_INTERVAL_S = 1.0
 
 
