@@ -72,9 +72,14 @@ def test_register_under_each_nemesis_is_linearizable(tmp_path: Path, nemesis: st
     # Each schedule includes a leader-targeted window (isolate / kill / pause the
     # leader) that outlasts the election timeout, so leadership must move.
     assert summary["leader_changes"] >= 1, summary["leaders"]
-    if nemesis in ("partition", "kill"):
-        # Calls caught by a fault with no answer in time are recorded as unknown.
+    if nemesis == "partition":
+        # A call sent to an isolated leader gets no answer in time: it is recorded as unknown.
         assert summary["ops"]["info"] >= 1, summary["ops"]
+    if nemesis == "kill":
+        # Calls meet the dead member. Whether one was in flight on the killed leader (unknown) or
+        # only refused (a definite fail) is chance: ~0.25 writes are in flight at 100 ops/s, and
+        # one CI run saw {'ok': 1493, 'fail': 392, 'info': 0}. Either way the fault was felt.
+        assert summary["ops"]["info"] + summary["ops"]["fail"] >= 1, summary["ops"]
     assert summary["ops"]["ok"] > 200
 
 
