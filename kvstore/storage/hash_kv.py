@@ -20,6 +20,8 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+from .history import record_of
+
 _LENGTHS = struct.Struct(">II")
 
 
@@ -33,8 +35,11 @@ class HashMark:
 
 
 def hash_kv(txn, history_db=None, history_from: bytes = b"") -> int:
-    """CRC-32 of every (key, record) of `txn`'s default database (the kv one), in key order,
-    then of every history event from key `history_from` on, in revision order.
+    """CRC-32 of every (key, record) of `txn`'s default database (the latest one), in key
+    order, then of every history event from key `history_from` on, in revision order.
+
+    A record is the key's header with its value, read from the history event the header
+    names (see history.py): a value that differs, however old, changes the hash.
 
     The history part starts at the compacted revision: what lies below it is
     removed in steps whose progress may differ between members, and no read
@@ -43,7 +48,8 @@ def hash_kv(txn, history_db=None, history_from: bytes = b"") -> int:
     h = 0
     crc = zlib.crc32
     pack = _LENGTHS.pack
-    for key, record in txn.cursor():
+    for key, header in txn.cursor():
+        record = header if history_db is None else record_of(txn, history_db, header)
         h = crc(record, crc(key, crc(pack(len(key), len(record)), h)))
     if history_db is not None:
         cur = txn.cursor(db=history_db)

@@ -2,11 +2,12 @@
 
 LMDB layout, three sub-databases written in the same transaction:
 
-  kv         key -> record (keys.py: create, mod, sub, version header + value):
-             the latest value only, as before MVCC. Latest reads, compares and
-             the plain-put fast path touch this one db, so MVCC costs them
-             nothing to read. (mod, sub) is the history key of the write that
-             made the record: the head of the key's chain (below).
+  latest     key -> the 28-byte header (keys.py: create, mod, sub, version)
+             of the key's newest write, and no value: an index into history.
+             Latest reads, compares and the plain-put fast path find a key's
+             revisions here; a value is one more lookup, in history. (mod,
+             sub) is the history key of the write that made the header: the
+             head of the key's chain (below), and where its value is.
   history    (revision, sub) -> event, 12-byte big-endian keys, so the db is in
              revision order and every write appends at its end (MDB_APPEND: no
              page search, pages filled full). sub numbers the writes that share
@@ -14,17 +15,24 @@ LMDB layout, three sub-databases written in the same transaction:
              from any revision with one cursor walk.
   tombstones key -> (revision, sub) of its last delete: the chain head of a
              key that is deleted now. Written by deletes only; a put that
-             re-creates the key leaves it (kv is then the head), and compaction
-             removes it with that delete's event.
+             re-creates the key leaves it (latest is then the head), and
+             compaction removes it with that delete's event.
+
+Each value is stored once, in its put's event. When `latest` held the value
+too, the file held every live value twice: a long write load of big values
+filled the page cache at half the data (the soak, issue 19), and every put
+wrote its value twice. A key's newest put is never compacted (nothing names
+it as prev and it is no delete, see below), so the header's event is always
+there.
 
 Chains, not an index. Each event names the history key of the previous write
 of its key (`prev`, zeros for a key's first write), so a key's writes form a
-chain from its head, newest first. A read at revision R takes the kv record
-when its mod revision is <= R (no history read at all); otherwise it follows
+chain from its head, newest first. A read at revision R takes the key's newest
+put when its mod revision is <= R (one history read); otherwise it follows
 the chain from the head to the newest write <= R: a put is the answer, a
 delete or the chain's end means the key was absent. A key -> revisions index
 (DUPSORT) cost an insert per put into a random page, about a third of the
-apply path's instructions and as many pages written as kv itself; a chain
+apply path's instructions and as many pages written as the key db itself; a chain
 link costs 12 bytes in an event that is appended anyway.
 
 Event encoding: prev (12 bytes) + kind (1 byte: PUT or DELETE, with the
@@ -97,11 +105,12 @@ class Event(NamedTuple):
     prev: bytes  # history key of the key's previous write (NO_PREV: none)
 
 
-def encode_put(key: bytes, record: bytes, prev: bytes, lease: int = 0) -> bytes:
+def encode_put(key: bytes, header: bytes, value: bytes, prev: bytes, lease: int = 0) -> bytes:
     """A put's event (the inline put path builds the same bytes from PUT_HEADS)."""
     if lease:
-        return b"".join((prev, bytes([PUT | LEASED]), _KEY_LEN.pack(len(key)), key, _LEASE.pack(lease), record))
-    return b"".join((prev, PUT_HEADS[len(key)], key, record))
+        return b"".join((prev, bytes([PUT | LEASED]), _KEY_LEN.pack(len(key)), key, _LEASE.pack(lease), header,
+                         value))
+    return b"".join((prev, PUT_HEADS[len(key)], key, header, value))
 
 
 def encode_delete(key: bytes, revision: int, sub: int, prev: bytes) -> bytes:
@@ -124,6 +133,20 @@ def decode(hkey: bytes, raw: bytes) -> Event:
     return Event(rev, sub, kind & ~LEASED, raw[_KEY_AT:end], raw[at:], lease, raw[:_PREV_END])
 
 
+def record_in(raw: bytes) -> bytes:
+    """The stored record (header + value) inside a put's event."""
+    at = _KEY_AT + _KEY_LEN.unpack_from(raw, _PREV_END + 1)[0]
+    return raw[at + _LEASE.size:] if raw[_PREV_END] & LEASED else raw[at:]
+
+
+def record_of(txn: lmdb.Transaction[bytes], hist: lmdb._Database, header: bytes) -> bytes:
+    """The stored record (header + value) of the put whose `latest` header is `header`."""
+    raw = txn.get(header[WRITE_KEY], db=hist)
+    if raw is None:  # a key's newest put is never compacted
+        raise lmdb.CorruptedError(f"history event {REV.unpack(header[WRITE_KEY])} of a live key is missing")
+    return record_in(raw)
+
+
 def check_revision(revision: int, compact_revision: int, current: int) -> None:
     """Raise RevisionError unless a read at `revision` can be served."""
     if revision < compact_revision:
@@ -139,15 +162,15 @@ class Version(NamedTuple):
     lease: int | None
 
 
-def version_at(txn: lmdb.Transaction[bytes], kv: lmdb._Database, hist: lmdb._Database, tombs: lmdb._Database,
+def version_at(txn: lmdb.Transaction[bytes], latest: lmdb._Database, hist: lmdb._Database, tombs: lmdb._Database,
                key: bytes, revision: int) -> Version | None:
     """`key` as it was at `revision` (None: absent then); revision must not be compacted."""
-    raw = txn.get(key, db=kv)
+    raw = txn.get(key, db=latest)
     if raw is None:
         head = txn.get(key, db=tombs)
         return None if head is None else _walk(txn, hist, key, head, REV.pack(revision + 1, 0))
     if _MOD.unpack_from(raw, 8)[0] <= revision:
-        return Version(raw, None)
+        return Version(record_of(txn, hist, raw), None)
     return _walk(txn, hist, key, raw[WRITE_KEY], REV.pack(revision + 1, 0))
 
 
@@ -167,15 +190,15 @@ def _walk(txn: lmdb.Transaction[bytes], hist: lmdb._Database, key: bytes, hkey: 
     return Version(ev.record, ev.lease)
 
 
-def versions_at(txn: lmdb.Transaction[bytes], kv: lmdb._Database, hist: lmdb._Database, tombs: lmdb._Database,
+def versions_at(txn: lmdb.Transaction[bytes], latest: lmdb._Database, hist: lmdb._Database, tombs: lmdb._Database,
                 key: bytes, end: bytes | None, revision: int) -> Iterator[tuple[bytes, Version]]:
     """(key, Version) of every key in [key, end) (end None: no bound) that existed at `revision`, in key order.
 
-    The keys are those of kv and tombstones merged (a key in both is in kv now:
+    The keys are those of latest and tombstones merged (a key in both is in latest now:
     its chain runs through the delete).
     """
     limit = REV.pack(revision + 1, 0)
-    live = txn.cursor(db=kv)
+    live = txn.cursor(db=latest)
     dead = txn.cursor(db=tombs)
     k_live = live.key() if live.set_range(key) else None
     k_dead = dead.key() if dead.set_range(key) else None
@@ -190,7 +213,7 @@ def versions_at(txn: lmdb.Transaction[bytes], kv: lmdb._Database, hist: lmdb._Da
                 k_dead = dead.key() if dead.next() else None
             k_live = live.key() if live.next() else None
             if unpack(raw, 8)[0] <= revision:
-                yield k, Version(raw, None)
+                yield k, Version(record_of(txn, hist, raw), None)
                 continue
             found = _walk(txn, hist, k, raw[WRITE_KEY], limit)
         elif k_dead is not None:

@@ -1,14 +1,14 @@
 """How keys, key ranges and per-key records are laid out in LMDB.
 
-The `kv` sub-database maps the user's key (bytes, as given) to a record:
-a fixed 28-byte header (create_revision and mod_revision as big-endian int64,
-sub as uint32, version as int64) followed by the value. Keeping the header
-fixed-size lets a keys-only or count-only range and a compare skip decoding the
-value. (mod_revision, sub) number the write that made the record, and its 12
-bytes at WRITE_KEY are that write's history key, packed as history.REV packs
-it (sub numbers the writes that share a revision: 0 but in a txn or a range
-delete). The same record is kept for every revision of a key in the history
-(see history.py).
+A stored record is a fixed 28-byte header (create_revision and mod_revision
+as big-endian int64, sub as uint32, version as int64) followed by the value.
+Keeping the header fixed-size lets a keys-only or count-only range and a
+compare skip decoding the value. (mod_revision, sub) number the write that
+made the record, and its 12 bytes at WRITE_KEY are that write's history key,
+packed as history.REV packs it (sub numbers the writes that share a revision:
+0 but in a txn or a range delete). The `latest` sub-database maps the user's
+key (bytes, as given) to the header alone; the whole record is in the
+write's history event (see history.py).
 """
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ RECORD_HEADER = _HEADER  # for hot paths that pack/unpack inline
 WRITE_KEY = slice(8, 20)  # record[WRITE_KEY]: (mod_revision, sub) as a history key
 
 
-def encode_record(create_revision: int, mod_revision: int, version: int, value: bytes, sub: int = 0) -> bytes:
-    return _HEADER.pack(create_revision, mod_revision, sub, version) + value
+def encode_header(create_revision: int, mod_revision: int, version: int, sub: int = 0) -> bytes:
+    return _HEADER.pack(create_revision, mod_revision, sub, version)
 
 
 def decode_header(raw: bytes) -> tuple[int, int, int]:

@@ -64,6 +64,7 @@ one lock, and install_snapshot and close end the image streams first.
 from __future__ import annotations
 
 import logging
+import bisect
 import os
 import shutil
 import struct
@@ -97,6 +98,8 @@ __all__ = ["StateMachine", "ApplyError", "ErrorCode", "SnapshotImageError", "Sta
 
 _META_KEY = b"state"
 _HIST_KEY = history.REV.pack
+_VALUE = kv_pb2.Compare.CompareTarget.VALUE
+record_of = history.record_of
 _PUT_HEADS = history.PUT_HEADS
 _NO_PREV = history.NO_PREV
 _WRITE_KEY = keys.WRITE_KEY
@@ -122,7 +125,7 @@ def _required(raw: bytes | None) -> bytes:
     return raw
 
 
-_DB_NAMES = (b"kv", b"meta", b"sessions", b"answers", b"expiry", b"history", b"tombstones", b"auth",
+_DB_NAMES = (b"latest", b"meta", b"sessions", b"answers", b"expiry", b"history", b"tombstones", b"auth",
              *lease_store.DB_NAMES)
 _COMPACT_KEY = b"compact"  # compacted-to revision, then where its removal resumes (absent: done)
 _COMPACT = struct.Struct(">q")
@@ -149,14 +152,17 @@ class StoreLayoutError(SnapshotImageError):
     """A store or image written with the layout before history chains, which this version cannot read."""
 
 
-_OLD_LAYOUT_DB = b"key_revs"  # the key -> revisions index that history chains replaced (history.py)
+# Sub-databases of older layouts (history.py): key_revs, the key -> revisions index that
+# history chains replaced; kv, which held each key's value besides its history event.
+_OLD_LAYOUT_DBS = (b"key_revs", b"kv")
 
 
 def _check_layout(txn: lmdb.Transaction[bytes], where: str) -> None:
-    """Refuse the layout before history chains (24-byte record headers, a key_revs db): no migration."""
-    if txn.get(_OLD_LAYOUT_DB) is not None:  # the main db names every named db
-        raise StoreLayoutError(f"{where}: written by an older version (its history has a key_revs index); "
-                               "this one cannot read it: start the member with an empty data dir")
+    """Refuse an older layout: no migration (there is no released data format)."""
+    for name in _OLD_LAYOUT_DBS:
+        if txn.get(name) is not None:  # the main db names every named db
+            raise StoreLayoutError(f"{where}: written by an older version (it has a {name.decode()} db); "
+                                   "this one cannot read it: start the member with an empty data dir")
 
 
 class StateMachineClosed(Exception):
@@ -212,14 +218,14 @@ def image_hash(image_path: str) -> tuple[int, int]:
     """(key count, hash) of a state machine image file: the hash HashKV reports at its revision."""
     env = lmdb.open(image_path, subdir=False, readonly=True, lock=False, max_dbs=len(_DB_NAMES))
     try:
-        kv = env.open_db(b"kv", create=False)
+        latest = env.open_db(b"latest", create=False)
         meta = env.open_db(b"meta", create=False)
         hist = env.open_db(b"history", create=False)
-        with env.begin(db=kv) as txn:  # hash_kv reads the transaction's default database
+        with env.begin(db=latest) as txn:  # hash_kv reads the transaction's default database
             compact = txn.get(_COMPACT_KEY, db=meta)
             compact_rev = (_COMPACT.unpack_from(compact)[0] if compact is not None
                            else _META_HEAD.unpack_from(_required(txn.get(_META_KEY, db=meta)))[2])
-            return txn.stat(kv)["entries"], hash_kv(txn, hist, _HIST_KEY(compact_rev, 0))
+            return txn.stat(latest)["entries"], hash_kv(txn, hist, _HIST_KEY(compact_rev, 0))
     finally:
         env.close()
 
@@ -343,7 +349,7 @@ class StateMachine:
         self._env = env
         self._psize = env.stat()["psize"]
         self._reserved = 0  # bytes of the data file allocated ahead (see _reserve_disk)
-        self._kv = dbs[b"kv"]
+        self._latest = dbs[b"latest"]
         self._meta = dbs[b"meta"]
         self._hist = dbs[b"history"]
         self._tombs = dbs[b"tombstones"]
@@ -447,11 +453,11 @@ class StateMachine:
             self._reserve_disk(sum(len(e[2]) for e in entries))
         results: list[command_pb2.CommandResult | ApplyError | None] = []
         applied_index, applied_term = self._applied_index, self._applied_term
-        ex = _Executor(self._kv, self._hist, self._tombs, self._revision, self._leases)
+        ex = _Executor(self._latest, self._hist, self._tombs, self._revision, self._leases)
         clock = self._clock
         parse = command_pb2.Command.FromString
-        # kv: the default db (positional calls are cheaper); a failed write or commit names the file
-        with failing_as("LMDB commit", self.data_path), self._env.begin(write=True, db=self._kv) as txn:
+        # latest: the default db (positional calls are cheaper); a failed write or commit names the file
+        with failing_as("LMDB commit", self.data_path), self._env.begin(write=True, db=self._latest) as txn:
             ex.begin(txn)
             ex.leased_keys = self._leases.any_attached(txn)
             ex.has_lease = self._leases.has_lease_lookup(txn)
@@ -659,11 +665,11 @@ class StateMachine:
         """A local (serializable) read; raises InvalidRequest for a bad request,
         history.RevisionError for a revision compacted or not reached."""
         validation.check_range(req)
-        with self._env.begin(db=self._kv) as txn:
+        with self._env.begin(db=self._latest) as txn:
             revision = _read_meta(txn, self._meta)[2]
             if req.revision and req.revision != revision:
                 return self._range_at(txn, req, revision, kv_pb2.RangeResponse())
-            return _range_leased(txn, req, revision, kv_pb2.RangeResponse(), self._lease_filler(txn))
+            return _range_leased(txn, self._hist, req, revision, kv_pb2.RangeResponse(), self._lease_filler(txn))
 
     def _range_at(self, txn, req: kv_pb2.RangeRequest, revision: int, resp: kv_pb2.RangeResponse):
         """A read of the store as it was at req.revision, from the history (see history.py)."""
@@ -673,13 +679,13 @@ class StateMachine:
         at = req.revision
         found: Iterable[tuple[bytes, history.Version]]
         if not req.range_end:
-            version = history.version_at(txn, self._kv, self._hist, self._tombs, req.key, at)
+            version = history.version_at(txn, self._latest, self._hist, self._tombs, req.key, at)
             found = [] if version is None else [(req.key, version)]
         else:
             end = keys.range_end_bound(req.key, req.range_end)
             if end is not None and end <= req.key:
                 return resp
-            found = history.versions_at(txn, self._kv, self._hist, self._tombs, req.key, end, at)
+            found = history.versions_at(txn, self._latest, self._hist, self._tombs, req.key, end, at)
         leases = self._lease_filler(txn)
         count = 0
         for k, (record, lease) in found:
@@ -736,7 +742,7 @@ class StateMachine:
         a revision compacted or not reached yields its history.RevisionError.
         """
         results: list[kv_pb2.RangeResponse | InvalidRequest | history.RevisionError] = []
-        with self._env.begin(db=self._kv) as txn:  # kv: the default db, as _range needs
+        with self._env.begin(db=self._latest) as txn:  # latest: the default db, as _range needs
             revision = _read_meta(txn, self._meta)[2]
             leases = self._lease_filler(txn)
             if header is not None:
@@ -759,7 +765,7 @@ class StateMachine:
                         results.append(e)
                         continue
                 else:
-                    _range_leased(txn, req, revision, resp, leases)
+                    _range_leased(txn, self._hist, req, revision, resp, leases)
                 if header is not None:
                     resp.header.CopyFrom(header)
                 results.append(resp)
@@ -772,10 +778,10 @@ class StateMachine:
     def get(self, key: bytes) -> kv_pb2.KeyValue | None:
         """The current record of one key, or None (convenience for tests/tools)."""
         with self._env.begin() as txn:
-            raw = txn.get(key, db=self._kv)
+            raw = txn.get(key, db=self._latest)
             if raw is None:
                 return None
-            kv = keys.to_key_value(key, raw)
+            kv = keys.to_key_value(key, history.record_of(txn, self._hist, raw))
             kv.lease = self._leases.lease_of(txn, key)
             return kv
 
@@ -783,8 +789,8 @@ class StateMachine:
         """Every key -> (create_revision, mod_revision, version, value); for tests."""
         with self._env.begin() as txn:
             return {
-                k: (*keys.decode_header(v), keys.decode_value(v))
-                for k, v in txn.cursor(db=self._kv)
+                k: (*keys.decode_header(v), keys.decode_value(history.record_of(txn, self._hist, v)))
+                for k, v in txn.cursor(db=self._latest)
             }
 
     def dump_sessions(self) -> dict[int, tuple[int, int, dict[int, bytes]]]:
@@ -795,7 +801,7 @@ class StateMachine:
     def key_count(self) -> int:
         """How many keys the store holds."""
         with self._env.begin() as txn:
-            return txn.stat(self._kv)["entries"]
+            return txn.stat(self._latest)["entries"]
 
     @property
     def map_size(self) -> int:
@@ -804,8 +810,11 @@ class StateMachine:
 
     def testing_corrupt(self, key: bytes = b"\xffkvstore-testing-corruption") -> None:
         """TESTING ONLY: write a record no log entry made, so this member silently diverges."""
+        # Its event's history key (revision 0, sub 1) is one no log entry can have: revisions start at 1.
+        header = keys.encode_header(1, 0, 1, sub=1)
         with self._env.begin(write=True) as txn:
-            txn.put(key, keys.encode_record(1, 1, 1, b"diverged"), db=self._kv)
+            txn.put(header[_WRITE_KEY], history.encode_put(key, header, b"diverged", history.NO_PREV), db=self._hist)
+            txn.put(key, header, db=self._latest)
 
     def used_bytes(self) -> int:
         """Bytes of the pages holding data (what the quota counts; see quota.py)."""
@@ -1136,20 +1145,21 @@ def _remove_stale_generations(root: str) -> None:
         fsync_dir(root)
 
 
-def _range_leased(txn, req: kv_pb2.RangeRequest, revision: int, resp: kv_pb2.RangeResponse,
+def _range_leased(txn, hist, req: kv_pb2.RangeRequest, revision: int, resp: kv_pb2.RangeResponse,
                   leases: lease_store.LeaseStore | None) -> kv_pb2.RangeResponse:
     """_range, and with `leases` (some key has a lease) each KeyValue's lease too."""
-    _range(txn, req, revision, resp)
+    _range(txn, hist, req, revision, resp)
     if leases is not None and not req.count_only:
         leases.fill(txn, resp.kvs)
     return resp
 
 
-def _range(txn, req: kv_pb2.RangeRequest, revision: int, resp: kv_pb2.RangeResponse) -> kv_pb2.RangeResponse:
+def _range(txn, hist, req: kv_pb2.RangeRequest, revision: int, resp: kv_pb2.RangeResponse) -> kv_pb2.RangeResponse:
     """Fill resp (in place, so callers can hand in a slot of a larger message).
 
-    txn's default db must be kv: py-lmdb parses keyword arguments slowly,
-    so get and cursor are called without db=.
+    txn's default db must be latest: py-lmdb parses keyword arguments slowly,
+    so get and cursor are called without db=. A value is read from the key's
+    history event in `hist` (history.py), and only when the answer has values.
     """
     resp.header.revision = revision
     key, range_end = req.key, req.range_end
@@ -1158,7 +1168,7 @@ def _range(txn, req: kv_pb2.RangeRequest, revision: int, resp: kv_pb2.RangeRespo
         if raw is not None:
             resp.count = 1
             if not req.count_only:
-                keys.add_key_value(resp.kvs, key, raw, req.keys_only)
+                keys.add_key_value(resp.kvs, key, raw if req.keys_only else record_of(txn, hist, raw), req.keys_only)
         return resp
     end = keys.range_end_bound(key, range_end)
     if end is not None and end <= key:
@@ -1174,12 +1184,13 @@ def _range(txn, req: kv_pb2.RangeRequest, revision: int, resp: kv_pb2.RangeRespo
                 break
             count += 1
     else:
+        keys_only = req.keys_only
         for k, raw in cur:
             if end is not None and k >= end:
                 break
             count += 1
             if not limit or count <= limit:
-                keys.add_key_value(resp.kvs, k, raw, req.keys_only)
+                keys.add_key_value(resp.kvs, k, raw if keys_only else record_of(txn, hist, raw), keys_only)
         resp.more = count > len(resp.kvs)
     resp.count = count
     return resp
@@ -1196,9 +1207,9 @@ def _run_checked(ex: _Executor, cmd: command_pb2.Command):
 class _Executor:
     """Runs the ops of commands inside one write transaction, tracking revision."""
 
-    def __init__(self, kv_db, hist_db, tombs_db, revision: int, leases: lease_store.LeaseStore):
+    def __init__(self, latest_db, hist_db, tombs_db, revision: int, leases: lease_store.LeaseStore):
         self.txn: lmdb.Transaction[bytes]  # the write transaction of the batch being applied, set by begin
-        self._kv = kv_db
+        self._latest = latest_db
         self._hist_db = hist_db
         self._tombs_db = tombs_db
         self._leases = leases
@@ -1213,12 +1224,12 @@ class _Executor:
         self.puts_only = False
 
     def begin(self, txn: lmdb.Transaction[bytes]) -> None:
-        """Run the commands of this batch in `txn` (its default db is kv)."""
+        """Run the commands of this batch in `txn` (its default db is latest)."""
         self.txn = txn
         # The batch's history writes, written by flush_history in one call (putmulti): one
         # LMDB call per write cost ~1 us per put on every member. History only grows at its end.
         self.events: list[tuple[bytes, bytes]] = []  # (history key, event)
-        # Deleted keys' chain heads (history.py): a put of a key absent from kv looks there.
+        # Deleted keys' chain heads (history.py): a put of a key absent from latest looks there.
         tombs = txn.cursor(db=self._tombs_db)
         self._tomb_at = tombs.set_key if tombs.first() else None  # None: no tombstone (yet) to look at
         self._tomb_cursor = tombs
@@ -1227,7 +1238,15 @@ class _Executor:
         """Write the history of what ran so far (before anything reads it: a hash, a compaction step)."""
         if self.events:
             self.txn.cursor(db=self._hist_db).putmulti(self.events, append=True)
-            self.events = []
+            self.events.clear()  # in place: run_command holds its append
+
+    def _record(self, header: bytes) -> bytes:
+        """The stored record (header + value) of the put whose header is in latest: from this
+        batch's events when this batch made it (not yet written), else from history."""
+        hkey, events = header[_WRITE_KEY], self.events
+        if events and hkey >= events[0][0]:
+            return history.record_in(events[bisect.bisect_left(events, (hkey,))][1])
+        return record_of(self.txn, self._hist_db, header)
 
     def _chain_head(self, key: bytes, old: bytes | None) -> bytes:
         """The history key of key's newest write, which a new write's event names as prev."""
@@ -1279,20 +1298,20 @@ class _Executor:
                 if undo is not None and len(key) > max_key:
                     self._refuse(cmd, undo, first)
                 self.revision = rev = self.revision + 1
-                old = get(key)  # the transaction's default db is kv (see apply)
+                old = get(key)  # the transaction's default db is latest (see apply)
                 if undo is not None:
                     undo.append((key, old))
                 if old is None:
-                    record = pack(rev, rev, 0, 1) + req.value
+                    header = pack(rev, rev, 0, 1)
                     prev = _NO_PREV if self._tomb_at is None else self._chain_head(key, None)
                 else:
                     create, _, _, version = unpack(old)
-                    record = pack(create, rev, 0, version + 1) + req.value
+                    header = pack(create, rev, 0, version + 1)
                     prev = old[write_key]
-                put(key, record)
+                put(key, header)
                 # A put of its own, the only write at its revision: its history key is (rev, 0), the
-                # record's WRITE_KEY. The event as history.encode_put makes it.
-                events((record[write_key], join((prev, put_heads[len(key)], key, record))))
+                # header's WRITE_KEY. The event as history.encode_put makes it.
+                events((header[write_key], join((prev, put_heads[len(key)], key, header, req.value))))
                 if responses is None:
                     if not req.prev_kv:
                         plain += 1
@@ -1302,7 +1321,7 @@ class _Executor:
                 out.response_put.header.revision = rev
                 if req.prev_kv and old is not None:
                     puts_only = False
-                    out.response_put.prev_kv.CopyFrom(keys.to_key_value(key, old))
+                    out.response_put.prev_kv.CopyFrom(keys.to_key_value(key, self._record(old)))
                 continue
             if undo is not None:
                 try:
@@ -1371,14 +1390,15 @@ class _Executor:
             out.response_delete_range.header.revision = self.revision
         elif kind == "request_range":
             rev = self._txn_rev or self.revision
-            _range_leased(self.txn, op.request_range, rev, out.response_range,
+            self.flush_history()  # the values of keys this batch wrote are in its events
+            _range_leased(self.txn, self._hist_db, op.request_range, rev, out.response_range,
                           self._leases if self.leased_keys else None)
         else:
             self._txn(op.request_txn, out.response_txn)
 
     def _put(self, req: kv_pb2.PutRequest, resp: kv_pb2.PutResponse) -> None:
         txn, key = self.txn, req.key
-        old = txn.get(key, db=self._kv)
+        old = txn.get(key, db=self._latest)
         rev = self._write_revision()
         sub = self._next_sub(rev)
         if old is None:
@@ -1387,12 +1407,12 @@ class _Executor:
             create, _, version = keys.decode_header(old)
             version += 1
             if req.prev_kv:
-                resp.prev_kv.CopyFrom(keys.to_key_value(key, old))
+                resp.prev_kv.CopyFrom(keys.to_key_value(key, self._record(old)))
                 if self.leased_keys:
                     resp.prev_kv.lease = self._leases.lease_of(txn, key)
-        record = keys.encode_record(create, rev, version, req.value, sub)
-        txn.put(key, record, db=self._kv)
-        event = history.encode_put(key, record, self._chain_head(key, old), req.lease)
+        header = keys.encode_header(create, rev, version, sub)
+        txn.put(key, header, db=self._latest)
+        event = history.encode_put(key, header, req.value, self._chain_head(key, old), req.lease)
         self.events.append((_HIST_KEY(rev, sub), event))
         if req.lease or self.leased_keys:
             self._leases.attach(txn, key, req.lease)
@@ -1402,13 +1422,13 @@ class _Executor:
         txn, key = self.txn, req.key
         doomed: list[tuple[bytes, bytes]] = []
         if not req.range_end:
-            raw = txn.get(key, db=self._kv)
+            raw = txn.get(key, db=self._latest)
             if raw is not None:
                 doomed.append((key, raw))
         else:
             end = keys.range_end_bound(key, req.range_end)
             if end is None or end > key:
-                cur = txn.cursor(db=self._kv)
+                cur = txn.cursor(db=self._latest)
                 if cur.set_range(key):
                     for k, raw in cur:
                         if end is not None and k >= end:
@@ -1418,13 +1438,13 @@ class _Executor:
             return
         rev = self._write_revision()
         for k, raw in doomed:
-            txn.delete(k, db=self._kv)
+            txn.delete(k, db=self._latest)
             sub = self._next_sub(rev)
             hkey = _HIST_KEY(rev, sub)
             self.events.append((hkey, history.encode_delete(k, rev, sub, raw[_WRITE_KEY])))
             txn.put(k, hkey, db=self._tombs_db)
             if req.prev_kv:
-                prev = keys.to_key_value(k, raw)
+                prev = keys.to_key_value(k, self._record(raw))
                 if self.leased_keys:
                     prev.lease = self._leases.lease_of(txn, k)
                 resp.prev_kvs.append(prev)
@@ -1434,12 +1454,16 @@ class _Executor:
             self._tomb_at = self._tomb_cursor.set_key
         resp.deleted = len(doomed)
 
+    def _compared(self, c: kv_pb2.Compare) -> bytes | None:
+        """The record a compare looks at: the header, or for a value compare the whole record."""
+        header = self.txn.get(c.key, db=self._latest)
+        return self._record(header) if header is not None and c.target == _VALUE else header
+
     def _txn(self, req: kv_pb2.TxnRequest, resp: kv_pb2.TxnResponse) -> None:
         outer = self._txn_rev == 0
         if outer:
             self._txn_rev, self._txn_wrote = self.revision + 1, False
-        txn = self.txn
-        ok = all(compare_holds(c, txn.get(c.key, db=self._kv)) for c in req.compare)
+        ok = all(compare_holds(c, self._compared(c)) for c in req.compare)
         resp.succeeded = ok
         for op in req.success if ok else req.failure:
             self._run_op(op, resp.responses.add())

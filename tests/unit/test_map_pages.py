@@ -16,7 +16,7 @@ from kvstore.storage.state_machine import StateMachine
 from kvstore.v1 import command_pb2, kv_pb2
 
 VALUE = os.urandom(1000)
-WRITTEN = 24 << 20  # bytes of values written: history, kv and key_revs pages come to more
+WRITTEN = 24 << 20  # bytes of values written: history and latest pages come to more
 KEYS = 2000  # few keys: the kv db stays small, nearly all the pages written are history
 
 

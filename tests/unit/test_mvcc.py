@@ -291,8 +291,10 @@ def test_compaction_survives_reopen(tmp_path, monkeypatch):
         sm.close()
 
 
-def test_a_store_of_the_layout_before_history_chains_is_refused(tmp_path):
-    """No migration: a data dir or snapshot image with the old key_revs index fails clearly, not misread."""
+@pytest.mark.parametrize("old_db", [b"key_revs", b"kv"])
+def test_a_store_of_an_older_layout_is_refused(tmp_path, old_db):
+    """No migration: a data dir or snapshot image with the key_revs index (before history
+    chains) or the kv db (values stored twice) fails clearly, not misread."""
     import lmdb
 
     from kvstore.storage.state_machine import StoreLayoutError, read_image_meta
@@ -302,9 +304,31 @@ def test_a_store_of_the_layout_before_history_chains_is_refused(tmp_path):
     data = sm.data_path
     sm.close()
     env = lmdb.open(str(tmp_path / "sm" / "current"), max_dbs=16)
-    env.open_db(b"key_revs", dupsort=True)
+    env.open_db(old_db)
     env.close()
-    with pytest.raises(StoreLayoutError, match="key_revs"):
+    with pytest.raises(StoreLayoutError, match=old_db.decode()):
         read_image_meta(data)
     with pytest.raises(StoreLayoutError, match="older version"):
         StateMachine.open(path, 64 << 20, fsync=False)
+
+
+def test_each_value_is_stored_once(tmp_path):
+    """latest holds a 28-byte header per key and no value: 1,000 puts of 8 KiB values take
+    3,000 overflow pages (history only), not 6,000 (history and latest)."""
+    sm = StateMachine.open(str(tmp_path / "sm"), 256 << 20, fsync=False)
+    try:
+        log = Log(sm)
+        value = bytes(8192)
+        for i in range(0, 1000, 100):
+            log(cmd(*(put(b"k%04d" % j, value) for j in range(i, i + 100))))
+        log(cmd(put(b"k0001", b"new"), txn(put(b"k0002", b"in a txn"))))
+        assert get(sm, b"k0001") == [(b"k0001", b"new", 2, 1001, 2)]
+        assert get(sm, b"k0002")[0][1] == b"in a txn"
+        assert get(sm, b"k0003", 500) == [(b"k0003", value, 4, 4, 1)]
+        with sm._env.begin() as t:
+            assert {len(v) for _, v in t.cursor(db=sm._latest)} == {28}
+            stats = {"latest": t.stat(sm._latest), "history": t.stat(sm._hist)}
+        assert stats["latest"]["overflow_pages"] == 0
+        assert 1000 * 3 <= stats["history"]["overflow_pages"] <= 1000 * 3 + 10  # 8 KiB + event: 3 pages
+    finally:
+        sm.close()
