@@ -80,6 +80,7 @@ _LEASE = struct.Struct(">q")
 _MOD = struct.Struct(">q")  # a record's mod revision, at offset 8 (keys.py)
 _PREV_END = REV.size  # prev is event[:_PREV_END], the kind byte event[_PREV_END]
 _KEY_AT = _PREV_END + 1 + _KEY_LEN.size
+_VALUE_AT = _KEY_AT + HEADER_SIZE  # plus the key length (and the lease id, if LEASED)
 # kind + key length of a put, by key length: what a put's event holds between prev and key
 PUT_HEADS = tuple(bytes([PUT]) + _KEY_LEN.pack(n) for n in range(MAX_KEY_BYTES + 1))
 
@@ -141,10 +142,23 @@ def record_in(raw: bytes) -> bytes:
 
 def record_of(txn: lmdb.Transaction[bytes], hist: lmdb._Database, header: bytes) -> bytes:
     """The stored record (header + value) of the put whose `latest` header is `header`."""
+    return record_in(_event_of(txn, hist, header))
+
+
+def value_of(txn: lmdb.Transaction[bytes], hist: lmdb._Database, header: bytes) -> bytes:
+    """The value of the put whose `latest` header is `header` (a latest read's path)."""
+    raw = txn.get(header[WRITE_KEY], None, hist)  # positional: py-lmdb parses keywords slowly
+    if raw is None:
+        raw = _event_of(txn, hist, header)  # raises
+    at = _VALUE_AT + _KEY_LEN.unpack_from(raw, _PREV_END + 1)[0]
+    return raw[at + _LEASE.size:] if raw[_PREV_END] & LEASED else raw[at:]
+
+
+def _event_of(txn: lmdb.Transaction[bytes], hist: lmdb._Database, header: bytes) -> bytes:
     raw = txn.get(header[WRITE_KEY], db=hist)
     if raw is None:  # a key's newest put is never compacted
         raise lmdb.CorruptedError(f"history event {REV.unpack(header[WRITE_KEY])} of a live key is missing")
-    return record_in(raw)
+    return raw
 
 
 def check_revision(revision: int, compact_revision: int, current: int) -> None:
@@ -250,10 +264,6 @@ def events_from(txn: lmdb.Transaction[bytes], hist: lmdb._Database, start: int,
         if limit is not None and hkey >= limit:
             return
         yield decode(hkey, raw)
-
-
-def value_of(record: bytes) -> bytes:
-    return record[HEADER_SIZE:]
 
 
 def compaction_start(compacted: int, resume: bytes | None) -> bytes:

@@ -59,6 +59,12 @@ def add_key_value(kvs, key: bytes, raw: bytes, keys_only: bool = False) -> None:
         kvs.add(key=key, create_revision=create, mod_revision=mod, version=version, value=raw[HEADER_SIZE:])
 
 
+def add_header_value(kvs, key: bytes, header: bytes, value: bytes) -> None:
+    """Append the KeyValue of a key's header and value to a repeated field, built in place."""
+    create, mod, _, version = _HEADER.unpack_from(header)
+    kvs.add(key=key, create_revision=create, mod_revision=mod, version=version, value=value)
+
+
 def range_end_bound(key: bytes, range_end: bytes) -> bytes | None:
     """The exclusive upper bound of a multi-key range, None for "no bound".
 

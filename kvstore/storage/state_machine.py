@@ -100,6 +100,7 @@ _META_KEY = b"state"
 _HIST_KEY = history.REV.pack
 _VALUE = kv_pb2.Compare.CompareTarget.VALUE
 record_of = history.record_of
+value_of = history.value_of
 _PUT_HEADS = history.PUT_HEADS
 _NO_PREV = history.NO_PREV
 _WRITE_KEY = keys.WRITE_KEY
@@ -1168,7 +1169,10 @@ def _range(txn, hist, req: kv_pb2.RangeRequest, revision: int, resp: kv_pb2.Rang
         if raw is not None:
             resp.count = 1
             if not req.count_only:
-                keys.add_key_value(resp.kvs, key, raw if req.keys_only else record_of(txn, hist, raw), req.keys_only)
+                if req.keys_only:
+                    keys.add_key_value(resp.kvs, key, raw, True)
+                else:
+                    keys.add_header_value(resp.kvs, key, raw, value_of(txn, hist, raw))
         return resp
     end = keys.range_end_bound(key, range_end)
     if end is not None and end <= key:
@@ -1184,13 +1188,17 @@ def _range(txn, hist, req: kv_pb2.RangeRequest, revision: int, resp: kv_pb2.Rang
                 break
             count += 1
     else:
-        keys_only = req.keys_only
+        keys_only, kvs = req.keys_only, resp.kvs
+        add_key, add_value = keys.add_key_value, keys.add_header_value
         for k, raw in cur:
             if end is not None and k >= end:
                 break
             count += 1
             if not limit or count <= limit:
-                keys.add_key_value(resp.kvs, k, raw if keys_only else record_of(txn, hist, raw), keys_only)
+                if keys_only:
+                    add_key(kvs, k, raw, True)
+                else:
+                    add_value(kvs, k, raw, value_of(txn, hist, raw))
         resp.more = count > len(resp.kvs)
     resp.count = count
     return resp

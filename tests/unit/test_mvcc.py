@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from kvstore.storage import history
+from kvstore.storage import history, keys
 from kvstore.storage.errors import ApplyError, ErrorCode
 from kvstore.storage.state_machine import StateMachine
 from kvstore.v1 import command_pb2, kv_pb2
@@ -146,7 +146,7 @@ def test_events_in_revision_order_with_prev_kv(sm, log):
     log(cmd(put(b"a", b"1")), cmd(put(b"a", b"2")), cmd(delete(b"a")), cmd(txn(put(b"x"), put(b"y"))))
     events, rev = sm.events(1, 100, prev_kv=True)
     assert rev == 4
-    got = [(e.revision, e.sub, e.kind, e.key, prev and history.value_of(prev.record)) for e, prev in events]
+    got = [(e.revision, e.sub, e.kind, e.key, prev and keys.decode_value(prev.record)) for e, prev in events]
     assert got == [(1, 0, history.PUT, b"a", None), (2, 0, history.PUT, b"a", b"1"),
                    (3, 0, history.DELETE, b"a", b"2"), (4, 0, history.PUT, b"x", None),
                    (4, 1, history.PUT, b"y", None)]

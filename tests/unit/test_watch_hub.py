@@ -7,7 +7,7 @@ import pytest
 
 from kvstore.server import watch_hub
 from kvstore.server.watch_hub import RevisionError, Watcher, WatchHub
-from kvstore.storage import history
+from kvstore.storage import history, keys
 from kvstore.storage.state_machine import StateMachine
 from kvstore.v1 import command_pb2, kv_pb2
 
@@ -194,7 +194,7 @@ def test_slow_watchers_of_one_burst_catch_up_from_memory(fx, monkeypatch):
     while not with_prev.synced or with_prev.pending:
         while with_prev.pending:
             ev, prev = with_prev.pending.popleft()
-            events.append((ev.revision, prev and history.value_of(prev.record)))
+            events.append((ev.revision, prev and keys.decode_value(prev.record)))
         if not with_prev.synced:
             fx.hub.catch_up(with_prev)
     assert events == [(1, None)] + [(r, b"%d" % (r - 2)) for r in range(2, 31)]
