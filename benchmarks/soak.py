@@ -69,6 +69,7 @@ class Row:
 class Soak:
     system: str
     rows: list[Row] = field(default_factory=list)
+    stalled: str = ""  # why the load ended early: a window that did not finish
 
     def leader_changes(self) -> int:
         seen = [(r.leader, r.term) for r in self.rows]
@@ -222,7 +223,13 @@ def soak_etcd(a: argparse.Namespace, workdir: Path) -> Soak:
             cmd = [sys.executable, str(SHARED_BENCH / "etcd_load.py"), "--target", etcd.client[1], "--op", "put",
                    "--procs", str(procs), "--conc", str(a.clients // procs), "--secs", str(a.window),
                    "--vsize", str(a.value_bytes), "--nkeys", str(a.nkeys)]
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=a.window + 120)
+            try:
+                res = subprocess.run(cmd, capture_output=True, text=True, timeout=a.window + 120)
+            except subprocess.TimeoutExpired:  # etcd stopped answering: the run ends here, its rows stand
+                out.stalled = (f"at t={time.monotonic() - t0:.0f}s a {a.window:g} s load window had not "
+                               f"finished after {a.window + 120:g} s")
+                print(f"etcd     {out.stalled}: stopping this system's soak")
+                break
             m = _ETCD_LINE.search(res.stdout)
             if not m:
                 raise RuntimeError(f"etcd_load.py printed no result: {res.stdout[-300:]} {res.stderr[-800:]}")
@@ -258,6 +265,8 @@ def goals(s: Soak, window_s: float) -> dict[str, str]:
     last = sum(r.rate for r in s.rows[-per5:]) / len(s.rows[-per5:])
     worst_p99 = max(r.p99 for r in s.rows) / s.rows[0].p99 if s.rows[0].p99 else float("nan")
     return {
+        "stalled": s.stalled or "no",
+        "minutes of load measured": f"{s.rows[-1].at_s / 60:.1f}",
         "leader changes": str(s.leader_changes()),
         "throughput last 5 min / first 5 min (halves if shorter)": f"{last / first:.2f}" if first else "-",
         "worst window p99 / first window p99": f"{worst_p99:.2f}",
