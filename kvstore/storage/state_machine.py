@@ -63,8 +63,8 @@ one lock, and install_snapshot and close end the image streams first.
 """
 from __future__ import annotations
 
-import logging
 import bisect
+import logging
 import os
 import shutil
 import struct
@@ -150,7 +150,7 @@ class SnapshotImageError(Exception):
 
 
 class StoreLayoutError(SnapshotImageError):
-    """A store or image written with the layout before history chains, which this version cannot read."""
+    """A store or image written with an older layout (see _OLD_LAYOUT_DBS), which this version cannot read."""
 
 
 # Sub-databases of older layouts (history.py): key_revs, the key -> revisions index that
@@ -782,7 +782,7 @@ class StateMachine:
             raw = txn.get(key, db=self._latest)
             if raw is None:
                 return None
-            kv = keys.to_key_value(key, history.record_of(txn, self._hist, raw))
+            kv = keys.to_key_value(key, record_of(txn, self._hist, raw))
             kv.lease = self._leases.lease_of(txn, key)
             return kv
 
@@ -790,7 +790,7 @@ class StateMachine:
         """Every key -> (create_revision, mod_revision, version, value); for tests."""
         with self._env.begin() as txn:
             return {
-                k: (*keys.decode_header(v), keys.decode_value(history.record_of(txn, self._hist, v)))
+                k: (*keys.decode_header(v), keys.decode_value(record_of(txn, self._hist, v)))
                 for k, v in txn.cursor(db=self._latest)
             }
 
