@@ -393,7 +393,10 @@ class Raft:
 
         if t == MT.VOTE or t == MT.PRE_VOTE:
             self._handle_vote_request(m)
-        elif self.state == StateRole.LEADER:
+            return
+        if m.reject and (t == MT.VOTE_RESP or t == MT.PRE_VOTE_RESP):
+            self._learn_commit(m)
+        if self.state == StateRole.LEADER:
             self._step_leader(m)
         elif self.state == StateRole.FOLLOWER:
             self._step_follower(m)
@@ -415,7 +418,25 @@ class Raft:
                 self.election_elapsed = 0
                 self.vote = m.frm
         else:
-            self.send(Message(resp_type, to=m.frm, term=self.term, reject=True))
+            # the rejection carries our commit index and its term: see _learn_commit
+            committed = self.log.committed
+            self.send(Message(resp_type, to=m.frm, term=self.term, reject=True,
+                              commit=committed, log_term=self.log.term_or_zero(committed)))
+
+    def _learn_commit(self, m: Message) -> None:
+        """Commit what a voter that rejected us knows is committed, where our log holds the same entry.
+
+        Membership takes effect on apply, so a leader that removed itself can be cut
+        off (or lose power) after the removal committed but before the others heard
+        so. They still count it as a voter, and it refuses them its vote (its log is
+        longer, and it never campaigns): no one can win. Its commit index ends that.
+        Safe by Log Matching: an entry with the same index and term is the same
+        entry, with the same log before it, and a committed entry stays committed.
+        """
+        if m.commit <= self.log.committed or m.log_term == 0:
+            return
+        if self.log.match_term(m.commit, m.log_term):
+            self.log.commit_to(m.commit)
 
     # -- leader -----------------------------------------------------------------------------------------
 

@@ -20,7 +20,9 @@ node starts), promote it, add a voter, remove a voter or a learner, sometimes
 forced past the strict reconfiguration check, down to one voter and up to
 twice the initial size. The apply pipeline's membership hook records each
 change with the state machine (and its images), as the server's does. A
-removed node keeps running (it may not know), and its id is never reused.
+removed node keeps running (it may not know), and its id is never reused;
+members that have applied its removal refuse its messages, as the peer
+server does.
 """
 from __future__ import annotations
 
@@ -134,6 +136,8 @@ class SimEvents:
         sim = self.sim
         sm = sim.nodes[self.id].disk.sm
         sim.conf_before[self.id] = sm.conf
+        if cc.change_type == ConfChange.REMOVE_NODE:
+            sim.removed_at[cc.node_id] = index
         sm.conf = conf_state_after(sm.conf, cc)
         sim.conf_changes_applied[cc.change_type] += 1
         sim.log("conf", self.id, index, sm.conf.voters, sm.conf.learners)
@@ -154,6 +158,10 @@ class Simulation:
         self.max_id = 2 * n  # membership worlds start new nodes up to this id
         self.conf_changes_applied: Counter[int] = Counter()  # ConfChange type -> applies (all nodes)
         self.conf_before: dict[int, ConfState] = {}  # node -> its member set before its last applied change
+        # member -> index of the entry that removed it; a member that has applied it refuses the removed
+        # member's messages, as the peer server does (else, with neither pre-vote nor check-quorum, a
+        # removed member that never heard of its removal disrupts every election with a higher term)
+        self.removed_at: dict[int, int] = {}
         p = self.p
         self.faults = Faults(rng, p.p_crash_fsync, p.p_crash_install, p.p_fsync_error, p.p_power)
         self.nodes = {i: SimNode(i, self.faults, self.initial) for i in self.ids}
@@ -387,7 +395,7 @@ class Simulation:
                 self.steps += 1
                 if kind == DELIVER:
                     sn = nodes[a.to]
-                    if sn.node is None or (a.frm, a.to) in self.blocked:
+                    if sn.node is None or (a.frm, a.to) in self.blocked or self.refuses(sn, a.frm):
                         if a.type == MessageType.SNAPSHOT:
                             self.snap_report(a.frm, a.to, False)
                         continue
@@ -444,6 +452,11 @@ class Simulation:
                 f"liveness: no proposal committed on all nodes within {p.liveness_ticks} ticks after healing "
                 f"(leaders: {[(i, n.node.raft.term) for i, n in nodes.items() if n.node and n.node.raft.state == StateRole.LEADER]})"))
         return self
+
+    def refuses(self, sn: SimNode, frm: int) -> bool:
+        """Whether member sn has applied frm's removal (peer_server.py refuses a removed member)."""
+        at = self.removed_at.get(frm)
+        return at is not None and sn.disk.sm.applied_index >= at
 
     def fail(self, v: Violation) -> Violation:
         v.sim = self

@@ -167,3 +167,32 @@ def test_no_campaign_while_a_committed_membership_change_is_unapplied():
     assert n.conf_state().voters == [1, 2]
     n.campaign()
     assert n.raft.state != StateRole.FOLLOWER
+
+
+def test_a_removed_leader_cut_off_before_the_others_heard_the_removal_committed():
+    """Leader 2 of voters [1, 2] removes itself; 1 acks, 2 commits and applies the removal, then is cut off
+    and loses power before 1 hears of the commit. 1 still counts 2 as a voter, and 2 (its log one entry
+    longer, never campaigning) refuses it its vote. 1 must learn the commit from that refusal: without it,
+    no leader is ever elected (simulator seed 140901)."""
+    c = Cluster(2, apply_conf_changes=True)
+    c.campaign(2)
+    c.nodes[2].propose_conf_change(ConfChange(REMOVE, 2))
+    c.handle_ready(2)
+    while c.queue:  # the removal reaches 1
+        c.deliver(c.queue.popleft())
+    c.nodes[2].propose(b"after the removal")  # appended at 2 before the removal applies, never sent
+    c.blocked.add((2, 1))  # 1 -> 2 still flows: 1's ack commits the removal at 2
+    c.stabilize()
+    assert c.nodes[2].conf_state().voters == [1]
+    assert c.raft(1).log.committed < c.raft(2).log.committed
+    assert c.raft(2).log.last_index() > c.raft(1).log.last_index()
+    c.crash(2)
+    c.start(2, conf_state=ConfState(voters=[1], learners=[]))
+    c.heal()
+    for _ in range(10 * c.raft(1).election_timeout):
+        c.tick()
+        if c.leader() == 1:
+            break
+    assert c.leader() == 1 and c.nodes[1].conf_state().voters == [1]
+    c.propose(1, b"served again")
+    assert c.applied_data(1)[-1] == b"served again"
