@@ -10,7 +10,9 @@ reads a unary call's status and trailing metadata (``AttemptFailed``).
 
 One stream = one reader task matching answers to callers by request id (they
 come back out of order), and one writer task draining a queue (grpc.aio allows
-one write in flight per stream). A caller takes an in-flight slot before it
+one write in flight per stream); the requests waiting in the queue when it is
+free go out packed in one message, each still a request of its own (its own
+id, answer and error), as the member packs its answers. A caller takes an in-flight slot before it
 queues its request, so a stream never has more than ``max_in_flight`` requests
 queued or unanswered: further callers wait (backpressure, no unbounded queue).
 
@@ -45,6 +47,12 @@ KIND: dict[str, str] = {
 #: The field number of each kind in SessionRequest (the request is framed by hand, see _frame).
 _FIELD = {name: kv_pb2.SessionRequest.DESCRIPTOR.fields_by_name[name].number for name in KIND.values()}
 _TAG = {name: bytes([(num << 3) | 2]) for name, num in _FIELD.items()}  # length-delimited
+#: SessionRequest.more (field 16, length-delimited): a further request packed into the same message.
+_MORE_TAG = b"\x82\x01"
+assert kv_pb2.SessionRequest.DESCRIPTOR.fields_by_name["more"].number == 16
+#: Requests waiting together are packed into one message up to about this size (one bigger
+#: request still goes alone); well under the member's receive cap of 4 x --max-request-bytes.
+PACK_BYTES = 256 << 10
 
 MD_LEADER_ID = "kvstore-leader-id"
 MD_LEADER_ADDR = "kvstore-leader-addr"
@@ -194,11 +202,23 @@ class SessionStream:
             # so a member that refuses the connection leaves every request certainly unapplied.
             await call.wait_for_connection()
             self.connected = True
+            pending = self._pending
             while True:
                 rid, frame = await queue.get()
-                if rid in self._pending:  # not already given up on
-                    self._written = rid  # from here on it may reach the member
-                    await call.write(frame)
+                if rid not in pending:  # already given up on
+                    continue
+                # Pack the requests waiting behind it into the same message (SessionRequest.more):
+                # a message costs both ends far more than a request does.
+                parts = [frame]
+                size = len(frame)
+                while size < PACK_BYTES and not queue.empty():
+                    more_rid, more = queue.get_nowait()
+                    if more_rid in pending:
+                        rid = more_rid
+                        parts += (_MORE_TAG, _varint(len(more)), more)
+                        size += len(more)
+                self._written = rid  # from here on they may reach the member (ids are queued in order)
+                await call.write(parts[0] if len(parts) == 1 else b"".join(parts))
         except asyncio.CancelledError:
             raise
         except grpc.aio.AioRpcError as e:

@@ -4,9 +4,10 @@ A stream answers several times more requests per second than unary calls
 (no per-call HTTP/2 stream, headers or trailers), so the client library sends
 everything over a few per member. Each stream has three parts:
 
-- the reader (the RPC handler itself) takes one request at a time and starts a
-  task for it; before each read it takes an in-flight slot, so at
-  ``max_in_flight`` unanswered requests it stops reading and HTTP/2 flow
+- the reader (the RPC handler itself) takes one message at a time and starts a
+  task for each request in it (a client packs the requests waiting together
+  into one message, in ``more``); each request takes an in-flight slot first,
+  so at ``max_in_flight`` unanswered requests it stops reading and HTTP/2 flow
   control pushes back on the client;
 - one task per request runs it through the same code as the unary call (and so
   the same proposal batching) and queues its answer;
@@ -123,10 +124,10 @@ class SessionStream:
                 except StopAsyncIteration:
                     slots.release()
                     break
-                self.received += 1
-                task = loop.create_task(self._answer(req, answers))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+                self._start(req, False, answers, tasks)
+                for packed in req.more:  # requests packed into the same message: a slot each
+                    await slots.acquire()
+                    self._start(packed, True, answers, tasks)
             # The client half-closed: finish what it sent, then end the RPC.
             while tasks:
                 await asyncio.gather(*tasks)
@@ -137,7 +138,14 @@ class SessionStream:
                 t.cancel()
             writer.cancel()
 
-    async def _answer(self, req: kv_pb2.SessionRequest, answers: asyncio.Queue[Any]) -> None:
+    def _start(self, req: kv_pb2.SessionRequest, packed: bool, answers: asyncio.Queue[Any],
+               tasks: set[asyncio.Task[None]]) -> None:
+        self.received += 1
+        task = asyncio.get_running_loop().create_task(self._answer(req, packed, answers))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    async def _answer(self, req: kv_pb2.SessionRequest, packed: bool, answers: asyncio.Queue[Any]) -> None:
         resp = kv_pb2.SessionAnswer(id=req.id)
         t0 = time.perf_counter()
         code = "OK"
@@ -148,6 +156,8 @@ class SessionStream:
                 raise InvalidRequest("session request id must be non-zero")
             if kind is None:
                 raise InvalidRequest("session request is empty: set one of range, put, delete_range, txn or batch")
+            if packed and req.more:
+                raise InvalidRequest("a session request in `more` may not carry `more` of its own")
             timeout = self._default_timeout
             if req.timeout_ms:
                 timeout = min(timeout, req.timeout_ms / 1000)

@@ -31,12 +31,18 @@ class _KV(kv_pb2_grpc.KVServicer):
         self.handler = handler
         self.max_in_flight = max_in_flight
         self.streams: list[SessionStream] = []
+        self.messages = 0  # stream messages read (a message may pack several requests)
 
     async def Session(self, requests, context):  # type: ignore[no-untyped-def]
         stream = SessionStream(self.handler, max_in_flight=self.max_in_flight, default_timeout=10.0)
         self.streams.append(stream)
         await context.send_initial_metadata(())
-        await stream.run(requests, context.write)
+        await stream.run(self._counted(requests), context.write)
+
+    async def _counted(self, requests):  # type: ignore[no-untyped-def]
+        async for msg in requests:
+            self.messages += 1
+            yield msg
 
 
 async def start_server(handler: Handler, max_in_flight: int = 8) -> tuple[grpc.aio.Server, str, _KV]:
@@ -323,5 +329,73 @@ def test_a_stream_the_member_aborts_with_any_status_is_a_retryable_transport_fai
         e = ei.value
         assert e.code is grpc.StatusCode.UNAVAILABLE and e.unreachable  # the client's retry takes it from here
         assert "INTERNAL: RST_STREAM" in e.details and "outcome unknown" in e.details
+
+    asyncio.run(main())
+
+
+def packed(*frames: kv_pb2.SessionRequest) -> kv_pb2.SessionRequest:
+    """The first request with the others packed behind it in ``more``, as the client writes them."""
+    msg = kv_pb2.SessionRequest()
+    msg.CopyFrom(frames[0])
+    msg.more.extend(frames[1:])
+    return msg
+
+
+def test_packed_requests_are_each_answered_on_their_own_and_each_take_a_slot():
+    async def main() -> None:
+        held = Held()
+        server, addr, kv = await start_server(held, max_in_flight=3)
+        async with grpc.aio.insecure_channel(addr) as ch:
+            call = kv_pb2_grpc.KVStub(ch).Session()
+            await call.write(packed(*(put_frame(i, value=b"x" * i) for i in range(1, 6))))  # 5 in one message
+            await call.write(put_frame(6))
+            await wait_until(lambda: held.started >= 3, what="3 requests started")
+            await asyncio.sleep(0.3)  # at the bound of 3, the rest of the message waits and nothing more is read
+            assert held.started == 3 and kv.messages == 1
+            held.release.set()
+            answers = await read_answers(call, 6)
+            assert kv.messages == 2 and kv.streams[0].received == 6
+            assert {a.id for a in answers} == set(range(1, 7))
+            assert all(a.WhichOneof("response") == "put" for a in answers)
+            call.cancel()
+        await server.stop(None)
+
+    asyncio.run(main())
+
+
+def test_a_packed_request_that_packs_more_is_refused_alone():
+    async def main() -> None:
+        server, addr, kv = await start_server(echo)
+        async with grpc.aio.insecure_channel(addr) as ch:
+            call = kv_pb2_grpc.KVStub(ch).Session()
+            await call.write(packed(put_frame(1, value=b"a"), packed(put_frame(2), put_frame(3)),
+                                    put_frame(4, value=b"abcd")))
+            got = {a.id: a for a in await read_answers(call, 3)}
+            await call.write(put_frame(5, value=b"abcde"))  # the stream goes on
+            got.update({a.id: a for a in await read_answers(call, 1)})
+            call.cancel()
+        await server.stop(None)
+        assert got[1].put.header.revision == 1 and got[4].put.header.revision == 4 and got[5].put.header.revision == 5
+        assert got[2].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert "may not carry `more`" in got[2].error.message and got[2].error.not_applied
+        assert 3 not in got  # never a request of its own
+
+    asyncio.run(main())
+
+
+def test_the_client_packs_requests_waiting_together_into_one_message():
+    async def main() -> None:
+        server, addr, kv = await start_server(echo, max_in_flight=1000)
+        async with grpc.aio.insecure_channel(addr) as ch:
+            s = ClientStream(ch)
+            reqs = [kv_pb2.PutRequest(key=b"k%d" % i, value=b"v" * i) for i in range(200)]
+            got = await asyncio.gather(*(s.call("put", r, 10.0) for r in reqs))
+            assert [g.header.revision for g in got] == list(range(200))  # each caller its own answer
+            assert kv.streams[0].received == 200
+            assert kv.messages < 20, kv.messages  # 200 callers at once: packed, not one message each
+            one = await s.call("put", kv_pb2.PutRequest(key=b"alone", value=b"xyz"), 10.0)
+            assert one.header.revision == 3
+            s.close()
+        await server.stop(None)
 
     asyncio.run(main())
