@@ -208,7 +208,10 @@ class SessionStream:
                 if rid not in pending:  # already given up on
                     continue
                 # Pack the requests waiting behind it into the same message (SessionRequest.more):
-                # a message costs both ends far more than a request does.
+                # a message costs both ends far more than a request does. Callers woken in the
+                # same loop turn as this writer queue theirs after it runs: let them, first.
+                if queue.empty():
+                    await asyncio.sleep(0)
                 parts = [frame]
                 size = len(frame)
                 while size < PACK_BYTES and not queue.empty():
