@@ -10,8 +10,12 @@ client can carry its requests:
   same processes, same concurrency as against etcd);
 - per-caller: each caller holds one bidirectional stream and ping-pongs on it;
 - shared: every caller of a load process multiplexes onto ONE stream (ids, a
-  writer task draining a queue, a reader task matching answers), as kvstore's
-  client library does with one session stream per member.
+  writer task draining a queue, a reader task matching answers);
+- packed: the same, but the writer packs every request waiting in the queue
+  into one message and the server answers a message's requests in one
+  message, as kvstore's client library and member do on a session stream;
+- raw-tcp: the packed scheme on a plain asyncio TCP connection (uvloop, 4-byte
+  length prefix) instead of gRPC: the floor of a stream that is not gRPC.
 
     .venv/bin/python benchmarks/grpc_floor.py [--secs 10] [--clients 256,1] [--procs 2]
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -46,9 +51,20 @@ class NullKV(rpc.KVServicer):
         return pb.PutResponse()
     async def Range(self, request, context):
         return pb.RangeResponse()
+FRAME = 8 + 9 + 256  # id, key, value: every request has this size
 async def echo_ids(requests, context):
-    async for msg in requests:  # answer each request with its 8-byte id, in order
-        await context.write(msg[:8])
+    async for msg in requests:  # answer each request (several when packed) with its 8-byte id, in order
+        await context.write(b"".join(msg[i:i + 8] for i in range(0, len(msg), FRAME)))
+async def raw_conn(reader, writer):
+    try:
+        while True:
+            n = int.from_bytes(await reader.readexactly(4), "little")
+            msg = await reader.readexactly(n)
+            ids = b"".join(msg[i:i + 8] for i in range(0, n, FRAME))
+            writer.write(len(ids).to_bytes(4, "little") + ids)
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        writer.close()
 async def main():
     server = grpc.aio.server()
     rpc.add_KVServicer_to_server(NullKV(), server)
@@ -56,6 +72,8 @@ async def main():
         "floor.Null", {"Stream": grpc.stream_stream_rpc_method_handler(echo_ids)}),))
     server.add_insecure_port(sys.argv[1])
     await server.start()
+    host, port = sys.argv[1].rsplit(":", 1)
+    await asyncio.start_server(raw_conn, host, int(port) + 1)  # raw-tcp mode: the next port
     print("ready", flush=True)
     await server.wait_for_termination()
 uvloop.run(main())
@@ -114,6 +132,68 @@ async def shared(ch, conc, deadline, lat, val):
     call.cancel()
     return sum(ns)
 
+# callers sharing one connection: the writer packs what waits, the reader matches ids
+async def packed_callers(write_packed, read_ids, conc, deadline, lat, val):
+    loop = asyncio.get_running_loop()
+    queue, pending = asyncio.Queue(), {}
+    async def writer():
+        while True:
+            parts = [await queue.get()]
+            if queue.empty():
+                await asyncio.sleep(0)  # callers woken in this loop turn queue theirs first
+            while not queue.empty():
+                parts.append(queue.get_nowait())
+            await write_packed(b"".join(parts))
+    async def reader():
+        while True:
+            ids = await read_ids()
+            if ids is None:
+                return
+            for j in range(0, len(ids), 8):
+                pending.pop(struct.unpack_from("<Q", ids, j)[0]).set_result(None)
+    tasks = [loop.create_task(writer()), loop.create_task(reader())]
+    ids = iter(range(1 << 62))
+    async def caller():
+        n = 0
+        while time.perf_counter() < deadline:
+            i = next(ids)
+            fut = pending[i] = loop.create_future()
+            t = time.perf_counter()
+            queue.put_nowait(frame(i, val))
+            await fut
+            lat.append(time.perf_counter() - t)
+            n += 1
+        return n
+    ns = await asyncio.gather(*(caller() for _ in range(conc)))
+    for t in tasks:
+        t.cancel()
+    return sum(ns)
+
+async def packed_grpc(ch, conc, deadline, lat, val):
+    call = ch.stream_stream("/floor.Null/Stream")()
+    async def read_ids():
+        msg = await call.read()
+        return None if msg is grpc.aio.EOF else msg
+    n = await packed_callers(call.write, read_ids, conc, deadline, lat, val)
+    call.cancel()
+    return n
+
+async def packed_raw(addr, conc, deadline, lat, val):
+    host, port = addr.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port) + 1)
+    async def write_packed(msg):
+        writer.write(len(msg).to_bytes(4, "little") + msg)
+        await writer.drain()
+    async def read_ids():
+        try:
+            n = int.from_bytes(await reader.readexactly(4), "little")
+            return await reader.readexactly(n)
+        except asyncio.IncompleteReadError:
+            return None
+    n = await packed_callers(write_packed, read_ids, conc, deadline, lat, val)
+    writer.close()
+    return n
+
 async def run(addr, mode, conc, secs, q):
     async with grpc.aio.insecure_channel(addr) as ch:
         await ch.channel_ready()
@@ -121,6 +201,10 @@ async def run(addr, mode, conc, secs, q):
         deadline = time.perf_counter() + secs
         if mode == "shared":
             n = await shared(ch, conc, deadline, lat, val)
+        elif mode == "packed":
+            n = await packed_grpc(ch, conc, deadline, lat, val)
+        elif mode == "raw-tcp":
+            n = await packed_raw(addr, conc, deadline, lat, val)
         else:
             n = sum(await asyncio.gather(*(per_caller(ch, deadline, lat, val) for _ in range(conc))))
         q.put((n, lat))
@@ -143,7 +227,7 @@ if __name__ == "__main__":
     print(f"put ops={total} rate={total / secs:.0f}/s p50={pct(.5):.2f}ms p99={pct(.99):.2f}ms clients={procs * conc}")
 """
 
-MODES = ("unary", "per-caller", "shared")
+MODES = ("unary", "per-caller", "shared", "packed", "raw-tcp")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -151,9 +235,21 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def two_free_ports() -> int:
+    """A free port whose successor is free too (the raw-tcp server listens on the next port)."""
+    while True:
+        port = free_ports(1)[0]
+        try:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+
+
 def null_point(mode: str, clients: int, procs: int, secs: float) -> tuple[float, float, float]:
     """(ops/s, p50 ms, server CPU µs per request) of the do-nothing server under one load ``mode``."""
-    addr = f"127.0.0.1:{free_ports(1)[0]}"
+    addr = f"127.0.0.1:{two_free_ports()}"
     server = subprocess.Popen([sys.executable, "-c", NULL_SERVER, addr, str(SHARED_BENCH)],
                               stdout=subprocess.PIPE, text=True)
     try:
@@ -198,7 +294,7 @@ def main() -> int:
                 print(f"round {r + 1}, {clients} caller(s): etcd put {e.rate:,.0f}/s p50 {e.p50:.2f} ms", flush=True)
                 for mode in modes:
                     rate, p50, us = null_point(mode, clients, procs, a.secs)
-                    print(f"  do-nothing grpc.aio server, {mode:<10}: {rate:>9,.0f}/s = {rate / e.rate:.2f}x etcd; "
+                    print(f"  do-nothing server, {mode:<10}: {rate:>9,.0f}/s = {rate / e.rate:.2f}x etcd; "
                           f"p50 {p50:.2f} ms = {p50 / e.p50:.2f}x etcd's; {us:.0f} µs server CPU per request",
                           flush=True)
                 time.sleep(1)
