@@ -8,6 +8,7 @@ when each request it routed starts and ends.
 """
 from __future__ import annotations
 
+import asyncio
 import random
 from typing import Protocol
 from collections.abc import Callable, Mapping, Sequence
@@ -32,15 +33,34 @@ class _NoTracking:
 
 
 class RoundRobin(_NoTracking):
-    """Each endpoint in turn."""
+    """Each endpoint in turn, one turn per event-loop turn.
+
+    The calls made in the same loop turn (callers woken together by one
+    answer message) go to the same member, so they travel in one session
+    stream message, as a coalesced batch would; spread call by call over
+    every member's streams they would cost a message each. Outside an event
+    loop, each call is a turn.
+    """
 
     def __init__(self) -> None:
         self._i = 0
+        self._held = False  # the turn ends when the loop turn does
 
     def pick(self, candidates: Sequence[str]) -> str:
         i = self._i
-        self._i = i + 1
+        if not self._held:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self._i = i + 1
+                return candidates[i % len(candidates)]
+            self._held = True
+            loop.call_soon(self._next_turn)
         return candidates[i % len(candidates)]
+
+    def _next_turn(self) -> None:
+        self._i += 1
+        self._held = False
 
 
 class RandomChoice(_NoTracking):

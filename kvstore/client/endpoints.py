@@ -7,6 +7,7 @@ grows with the client addresses the cluster reports (redirects, MemberList).
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -82,7 +83,8 @@ async def keep_alive_once(open_stream: Any, request: lease_pb2.LeaseKeepAliveReq
 class Connection:
     """A channel to one member with its stubs' bound methods, looked up by RPC name, and its session stream."""
 
-    __slots__ = ("addr", "channel", "methods", "lease_keep_alive", "_streams", "_turn", "_credentials", "_retiring")
+    __slots__ = ("addr", "channel", "methods", "lease_keep_alive", "_streams", "_turn", "_turn_held", "_credentials",
+                 "_retiring")
 
     def __init__(self, addr: str, options: Sequence[tuple[str, Any]], streams: int = 1,
                  tls: TLS | None = None, credentials: Credentials | None = None) -> None:
@@ -125,11 +127,18 @@ class Connection:
             self.methods[name] = getattr(auth, name)
         self._streams: list[SessionStream | None] = [None] * streams
         self._turn = 0
+        self._turn_held = False  # the turn moves on when the event-loop turn ends
 
     def stream(self) -> SessionStream:
-        """A session stream to this member (the next in turn); a new one where there is none or it broke."""
+        """A session stream to this member (the next in turn); a new one where there is none or it broke.
+
+        The turn moves on once per event-loop turn: calls made together (callers woken by one answer
+        message) share a stream, and so a message, as a coalesced batch would.
+        """
         i = self._turn
-        self._turn = (i + 1) % len(self._streams)
+        if not self._turn_held:
+            self._turn_held = True
+            asyncio.get_running_loop().call_soon(self._next_turn)
         s: SessionStream | None = self._streams[i]
         creds = self._credentials
         if creds is not None:
@@ -145,6 +154,10 @@ class Connection:
                 s = SessionStream(self.channel, metadata=creds.metadata, generation=creds.generation)
             self._streams[i] = s
         return s
+
+    def _next_turn(self) -> None:
+        self._turn = (self._turn + 1) % len(self._streams)
+        self._turn_held = False
 
     def _retire_idle(self) -> None:
         keep = []

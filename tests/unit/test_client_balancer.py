@@ -1,6 +1,7 @@
 """Each read balancer spreads picks the way it promises."""
 from __future__ import annotations
 
+import asyncio
 import random
 from collections import Counter
 
@@ -16,6 +17,20 @@ def test_round_robin_is_exactly_even_and_in_turn():
     picks = [b.pick(EPS) for _ in range(300)]
     assert picks[:4] == ["a:1", "b:1", "c:1", "a:1"]
     assert Counter(picks) == {"a:1": 100, "b:1": 100, "c:1": 100}
+
+
+def test_round_robin_in_an_event_loop_turns_once_per_loop_turn():
+    """Calls made in one loop turn go to one member (their requests then share a stream message)."""
+    async def main() -> list[list[str]]:
+        b = RoundRobin()
+        turns = []
+        for _ in range(6):
+            turns.append([b.pick(EPS) for _ in range(10)])
+            await asyncio.sleep(0)
+        return turns
+
+    turns = asyncio.run(main())
+    assert [set(t) for t in turns] == [{"a:1"}, {"b:1"}, {"c:1"}, {"a:1"}, {"b:1"}, {"c:1"}]
 
 
 def test_random_is_roughly_uniform():
