@@ -107,8 +107,9 @@ class AsyncClient(AuthAdmin):
     ``endpoints``: any members' client addresses (default: the local cluster).
     ``timeout``: total deadline of each call in seconds, retries included.
     ``retry``: a RetryPolicy (default: exponential backoff with full jitter).
-    ``balancer``: how serializable reads are spread ("round_robin", "random",
-    "least_outstanding", or a Balancer such as ``Weighted({...})``).
+    ``balancer``: how serializable reads are spread ("round_robin", the default,
+    turns once per event-loop turn: reads made together go to one member;
+    "random", "least_outstanding", or a Balancer such as ``Weighted({...})``).
     ``coalesce``: gather concurrent calls into Batch RPCs (on by default).
     ``breaker`` and ``retry_budget``: how hard failing calls may press the
     cluster (default: ``CircuitBreaker()`` and ``RetryBudget()``).
