@@ -209,8 +209,9 @@ class SessionStream:
                     continue
                 # Pack the requests waiting behind it into the same message (SessionRequest.more):
                 # a message costs both ends far more than a request does. Callers woken in the
-                # same loop turn as this writer queue theirs after it runs: let them, first.
-                if queue.empty():
+                # same loop turn as this writer queue theirs after it runs: let them, first
+                # (unless this request is alone on the stream: then nobody else is coming).
+                if queue.empty() and len(pending) > 1:
                     await asyncio.sleep(0)
                 parts = [frame]
                 size = len(frame)
