@@ -12,9 +12,10 @@ One stream = one reader task matching answers to callers by request id (they
 come back out of order), and one writer task draining a queue (grpc.aio allows
 one write in flight per stream); the requests waiting in the queue when it is
 free go out packed in one message, each still a request of its own (its own
-id, answer and error), as the member packs its answers. A caller takes an in-flight slot before it
-queues its request, so a stream never has more than ``max_in_flight`` requests
-queued or unanswered: further callers wait (backpressure, no unbounded queue).
+id, answer and error), as the member packs its answers. A caller takes an
+in-flight slot before it queues its request, so a stream never has more than
+``max_in_flight`` requests queued or unanswered: further callers wait
+(backpressure, no unbounded queue).
 
 A stream that breaks fails every request still pending on it. A request
 already written may have been applied, so it fails "outcome unknown" (no
@@ -47,9 +48,6 @@ KIND: dict[str, str] = {
 #: The field number of each kind in SessionRequest (the request is framed by hand, see _frame).
 _FIELD = {name: kv_pb2.SessionRequest.DESCRIPTOR.fields_by_name[name].number for name in KIND.values()}
 _TAG = {name: bytes([(num << 3) | 2]) for name, num in _FIELD.items()}  # length-delimited
-#: SessionRequest.more (field 16, length-delimited): a further request packed into the same message.
-_MORE_TAG = b"\x82\x01"
-assert kv_pb2.SessionRequest.DESCRIPTOR.fields_by_name["more"].number == 16
 #: Requests waiting together are packed into one message up to about this size (one bigger
 #: request still goes alone); well under the member's receive cap of 4 x --max-request-bytes.
 PACK_BYTES = 256 << 10
@@ -83,6 +81,10 @@ def _varint(n: int) -> bytes:
         n >>= 7
     out.append(n)
     return bytes(out)
+
+
+#: The tag of SessionRequest.more (length-delimited): a further request packed into the same message.
+_MORE_TAG = _varint((kv_pb2.SessionRequest.DESCRIPTOR.fields_by_name["more"].number << 3) | 2)
 
 
 def _frame(rid: int, timeout_ms: int, kind: str, request: Any) -> bytes:
