@@ -100,50 +100,20 @@ async def per_caller(ch, deadline, lat, val):
     call.cancel()
     return n
 
-async def shared(ch, conc, deadline, lat, val):
-    call = ch.stream_stream("/floor.Null/Stream")()
-    loop = asyncio.get_running_loop()
-    queue, pending = asyncio.Queue(), {}
-    async def writer():
-        while True:
-            await call.write(await queue.get())
-    async def reader():
-        while True:
-            msg = await call.read()
-            if msg is grpc.aio.EOF:
-                return
-            pending.pop(struct.unpack("<Q", msg)[0]).set_result(None)
-    tasks = [loop.create_task(writer()), loop.create_task(reader())]
-    ids = iter(range(1 << 62))
-    async def caller():
-        n = 0
-        while time.perf_counter() < deadline:
-            i = next(ids)
-            fut = pending[i] = loop.create_future()
-            t = time.perf_counter()
-            queue.put_nowait(frame(i, val))
-            await fut
-            lat.append(time.perf_counter() - t)
-            n += 1
-        return n
-    ns = await asyncio.gather(*(caller() for _ in range(conc)))
-    for t in tasks:
-        t.cancel()
-    call.cancel()
-    return sum(ns)
-
-# callers sharing one connection: the writer packs what waits, the reader matches ids
-async def packed_callers(write_packed, read_ids, conc, deadline, lat, val):
+# callers sharing one connection: a writer task drains the queue (packing what waits, with `pack`),
+# a reader task matches the answered ids
+async def shared_callers(write, read_ids, conc, deadline, lat, val, pack):
     loop = asyncio.get_running_loop()
     queue, pending = asyncio.Queue(), {}
     async def writer():
         while True:
             parts = [await queue.get()]
-            if queue.empty():
-                await asyncio.sleep(0)  # callers woken in this loop turn queue theirs first
-            while not queue.empty():
-                parts.append(queue.get_nowait())
-            await write_packed(b"".join(parts))
+            if pack:
+                if queue.empty():
+                    await asyncio.sleep(0)  # callers woken in this loop turn queue theirs first
+                while not queue.empty():
+                    parts.append(queue.get_nowait())
+            await write(b"".join(parts))
     async def reader():
         while True:
             ids = await read_ids()
@@ -169,12 +139,12 @@ async def packed_callers(write_packed, read_ids, conc, deadline, lat, val):
         t.cancel()
     return sum(ns)
 
-async def packed_grpc(ch, conc, deadline, lat, val):
+async def shared_grpc(ch, conc, deadline, lat, val, pack):
     call = ch.stream_stream("/floor.Null/Stream")()
     async def read_ids():
         msg = await call.read()
         return None if msg is grpc.aio.EOF else msg
-    n = await packed_callers(call.write, read_ids, conc, deadline, lat, val)
+    n = await shared_callers(call.write, read_ids, conc, deadline, lat, val, pack)
     call.cancel()
     return n
 
@@ -190,7 +160,7 @@ async def packed_raw(addr, conc, deadline, lat, val):
             return await reader.readexactly(n)
         except asyncio.IncompleteReadError:
             return None
-    n = await packed_callers(write_packed, read_ids, conc, deadline, lat, val)
+    n = await shared_callers(write_packed, read_ids, conc, deadline, lat, val, True)
     writer.close()
     return n
 
@@ -199,10 +169,8 @@ async def run(addr, mode, conc, secs, q):
         await ch.channel_ready()
         lat, val = [], os.urandom(256)
         deadline = time.perf_counter() + secs
-        if mode == "shared":
-            n = await shared(ch, conc, deadline, lat, val)
-        elif mode == "packed":
-            n = await packed_grpc(ch, conc, deadline, lat, val)
+        if mode in ("shared", "packed"):
+            n = await shared_grpc(ch, conc, deadline, lat, val, mode == "packed")
         elif mode == "raw-tcp":
             n = await packed_raw(addr, conc, deadline, lat, val)
         else:
