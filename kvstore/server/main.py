@@ -34,6 +34,7 @@ from .lease_service import LeaseService
 from .lessor import min_lease_ttl
 from .limits import Limits
 from .logs import log_term_from, setup_logging
+from .loop_watchdog import watch_loop
 from .maintenance_service import MaintenanceService
 from .node import Node
 from .parent_death import die_with_parent
@@ -71,6 +72,7 @@ async def serve(cfg: ServerConfig, join_members: MemberSet | None = None) -> Non
         raise SystemExit(1) from None
     log_term_from(lambda: node.term)
     await node.start()
+    watchdog = asyncio.create_task(watch_loop())  # from here on, a blocked loop is reported
 
     peer_server = PeerServer(node, tls=node.peer_tls)
     host, _, port = cfg.listen_peer_addr.rpartition(":")
@@ -137,6 +139,7 @@ async def serve(cfg: ServerConfig, join_members: MemberSet | None = None) -> Non
     await stop.wait()
 
     log.info("member %d shutting down", cfg.id)
+    watchdog.cancel()
     await node.shutdown()
     await checker.stop()
     await compactor.stop()
