@@ -869,7 +869,13 @@ class StateMachine:
                 finally:
                     os.close(fd)
             finally:
-                writer.abort()
+                # Released by commit (nothing was written: LMDB writes nothing), never by abort:
+                # py-lmdb's abort of a write transaction first waits until no LMDB call is in
+                # flight in any thread. A snapshot image being copied to a follower is one, and
+                # its copy goes on only as the event loop sends it, while the loop's apply waits
+                # for this lock: a deadlock that stopped a leader for good (before py-lmdb 3, the
+                # waiting apply counted too). See test_state_machine's write-lock test.
+                writer.commit()
             try:
                 self.sync()
                 durable_base.save(gen_dir, index, term, self._psize, pages)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import threading
 import os
 
 import lmdb
@@ -382,3 +383,43 @@ def test_an_invalid_op_after_puts_that_ran_undoes_them(sm, log, bad_op, why):
     assert r.message.startswith("op 3: ") and why in r.message
     assert sm.dump() == before and sm.revision == 1
     assert log(cmd(put(b"d"))).revision == 2  # and the revision count goes on from there
+
+
+
+def test_a_checkpoint_lets_go_of_the_write_lock_while_an_image_is_streamed(tmp_path, monkeypatch):
+    """The checkpoint holds LMDB's write lock while it pins the base, and an apply that comes then
+    waits for it. py-lmdb's abort() of a write transaction first waits until no LMDB call is in
+    flight: a snapshot image being copied to a follower is one, and its copy goes on only as the
+    event loop sends what it copied. With the apply on the loop waiting for the lock, releasing it
+    by abort() deadlocked (a leader stopped for good, mid-test). Release is by commit()."""
+    sm = StateMachine.open(str(tmp_path / "sm"), 64 << 20, fsync=False)
+    log = Log(sm)
+    for i in range(200):  # an image far bigger than a pipe's buffer: its copy waits for its reader
+        log(cmd(put(b"k%03d" % i, os.urandom(10_000))))
+    _index, _term, image = sm.open_image()
+    assert len(image.read(4096)) == 4096  # the copy is under way, and stays blocked on the pipe
+    real_pread = os.pread
+    applier: list[threading.Thread] = []
+
+    def pread_with_an_apply_waiting(fd, n, offset):
+        if not applier:  # the checkpoint's read of the meta pages: it holds the write lock now
+            t = threading.Thread(target=log, args=(cmd(put(b"b")),), daemon=True)
+            applier.append(t)
+            t.start()
+            t.join(0.5)  # it cannot finish (the lock is ours): this only gives it time to start waiting
+            assert t.is_alive(), "the apply did not wait for the checkpoint's write lock"
+        return real_pread(fd, n, offset)
+
+    monkeypatch.setattr(os, "pread", pread_with_an_apply_waiting)
+    checkpoint = threading.Thread(target=sm.checkpoint, daemon=True)
+    checkpoint.start()
+    checkpoint.join(10)
+    stuck = checkpoint.is_alive()
+    image.close()  # the copy ends (EPIPE): a deadlocked checkpoint would go on from here
+    checkpoint.join(10)
+    applier[0].join(10)
+    monkeypatch.undo()
+    assert not stuck, "the checkpoint waited for the image's copy while holding the write lock"
+    assert not applier[0].is_alive(), "the apply never got the write lock"
+    assert sm.applied_index == 201
+    sm.close()
