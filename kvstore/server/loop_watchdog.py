@@ -9,7 +9,10 @@ connections, so nothing else says what is wrong. Two signs, both in the log:
   * blocked for STACKS_AFTER_S: every thread's Python stack, written by
     faulthandler's watchdog, a C thread that needs neither the loop nor the GIL
     (so the stacks come even when some thread holds the GIL). The dump is
-    faulthandler's plain text on stderr, not a log record.
+    faulthandler's plain text on stderr, not a log record. For C frames too,
+    `py-spy dump --native --pid PID` on the live process.
+
+A process stopped (SIGSTOP) and continued reads as blocked for as long.
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ async def watch_loop(stacks_after_s: float = STACKS_AFTER_S) -> None:
             await asyncio.sleep(CHECK_EVERY_S)
             blocked = time.monotonic() - before - CHECK_EVERY_S
             if blocked > BLOCKED_WARN_S:
-                log.warning("the event loop was blocked for %.1fs (heartbeats and answers waited)", blocked)
+                log.warning("the event loop was blocked for %.1fs (heartbeats and answers waited; "
+                            "or the process was stopped)", blocked)
     finally:
         faulthandler.cancel_dump_traceback_later()
