@@ -873,7 +873,7 @@ class StateMachine:
                 # py-lmdb's abort of a write transaction first waits until no LMDB call is in
                 # flight in any thread. A snapshot image being copied to a follower is one, and
                 # its copy goes on only as the event loop sends it, while the loop's apply waits
-                # for this lock: a deadlock that stopped a leader for good (before py-lmdb 3, the
+                # for this lock: a deadlock that stopped a leader for good (in py-lmdb 2.3, the
                 # waiting apply counted too). See test_state_machine's write-lock test.
                 writer.commit()
             try:
