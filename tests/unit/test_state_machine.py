@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import errno
-import threading
 import os
+import threading
 
 import lmdb
 import pytest
@@ -383,7 +383,6 @@ def test_an_invalid_op_after_puts_that_ran_undoes_them(sm, log, bad_op, why):
     assert r.message.startswith("op 3: ") and why in r.message
     assert sm.dump() == before and sm.revision == 1
     assert log(cmd(put(b"d"))).revision == 2  # and the revision count goes on from there
-
 
 
 def test_a_checkpoint_lets_go_of_the_write_lock_while_an_image_is_streamed(tmp_path, monkeypatch):
